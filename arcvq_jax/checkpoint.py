@@ -1,0 +1,88 @@
+"""Checkpoints: the train state and the data iterator's position, through orbax.
+
+Orbax writes every checkpoint into a temporary directory and renames it into place only
+once all of it is on disk, so a save killed half-way leaves the previous checkpoint as
+the latest one (tests/test_checkpoint.py kills a save to check that).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be restored into the current run."""
+
+
+class Checkpointer:
+  """Saves and restores {'state': train state pytree, 'data': grain iterator}.
+
+  `directory` may be local or a gs:// path. Keeps the newest `keep` checkpoints.
+  """
+
+  def __init__(self, directory: str, keep: int = 3, async_save: bool = False):
+    self.directory = epath.Path(directory)
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        item_names=("state", "data"),
+        item_handlers={
+            "state": ocp.StandardCheckpointHandler(),
+            "data": grain.checkpoint.CheckpointHandler(),
+        },
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save),
+    )
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, data_iter: Any | None, force: bool = True) -> None:
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def restore(self, step: int, abstract_state: Any, data_iter: Any | None) -> Any:
+    """Restores `step` into the structure, shapes and shardings of `abstract_state`.
+
+    abstract_state: a pytree of jax.ShapeDtypeStruct (with .sharding), e.g. from
+    `jax.eval_shape`; data_iter, if given, is moved to the saved position in place.
+    """
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+      raise CheckpointError(
+          f"checkpoint {self.directory / str(step)} does not match this run's config "
+          f"(model size, quantiser or optimizer changed?) or is damaged: {e}. Resume with "
+          "the config it was written with, or start a fresh run in a new --workdir."
+      ) from e
+    return restored["state"]
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def abstract_like(tree: Any) -> Any:
+  """ShapeDtypeStructs (with shardings) of a pytree of arrays, as `restore` wants."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+      tree)
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(workdir, "checkpoints")

@@ -1,0 +1,216 @@
+"""Shared config pieces: the VQ-VAE defaults, the paper's ablation variants, validation.
+
+The experiment files under configs/ build on `vqvae_config()` and stay plain
+`get_config()` functions; `validate()` runs once, before anything is compiled, and every
+error names the offending key and what to set instead.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from arcvq_jax import quantization
+
+# The paper's ablations (Tables 6, 11, 12) and two common baselines, by name.
+VARIANTS = {
+    # Euclidean nearest neighbour, normal init, no BBNR, no ArcLoss.
+    "vanilla": dict(distance="euclidean", init="normal", bbnr="off", arc=False),
+    # Cosine matching only (Table 11).
+    "cosine": dict(distance="cosine", init="normal", bbnr="off", arc=False),
+    # Spherical init + BBNR without ArcLoss (Table 6, "+ BBNR").
+    "bbnr": dict(distance="cosine", init="spherical", bbnr="growing", arc=False),
+    # BBNR with M(t) = 1 for all t, plus ArcLoss (Table 12).
+    "bbnr_arc_fixed": dict(distance="cosine", init="spherical", bbnr="fixed", arc=True),
+    # The full method.
+    "arcvq": dict(distance="cosine", init="spherical", bbnr="growing", arc=True),
+    # Baselines users expect: EMA k-means codebook, and vanilla VQ with dead-code restart.
+    "ema": dict(distance="euclidean", init="normal", bbnr="off", arc=False, codebook_update="ema"),
+    "restart": dict(distance="euclidean", init="normal", bbnr="off", arc=False, restart_threshold=1.0),
+}
+
+
+def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+  """Sets the quantiser / ArcLoss switches of a named variant (see VARIANTS)."""
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r}: choose one of {sorted(VARIANTS)} "
+                     "(e.g. --config=configs/fashion_mnist.py:vanilla)")
+  v = dict(VARIANTS[variant])
+  config.variant = variant
+  config.arc.enabled = v.pop("arc")
+  for key, value in v.items():
+    config.quantizer[key] = value
+  return config
+
+
+def vqvae_config() -> ml_collections.ConfigDict:
+  """Defaults of the VQ-VAE runs (SPEC.md section 2, paper Table 7 for MNIST/CIFAR-10)."""
+  c = ml_collections.ConfigDict()
+  c.stage = "tokenizer"
+  c.variant = "arcvq"
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict(dict(
+      name="vqvae",
+      hidden=128,
+      res_hidden=32,
+      num_res_layers=2,
+      # Transposed convs as forward convs ('subpixel'): XLA's CPU gradient of
+      # lax.conv_transpose is several times slower (bench/bench_conv_transpose.py).
+      deconv_impl="subpixel",
+  ))
+  c.quantizer = ml_collections.ConfigDict(dict(
+      num_codes=512,
+      embed_dim=64,
+      distance="cosine",
+      init="spherical",
+      beta=0.25,
+      legacy_beta=False,
+      codebook_update="loss",  # or 'ema'
+      ema_decay=0.99,
+      ema_eps=1e-5,
+      bbnr="growing",
+      bbnr_alpha=3e-4,
+      restart_threshold=0.0,  # > 0 turns dead-code restart on (EMA usage per step)
+      usage_decay=0.99,
+  ))
+  c.arc = ml_collections.ConfigDict(dict(
+      enabled=True, s=10.0, m=0.1, top_k=3, gamma0=1.0, decay=5e-4))
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adam", lr=3e-4, b1=0.9, b2=0.999, grad_clip_norm=0.0))
+  c.data = ml_collections.ConfigDict(dict(
+      source="idx",
+      path="/usr/share/datasets/fashion-mnist",
+      name="",
+      data_dir=ml_collections.FieldReference(None, field_type=str),
+      train_split="train",
+      eval_split="test",
+      image_size=ml_collections.FieldReference(None, field_type=int),
+      num_workers=0,
+  ))
+
+  c.batch_size = 1024
+  c.num_epochs = 500
+  c.num_train_steps = -1  # > 0 overrides num_epochs
+  c.eval_batch_size = 1000
+
+  c.log_every_steps = 50
+  c.image_every_steps = 1000
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.eval_every_steps = 0  # 0: evaluate once, at the end
+
+  c.sharding = ml_collections.ConfigDict(dict(
+      # Mesh axis sizes; -1 takes the remaining devices. The batch is split over 'data'.
+      mesh_shape=(-1,),
+      mesh_axes=("data",),
+      # (regex over the '/'-joined parameter path, PartitionSpec as a tuple) pairs; the
+      # first match wins, unmatched parameters are replicated.
+      param_rules=(),
+  ))
+  return c
+
+
+def _fail(key: str, problem: str, fix: str) -> None:
+  raise ValueError(f"config.{key}: {problem}. {fix}")
+
+
+def _check_choice(c: ml_collections.ConfigDict, key: str, choices) -> None:
+  value = c
+  for part in key.split("."):
+    value = value[part]
+  if value not in choices:
+    _fail(key, f"{value!r} is not supported", f"Use one of {list(choices)}.")
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int = 1) -> None:
+  """Raises ValueError naming the key for any invalid value; call before compiling."""
+  q, a, o = c.quantizer, c.arc, c.optimizer
+  _check_choice(c, "stage", ("tokenizer",))
+  _check_choice(c, "model.name", ("vqvae",))
+  _check_choice(c, "model.deconv_impl", ("subpixel", "xla"))
+  _check_choice(c, "quantizer.distance", quantization.DISTANCES)
+  _check_choice(c, "quantizer.init", quantization.INITS)
+  _check_choice(c, "quantizer.bbnr", quantization.BBNR_MODES)
+  _check_choice(c, "quantizer.codebook_update", ("loss", "ema"))
+  _check_choice(c, "optimizer.name", ("adam", "adamw"))
+  _check_choice(c, "data.source", ("idx", "folder", "tfds"))
+
+  for key in ("model.hidden", "model.res_hidden", "quantizer.num_codes", "quantizer.embed_dim",
+              "batch_size", "eval_batch_size", "log_every_steps", "keep_checkpoints"):
+    value = c
+    for part in key.split("."):
+      value = value[part]
+    if not isinstance(value, int) or value < 1:
+      _fail(key, f"must be a positive integer, got {value!r}", "Set it to 1 or more.")
+  if c.model.num_res_layers < 0:
+    _fail("model.num_res_layers", f"must be >= 0, got {c.model.num_res_layers}", "Set 0 or more.")
+  if c.model.hidden % 2:
+    _fail("model.hidden", f"must be even (the encoder's first conv has hidden/2 channels), "
+          f"got {c.model.hidden}", "Use an even width such as 128.")
+  for key in ("image_every_steps", "checkpoint_every_steps", "eval_every_steps"):
+    if c[key] < 0:
+      _fail(key, f"must be >= 0, got {c[key]}", "Use 0 to turn it off.")
+
+  if not q.beta >= 0:
+    _fail("quantizer.beta", f"must be >= 0, got {q.beta}", "The paper uses 0.25.")
+  if not 0.0 <= q.ema_decay < 1.0:
+    _fail("quantizer.ema_decay", f"must be in [0, 1), got {q.ema_decay}", "Typical: 0.99.")
+  if not 0.0 <= q.usage_decay < 1.0:
+    _fail("quantizer.usage_decay", f"must be in [0, 1), got {q.usage_decay}", "Typical: 0.99.")
+  if not q.ema_eps > 0:
+    _fail("quantizer.ema_eps", f"must be > 0, got {q.ema_eps}", "Typical: 1e-5.")
+  if not (q.bbnr_alpha >= 0 and math.isfinite(q.bbnr_alpha)):
+    _fail("quantizer.bbnr_alpha", f"must be a finite value >= 0, got {q.bbnr_alpha}",
+          "The paper uses 3e-4 (MNIST, CIFAR-10).")
+  if q.restart_threshold < 0:
+    _fail("quantizer.restart_threshold", f"must be >= 0, got {q.restart_threshold}",
+          "Use 0 to turn dead-code restart off.")
+
+  if a.enabled:
+    if not isinstance(a.top_k, int) or a.top_k < 1:
+      _fail("arc.top_k", f"must be an integer >= 1, got {a.top_k!r}", "The paper uses 3.")
+    if not a.s > 0:
+      _fail("arc.s", f"must be > 0, got {a.s}", "The paper uses 10.")
+    if not 0 <= a.m < math.pi:
+      _fail("arc.m", f"must be in [0, pi), got {a.m}", "The paper uses 0.1.")
+    if not a.gamma0 >= 0:
+      _fail("arc.gamma0", f"must be >= 0, got {a.gamma0}", "The paper uses 1.0.")
+    if not a.decay >= 0:
+      _fail("arc.decay", f"must be >= 0, got {a.decay}", "The paper uses 5e-4 (MNIST, CIFAR-10).")
+
+  if not o.lr > 0:
+    _fail("optimizer.lr", f"must be > 0, got {o.lr}", "The paper uses 3e-4 for the VQ-VAE.")
+  if o.grad_clip_norm < 0:
+    _fail("optimizer.grad_clip_norm", f"must be >= 0, got {o.grad_clip_norm}", "0 turns clipping off.")
+
+  if c.num_train_steps <= 0 and c.num_epochs <= 0:
+    _fail("num_train_steps", "and config.num_epochs are both <= 0",
+          "Set --config.num_train_steps=N or --config.num_epochs=E.")
+  for key in ("batch_size", "eval_batch_size"):
+    if c[key] % num_devices:
+      _fail(key, f"{c[key]} is not divisible by the {num_devices} devices",
+            f"Use a multiple of {num_devices}.")
+    if c[key] % process_count:
+      _fail(key, f"{c[key]} is not divisible by the {process_count} processes",
+            f"Use a multiple of {process_count}.")
+  if len(c.sharding.mesh_shape) != len(c.sharding.mesh_axes):
+    _fail("sharding.mesh_shape", f"{c.sharding.mesh_shape} and sharding.mesh_axes "
+          f"{c.sharding.mesh_axes} differ in length", "Give one size per axis name.")
+  if "data" not in c.sharding.mesh_axes:
+    _fail("sharding.mesh_axes", f"{c.sharding.mesh_axes} has no 'data' axis",
+          "The batch is split over an axis named 'data'.")
+
+
+def validate_against_data(c: ml_collections.ConfigDict, image_shape: tuple[int, int, int]) -> None:
+  """Checks that need the data's image shape (H, W, C)."""
+  h, w, _ = image_shape
+  if h % 4 or w % 4:
+    _fail("data", f"images are {h}x{w}, but the VQ-VAE downsamples by 4",
+          "Use images whose sides are multiples of 4 (set config.data.image_size for folders).")
+  if c.arc.enabled:
+    tokens = c.batch_size * (h // 4) * (w // 4)
+    if c.arc.top_k > tokens:
+      _fail("arc.top_k", f"{c.arc.top_k} is more than the {tokens} latent tokens of a batch",
+            "Lower arc.top_k or raise batch_size.")

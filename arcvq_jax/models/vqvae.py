@@ -1,0 +1,124 @@
+"""The VQ-VAE of the public ArcVQ-VAE / CVQ-VAE code (SPEC.md section 2), NHWC.
+
+The module holds the encoder, the decoder and the codebook parameter; the quantisation
+itself is `arcvq_jax.quantization`, called by the train step between `encode` and `decode`,
+so the math can be read (and tested) without Flax.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+from arcvq_jax import quantization
+from arcvq_jax.models.layers import Conv, ConvTranspose4x4S2
+
+
+class ResidualLayer(nn.Module):
+  """x + conv1x1(relu(conv3x3(relu(x))))."""
+
+  hidden: int
+  res_hidden: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = Conv(self.res_hidden, 3, padding=1, name="conv3x3")(nn.relu(x))
+    return x + Conv(self.hidden, 1, name="conv1x1")(nn.relu(h))
+
+
+class ResidualStack(nn.Module):
+  """`num_layers` residual layers, then a ReLU (as the reference code)."""
+
+  hidden: int
+  res_hidden: int
+  num_layers: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for i in range(self.num_layers):
+      x = ResidualLayer(self.hidden, self.res_hidden, name=f"layer_{i}")(x)
+    return nn.relu(x)
+
+
+class Encoder(nn.Module):
+  """(B, H, W, C) -> (B, H/4, W/4, hidden)."""
+
+  hidden: int
+  res_hidden: int
+  num_res_layers: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = nn.relu(Conv(self.hidden // 2, 4, strides=2, padding=1, name="conv_1")(x))
+    x = nn.relu(Conv(self.hidden, 4, strides=2, padding=1, name="conv_2")(x))
+    x = Conv(self.hidden, 3, padding=1, name="conv_3")(x)
+    return ResidualStack(self.hidden, self.res_hidden, self.num_res_layers, name="res_stack")(x)
+
+
+class Decoder(nn.Module):
+  """(B, h, w, D) -> (B, 4h, 4w, channels)."""
+
+  hidden: int
+  res_hidden: int
+  num_res_layers: int
+  channels: int
+  deconv_impl: str = "subpixel"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = Conv(self.hidden, 3, padding=1, name="conv_1")(x)
+    x = ResidualStack(self.hidden, self.res_hidden, self.num_res_layers, name="res_stack")(x)
+    x = nn.relu(ConvTranspose4x4S2(self.hidden // 2, impl=self.deconv_impl, name="conv_trans_1")(x))
+    return ConvTranspose4x4S2(self.channels, impl=self.deconv_impl, name="conv_trans_2")(x)
+
+
+class VQVAE(nn.Module):
+  """Encoder -> 1x1 `quant_conv` -> [quantiser] -> decoder, plus the codebook (K, D).
+
+  Call `encode` and `decode` through `apply(..., method=...)`; `__call__` only exists to
+  create all parameters at init.
+  """
+
+  hidden: int
+  res_hidden: int
+  num_res_layers: int
+  num_codes: int
+  embed_dim: int
+  channels: int
+  codebook_init: str = "spherical"
+  deconv_impl: str = "subpixel"
+
+  def setup(self):
+    self.encoder = Encoder(self.hidden, self.res_hidden, self.num_res_layers)
+    self.quant_conv = Conv(self.embed_dim, 1)
+    self.decoder = Decoder(self.hidden, self.res_hidden, self.num_res_layers, self.channels,
+                           self.deconv_impl)
+    self.codebook = self.param(
+        "codebook",
+        lambda key: quantization.init_codebook(key, self.num_codes, self.embed_dim,
+                                               self.codebook_init))
+
+  def encode(self, x: jax.Array) -> jax.Array:
+    """x: (B, H, W, C) in [-1, 1] -> z: (B, H/4, W/4, D) pre-quantisation latents."""
+    return self.quant_conv(self.encoder(x))
+
+  def decode(self, z_q: jax.Array) -> jax.Array:
+    """z_q: (B, h, w, D) -> x_hat: (B, 4h, 4w, C)."""
+    return self.decoder(z_q)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.decode(self.encode(x))
+
+
+def from_config(config, channels: int) -> VQVAE:
+  """The VQVAE that `config.model` / `config.quantizer` describe, for `channels` image channels."""
+  return VQVAE(
+      hidden=config.model.hidden,
+      res_hidden=config.model.res_hidden,
+      num_res_layers=config.model.num_res_layers,
+      num_codes=config.quantizer.num_codes,
+      embed_dim=config.quantizer.embed_dim,
+      channels=channels,
+      codebook_init=config.quantizer.init,
+      deconv_impl=config.model.deconv_impl,
+  )

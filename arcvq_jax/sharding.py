@@ -1,0 +1,87 @@
+"""Where arrays live: the device Mesh and the shardings of batches and train state.
+
+The step says WHAT is sharded (the batch along 'data', parameters by name rules); the mesh
+says HOW. With the default rules every parameter is replicated (pure data parallelism);
+a rule such as ('decoder/.*/kernel$', (None, None, None, 'model')) shards a parameter
+and, since the rule is matched against the whole state path, its Adam moments with it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def make_mesh(shape: Sequence[int], axes: Sequence[str], devices=None) -> Mesh:
+  """A Mesh over all devices; one entry of `shape` may be -1 (the remaining devices)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = list(shape)
+  if shape.count(-1) > 1:
+    raise ValueError(f"config.sharding.mesh_shape={tuple(shape)}: at most one -1 is allowed.")
+  known = int(np.prod([s for s in shape if s != -1]))
+  if -1 in shape:
+    if len(devices) % known:
+      raise ValueError(f"config.sharding.mesh_shape={tuple(shape)} does not divide the "
+                       f"{len(devices)} devices. Choose sizes whose product divides it.")
+    shape[shape.index(-1)] = len(devices) // known
+  if int(np.prod(shape)) != len(devices):
+    raise ValueError(f"config.sharding.mesh_shape={tuple(shape)} needs {int(np.prod(shape))} "
+                     f"devices, but {len(devices)} are visible. Use -1 for one axis.")
+  return Mesh(np.asarray(devices).reshape(shape), tuple(axes))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over the 'data' axis."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def _path_str(path) -> str:
+  parts = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return "/".join(parts)
+
+
+def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Sequence[Any]]] = ()) -> Any:
+  """NamedSharding for every leaf of `tree` (arrays or ShapeDtypeStructs).
+
+  rules: (regex, partition spec) pairs searched in the '/'-joined leaf path; the first
+  match wins; scalars and unmatched leaves are replicated.
+  """
+  compiled = [(re.compile(pattern), tuple(spec)) for pattern, spec in rules]
+
+  def leaf_sharding(path, leaf):
+    name = _path_str(path)
+    if getattr(leaf, "ndim", 0) > 0:
+      for pattern, spec in compiled:
+        if pattern.search(name):
+          if len(spec) > leaf.ndim:
+            raise ValueError(f"sharding rule {pattern.pattern!r} -> {spec} has more entries "
+                             f"than {name} has dimensions ({leaf.shape}).")
+          return NamedSharding(mesh, P(*spec))
+    return replicated(mesh)
+
+  return jax.tree_util.tree_map_with_path(leaf_sharding, tree)
+
+
+def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+  """This process's slice of the batch -> global arrays split along 'data'.
+
+  Works on one host and on many: each process passes only the rows it loaded.
+  """
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local)

@@ -1,0 +1,301 @@
+"""Training and evaluation of the VQ-VAE tokenizer (SPEC.md sections 1-2), one loop.
+
+Read top to bottom: build mesh -> data -> model -> state (fresh or restored) -> jitted
+step -> loop with periodic logging, images, checkpoints, evaluation.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+from arcvq_jax import checkpoint as ckpt_lib
+from arcvq_jax import config as config_lib
+from arcvq_jax import quantization as vq
+from arcvq_jax import sharding
+from arcvq_jax.data import pipeline
+from arcvq_jax.evaluation import images as image_lib
+from arcvq_jax.evaluation import metrics
+from arcvq_jax.models import vqvae
+from arcvq_jax.train.state import TrainState, init_train_state, make_optimizer
+
+sg = jax.lax.stop_gradient
+Batch = dict[str, jax.Array]
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or Inf; nothing after the last good checkpoint was saved."""
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def tokenizer_loss(
+    params: Any, x: jax.Array, step: jax.Array, *, model: vqvae.VQVAE,
+    config: ml_collections.ConfigDict, data_variance: float,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """mse(x_hat, x) / var(x_train) + L_vq + gamma(t) L_arc (SPEC.md section 2).
+
+  x: (B, H, W, C) float32 in [-1, 1]. Returns the scalar loss and aux values:
+  the terms, the code indices (N,) and the latents z (N, D) for codebook updates.
+  """
+  q, arc = config.quantizer, config.arc
+  z = model.apply({"params": params}, x, method=vqvae.VQVAE.encode)
+  z_flat = z.reshape(-1, z.shape[-1]).astype(jnp.float32)
+  codebook = params["codebook"].astype(jnp.float32)
+  quant = vq.quantize(z_flat, codebook, q.distance)
+  loss_vq = vq.vq_loss(z_flat, quant.z_q, q.beta, legacy=q.legacy_beta,
+                       codebook_term=q.codebook_update == "loss")
+  if arc.enabled:
+    loss_arc = vq.arc_loss(z_flat, codebook, arc.s, arc.m, arc.top_k)
+    arc_w = vq.arc_weight(step, arc.gamma0, arc.decay)
+  else:
+    loss_arc = arc_w = jnp.zeros((), jnp.float32)
+  x_hat = model.apply({"params": params}, quant.z_ste.reshape(z.shape).astype(z.dtype),
+                      method=vqvae.VQVAE.decode)
+  loss_rec = jnp.mean((x_hat.astype(jnp.float32) - x) ** 2) / data_variance
+  loss = loss_rec + loss_vq + arc_w * loss_arc
+  aux = dict(loss=loss, loss_rec=loss_rec, loss_vq=loss_vq, loss_arc=loss_arc, arc_weight=arc_w,
+             indices=quant.indices, z=z_flat)
+  return loss, aux
+
+
+def train_step(
+    state: TrainState, batch: Batch, *, model: vqvae.VQVAE, tx: optax.GradientTransformation,
+    config: ml_collections.ConfigDict, data_variance: float,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step. batch['image']: (B, H, W, C) in [-1, 1], sharded along 'data'."""
+  q = config.quantizer
+  rng, restart_key = jax.random.split(state.rng)
+
+  # BBNR (Eq. 5-7): project the stored codebook into the ball of radius M(t) before it
+  # is used at step t; the projected rows are what the optimizer then updates and stores.
+  radius = vq.bbnr_radius(state.step, q.bbnr_alpha, q.bbnr)
+  params = dict(state.params)
+  if q.bbnr != "off":
+    params["codebook"] = vq.bbnr_project(params["codebook"], radius)
+
+  grad_fn = jax.value_and_grad(
+      functools.partial(tokenizer_loss, model=model, config=config, data_variance=data_variance),
+      has_aux=True)
+  (_, aux), grads = grad_fn(params, batch["image"], state.step)
+  updates, opt_state = tx.update(grads, state.opt_state, params)
+  params = optax.apply_updates(params, updates)
+
+  counts = vq.code_histogram(aux["indices"], q.num_codes)
+  ema = state.ema
+  if q.codebook_update == "ema":
+    ema, params["codebook"] = vq.ema_codebook_update(ema, aux["z"], aux["indices"],
+                                                     q.ema_decay, q.ema_eps)
+  usage = q.usage_decay * state.usage + (1.0 - q.usage_decay) * counts
+  num_restarted = jnp.zeros((), jnp.int32)
+  if q.restart_threshold > 0:
+    params["codebook"], usage, dead = vq.restart_dead_codes(
+        restart_key, params["codebook"], usage, aux["z"], q.restart_threshold)
+    num_restarted = jnp.sum(dead).astype(jnp.int32)
+
+  norms = jnp.linalg.norm(params["codebook"], axis=-1)
+  out = dict(
+      loss=aux["loss"], loss_rec=aux["loss_rec"], loss_vq=aux["loss_vq"],
+      loss_arc=aux["loss_arc"], arc_weight=aux["arc_weight"],
+      bbnr_radius=jnp.minimum(radius, jnp.finfo(jnp.float32).max),
+      codebook_norm_mean=jnp.mean(norms), codebook_norm_max=jnp.max(norms),
+      batch_usage=metrics.codebook_usage(counts), batch_perplexity=metrics.perplexity(counts),
+      grad_norm=optax.global_norm(grads), codes_restarted=num_restarted,
+  )
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
+                            usage=usage, rng=rng)
+  return new_state, out
+
+
+def reconstruct(params: Any, x: jax.Array, *, model: vqvae.VQVAE,
+                config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
+  """Encode, quantise, decode: x (B, H, W, C) -> (x_hat (B, H, W, C), indices (B, h, w))."""
+  z = model.apply({"params": params}, x, method=vqvae.VQVAE.encode)
+  z_flat = z.reshape(-1, z.shape[-1]).astype(jnp.float32)
+  indices = vq.nearest_code(z_flat, params["codebook"].astype(jnp.float32),
+                            config.quantizer.distance)
+  z_q = jnp.take(params["codebook"], indices, axis=0).reshape(z.shape).astype(z.dtype)
+  x_hat = model.apply({"params": params}, z_q, method=vqvae.VQVAE.decode)
+  return x_hat.astype(jnp.float32), indices.reshape(z.shape[:-1])
+
+
+def eval_step(params: Any, batch: Batch, *, model: vqvae.VQVAE,
+              config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+  """Sums over the real (mask == 1) images of a batch; the caller adds them up.
+
+  MSE is on [0, 1] images; PSNR and SSIM follow SPEC.md section 5.
+  """
+  x, mask = batch["image"], batch["mask"].astype(jnp.float32)
+  x_hat, indices = reconstruct(params, x, model=model, config=config)
+  x01, y01 = metrics.to_unit_range(x), metrics.to_unit_range(x_hat)
+  mse = jnp.mean((x01 - y01) ** 2, axis=(1, 2, 3))
+  return dict(
+      count=jnp.sum(mask),
+      mse=jnp.sum(mask * mse),
+      psnr=jnp.sum(mask * metrics.psnr(x01, y01)),
+      ssim=jnp.sum(mask * metrics.ssim(x01, y01)),
+      code_counts=metrics.code_counts(indices, config.quantizer.num_codes, mask),
+  )
+
+
+def evaluate(eval_fn: Callable, params: Any, batches: Iterator[dict[str, np.ndarray]],
+             batch_sharding) -> dict[str, float]:
+  """Runs `eval_fn` over all batches; returns MSE, PSNR, SSIM, codebook usage, perplexity."""
+  totals: dict[str, np.ndarray] = {}
+  for local in batches:
+    out = jax.device_get(eval_fn(params, sharding.global_batch(local, batch_sharding)))
+    for k, v in out.items():
+      totals[k] = totals.get(k, 0) + np.asarray(v, np.float64)
+  if not totals or totals["count"] == 0:
+    raise ValueError("the evaluation split is empty; check config.data.eval_split.")
+  n = float(totals["count"])
+  counts = totals["code_counts"]
+  return dict(
+      num_images=int(n),
+      mse=float(totals["mse"] / n),
+      psnr=float(totals["psnr"] / n),
+      ssim=float(totals["ssim"] / n),
+      codebook_usage=float(np.mean(counts > 0)),
+      perplexity=float(metrics.perplexity(counts)),
+  )
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def num_train_steps(config: ml_collections.ConfigDict, num_train_images: int) -> int:
+  if config.num_train_steps > 0:
+    return int(config.num_train_steps)
+  return int(config.num_epochs * (num_train_images // config.batch_size))
+
+
+def _mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
+  stacked = jax.device_get(history)
+  return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+
+
+def _check_finite(history: list[dict[str, jax.Array]], first_step: int, checkpointer) -> None:
+  losses = np.asarray(jax.device_get([m["loss"] for m in history]))
+  bad = np.flatnonzero(~np.isfinite(losses))
+  if bad.size:
+    step = first_step + int(bad[0])
+    raise NonFiniteLossError(
+        f"the loss became {losses[bad[0]]} at step {step}. Nothing after the last good "
+        f"checkpoint (step {checkpointer.latest_step()}, in {checkpointer.directory}) was "
+        "saved. Lower config.optimizer.lr or set config.optimizer.grad_clip_norm, then run "
+        "the same command again to resume from that checkpoint.")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (or resumes) in `workdir`, then evaluates; returns the final eval metrics."""
+  config_lib.validate(config, jax.device_count(), jax.process_count())
+  info = pipeline.dataset_info(config.data)
+  image_shape = tuple(info["image_shape"])
+  config_lib.validate_against_data(config, image_shape)
+  total_steps = num_train_steps(config, info["num_train"])
+  is_main = jax.process_index() == 0
+  if is_main:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  mesh = sharding.make_mesh(config.sharding.mesh_shape, config.sharding.mesh_axes)
+  batch_sharding = sharding.batch_sharding(mesh)
+  model = vqvae.from_config(config, channels=image_shape[-1])
+  tx = make_optimizer(config)
+
+  init_fn = functools.partial(init_train_state, model=model, tx=tx, image_shape=image_shape)
+  abstract_state = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed))
+  state_sharding = sharding.tree_shardings(abstract_state, mesh, config.sharding.param_rules)
+  state = jax.jit(init_fn, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
+
+  train_iter = pipeline.create_train_iterator(
+      config.data, global_batch_size=config.batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), config.keep_checkpoints)
+  start = checkpointer.latest_step()
+  if start is not None:
+    logging.info("Resuming from checkpoint step %d in %s", start, checkpointer.directory)
+    state = checkpointer.restore(start, ckpt_lib.abstract_like(state), train_iter)
+  start = int(jax.device_get(state.step))
+
+  data_variance = pipeline.train_image_variance(config.data)
+  logging.info("Training images: %d, variance in [-1, 1]: %.5f, steps: %d",
+               info["num_train"], data_variance, total_steps)
+  step_fn = jax.jit(
+      functools.partial(train_step, model=model, tx=tx, config=config,
+                        data_variance=data_variance),
+      in_shardings=(state_sharding, batch_sharding),
+      out_shardings=(state_sharding, sharding.replicated(mesh)),
+      donate_argnums=(0,))
+  eval_fn = jax.jit(functools.partial(eval_step, model=model, config=config),
+                    in_shardings=(state_sharding.params, batch_sharding),
+                    out_shardings=sharding.replicated(mesh))
+  recon_fn = jax.jit(functools.partial(reconstruct, model=model, config=config))
+
+  def eval_batches():
+    return pipeline.create_eval_iterator(
+        config.data, global_batch_size=config.eval_batch_size,
+        process_index=jax.process_index(), process_count=jax.process_count())
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+  report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
+  # A fixed set of test images for the reconstruction grids.
+  preview = next(iter(eval_batches()))["image"][:8]
+
+  def run_eval(step: int) -> dict[str, float]:
+    results = evaluate(eval_fn, state.params, eval_batches(), batch_sharding)
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
+    if is_main:
+      os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+      for name in (f"eval/step_{step}.json", "eval_results.json"):
+        with open(os.path.join(workdir, name), "w") as f:
+          json.dump(dict(step=step, split=config.data.eval_split, **results), f, indent=2)
+    logging.info("eval at step %d: %s", step, results)
+    return results
+
+  history: list[dict[str, jax.Array]] = []
+  history_start = start
+  for step in range(start + 1, total_steps + 1):
+    with jax.profiler.StepTraceAnnotation("train", step_num=step):
+      batch = sharding.global_batch(next(train_iter), batch_sharding)
+      state, step_metrics = step_fn(state, batch)
+    history.append(step_metrics)
+    report_progress(step, time.time())
+
+    is_last = step == total_steps
+    if step % config.log_every_steps == 0 or is_last:
+      _check_finite(history, history_start + 1, checkpointer)
+      writer.write_scalars(step, {f"train/{k}": v for k, v in _mean_metrics(history).items()})
+      usage = jax.device_get(state.usage)
+      writer.write_scalars(step, {"train/ema_usage": float(np.mean(usage > 1e-3))})
+      history, history_start = [], step
+    if config.image_every_steps and (step % config.image_every_steps == 0 or is_last):
+      x_hat, _ = recon_fn(state.params, preview)
+      grid = image_lib.side_by_side(np.asarray(preview), np.asarray(x_hat), value_range=(-1, 1))
+      writer.write_images(step, {"reconstructions": grid[None]})
+    if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0) or is_last:
+      _check_finite(history, history_start + 1, checkpointer)
+      checkpointer.save(step, state, train_iter)
+    if config.eval_every_steps and step % config.eval_every_steps == 0 and not is_last:
+      run_eval(step)
+  writer.flush()
+
+  results = run_eval(total_steps)
+  checkpointer.wait()
+  checkpointer.close()
+  writer.flush()
+  return results
