@@ -1,0 +1,56 @@
+"""Run by tests/test_sharding.py in a subprocess with 8 simulated CPU devices.
+
+Trains a few steps of a small ArcVQ-VAE on the same batches with a mesh of 1 device and a
+mesh of 8 devices, and prints both loss histories (and final params) as JSON.
+"""
+
+import functools
+import json
+import sys
+
+import jax
+import numpy as np
+
+from arcvq_jax import config as config_lib
+from arcvq_jax import sharding
+from arcvq_jax.models import vqvae
+from arcvq_jax.train import tokenizer
+from arcvq_jax.train.state import init_train_state, make_optimizer
+
+
+def run(devices, variant: str, steps: int = 3):
+  c = config_lib.apply_variant(config_lib.vqvae_config(), variant)
+  c.model.hidden, c.model.res_hidden, c.model.num_res_layers = 32, 8, 1
+  c.quantizer.num_codes, c.quantizer.embed_dim = 64, 16
+  if variant == "restart":
+    c.quantizer.restart_threshold = 0.5
+  mesh = sharding.make_mesh((-1,), ("data",), devices=devices)
+  model = vqvae.from_config(c, channels=1)
+  tx = make_optimizer(c)
+  init_fn = functools.partial(init_train_state, model=model, tx=tx, image_shape=(28, 28, 1))
+  abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+  state_sh = sharding.tree_shardings(abstract, mesh)
+  state = jax.jit(init_fn, out_shardings=state_sh)(jax.random.PRNGKey(0))
+  step_fn = jax.jit(
+      functools.partial(tokenizer.train_step, model=model, tx=tx, config=c, data_variance=0.3),
+      in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+  rng = np.random.default_rng(0)
+  losses = []
+  for _ in range(steps):
+    x = rng.uniform(-1, 1, size=(16, 28, 28, 1)).astype(np.float32)
+    batch = sharding.global_batch({"image": x}, sharding.batch_sharding(mesh))
+    state, m = step_fn(state, batch)
+    losses.append({k: float(v) for k, v in m.items()})
+  flat = [np.asarray(l).ravel() for l in jax.tree.leaves(jax.device_get(state.params))]
+  return losses, float(np.concatenate(flat).astype(np.float64).sum()), np.asarray(state.params["codebook"]).tolist()
+
+
+if __name__ == "__main__":
+  assert jax.device_count() == 8, jax.devices()
+  out = {}
+  for variant in sys.argv[1:]:
+    one = run(jax.devices()[:1], variant)
+    eight = run(jax.devices(), variant)
+    out[variant] = {"one": one, "eight": eight}
+  print("RESULT" + json.dumps(out))
