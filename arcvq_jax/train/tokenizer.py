@@ -113,7 +113,7 @@ def train_step(
       bbnr_radius=jnp.minimum(radius, jnp.finfo(jnp.float32).max),
       codebook_norm_mean=jnp.mean(norms), codebook_norm_max=jnp.max(norms),
       batch_usage=metrics.codebook_usage(counts), batch_perplexity=metrics.perplexity(counts),
-      grad_norm=optax.global_norm(grads), codes_restarted=num_restarted,
+      grad_norm=optax.tree.norm(grads), codes_restarted=num_restarted,
   )
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
                             usage=usage, rng=rng)

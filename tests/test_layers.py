@@ -1,0 +1,159 @@
+"""Tests for arcvq_jax.models.layers against an independent PyTorch-formula reference."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from arcvq_jax.models import layers
+
+IMPLS = sorted(layers.CONV_TRANSPOSE_4X4S2_IMPLS)
+B, H, W, CIN, COUT = 2, 5, 6, 3, 4
+
+
+def numpy_conv_transpose(x, w_torch, b_torch, stride=2, padding=1):
+  """PyTorch ConvTranspose2d by its definition, NCHW, plain loops.
+
+  x: (B, Cin, H, W); w_torch: (Cin, Cout, k, k); out[o] = sum_{o = s*i - p + k} x[i] w[k].
+  """
+  n, cin, h, w = x.shape
+  _, cout, kh, kw = w_torch.shape
+  ho, wo = (h - 1) * stride - 2 * padding + kh, (w - 1) * stride - 2 * padding + kw
+  out = np.zeros((n, cout, ho, wo), np.float64)
+  for i in range(h):
+    for j in range(w):
+      for ki in range(kh):
+        for kj in range(kw):
+          oi, oj = stride * i - padding + ki, stride * j - padding + kj
+          if 0 <= oi < ho and 0 <= oj < wo:
+            out[:, :, oi, oj] += x[:, :, i, j] @ w_torch[:, :, ki, kj]
+  return out + b_torch[None, :, None, None]
+
+
+def jnp_conv_transpose(x, kernel):
+  """The same formula in jnp, NHWC, scatter-add per kernel tap (differentiable reference).
+
+  x: (B, H, W, Cin); kernel: (4, 4, Cin, Cout) = torch_w.permute(2, 3, 0, 1).
+  """
+  n, h, w, _ = x.shape
+  cout = kernel.shape[-1]
+  # Output index o = 2i - 1 + k; shift by +1 so every o is in range, crop afterwards.
+  out = jnp.zeros((n, 2 * h + 2, 2 * w + 2, cout), x.dtype)
+  for ki in range(4):
+    for kj in range(4):
+      tap = jnp.einsum("bhwi,io->bhwo", x, kernel[ki, kj])
+      out = out.at[:, ki:ki + 2 * h:2, kj:kj + 2 * w:2].add(tap)
+  return out[:, 1:2 * h + 1, 1:2 * w + 1]
+
+
+def _random_inputs(seed=0):
+  rng = np.random.default_rng(seed)
+  x_nchw = rng.standard_normal((B, CIN, H, W)).astype(np.float32)
+  w_torch = rng.standard_normal((CIN, COUT, 4, 4)).astype(np.float32)
+  b_torch = rng.standard_normal((COUT,)).astype(np.float32)
+  return x_nchw, w_torch, b_torch
+
+
+def _params_from_torch(w_torch, b_torch):
+  # The documented mapping: kernel = torch_w.permute(2, 3, 0, 1), no spatial flip.
+  return {"params": {"kernel": jnp.asarray(w_torch.transpose(2, 3, 0, 1)),
+                     "bias": jnp.asarray(b_torch)}}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_conv_transpose_matches_pytorch_formula(impl):
+  x_nchw, w_torch, b_torch = _random_inputs()
+  expected = numpy_conv_transpose(x_nchw.astype(np.float64), w_torch.astype(np.float64),
+                                  b_torch.astype(np.float64)).transpose(0, 2, 3, 1)
+  module = layers.ConvTranspose4x4S2(COUT, impl=impl)
+  x = jnp.asarray(x_nchw.transpose(0, 2, 3, 1))
+  variables = module.init(jax.random.key(0), x)
+  assert variables["params"]["kernel"].shape == (4, 4, CIN, COUT)
+  y = module.apply(_params_from_torch(w_torch, b_torch), x)
+  assert y.shape == (B, 2 * H, 2 * W, COUT)
+  np.testing.assert_allclose(np.asarray(y), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_jnp_reference_matches_numpy_reference():
+  x_nchw, w_torch, b_torch = _random_inputs(1)
+  expected = numpy_conv_transpose(x_nchw.astype(np.float64), w_torch.astype(np.float64),
+                                  np.zeros(COUT)).transpose(0, 2, 3, 1)
+  y = jnp_conv_transpose(jnp.asarray(x_nchw.transpose(0, 2, 3, 1)),
+                         jnp.asarray(w_torch.transpose(2, 3, 0, 1)))
+  np.testing.assert_allclose(np.asarray(y), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_conv_transpose_gradients_agree():
+  x_nchw, w_torch, _ = _random_inputs(2)
+  x = jnp.asarray(x_nchw.transpose(0, 2, 3, 1))
+  kernel = jnp.asarray(w_torch.transpose(2, 3, 0, 1))
+  cotangent = jax.random.normal(jax.random.key(3), (B, 2 * H, 2 * W, COUT))
+
+  def loss(fn):
+    # Random linear functional plus a nonlinearity so the gradient depends on the output.
+    return lambda x, k: jnp.sum(cotangent * fn(x, k)) + 0.1 * jnp.sum(jnp.tanh(fn(x, k)) ** 2)
+
+  ref_val, (ref_dx, ref_dk) = jax.value_and_grad(loss(jnp_conv_transpose), (0, 1))(x, kernel)
+  for impl in IMPLS:
+    fn = layers.CONV_TRANSPOSE_4X4S2_IMPLS[impl]
+    val, (dx, dk) = jax.jit(jax.value_and_grad(loss(fn), (0, 1)))(x, kernel)
+    np.testing.assert_allclose(val, ref_val, rtol=1e-5, err_msg=impl)
+    np.testing.assert_allclose(dx, ref_dx, atol=1e-5, rtol=1e-5, err_msg=impl)
+    np.testing.assert_allclose(dk, ref_dk, atol=1e-5, rtol=1e-5, err_msg=impl)
+
+
+def test_conv_transpose_bias_free_and_bad_impl():
+  x = jnp.ones((1, 3, 3, 2))
+  variables = layers.ConvTranspose4x4S2(5, use_bias=False).init(jax.random.key(0), x)
+  assert set(variables["params"]) == {"kernel"}
+  with pytest.raises(ValueError, match="impl"):
+    layers.ConvTranspose4x4S2(5, impl="nope").init(jax.random.key(0), x)
+
+
+def test_conv_matches_numpy():
+  """Conv == torch Conv2d: cross-correlation with symmetric padding, stride."""
+  rng = np.random.default_rng(4)
+  x = rng.standard_normal((2, 7, 8, 3)).astype(np.float32)
+  module = layers.Conv(5, kernel_size=3, strides=2, padding=1)
+  variables = module.init(jax.random.key(0), jnp.asarray(x))
+  k = np.asarray(variables["params"]["kernel"], np.float64)
+  b = np.asarray(variables["params"]["bias"], np.float64)
+  xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  ho, wo = (7 + 2 - 3) // 2 + 1, (8 + 2 - 3) // 2 + 1
+  expected = np.zeros((2, ho, wo, 5))
+  for i in range(ho):
+    for j in range(wo):
+      expected[:, i, j] = np.einsum("bhwi,hwio->bo", xp[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3], k) + b
+  y = module.apply(variables, jnp.asarray(x))
+  np.testing.assert_allclose(np.asarray(y), expected, atol=1e-5, rtol=1e-5)
+
+
+def _check_uniform_bound(values, bound):
+  values = np.asarray(values)
+  assert np.abs(values).max() <= bound
+  assert np.abs(values).max() > 0.98 * bound
+  # U(-b, b) has variance b^2 / 3.
+  np.testing.assert_allclose(values.var(), bound ** 2 / 3, rtol=0.05)
+
+
+def test_conv_init_matches_pytorch_bounds():
+  cin, cout, k = 64, 128, 3
+  variables = layers.Conv(cout, kernel_size=k, padding=1).init(
+      jax.random.key(0), jnp.zeros((1, 8, 8, cin)))
+  bound = 1 / math.sqrt(cin * k * k)  # torch Conv2d: fan_in = Cin * k * k
+  _check_uniform_bound(variables["params"]["kernel"], bound)
+  bias = np.asarray(variables["params"]["bias"])
+  assert np.abs(bias).max() <= bound and np.abs(bias).max() > 0.8 * bound
+
+
+def test_conv_transpose_init_matches_pytorch_bounds():
+  cin, cout = 128, 64
+  variables = layers.ConvTranspose4x4S2(cout).init(jax.random.key(0), jnp.zeros((1, 4, 4, cin)))
+  bound = 1 / math.sqrt(cout * 16)  # torch ConvTranspose2d: fan_in = weight.size(1)*k*k = Cout*16
+  _check_uniform_bound(variables["params"]["kernel"], bound)
+  bias = np.asarray(variables["params"]["bias"])
+  assert np.abs(bias).max() <= bound and np.abs(bias).max() > 0.8 * bound
+  assert layers.torch_fan_in((4, 4, cin, cout), transpose=True) == 16 * cout
+  assert layers.torch_fan_in((3, 3, cin, cout)) == 9 * cin
