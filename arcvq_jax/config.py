@@ -12,6 +12,9 @@ import math
 import ml_collections
 
 from arcvq_jax import quantization
+from arcvq_jax.models.layers import CONV_TRANSPOSE_4X4S2_IMPLS
+
+CONV_TRANSPOSE_IMPLS = ("auto", *sorted(CONV_TRANSPOSE_4X4S2_IMPLS))
 
 # The paper's ablations (Tables 6, 11, 12) and two common baselines, by name.
 VARIANTS = {
@@ -56,9 +59,10 @@ def vqvae_config() -> ml_collections.ConfigDict:
       hidden=128,
       res_hidden=32,
       num_res_layers=2,
-      # Transposed convs as forward convs ('subpixel'): XLA's CPU gradient of
-      # lax.conv_transpose is several times slower (bench/bench_conv_transpose.py).
-      deconv_impl="subpixel",
+      # Transposed convs as forward convs / GEMM + col2im ('auto' picks per layer):
+      # XLA's CPU kernel gradient of lax.conv_transpose is several times slower
+      # (bench/bench_conv_transpose.py).
+      deconv_impl="auto",
   ))
   c.quantizer = ml_collections.ConfigDict(dict(
       num_codes=512,
@@ -129,7 +133,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
   q, a, o = c.quantizer, c.arc, c.optimizer
   _check_choice(c, "stage", ("tokenizer",))
   _check_choice(c, "model.name", ("vqvae",))
-  _check_choice(c, "model.deconv_impl", ("subpixel", "xla"))
+  _check_choice(c, "model.deconv_impl", tuple(CONV_TRANSPOSE_IMPLS))
   _check_choice(c, "quantizer.distance", quantization.DISTANCES)
   _check_choice(c, "quantizer.init", quantization.INITS)
   _check_choice(c, "quantizer.bbnr", quantization.BBNR_MODES)

@@ -2,6 +2,7 @@
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,11 +49,12 @@ def jnp_conv_transpose(x, kernel):
   return out[:, 1:2 * h + 1, 1:2 * w + 1]
 
 
-def _random_inputs(seed=0):
+def _random_inputs(seed=0, cout=COUT):
+  """x (B, Cin, H, W), torch weight (Cin, Cout, 4, 4), torch bias (Cout,), float32."""
   rng = np.random.default_rng(seed)
   x_nchw = rng.standard_normal((B, CIN, H, W)).astype(np.float32)
-  w_torch = rng.standard_normal((CIN, COUT, 4, 4)).astype(np.float32)
-  b_torch = rng.standard_normal((COUT,)).astype(np.float32)
+  w_torch = rng.standard_normal((CIN, cout, 4, 4)).astype(np.float32)
+  b_torch = rng.standard_normal((cout,)).astype(np.float32)
   return x_nchw, w_torch, b_torch
 
 
@@ -62,17 +64,19 @@ def _params_from_torch(w_torch, b_torch):
                      "bias": jnp.asarray(b_torch)}}
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_conv_transpose_matches_pytorch_formula(impl):
-  x_nchw, w_torch, b_torch = _random_inputs()
+@pytest.mark.parametrize("impl", IMPLS + ["auto"])
+@pytest.mark.parametrize("cout", [1, COUT, 8])
+def test_conv_transpose_matches_pytorch_formula(impl, cout):
+  # cout=1 and 8 also exercise both branches of impl='auto'.
+  x_nchw, w_torch, b_torch = _random_inputs(cout=cout)
   expected = numpy_conv_transpose(x_nchw.astype(np.float64), w_torch.astype(np.float64),
                                   b_torch.astype(np.float64)).transpose(0, 2, 3, 1)
-  module = layers.ConvTranspose4x4S2(COUT, impl=impl)
+  module = layers.ConvTranspose4x4S2(cout, impl=impl)
   x = jnp.asarray(x_nchw.transpose(0, 2, 3, 1))
   variables = module.init(jax.random.key(0), x)
-  assert variables["params"]["kernel"].shape == (4, 4, CIN, COUT)
+  assert variables["params"]["kernel"].shape == (4, 4, CIN, cout)
   y = module.apply(_params_from_torch(w_torch, b_torch), x)
-  assert y.shape == (B, 2 * H, 2 * W, COUT)
+  assert y.shape == (B, 2 * H, 2 * W, cout)
   np.testing.assert_allclose(np.asarray(y), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -102,6 +106,24 @@ def test_conv_transpose_gradients_agree():
     np.testing.assert_allclose(val, ref_val, rtol=1e-5, err_msg=impl)
     np.testing.assert_allclose(dx, ref_dx, atol=1e-5, rtol=1e-5, err_msg=impl)
     np.testing.assert_allclose(dk, ref_dk, atol=1e-5, rtol=1e-5, err_msg=impl)
+
+
+def test_flax_conv_transpose_is_the_flipped_kernel():
+  """The documented flax.linen.ConvTranspose equivalence (for reference and the benchmark)."""
+  x_nchw, w_torch, b_torch = _random_inputs(5)
+  x = jnp.asarray(x_nchw.transpose(0, 2, 3, 1))
+  params = _params_from_torch(w_torch, b_torch)
+  flax_ct = nn.ConvTranspose(COUT, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)))
+  flipped = {"params": {"kernel": jnp.flip(params["params"]["kernel"], (0, 1)),
+                        "bias": params["params"]["bias"]}}
+  np.testing.assert_allclose(flax_ct.apply(flipped, x),
+                             layers.ConvTranspose4x4S2(COUT, impl="xla").apply(params, x),
+                             atol=1e-5, rtol=1e-5)
+
+
+def test_auto_impl_choice():
+  assert layers.choose_conv_transpose_impl(1) == "matmul"
+  assert layers.choose_conv_transpose_impl(64) == "phase"
 
 
 def test_conv_transpose_bias_free_and_bad_impl():

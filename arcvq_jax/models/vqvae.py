@@ -62,7 +62,7 @@ class Decoder(nn.Module):
   res_hidden: int
   num_res_layers: int
   channels: int
-  deconv_impl: str = "subpixel"
+  deconv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -86,7 +86,7 @@ class VQVAE(nn.Module):
   embed_dim: int
   channels: int
   codebook_init: str = "spherical"
-  deconv_impl: str = "subpixel"
+  deconv_impl: str = "auto"
 
   def setup(self):
     self.encoder = Encoder(self.hidden, self.res_hidden, self.num_res_layers)

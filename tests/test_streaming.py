@@ -1,0 +1,204 @@
+"""The streamed ArcLoss and nearest-code search against the naive forms in quantization.py.
+
+quantization.arc_loss / nearest_code are checked against numpy in test_quantization.py; here
+they are the truth that the chunked versions must reproduce: the same value, the same
+gradient (so the same P_k, ties included) and the same indices.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from arcvq_jax import quantization as vq
+from arcvq_jax import streaming as st
+
+
+def naive_and_streamed(z, e, s, m, k, chunk):
+  """(value, dL/dz) of both forms, jitted."""
+  naive = jax.jit(jax.value_and_grad(lambda a: vq.arc_loss(a, jnp.asarray(e), s, m, k)))
+  streamed = jax.jit(jax.value_and_grad(
+      lambda a: st.arc_loss_streamed(a, jnp.asarray(e), s, m, k, chunk_size=chunk)))
+  return naive(jnp.asarray(z)), streamed(jnp.asarray(z))
+
+
+def assert_same(naive, streamed, rtol=1e-5, grad_rtol=1e-4):
+  (v0, g0), (v1, g1) = naive, streamed
+  np.testing.assert_allclose(v1, v0, rtol=rtol)
+  g0, g1 = np.asarray(g0), np.asarray(g1)
+  assert np.all(np.isfinite(g1))
+  # atol relative to the largest entry: entries that are ~0 in both carry only round-off.
+  np.testing.assert_allclose(g1, g0, rtol=grad_rtol, atol=grad_rtol * np.abs(g0).max())
+
+
+def random_data(seed, n, k_rows, d):
+  rng = np.random.default_rng(seed)
+  z = rng.normal(size=(n, d)).astype(np.float32) * rng.uniform(0.1, 4, (n, 1)).astype(np.float32)
+  e = rng.normal(size=(k_rows, d)).astype(np.float32) * rng.uniform(0.2, 3, (k_rows, 1)).astype(
+      np.float32)
+  return z, e
+
+
+def exact_units(seed, count, d=8):
+  """Vectors whose normalised dot products are exact in float32 (multiples of 1/4), whatever
+  the summation order: unit one-hots and (+-1/2 on 4 coordinates), times powers of two."""
+  rng = np.random.default_rng(seed)
+  out = np.zeros((count, d), np.float32)
+  for row in out:
+    if rng.random() < 0.3:
+      row[rng.integers(d)] = rng.choice([-1.0, 1.0])
+    else:
+      row[rng.choice(d, 4, replace=False)] = rng.choice([-0.5, 0.5], 4)
+    row *= 2.0 ** rng.integers(-2, 3)
+  return out
+
+
+# (N, K, D, chunk, s, m, top_k). Shapes: one chunk; a tail (300 = 4 * 64 + 44); K > chunk;
+# full chunks that take the two-stage top-k (chunk >= 4 * top_k * 32) and a tail that does not.
+CASES = [
+    (256, 40, 16, 256, 10.0, 0.1, 3),
+    (256, 40, 16, 256, 5.0, 0.0, 5),
+    (300, 7, 8, 64, 10.0, 0.1, 1),
+    (300, 7, 8, 64, 5.0, 0.1, 5),
+    (300, 7, 8, 64, 10.0, 0.0, 3),
+    (1000, 600, 8, 128, 10.0, 0.1, 3),
+    (1000, 600, 8, 128, 5.0, 0.0, 1),
+    (2500, 50, 16, 1024, 10.0, 0.1, 5),
+    (2500, 50, 16, 1024, 5.0, 0.1, 3),
+    (2500, 50, 16, 1024, 10.0, 0.0, 1),
+]
+
+
+@pytest.mark.parametrize("n,k_rows,d,chunk,s,m,top_k", CASES)
+def test_value_and_gradient_match_naive(n, k_rows, d, chunk, s, m, top_k):
+  z, e = random_data(n + k_rows, n, k_rows, d)
+  assert_same(*naive_and_streamed(z, e, s, m, top_k, chunk))
+
+
+@pytest.mark.parametrize("n,chunk,top_k", [(300, 32, 3), (301, 7, 5), (1500, 512, 3), (2000, 1024, 5)])
+def test_ties_between_duplicated_latents_resolve_like_top_k(n, chunk, top_k):
+  # A few distinct directions repeated many times: every P_k boundary is a tie, and only
+  # lowest-index-first picks the tokens the naive form picks (the gradient tells which).
+  rng = np.random.default_rng(n)
+  z = exact_units(1, 12)[rng.integers(0, 12, n)]
+  e = exact_units(2, 20)
+  naive, streamed = naive_and_streamed(z, e, 10.0, 0.1, top_k, chunk)
+  assert_same(naive, streamed)
+  # The data does make ties at the boundary (else this test would prove nothing).
+  cos = np.asarray(vq.l2_normalize(jnp.asarray(e)) @ vq.l2_normalize(jnp.asarray(z)).T)
+  kth = np.sort(cos, axis=1)[:, -top_k]
+  assert np.all((cos == kth[:, None]).sum(1) > 1)
+
+
+def test_zero_vectors_in_latents_and_codebook():
+  z, e = random_data(3, 700, 30, 8)
+  z[::7] = 0.0  # zero latents: cosine 0, gradient through the eps guard
+  e[[0, 11, 29]] = 0.0  # zero codes: every cosine 0, P_k = the first top_k tokens
+  zero = np.zeros(len(z), bool)
+  zero[::7] = True
+  for chunk in (64, 700):
+    (v0, g0), (v1, g1) = naive_and_streamed(z, e, 10.0, 0.1, 3, chunk)
+    # The guard makes the gradient at a zero latent finite but ~1/eps: compare the two kinds
+    # of rows apart, each to its own scale.
+    assert_same((v0, g0[zero]), (v1, g1[zero]))
+    assert_same((v0, g0[~zero]), (v1, g1[~zero]))
+
+
+def test_large_scale_is_stable():
+  # s = 1000: exp without the running shifts would overflow (or underflow to log 0).
+  z, e = random_data(4, 400, 6, 4)
+  naive, streamed = naive_and_streamed(z, e, 1000.0, 0.1, 3, 64)
+  assert np.isfinite(streamed[0])
+  assert_same(naive, streamed, rtol=1e-5, grad_rtol=1e-3)
+
+
+def test_top_k_equal_to_n():
+  # Every token is in P: the loss is 0 (the naive form's is round-off around it).
+  z, e = random_data(5, 5, 3, 4)
+  (v0, g0), (v1, g1) = naive_and_streamed(z, e, 10.0, 0.1, 5, 2)
+  np.testing.assert_allclose([v1, v0], 0.0, atol=1e-6)
+  np.testing.assert_allclose(g1, g0, atol=1e-6)
+
+
+def test_codebook_gets_zero_gradient_and_jit_matches_eager():
+  z, e = random_data(6, 300, 12, 8)
+  z, e = jnp.asarray(z), jnp.asarray(e)
+  loss = functools.partial(st.arc_loss_streamed, s=10.0, m=0.1, top_k=3, chunk_size=64)
+  g_z, g_e = jax.grad(loss, argnums=(0, 1))(z, e)
+  assert np.all(np.asarray(g_e) == 0)
+  assert np.any(np.asarray(g_z) != 0)
+  eager = loss(z, e)
+  jitted = jax.jit(loss)(z, e)
+  np.testing.assert_allclose(jitted, eager, rtol=1e-6)
+  np.testing.assert_allclose(jitted, vq.arc_loss(z, e, 10.0, 0.1, 3), rtol=1e-5)
+
+
+def test_never_builds_the_k_by_n_matrix():
+  # XLA's own account of the temporaries of forward + backward: the naive form needs several
+  # (K, N) buffers, the streamed one a few (K, chunk) blocks and O(N * D).
+  n, k_rows, d, chunk = 16384, 256, 8, 512
+  z = jax.ShapeDtypeStruct((n, d), jnp.float32)
+  e = jax.ShapeDtypeStruct((k_rows, d), jnp.float32)
+
+  def temp_bytes(loss):
+    return jax.jit(jax.grad(loss)).lower(z, e).compile().memory_analysis().temp_size_in_bytes
+
+  matrix = 4 * k_rows * n
+  naive = temp_bytes(lambda a, b: vq.arc_loss(a, b, 10.0, 0.1, 3))
+  streamed = temp_bytes(lambda a, b: st.arc_loss_streamed(a, b, 10.0, 0.1, 3, chunk_size=chunk))
+  assert naive >= matrix  # the check can tell
+  assert streamed < matrix / 4, (streamed, matrix)
+
+
+def test_rejects_bad_arguments():
+  z, e = jnp.ones((4, 3)), jnp.ones((2, 3))
+  with pytest.raises(ValueError, match="top_k"):
+    st.arc_loss_streamed(z, e, 10.0, 0.1, 5)
+  with pytest.raises(ValueError, match="s="):
+    st.arc_loss_streamed(z, e, -1.0, 0.1, 3)
+  with pytest.raises(ValueError, match="distance"):
+    st.nearest_code_streamed(z, e, "manhattan")
+
+
+def test_auto_chunk_size():
+  assert st.auto_chunk_size(512) == 4096
+  assert st.auto_chunk_size(16384) == 128
+  assert st.auto_chunk_size(1) == st.MAX_CHUNK
+  assert st.auto_chunk_size(10**7) == st.MIN_CHUNK
+  assert st.auto_chunk_size(1000) == 2048  # a power of two below 2**21 / 1000
+
+
+# --------------------------------------------------------------------------- nearest code
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclidean"])
+@pytest.mark.parametrize("chunk,code_chunk", [(None, 8192), (16, 8), (64, 37), (7, 5)])
+def test_nearest_code_matches_naive(distance, chunk, code_chunk):
+  z, e = random_data(7, 203, 37, 8)
+  want = vq.nearest_code(jnp.asarray(z), jnp.asarray(e), distance)
+  got = jax.jit(functools.partial(st.nearest_code_streamed, distance=distance, chunk_size=chunk,
+                                  code_chunk_size=code_chunk))(jnp.asarray(z), jnp.asarray(e))
+  assert got.dtype == jnp.int32 and got.shape == (203,)
+  np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclidean"])
+def test_nearest_code_ties_go_to_the_lowest_index(distance):
+  # Codes 19 and 3 are equal, 27 and 3 point the same way; every latent is one of them (or a
+  # zero vector, which ties with every code under cosine), so each answer is a tie.
+  e = exact_units(8, 30)
+  e[19] = e[3]
+  e[27] = 4.0 * e[3]
+  e[28] = e[4]
+  z = np.concatenate([e[[19, 27, 28, 3, 4]], np.zeros((2, 8), np.float32)])
+  z = np.tile(z, (5, 1))
+  want = vq.nearest_code(jnp.asarray(z), jnp.asarray(e), distance)
+  expect_first = {"cosine": [3, 3, 4, 3, 4, 0, 0], "euclidean": [3, 27, 4, 3, 4, None, None]}
+  for row, first in zip(np.asarray(want)[:7], expect_first[distance]):
+    if first is not None:
+      assert row == first
+  for chunk, code_chunk in [(None, 8192), (4, 8), (3, 20), (35, 4)]:
+    got = st.nearest_code_streamed(jnp.asarray(z), jnp.asarray(e), distance, chunk, code_chunk)
+    np.testing.assert_array_equal(got, want)
