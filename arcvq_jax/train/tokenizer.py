@@ -110,11 +110,12 @@ def train_step(
   out = dict(
       loss=aux["loss"], loss_rec=aux["loss_rec"], loss_vq=aux["loss_vq"],
       loss_arc=aux["loss_arc"], arc_weight=aux["arc_weight"],
-      bbnr_radius=jnp.minimum(radius, jnp.finfo(jnp.float32).max),
       codebook_norm_mean=jnp.mean(norms), codebook_norm_max=jnp.max(norms),
       batch_usage=metrics.codebook_usage(counts), batch_perplexity=metrics.perplexity(counts),
       grad_norm=optax.tree.norm(grads), codes_restarted=num_restarted,
   )
+  if q.bbnr != "off":  # M(t) = inf otherwise: nothing to plot
+    out["bbnr_radius"] = radius
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
                             usage=usage, rng=rng)
   return new_state, out
