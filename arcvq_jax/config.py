@@ -78,9 +78,14 @@ def vqvae_config() -> ml_collections.ConfigDict:
       bbnr_alpha=3e-4,
       restart_threshold=0.0,  # > 0 turns dead-code restart on (EMA usage per step)
       usage_decay=0.99,
+      search_impl="auto",  # nearest-code search: 'naive' | 'streamed' | 'auto', as arc.impl
   ))
   c.arc = ml_collections.ConfigDict(dict(
-      enabled=True, s=10.0, m=0.1, top_k=3, gamma0=1.0, decay=5e-4))
+      enabled=True, s=10.0, m=0.1, top_k=3, gamma0=1.0, decay=5e-4,
+      # 'naive' holds the K x N logits; 'streamed' goes through blocks and never does
+      # (same value and gradient; one device only for now); 'auto' streams once K x N
+      # exceeds one block on a single device.
+      impl="auto"))
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adam", lr=3e-4, b1=0.9, b2=0.999, grad_clip_norm=0.0))
   c.data = ml_collections.ConfigDict(dict(
@@ -140,6 +145,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
   _check_choice(c, "quantizer.codebook_update", ("loss", "ema"))
   _check_choice(c, "optimizer.name", ("adam", "adamw"))
   _check_choice(c, "data.source", ("idx", "folder", "tfds"))
+  _check_choice(c, "arc.impl", ("auto", "naive", "streamed"))
+  _check_choice(c, "quantizer.search_impl", ("auto", "naive", "streamed"))
+  if c.arc.impl == "streamed" and num_devices > 1:
+    _fail("arc.impl", f"'streamed' runs on one device only, and {num_devices} are in use (XLA's "
+          "TopK decomposer crashes on the partitioned block loop in jax 0.10)",
+          "Use 'auto' (streams on one device, naive on several) or 'naive'.")
 
   for key in ("model.hidden", "model.res_hidden", "quantizer.num_codes", "quantizer.embed_dim",
               "batch_size", "eval_batch_size", "log_every_steps", "keep_checkpoints"):

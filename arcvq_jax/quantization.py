@@ -89,7 +89,11 @@ def quantize(z: jax.Array, codebook: jax.Array, distance: str) -> Quantized:
   cosine matching: the norm ball of BBNR is what bounds it.
   z: (N, D) float32, codebook: (K, D) float32.
   """
-  indices = nearest_code(z, codebook, distance)
+  return quantize_with_indices(z, codebook, nearest_code(z, codebook, distance))
+
+
+def quantize_with_indices(z: jax.Array, codebook: jax.Array, indices: jax.Array) -> Quantized:
+  """`quantize` with the nearest-code indices (N,) already found (e.g. by a streamed search)."""
   z_q = jnp.take(codebook, indices, axis=0)
   return Quantized(z_q=z_q, z_ste=z + sg(z_q - z), indices=indices)
 

@@ -56,7 +56,8 @@ def bench_step(batch: int, variant: str, deconv: str, warmup: int, steps: int) -
   state_sh = sharding.tree_shardings(abstract, mesh)
   state = jax.jit(init_fn, out_shardings=state_sh)(jax.random.PRNGKey(0))
   step_fn = jax.jit(
-      functools.partial(tokenizer.train_step, model=model, tx=tx, config=c, data_variance=0.5),
+      functools.partial(tokenizer.train_step, model=model, tx=tx, config=c, data_variance=0.5,
+                        replicated=sharding.replicated(mesh)),
       in_shardings=(state_sh, sharding.batch_sharding(mesh)),
       out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
   x = np.random.default_rng(0).uniform(-1, 1, (batch, 28, 28, 1)).astype(np.float32)

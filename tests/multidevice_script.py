@@ -19,7 +19,11 @@ from arcvq_jax.train.state import init_train_state, make_optimizer
 
 
 def run(devices, variant: str, steps: int = 3):
-  c = config_lib.apply_variant(config_lib.vqvae_config(), variant)
+  streamed = variant.endswith("_streamed")
+  c = config_lib.apply_variant(config_lib.vqvae_config(), variant.removesuffix("_streamed"))
+  if streamed:  # ArcLoss and the search through blocks, as large codebooks do (the step
+    # streams ArcLoss on one device only, so this also compares streamed with naive ArcLoss)
+    c.arc.impl = c.quantizer.search_impl = "streamed"
   c.model.hidden, c.model.res_hidden, c.model.num_res_layers = 32, 8, 1
   c.quantizer.num_codes, c.quantizer.embed_dim = 64, 16
   if variant == "restart":
@@ -32,7 +36,8 @@ def run(devices, variant: str, steps: int = 3):
   state_sh = sharding.tree_shardings(abstract, mesh)
   state = jax.jit(init_fn, out_shardings=state_sh)(jax.random.PRNGKey(0))
   step_fn = jax.jit(
-      functools.partial(tokenizer.train_step, model=model, tx=tx, config=c, data_variance=0.3),
+      functools.partial(tokenizer.train_step, model=model, tx=tx, config=c, data_variance=0.3,
+                        replicated=sharding.replicated(mesh)),
       in_shardings=(state_sh, sharding.batch_sharding(mesh)),
       out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
   rng = np.random.default_rng(0)

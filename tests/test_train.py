@@ -111,6 +111,8 @@ def test_changed_model_refuses_to_resume(uninterrupted, tmp_path):
     ("batch_size", 30, "config.batch_size: 30 is not divisible by the 8 devices"),
     ("model.hidden", 33, "config.model.hidden"),
     ("data.source", "s3", "config.data.source"),
+    ("arc.impl", "streamed", "config.arc.impl: 'streamed' runs on one device only"),
+    ("arc.impl", "fast", "config.arc.impl"),
 ])
 def test_bad_config_values_name_the_key(key, value, match):
   c = tiny_config(**{key: value})

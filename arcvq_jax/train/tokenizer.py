@@ -25,6 +25,7 @@ from arcvq_jax import checkpoint as ckpt_lib
 from arcvq_jax import config as config_lib
 from arcvq_jax import quantization as vq
 from arcvq_jax import sharding
+from arcvq_jax import streaming
 from arcvq_jax.data import pipeline
 from arcvq_jax.evaluation import images as image_lib
 from arcvq_jax.evaluation import metrics
@@ -33,6 +34,24 @@ from arcvq_jax.train.state import TrainState, init_train_state, make_optimizer
 
 sg = jax.lax.stop_gradient
 Batch = dict[str, jax.Array]
+
+
+def use_streamed(impl: str, num_codes: int, num_tokens: int) -> bool:
+  """Whether to take the streamed ArcLoss / search: by config, or by size for 'auto'.
+
+  Streamed is faster than naive on CPU once K x N exceeds one block (bench/bench_arcloss.py)
+  and is the only option where the K x N matrix does not fit.
+  """
+  if impl == "auto":
+    return num_codes * num_tokens > streaming.BLOCK_ELEMENTS
+  return impl == "streamed"
+
+
+def nearest_code(z: jax.Array, codebook: jax.Array, q: ml_collections.ConfigDict) -> jax.Array:
+  """quantization.nearest_code, streamed over blocks when `q.search_impl` says so."""
+  if use_streamed(q.search_impl, codebook.shape[0], z.shape[0]):
+    return streaming.nearest_code_streamed(z, codebook, q.distance)
+  return vq.nearest_code(z, codebook, q.distance)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -44,22 +63,30 @@ class NonFiniteLossError(FloatingPointError):
 
 def tokenizer_loss(
     params: Any, x: jax.Array, step: jax.Array, *, model: vqvae.VQVAE,
-    config: ml_collections.ConfigDict, data_variance: float,
+    config: ml_collections.ConfigDict, data_variance: float, replicated: Any = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """mse(x_hat, x) / var(x_train) + L_vq + gamma(t) L_arc (SPEC.md section 2).
 
-  x: (B, H, W, C) float32 in [-1, 1]. Returns the scalar loss and aux values:
+  x: (B, H, W, C) float32 in [-1, 1]; replicated: the mesh's replicated NamedSharding (or
+  None off a mesh). Returns the scalar loss and aux values:
   the terms, the code indices (N,) and the latents z (N, D) for codebook updates.
   """
   q, arc = config.quantizer, config.arc
   z = model.apply({"params": params}, x, method=vqvae.VQVAE.encode)
   z_flat = z.reshape(-1, z.shape[-1]).astype(jnp.float32)
   codebook = params["codebook"].astype(jnp.float32)
-  quant = vq.quantize(z_flat, codebook, q.distance)
+  indices = nearest_code(z_flat, codebook, q)
+  quant = vq.quantize_with_indices(z_flat, codebook, indices)
   loss_vq = vq.vq_loss(z_flat, quant.z_q, q.beta, legacy=q.legacy_beta,
                        codebook_term=q.codebook_update == "loss")
   if arc.enabled:
-    loss_arc = vq.arc_loss(z_flat, codebook, arc.s, arc.m, arc.top_k)
+    num_devices = 1 if replicated is None else replicated.mesh.size
+    if use_streamed(arc.impl, q.num_codes, z_flat.shape[0]) and num_devices == 1:
+      # Single device only: on a partitioned batch XLA's TopK decomposer crashes on the
+      # streamed loop (jax 0.10); config.validate refuses arc.impl='streamed' there.
+      loss_arc = streaming.arc_loss_streamed(z_flat, codebook, arc.s, arc.m, arc.top_k)
+    else:
+      loss_arc = vq.arc_loss(z_flat, codebook, arc.s, arc.m, arc.top_k)
     arc_w = vq.arc_weight(step, arc.gamma0, arc.decay)
   else:
     loss_arc = arc_w = jnp.zeros((), jnp.float32)
@@ -74,9 +101,12 @@ def tokenizer_loss(
 
 def train_step(
     state: TrainState, batch: Batch, *, model: vqvae.VQVAE, tx: optax.GradientTransformation,
-    config: ml_collections.ConfigDict, data_variance: float,
+    config: ml_collections.ConfigDict, data_variance: float, replicated: Any = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step. batch['image']: (B, H, W, C) in [-1, 1], sharded along 'data'."""
+  """One optimizer step. batch['image']: (B, H, W, C) in [-1, 1], sharded along 'data'.
+
+  replicated: the mesh's replicated NamedSharding, for the parts computed whole per device.
+  """
   q = config.quantizer
   rng, restart_key = jax.random.split(state.rng)
 
@@ -88,7 +118,8 @@ def train_step(
     params["codebook"] = vq.bbnr_project(params["codebook"], radius)
 
   grad_fn = jax.value_and_grad(
-      functools.partial(tokenizer_loss, model=model, config=config, data_variance=data_variance),
+      functools.partial(tokenizer_loss, model=model, config=config, data_variance=data_variance,
+                        replicated=replicated),
       has_aux=True)
   (_, aux), grads = grad_fn(params, batch["image"], state.step)
   updates, opt_state = tx.update(grads, state.opt_state, params)
@@ -126,8 +157,7 @@ def reconstruct(params: Any, x: jax.Array, *, model: vqvae.VQVAE,
   """Encode, quantise, decode: x (B, H, W, C) -> (x_hat (B, H, W, C), indices (B, h, w))."""
   z = model.apply({"params": params}, x, method=vqvae.VQVAE.encode)
   z_flat = z.reshape(-1, z.shape[-1]).astype(jnp.float32)
-  indices = vq.nearest_code(z_flat, params["codebook"].astype(jnp.float32),
-                            config.quantizer.distance)
+  indices = nearest_code(z_flat, params["codebook"].astype(jnp.float32), config.quantizer)
   z_q = jnp.take(params["codebook"], indices, axis=0).reshape(z.shape).astype(z.dtype)
   x_hat = model.apply({"params": params}, z_q, method=vqvae.VQVAE.decode)
   return x_hat.astype(jnp.float32), indices.reshape(z.shape[:-1])
@@ -238,7 +268,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                info["num_train"], data_variance, total_steps)
   step_fn = jax.jit(
       functools.partial(train_step, model=model, tx=tx, config=config,
-                        data_variance=data_variance),
+                        data_variance=data_variance, replicated=sharding.replicated(mesh)),
       in_shardings=(state_sharding, batch_sharding),
       out_shardings=(state_sharding, sharding.replicated(mesh)),
       donate_argnums=(0,))
