@@ -141,8 +141,9 @@ def arc_loss_streamed(
   """ArcLoss (Eq. 10-12), scalar, equal in value and gradient to `quantization.arc_loss`.
 
   z: (N, D) latents of the global batch; codebook: (K, D), under stop-gradient (its
-  gradient is zero); both are computed with in float32. s > 0, m, top_k <= N and the chunk sizes are Python
-  numbers (static under jit). Blocks are (code_chunk_size, chunk_size): codes x tokens.
+  gradient is zero); the loss is computed in float32 whatever their dtype. s > 0, m,
+  top_k <= N and the chunk sizes are Python numbers (static under jit). Blocks are
+  (code_chunk_size, chunk_size): codes x tokens.
   code_chunk_size None: min(K, ARC_CODE_CHUNK); chunk_size None: blocks of about
   BLOCK_ELEMENTS floats (`auto_chunk_size`). Memory is O(block + N * D + K), never O(K * N).
   """
@@ -384,7 +385,7 @@ def nearest_code_streamed(
     best = jnp.max(score, axis=1)
     # The first position holding the max: jnp.argmax's answer (a variadic reduce is ~10x
     # slower on CPU). A NaN makes the max NaN, and then the first NaN wins, as in jnp.argmax.
-    return best, _first((score == best[:, None])) + start
+    return best, _first((score == best[:, None]) | jnp.isnan(score)) + start
 
   def merge(best, idx, b, i):
     # Strictly better only: the earlier (lower-index) code keeps a tie; a NaN stays.
