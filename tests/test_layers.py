@@ -179,3 +179,27 @@ def test_conv_transpose_init_matches_pytorch_bounds():
   assert np.abs(bias).max() <= bound and np.abs(bias).max() > 0.8 * bound
   assert layers.torch_fan_in((4, 4, cin, cout), transpose=True) == 16 * cout
   assert layers.torch_fan_in((3, 3, cin, cout)) == 9 * cin
+
+
+@pytest.mark.parametrize("k,stride,pad,cin", [(3, 1, 1, 5), (4, 2, 1, 3), (1, 1, 0, 4), (3, 2, 0, 2)])
+def test_conv_gemm_matches_xla_values_and_gradients(k, stride, pad, cin):
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.normal(size=(2, 9, 8, cin)).astype(np.float32))
+  w = jnp.asarray(rng.normal(size=(k, k, cin, 6)).astype(np.float32))
+  f = lambda impl: lambda x, w: jnp.sum(jnp.sin(impl(x, w, (stride, stride), (pad, pad))))
+  np.testing.assert_allclose(layers.conv_gemm(x, w, (stride, stride), (pad, pad)),
+                             layers.conv_xla(x, w, (stride, stride), (pad, pad)), rtol=1e-5, atol=1e-5)
+  gx, gw = jax.grad(f(layers.conv_gemm), argnums=(0, 1))(x, w)
+  hx, hw = jax.grad(f(layers.conv_xla), argnums=(0, 1))(x, w)
+  np.testing.assert_allclose(gx, hx, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(gw, hw, rtol=1e-4, atol=1e-5)
+
+
+def test_conv_module_impls_share_params_and_output():
+  x = jnp.asarray(np.random.default_rng(8).normal(size=(2, 8, 8, 4)).astype(np.float32))
+  params = layers.Conv(8, 3, padding=1, impl="xla").init(jax.random.PRNGKey(0), x)
+  outs = [layers.Conv(8, 3, padding=1, impl=i).apply(params, x) for i in ("xla", "gemm", "auto")]
+  for o in outs[1:]:
+    np.testing.assert_allclose(o, outs[0], rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="Conv impl 'fast'"):
+    layers.Conv(8, 3, impl="fast").apply(params, x)
