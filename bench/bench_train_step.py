@@ -2,7 +2,8 @@
 
   python bench/bench_train_step.py                      # batch 128 and 1024, Fashion-MNIST shapes
   python bench/bench_train_step.py --batch 128 --variant vanilla
-  python bench/bench_train_step.py --arcloss            # ArcLoss at N=50176, K=512, D=64
+  python bench/bench_train_step.py --arcloss            # ArcLoss at N=50176, K=512, D=64,
+                                                        # naive and streamed
 
 Times are the median of --steps calls after --warmup calls, each waited for with
 block_until_ready. Memory: XLA's own accounting of the compiled step (arguments, outputs,
@@ -26,6 +27,7 @@ import numpy as np  # noqa: E402
 
 from arcvq_jax import quantization as vq  # noqa: E402
 from arcvq_jax import sharding  # noqa: E402
+from arcvq_jax import streaming  # noqa: E402
 from arcvq_jax.models import vqvae  # noqa: E402
 from arcvq_jax.train import tokenizer  # noqa: E402
 from arcvq_jax.train.state import init_train_state, make_optimizer  # noqa: E402
@@ -81,11 +83,11 @@ def bench_step(batch: int, variant: str, deconv: str, warmup: int, steps: int) -
               temp_mib=None if mem is None else mem.temp_size_in_bytes / 2**20)
 
 
-def bench_arcloss(n: int, k: int, d: int, warmup: int, steps: int) -> dict:
+def bench_arcloss(n: int, k: int, d: int, warmup: int, steps: int, loss_fn) -> dict:
   rng = np.random.default_rng(0)
   z = jnp.asarray(rng.normal(size=(n, d)).astype(np.float32))
   e = jnp.asarray(rng.normal(size=(k, d)).astype(np.float32))
-  fn = jax.jit(jax.value_and_grad(lambda zz: vq.arc_loss(zz, e, 10.0, 0.1, 3)))
+  fn = jax.jit(jax.value_and_grad(lambda zz: loss_fn(zz, e, 10.0, 0.1, 3)))
   mem = fn.lower(z).compile().memory_analysis()
   times = timeit(lambda: fn(z), warmup, steps)
   return dict(n=n, k=k, d=d, median_ms=1e3 * np.median(times),
@@ -104,9 +106,10 @@ def main() -> None:
 
   print(f"jax {jax.__version__}, devices: {jax.devices()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   if args.arcloss:
-    r = bench_arcloss(50176, 512, 64, args.warmup, args.steps)
-    print(f"ArcLoss fwd+bwd N={r['n']} K={r['k']} D={r['d']}: {r['median_ms']:.1f} ms "
-          f"(XLA temp {r['temp_mib']:.0f} MiB)")
+    for name, fn in (("naive", vq.arc_loss), ("streamed", streaming.arc_loss_streamed)):
+      r = bench_arcloss(50176, 512, 64, args.warmup, args.steps, fn)
+      print(f"ArcLoss ({name}) fwd+bwd N={r['n']} K={r['k']} D={r['d']}: {r['median_ms']:.1f} ms "
+            f"(XLA temp {r['temp_mib']:.0f} MiB)")
     return
   print("| batch | variant | deconv | median ms/step | p10-p90 ms | XLA MiB (args+out+temp) | XLA temp MiB |")
   print("|---|---|---|---|---|---|---|")
