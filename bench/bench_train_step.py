@@ -13,7 +13,6 @@ temporaries) and the process's peak resident set size.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import resource
 import sys
@@ -30,7 +29,7 @@ from arcvq_jax import sharding  # noqa: E402
 from arcvq_jax import streaming  # noqa: E402
 from arcvq_jax.models import vqvae  # noqa: E402
 from arcvq_jax.train import tokenizer  # noqa: E402
-from arcvq_jax.train.state import init_train_state, make_optimizer  # noqa: E402
+from arcvq_jax.train.state import make_optimizer  # noqa: E402
 
 
 def timeit(fn, warmup: int, steps: int) -> np.ndarray:
@@ -52,16 +51,8 @@ def bench_step(batch: int, variant: str, deconv: str, warmup: int, steps: int) -
   c.model.deconv_impl = deconv
   mesh = sharding.make_mesh((-1,), ("data",))
   model = vqvae.from_config(c, channels=1)
-  tx = make_optimizer(c)
-  init_fn = functools.partial(init_train_state, model=model, tx=tx, image_shape=(28, 28, 1))
-  abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-  state_sh = sharding.tree_shardings(abstract, mesh)
-  state = jax.jit(init_fn, out_shardings=state_sh)(jax.random.PRNGKey(0))
-  step_fn = jax.jit(
-      functools.partial(tokenizer.train_step, model=model, tx=tx, config=c, data_variance=0.5,
-                        replicated=sharding.replicated(mesh)),
-      in_shardings=(state_sh, sharding.batch_sharding(mesh)),
-      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+  state, _, step_fn = tokenizer.create_state_and_step(
+      c, model, make_optimizer(c), mesh, (28, 28, 1), data_variance=0.5)
   x = np.random.default_rng(0).uniform(-1, 1, (batch, 28, 28, 1)).astype(np.float32)
   batch_arr = sharding.global_batch({"image": x}, sharding.batch_sharding(mesh))
   compiled = step_fn.lower(state, batch_arr).compile()

@@ -4,7 +4,6 @@ Trains a few steps of a small ArcVQ-VAE on the same batches with a mesh of 1 dev
 mesh of 8 devices, and prints both loss histories (and final params) as JSON.
 """
 
-import functools
 import json
 import sys
 
@@ -15,7 +14,7 @@ from arcvq_jax import config as config_lib
 from arcvq_jax import sharding
 from arcvq_jax.models import vqvae
 from arcvq_jax.train import tokenizer
-from arcvq_jax.train.state import init_train_state, make_optimizer
+from arcvq_jax.train.state import make_optimizer
 
 
 def run(devices, variant: str, steps: int = 3):
@@ -30,16 +29,8 @@ def run(devices, variant: str, steps: int = 3):
     c.quantizer.restart_threshold = 0.5
   mesh = sharding.make_mesh((-1,), ("data",), devices=devices)
   model = vqvae.from_config(c, channels=1)
-  tx = make_optimizer(c)
-  init_fn = functools.partial(init_train_state, model=model, tx=tx, image_shape=(28, 28, 1))
-  abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-  state_sh = sharding.tree_shardings(abstract, mesh)
-  state = jax.jit(init_fn, out_shardings=state_sh)(jax.random.PRNGKey(0))
-  step_fn = jax.jit(
-      functools.partial(tokenizer.train_step, model=model, tx=tx, config=c, data_variance=0.3,
-                        replicated=sharding.replicated(mesh)),
-      in_shardings=(state_sh, sharding.batch_sharding(mesh)),
-      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+  state, _, step_fn = tokenizer.create_state_and_step(
+      c, model, make_optimizer(c), mesh, (28, 28, 1), data_variance=0.3)
   rng = np.random.default_rng(0)
   losses = []
   for _ in range(steps):

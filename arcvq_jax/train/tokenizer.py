@@ -230,6 +230,29 @@ def _check_finite(history: list[dict[str, jax.Array]], first_step: int, checkpoi
         "the same command again to resume from that checkpoint.")
 
 
+def create_state_and_step(
+    config: ml_collections.ConfigDict, model: vqvae.VQVAE, tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh, image_shape: tuple[int, int, int], data_variance: float,
+) -> tuple[TrainState, Any, Callable]:
+  """A fresh state laid out by its shardings, the shardings, and the jitted train step.
+
+  The step takes (state, batch) with the batch split along 'data', donates the state, and
+  returns (state, metrics) with the metrics replicated.
+  """
+  init_fn = functools.partial(init_train_state, model=model, tx=tx, image_shape=image_shape)
+  key = jax.random.PRNGKey(config.seed)
+  state_sharding = sharding.tree_shardings(jax.eval_shape(init_fn, key), mesh,
+                                           config.sharding.param_rules)
+  state = jax.jit(init_fn, out_shardings=state_sharding)(key)
+  step_fn = jax.jit(
+      functools.partial(train_step, model=model, tx=tx, config=config,
+                        data_variance=data_variance, replicated=sharding.replicated(mesh)),
+      in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+      out_shardings=(state_sharding, sharding.replicated(mesh)),
+      donate_argnums=(0,))
+  return state, state_sharding, step_fn
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) in `workdir`, then evaluates; returns the final eval metrics."""
   config_lib.validate(config, jax.device_count(), jax.process_count())
@@ -248,10 +271,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model = vqvae.from_config(config, channels=image_shape[-1])
   tx = make_optimizer(config)
 
-  init_fn = functools.partial(init_train_state, model=model, tx=tx, image_shape=image_shape)
-  abstract_state = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed))
-  state_sharding = sharding.tree_shardings(abstract_state, mesh, config.sharding.param_rules)
-  state = jax.jit(init_fn, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
+  data_variance = pipeline.train_image_variance(config.data)
+  state, state_sharding, step_fn = create_state_and_step(
+      config, model, tx, mesh, image_shape, data_variance)
 
   train_iter = pipeline.create_train_iterator(
       config.data, global_batch_size=config.batch_size, seed=config.seed,
@@ -263,15 +285,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = checkpointer.restore(start, ckpt_lib.abstract_like(state), train_iter)
   start = int(jax.device_get(state.step))
 
-  data_variance = pipeline.train_image_variance(config.data)
   logging.info("Training images: %d, variance in [-1, 1]: %.5f, steps: %d",
                info["num_train"], data_variance, total_steps)
-  step_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, config=config,
-                        data_variance=data_variance, replicated=sharding.replicated(mesh)),
-      in_shardings=(state_sharding, batch_sharding),
-      out_shardings=(state_sharding, sharding.replicated(mesh)),
-      donate_argnums=(0,))
   eval_fn = jax.jit(functools.partial(eval_step, model=model, config=config),
                     in_shardings=(state_sharding.params, batch_sharding),
                     out_shardings=sharding.replicated(mesh))
