@@ -453,7 +453,7 @@ def create_train_iterator(
     'label': (G / P,) int32}.
   """
   process_index, process_count = _processes(process_index, process_count)
-  local_batch = _local_batch_size(global_batch_size, process_count)
+  _local_batch_size(global_batch_size, process_count)  # Fails early on a bad split.
   source = _open_source(data_cfg, data_cfg.get('train_split', 'train'))
   steps_per_epoch = len(source) // global_batch_size
   if steps_per_epoch == 0:
