@@ -60,6 +60,20 @@ class NonFiniteLossError(FloatingPointError):
 # --------------------------------------------------------------------------- the step
 
 
+def encode_and_quantize(
+    params: Any, x: jax.Array, *, model: vqvae.VQVAE, config: ml_collections.ConfigDict,
+) -> tuple[jax.Array, jax.Array, vq.Quantized]:
+  """x (B, H, W, C) -> (z (B, h, w, D), z_flat (N, D) float32, its quantisation).
+
+  The quantiser runs in float32 whatever dtype the network computes in.
+  """
+  z = model.apply({"params": params}, x, method=vqvae.VQVAE.encode)
+  z_flat = z.reshape(-1, z.shape[-1]).astype(jnp.float32)
+  codebook = params["codebook"].astype(jnp.float32)
+  indices = nearest_code(z_flat, codebook, config.quantizer)
+  return z, z_flat, vq.quantize_with_indices(z_flat, codebook, indices)
+
+
 def tokenizer_loss(
     params: Any, x: jax.Array, step: jax.Array, *, model: vqvae.VQVAE,
     config: ml_collections.ConfigDict, data_variance: float, replicated: Any = None,
@@ -71,11 +85,8 @@ def tokenizer_loss(
   the terms, the code indices (N,) and the latents z (N, D) for codebook updates.
   """
   q, arc = config.quantizer, config.arc
-  z = model.apply({"params": params}, x, method=vqvae.VQVAE.encode)
-  z_flat = z.reshape(-1, z.shape[-1]).astype(jnp.float32)
+  z, z_flat, quant = encode_and_quantize(params, x, model=model, config=config)
   codebook = params["codebook"].astype(jnp.float32)
-  indices = nearest_code(z_flat, codebook, q)
-  quant = vq.quantize_with_indices(z_flat, codebook, indices)
   loss_vq = vq.vq_loss(z_flat, quant.z_q, q.beta, legacy=q.legacy_beta,
                        codebook_term=q.codebook_update == "loss")
   if arc.enabled:
@@ -154,12 +165,10 @@ def train_step(
 def reconstruct(params: Any, x: jax.Array, *, model: vqvae.VQVAE,
                 config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
   """Encode, quantise, decode: x (B, H, W, C) -> (x_hat (B, H, W, C), indices (B, h, w))."""
-  z = model.apply({"params": params}, x, method=vqvae.VQVAE.encode)
-  z_flat = z.reshape(-1, z.shape[-1]).astype(jnp.float32)
-  indices = nearest_code(z_flat, params["codebook"].astype(jnp.float32), config.quantizer)
-  z_q = jnp.take(params["codebook"], indices, axis=0).reshape(z.shape).astype(z.dtype)
+  z, _, quant = encode_and_quantize(params, x, model=model, config=config)
+  z_q = quant.z_q.reshape(z.shape).astype(z.dtype)
   x_hat = model.apply({"params": params}, z_q, method=vqvae.VQVAE.decode)
-  return x_hat.astype(jnp.float32), indices.reshape(z.shape[:-1])
+  return x_hat.astype(jnp.float32), quant.indices.reshape(z.shape[:-1])
 
 
 def eval_step(params: Any, batch: Batch, *, model: vqvae.VQVAE,
@@ -198,7 +207,7 @@ def evaluate(eval_fn: Callable, params: Any, batches: Iterator[dict[str, np.ndar
       mse=float(totals["mse"] / n),
       psnr=float(totals["psnr"] / n),
       ssim=float(totals["ssim"] / n),
-      codebook_usage=float(np.mean(counts > 0)),
+      codebook_usage=float(metrics.codebook_usage(counts)),
       perplexity=float(metrics.perplexity(counts)),
   )
 
