@@ -87,7 +87,9 @@ def vqvae_config() -> ml_collections.ConfigDict:
       # exceeds one block on a single device.
       impl="auto"))
   c.optimizer = ml_collections.ConfigDict(dict(
-      name="adam", lr=3e-4, b1=0.9, b2=0.999, grad_clip_norm=0.0))
+      name="adam", lr=3e-4, b1=0.9, b2=0.999, grad_clip_norm=0.0,
+      scale_lr=False,  # True: the learning rate is lr x batch_size (taming's scaling)
+  ))
   c.data = ml_collections.ConfigDict(dict(
       source="idx",
       path="/usr/share/datasets/fashion-mnist",
@@ -96,8 +98,15 @@ def vqvae_config() -> ml_collections.ConfigDict:
       train_split="train",
       eval_split="test",
       image_size=ml_collections.FieldReference(None, field_type=int),
+      # Train split only (evaluation always centre-crops): random crop instead of the centre
+      # crop after resizing the shorter side, and horizontal flips (taming's ImageNet).
+      random_crop=False,
+      random_flip=False,
       num_workers=0,
   ))
+  # LPIPS (VGG16) weights converted by `python -m arcvq_jax.convert.lpips_weights`; where
+  # set, evaluation also reports LPIPS. A VQGAN's perceptual loss needs them.
+  c.lpips_path = ""
 
   c.batch_size = 1024
   c.num_epochs = 500
@@ -121,24 +130,123 @@ def vqvae_config() -> ml_collections.ConfigDict:
   return c
 
 
+def vqgan_config() -> ml_collections.ConfigDict:
+  """Defaults of the VQGAN tokenizer on ImageNet (SPEC.md section 3, paper Table 7).
+
+  taming-transformers' architecture (f8 here: ch_mult (1, 2, 2, 4), 32x32 tokens), K 1024,
+  D 16, L1 + LPIPS + PatchGAN hinge loss with the adaptive weight, taming's quantiser loss
+  ("legacy" beta), Adam (0.5, 0.9) at 4.5e-6 x batch size, batch 30, 15 epochs.
+  """
+  c = vqvae_config()
+  c.model = ml_collections.ConfigDict(dict(
+      name="vqgan",
+      ch=128,
+      ch_mult=(1, 2, 2, 4),
+      num_res_blocks=2,
+      attn_resolutions=(32,),  # taming: attention at these nominal resolutions (and mid)
+      resolution=256,  # taming's nominal image size that places the attention blocks
+      z_channels=16,
+      dropout=0.0,
+      dtype="float32",  # compute dtype: 'bfloat16' keeps float32 params, quantiser and losses
+  ))
+  q = c.quantizer
+  q.num_codes, q.embed_dim = 1024, 16
+  q.legacy_beta = True  # taming's placement of beta, as the official VQGAN runs
+  q.bbnr_alpha = 1e-5  # paper Table 7 (the public VQGAN config uses 5e-5)
+  c.arc.decay = 1e-4
+  c.optimizer.update(dict(lr=4.5e-6, scale_lr=True, b1=0.5, b2=0.9))
+  c.loss = ml_collections.ConfigDict(dict(perceptual_weight=1.0))
+  c.lpips_path = "~/.cache/arcvq_jax/lpips_vgg16.npz"
+  c.gan = ml_collections.ConfigDict(dict(
+      disc_start=250001,  # f(t) = 1 from this step on: the generator feels the GAN term
+      # D learns from this step on (-1: from disc_start); earlier than disc_start lets D
+      # catch up before its gradient reaches the autoencoder.
+      disc_train_start=-1,
+      disc_weight=0.8,  # taming's discriminator_weight in the adaptive weight
+      ndf=64,
+      n_layers=3,
+  ))
+  c.data.update(dict(
+      source="tfds", name="imagenet2012", path="", train_split="train",
+      eval_split="validation", image_size=256, random_crop=True, random_flip=True))
+  c.batch_size = 30
+  c.num_epochs = 15
+  c.eval_batch_size = 50
+  c.log_every_steps = 100
+  c.image_every_steps = 2000
+  c.checkpoint_every_steps = 5000
+  return c
+
+
+def downsample_factor(c: ml_collections.ConfigDict) -> int:
+  """Image side / token grid side of the configured autoencoder."""
+  if c.model.name == "vqgan":
+    return 2 ** (len(c.model.ch_mult) - 1)
+  return 4
+
+
 def _fail(key: str, problem: str, fix: str) -> None:
   raise ValueError(f"config.{key}: {problem}. {fix}")
 
 
-def _check_choice(c: ml_collections.ConfigDict, key: str, choices) -> None:
+def _get(c: ml_collections.ConfigDict, key: str):
   value = c
   for part in key.split("."):
     value = value[part]
+  return value
+
+
+def _check_choice(c: ml_collections.ConfigDict, key: str, choices) -> None:
+  value = _get(c, key)
   if value not in choices:
     _fail(key, f"{value!r} is not supported", f"Use one of {list(choices)}.")
+
+
+def _check_positive_int(c: ml_collections.ConfigDict, key: str) -> None:
+  value = _get(c, key)
+  if not isinstance(value, int) or value < 1:
+    _fail(key, f"must be a positive integer, got {value!r}", "Set it to 1 or more.")
+
+
+def _validate_vqgan(c: ml_collections.ConfigDict) -> None:
+  """The VQGAN's model, loss and GAN keys."""
+  m, g = c.model, c.gan
+  for key in ("model.ch", "model.num_res_blocks", "model.z_channels", "model.resolution",
+              "gan.ndf", "gan.n_layers"):
+    _check_positive_int(c, key)
+  if m.ch % 32:
+    _fail("model.ch", f"must be a multiple of 32 (GroupNorm with 32 groups), got {m.ch}",
+          "taming uses 128.")
+  if not m.ch_mult or not all(isinstance(v, int) and v >= 1 for v in m.ch_mult):
+    _fail("model.ch_mult", f"must be a non-empty list of positive integers, got {m.ch_mult!r}",
+          "Use (1, 2, 2, 4) for f8 or (1, 1, 2, 2, 4) for f16.")
+  if not 0.0 <= m.dropout < 1.0:
+    _fail("model.dropout", f"must be in [0, 1), got {m.dropout}", "taming uses 0.")
+  _check_choice(c, "model.dtype", ("float32", "bfloat16"))
+  if not c.loss.perceptual_weight >= 0:
+    _fail("loss.perceptual_weight", f"must be >= 0, got {c.loss.perceptual_weight}",
+          "taming uses 1.0; 0 trains without LPIPS.")
+  if c.loss.perceptual_weight > 0 and not c.lpips_path:
+    _fail("lpips_path", "is empty, but the perceptual loss (loss.perceptual_weight > 0) needs "
+          "the LPIPS VGG16 weights; a random LPIPS would silently ruin the run",
+          "Convert them once with `python -m arcvq_jax.convert.lpips_weights "
+          "--vgg16=vgg16-397923af.pth --out=PATH` and set --config.lpips_path=PATH (or "
+          "--config.loss.perceptual_weight=0 to train without LPIPS).")
+  if not (isinstance(g.disc_start, int) and g.disc_start >= 0):
+    _fail("gan.disc_start", f"must be an integer >= 0, got {g.disc_start!r}",
+          "taming's ImageNet config uses 250001; 0 turns the GAN term on from the start.")
+  if not (isinstance(g.disc_train_start, int) and g.disc_train_start >= -1):
+    _fail("gan.disc_train_start", f"must be an integer >= -1, got {g.disc_train_start!r}",
+          "-1 starts the discriminator's training at gan.disc_start.")
+  if not g.disc_weight >= 0:
+    _fail("gan.disc_weight", f"must be >= 0, got {g.disc_weight}", "taming uses 0.8.")
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int = 1) -> None:
   """Raises ValueError naming the key for any invalid value; call before compiling."""
   q, a, o = c.quantizer, c.arc, c.optimizer
   _check_choice(c, "stage", ("tokenizer",))
-  _check_choice(c, "model.name", ("vqvae",))
-  _check_choice(c, "model.deconv_impl", tuple(CONV_TRANSPOSE_IMPLS))
+  _check_choice(c, "model.name", ("vqvae", "vqgan"))
   _check_choice(c, "quantizer.distance", quantization.DISTANCES)
   _check_choice(c, "quantizer.init", quantization.INITS)
   _check_choice(c, "quantizer.bbnr", quantization.BBNR_MODES)
@@ -152,18 +260,20 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
           "TopK decomposer crashes on the partitioned block loop in jax 0.10)",
           "Use 'auto' (streams on one device, naive on several) or 'naive'.")
 
-  for key in ("model.hidden", "model.res_hidden", "quantizer.num_codes", "quantizer.embed_dim",
-              "batch_size", "eval_batch_size", "log_every_steps", "keep_checkpoints"):
-    value = c
-    for part in key.split("."):
-      value = value[part]
-    if not isinstance(value, int) or value < 1:
-      _fail(key, f"must be a positive integer, got {value!r}", "Set it to 1 or more.")
-  if c.model.num_res_layers < 0:
-    _fail("model.num_res_layers", f"must be >= 0, got {c.model.num_res_layers}", "Set 0 or more.")
-  if c.model.hidden % 2:
-    _fail("model.hidden", f"must be even (the encoder's first conv has hidden/2 channels), "
-          f"got {c.model.hidden}", "Use an even width such as 128.")
+  for key in ("quantizer.num_codes", "quantizer.embed_dim", "batch_size", "eval_batch_size",
+              "log_every_steps", "keep_checkpoints"):
+    _check_positive_int(c, key)
+  if c.model.name == "vqvae":
+    _check_choice(c, "model.deconv_impl", tuple(CONV_TRANSPOSE_IMPLS))
+    for key in ("model.hidden", "model.res_hidden"):
+      _check_positive_int(c, key)
+    if c.model.num_res_layers < 0:
+      _fail("model.num_res_layers", f"must be >= 0, got {c.model.num_res_layers}", "Set 0 or more.")
+    if c.model.hidden % 2:
+      _fail("model.hidden", f"must be even (the encoder's first conv has hidden/2 channels), "
+            f"got {c.model.hidden}", "Use an even width such as 128.")
+  else:
+    _validate_vqgan(c)
   for key in ("image_every_steps", "checkpoint_every_steps", "eval_every_steps"):
     if c[key] < 0:
       _fail(key, f"must be >= 0, got {c[key]}", "Use 0 to turn it off.")
@@ -218,14 +328,30 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
           "The batch is split over an axis named 'data'.")
 
 
+def _patchgan_side(side: int, n_layers: int) -> int:
+  """Side of the PatchGAN's logit map: n_layers 4x4 stride-2 convs, then two stride-1 ones."""
+  for _ in range(n_layers):
+    side = (side + 2 - 4) // 2 + 1
+  return side - 2
+
+
 def validate_against_data(c: ml_collections.ConfigDict, image_shape: tuple[int, int, int]) -> None:
   """Checks that need the data's image shape (H, W, C)."""
-  h, w, _ = image_shape
-  if h % 4 or w % 4:
-    _fail("data", f"images are {h}x{w}, but the VQ-VAE downsamples by 4",
-          "Use images whose sides are multiples of 4 (set config.data.image_size for folders).")
+  h, w, channels = image_shape
+  f = downsample_factor(c)
+  if h % f or w % f:
+    _fail("data", f"images are {h}x{w}, but the {c.model.name} downsamples by {f}",
+          f"Use images whose sides are multiples of {f} (config.data.image_size resizes "
+          "TFDS and folder images).")
+  if c.model.name == "vqgan":
+    if channels not in (1, 3) and c.loss.perceptual_weight > 0:
+      _fail("loss.perceptual_weight", f"LPIPS takes 1- or 3-channel images, these have "
+            f"{channels}", "Set it to 0 for other images.")
+    if _patchgan_side(min(h, w), c.gan.n_layers) < 1:
+      _fail("gan.n_layers", f"{c.gan.n_layers} stride-2 layers leave no PatchGAN output for "
+            f"{h}x{w} images", "Use fewer layers (taming: 3 for 256x256).")
   if c.arc.enabled:
-    tokens = c.batch_size * (h // 4) * (w // 4)
+    tokens = c.batch_size * (h // f) * (w // f)
     if c.arc.top_k > tokens:
       _fail("arc.top_k", f"{c.arc.top_k} is more than the {tokens} latent tokens of a batch",
             "Lower arc.top_k or raise batch_size.")

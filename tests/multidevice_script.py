@@ -13,11 +13,38 @@ import numpy as np
 from arcvq_jax import config as config_lib
 from arcvq_jax import sharding
 from arcvq_jax.models import vqvae
-from arcvq_jax.train import tokenizer
-from arcvq_jax.train.state import make_optimizer
+from arcvq_jax.train import gan_steps, tokenizer
+from arcvq_jax.train.state import make_disc_optimizer, make_optimizer
+
+
+def run_vqgan(devices, steps: int = 3):
+  """The VQGAN's generator and discriminator steps (GAN on from step 0, no LPIPS)."""
+  c = config_lib.vqgan_config()
+  c.model.update(dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
+                      resolution=16, z_channels=8))
+  c.quantizer.num_codes, c.quantizer.embed_dim = 32, 8
+  c.gan.update(dict(disc_start=0, ndf=8, n_layers=1))
+  c.optimizer.update(dict(lr=1e-3, scale_lr=False))
+  c.loss.perceptual_weight = 0.0
+  mesh = sharding.make_mesh((-1,), ("data",), devices=devices)
+  model = tokenizer.build_model(c, channels=3)
+  state, _, steps_fn = gan_steps.create_state_and_steps(
+      c, model, gan_steps.discriminator_from_config(c), make_optimizer(c),
+      make_disc_optimizer(c), mesh, (16, 16, 3), None)
+  rng = np.random.default_rng(0)
+  losses = []
+  for t in range(steps):
+    x = rng.uniform(-1, 1, size=(16, 16, 16, 3)).astype(np.float32)
+    batch = sharding.global_batch({"image": x}, sharding.batch_sharding(mesh))
+    state, m = steps_fn(state, batch, t)
+    losses.append({k: float(v) for k, v in m.items()})
+  flat = [np.asarray(l).ravel() for l in jax.tree.leaves(jax.device_get(state.disc))]
+  return losses, float(np.concatenate(flat).astype(np.float64).sum()), np.asarray(state.params["codebook"]).tolist()
 
 
 def run(devices, variant: str, steps: int = 3):
+  if variant == "vqgan":
+    return run_vqgan(devices, steps)
   streamed = variant.endswith("_streamed")
   c = config_lib.apply_variant(config_lib.vqvae_config(), variant.removesuffix("_streamed"))
   if streamed:  # ArcLoss and the search through blocks, as large codebooks do (the step

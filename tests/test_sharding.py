@@ -20,19 +20,22 @@ def results():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "tests", "multidevice_script.py"), "arcvq", "arcvq_streamed", "ema", "restart"],
+      [sys.executable, os.path.join(ROOT, "tests", "multidevice_script.py"), "arcvq", "arcvq_streamed", "ema", "restart", "vqgan"],
       env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
   line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
   return json.loads(line[len("RESULT"):])
 
 
-@pytest.mark.parametrize("variant", ["arcvq", "arcvq_streamed", "ema", "restart"])
+@pytest.mark.parametrize("variant", ["arcvq", "arcvq_streamed", "ema", "restart", "vqgan"])
 def test_one_and_eight_devices_agree(results, variant):
   one_losses, one_sum, one_cb = results[variant]["one"]
   eight_losses, eight_sum, eight_cb = results[variant]["eight"]
+  keys = ["loss", "loss_rec", "loss_vq", "loss_arc", "batch_usage", "batch_perplexity"]
+  if variant == "vqgan":  # BatchNorm's statistics and the adaptive weight are global too
+    keys += ["loss_g", "d_weight", "d_loss", "logits_real", "logits_fake"]
   for a, b in zip(one_losses, eight_losses):
-    for key in ("loss", "loss_rec", "loss_vq", "loss_arc", "batch_usage", "batch_perplexity"):
+    for key in keys:
       np.testing.assert_allclose(a[key], b[key], rtol=2e-4, atol=1e-6, err_msg=key)
   if variant.startswith("arcvq"):
     assert one_losses[0]["loss_arc"] > 0

@@ -1,17 +1,16 @@
 """The tokenizer loop end to end on real Fashion-MNIST files: resume, NaN stop, bad configs."""
 
-import glob
 import json
 import os
 
 import jax
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from arcvq_jax import checkpoint as ckpt_lib
 from arcvq_jax import config as config_lib
 from arcvq_jax.train import tokenizer
+from log_helpers import read_scalars
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION = "/usr/share/datasets/fashion-mnist"
@@ -32,17 +31,6 @@ def tiny_config(**overrides):
       target = target[p]
     target[leaf] = value
   return c
-
-
-def read_scalars(workdir, tag):
-  """{step: value} of a scalar that clu's writer logged to TensorBoard."""
-  out = {}
-  for path in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for v in event.summary.value:
-        if v.tag == tag:
-          out[event.step] = float(tf.make_ndarray(v.tensor)) if v.HasField("tensor") else v.simple_value
-  return out
 
 
 @pytest.fixture(scope="module")

@@ -334,3 +334,32 @@ def test_from_config_reads_model_and_quantizer():
   assert (model.resolution, model.z_channels, model.num_codes, model.embed_dim) == (64, 8, 32, 4)
   assert model.codebook_init == "uniform" and model.channels == 1
   assert model.dtype == jnp.bfloat16 and model.downsample_factor == 8
+
+
+@pytest.mark.parametrize("name, tokens, attn_level", [("imagenet", 32, 3), ("imagenet_f16", 16, 4)])
+def test_imagenet_configs_build_taming_f8_and_f16(name, tokens, attn_level):
+  """256x256 images -> 32x32 (f8) or 16x16 (f16) tokens of 16 channels and back; attention
+  at resolution 32 / 16 sits in taming's down[attn_level] and up[attn_level] levels."""
+  import importlib
+
+  from arcvq_jax.train import gan_steps, tokenizer
+  c = importlib.import_module(f"configs.{name}").get_config()
+  model = tokenizer.build_model(c, channels=3)
+  x = jax.ShapeDtypeStruct((2, 256, 256, 3), jnp.float32)
+  params = jax.eval_shape(model.init, key(), x)["params"]
+  z = jax.eval_shape(lambda p, x: model.apply({"params": p}, x, method="encode"), params, x)
+  assert z.shape == (2, tokens, tokens, 16) and z.dtype == jnp.float32
+  x_hat = jax.eval_shape(lambda p, z: model.apply({"params": p}, z, method="decode"), params, z)
+  assert x_hat.shape == (2, 256, 256, 3)
+  assert params["codebook"].shape == (1024, 16)
+  assert params["quant_conv"]["kernel"].shape == (1, 1, 16, 16)
+  assert params["post_quant_conv"]["kernel"].shape == (1, 1, 16, 16)
+  levels = len(c.model.ch_mult)
+  for i in range(levels):
+    has_attn = any(k.startswith("attn") for k in params["encoder"][f"down_{i}"])
+    assert has_attn == (i == attn_level), i
+    assert len([k for k in params["decoder"][f"up_{i}"] if k.startswith("block")]) == 3
+  assert "attn_1" in params["encoder"]["mid"] and "attn_1" in params["decoder"]["mid"]
+  disc = gan_steps.discriminator_from_config(c)
+  logits = jax.eval_shape(lambda x: disc.init_with_output(key(), x)[0], x)
+  assert logits.shape == (2, 30, 30, 1)

@@ -12,6 +12,7 @@ import os
 import time
 from typing import Any, Callable, Iterator
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -28,8 +29,10 @@ from arcvq_jax import streaming
 from arcvq_jax.data import pipeline
 from arcvq_jax.evaluation import images as image_lib
 from arcvq_jax.evaluation import metrics
-from arcvq_jax.models import vqvae
-from arcvq_jax.train.state import TrainState, init_train_state, make_optimizer
+from arcvq_jax.losses import lpips as lpips_lib
+from arcvq_jax.models import vqgan, vqvae
+from arcvq_jax.train.state import (TrainState, init_train_state, learning_rate,
+                                   make_disc_optimizer, make_optimizer)
 
 sg = jax.lax.stop_gradient
 Batch = dict[str, jax.Array]
@@ -61,32 +64,31 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def encode_and_quantize(
-    params: Any, x: jax.Array, *, model: vqvae.VQVAE, config: ml_collections.ConfigDict,
+    params: Any, x: jax.Array, *, model: nn.Module, config: ml_collections.ConfigDict,
 ) -> tuple[jax.Array, jax.Array, vq.Quantized]:
   """x (B, H, W, C) -> (z (B, h, w, D), z_flat (N, D) float32, its quantisation).
 
-  The quantiser runs in float32 whatever dtype the network computes in.
+  `model` is a VQVAE or a VQGAN (both have `encode` / `decode`). The quantiser runs in
+  float32 whatever dtype the network computes in.
   """
-  z = model.apply({"params": params}, x, method=vqvae.VQVAE.encode)
+  z = model.apply({"params": params}, x, method="encode")
   z_flat = z.reshape(-1, z.shape[-1]).astype(jnp.float32)
   codebook = params["codebook"].astype(jnp.float32)
   indices = nearest_code(z_flat, codebook, config.quantizer)
   return z, z_flat, vq.quantize_with_indices(z_flat, codebook, indices)
 
 
-def tokenizer_loss(
-    params: Any, x: jax.Array, step: jax.Array, *, model: vqvae.VQVAE,
-    config: ml_collections.ConfigDict, data_variance: float, replicated: Any = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """mse(x_hat, x) / var(x_train) + L_vq + gamma(t) L_arc (SPEC.md section 2).
+def quantizer_losses(
+    z_flat: jax.Array, quant: vq.Quantized, codebook: jax.Array, step: jax.Array, *,
+    config: ml_collections.ConfigDict, replicated: Any = None,
+) -> dict[str, jax.Array]:
+  """L_vq (Eq. 3), L_arc (Eq. 10-12) and gamma(t) (Eq. 13), float32 scalars.
 
-  x: (B, H, W, C) float32 in [-1, 1]; replicated: the mesh's replicated NamedSharding (or
-  None off a mesh). Returns the scalar loss and aux values:
-  the terms, the code indices (N,) and the latents z (N, D) for codebook updates.
+  z_flat: (N, D) float32 latents of the global batch; codebook: (K, D) float32;
+  replicated: the mesh's replicated NamedSharding (or None off a mesh).
+  Returns loss_vq, loss_arc, arc_weight and loss_q = loss_vq + arc_weight * loss_arc.
   """
   q, arc = config.quantizer, config.arc
-  z, z_flat, quant = encode_and_quantize(params, x, model=model, config=config)
-  codebook = params["codebook"].astype(jnp.float32)
   loss_vq = vq.vq_loss(z_flat, quant.z_q, q.beta, legacy=q.legacy_beta,
                        codebook_term=q.codebook_update == "loss")
   if arc.enabled:
@@ -100,38 +102,55 @@ def tokenizer_loss(
     arc_w = vq.arc_weight(step, arc.gamma0, arc.decay)
   else:
     loss_arc = arc_w = jnp.zeros((), jnp.float32)
+  return dict(loss_vq=loss_vq, loss_arc=loss_arc, arc_weight=arc_w,
+              loss_q=loss_vq + arc_w * loss_arc)
+
+
+def tokenizer_loss(
+    params: Any, x: jax.Array, step: jax.Array, *, model: nn.Module,
+    config: ml_collections.ConfigDict, data_variance: float, replicated: Any = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """mse(x_hat, x) / var(x_train) + L_vq + gamma(t) L_arc (SPEC.md section 2).
+
+  x: (B, H, W, C) float32 in [-1, 1]; replicated: the mesh's replicated NamedSharding (or
+  None off a mesh). Returns the scalar loss and aux values:
+  the terms, the code indices (N,) and the latents z (N, D) for codebook updates.
+  """
+  z, z_flat, quant = encode_and_quantize(params, x, model=model, config=config)
+  terms = quantizer_losses(z_flat, quant, params["codebook"].astype(jnp.float32), step,
+                           config=config, replicated=replicated)
   x_hat = model.apply({"params": params}, quant.z_ste.reshape(z.shape).astype(z.dtype),
-                      method=vqvae.VQVAE.decode)
+                      method="decode")
   loss_rec = jnp.mean((x_hat.astype(jnp.float32) - x) ** 2) / data_variance
-  loss = loss_rec + loss_vq + arc_w * loss_arc
-  aux = dict(loss=loss, loss_rec=loss_rec, loss_vq=loss_vq, loss_arc=loss_arc, arc_weight=arc_w,
-             indices=quant.indices, z=z_flat)
+  loss = loss_rec + terms.pop("loss_q")
+  aux = dict(loss=loss, loss_rec=loss_rec, **terms, indices=quant.indices, z=z_flat)
   return loss, aux
 
 
-def train_step(
-    state: TrainState, batch: Batch, *, model: vqvae.VQVAE, tx: optax.GradientTransformation,
-    config: ml_collections.ConfigDict, data_variance: float, replicated: Any = None,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step. batch['image']: (B, H, W, C) in [-1, 1], sharded along 'data'.
+def project_codebook(state: TrainState, q: ml_collections.ConfigDict) -> tuple[Any, jax.Array]:
+  """BBNR (Eq. 5-7): the params with the codebook projected into the ball of radius M(t).
 
-  replicated: the mesh's replicated NamedSharding, for the parts computed whole per device.
+  The projection happens before the codebook is used at step t; the projected rows are what
+  the optimizer then updates and stores. Returns (params, M(t)).
   """
-  q = config.quantizer
-  rng, restart_key = jax.random.split(state.rng)
-
-  # BBNR (Eq. 5-7): project the stored codebook into the ball of radius M(t) before it
-  # is used at step t; the projected rows are what the optimizer then updates and stores.
   radius = vq.bbnr_radius(state.step, q.bbnr_alpha, q.bbnr)
   params = dict(state.params)
   if q.bbnr != "off":
     params["codebook"] = vq.bbnr_project(params["codebook"], radius)
+  return params, radius
 
-  grad_fn = jax.value_and_grad(
-      functools.partial(tokenizer_loss, model=model, config=config, data_variance=data_variance,
-                        replicated=replicated),
-      has_aux=True)
-  (_, aux), grads = grad_fn(params, batch["image"], state.step)
+
+def apply_tokenizer_update(
+    state: TrainState, params: Any, grads: Any, aux: dict[str, jax.Array], radius: jax.Array, *,
+    tx: optax.GradientTransformation, q: ml_collections.ConfigDict,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """The optimizer update, then the codebook's own updates (EMA, usage, dead-code restart).
+
+  params: the (BBNR-projected) params the gradients were taken at; aux: the loss terms plus
+  'indices' (N,) and 'z' (N, D) of the global batch. Returns the next state and the step's
+  metrics (aux's scalars plus codebook statistics).
+  """
+  rng, restart_key = jax.random.split(state.rng)
   updates, opt_state = tx.update(grads, state.opt_state, params)
   params = optax.apply_updates(params, updates)
 
@@ -148,9 +167,8 @@ def train_step(
     num_restarted = jnp.sum(dead).astype(jnp.int32)
 
   norms = jnp.linalg.norm(params["codebook"], axis=-1)
-  out = dict(
-      loss=aux["loss"], loss_rec=aux["loss_rec"], loss_vq=aux["loss_vq"],
-      loss_arc=aux["loss_arc"], arc_weight=aux["arc_weight"],
+  out = {k: v for k, v in aux.items() if k not in ("indices", "z")}
+  out.update(
       codebook_norm_mean=jnp.mean(norms), codebook_norm_max=jnp.max(norms),
       batch_usage=metrics.codebook_usage(counts), batch_perplexity=metrics.perplexity(counts),
       grad_norm=optax.tree.norm(grads), codes_restarted=num_restarted,
@@ -162,47 +180,69 @@ def train_step(
   return new_state, out
 
 
-def reconstruct(params: Any, x: jax.Array, *, model: vqvae.VQVAE,
+def train_step(
+    state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.GradientTransformation,
+    config: ml_collections.ConfigDict, data_variance: float, replicated: Any = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step. batch['image']: (B, H, W, C) in [-1, 1], sharded along 'data'.
+
+  replicated: the mesh's replicated NamedSharding, for the parts computed whole per device.
+  """
+  params, radius = project_codebook(state, config.quantizer)
+  grad_fn = jax.value_and_grad(
+      functools.partial(tokenizer_loss, model=model, config=config, data_variance=data_variance,
+                        replicated=replicated),
+      has_aux=True)
+  (_, aux), grads = grad_fn(params, batch["image"], state.step)
+  return apply_tokenizer_update(state, params, grads, aux, radius, tx=tx, q=config.quantizer)
+
+
+def reconstruct(params: Any, x: jax.Array, *, model: nn.Module,
                 config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
   """Encode, quantise, decode: x (B, H, W, C) -> (x_hat (B, H, W, C), indices (B, h, w))."""
   z, _, quant = encode_and_quantize(params, x, model=model, config=config)
   z_q = quant.z_q.reshape(z.shape).astype(z.dtype)
-  x_hat = model.apply({"params": params}, z_q, method=vqvae.VQVAE.decode)
+  x_hat = model.apply({"params": params}, z_q, method="decode")
   return x_hat.astype(jnp.float32), quant.indices.reshape(z.shape[:-1])
 
 
-def eval_step(params: Any, batch: Batch, *, model: vqvae.VQVAE,
+def eval_step(params: Any, batch: Batch, lpips_params: Any = None, *, model: nn.Module,
               config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
   """Sums over the real (mask == 1) images of a batch; the caller adds them up.
 
-  MSE is on [0, 1] images; PSNR and SSIM follow SPEC.md section 5.
+  MSE is on [0, 1] images; PSNR, SSIM and (with lpips_params) LPIPS follow SPEC.md section 5.
   """
   x, mask = batch["image"], batch["mask"].astype(jnp.float32)
   x_hat, indices = reconstruct(params, x, model=model, config=config)
   x01, y01 = metrics.to_unit_range(x), metrics.to_unit_range(x_hat)
   mse = jnp.mean((x01 - y01) ** 2, axis=(1, 2, 3))
-  return dict(
+  out = dict(
       count=jnp.sum(mask),
       mse=jnp.sum(mask * mse),
       psnr=jnp.sum(mask * metrics.psnr(x01, y01)),
       ssim=jnp.sum(mask * metrics.ssim(x01, y01)),
       code_counts=metrics.code_counts(indices, config.quantizer.num_codes, mask),
   )
+  if lpips_params is not None:
+    out["lpips"] = jnp.sum(mask * lpips_lib.lpips_distance(lpips_params, x, x_hat))
+  return out
 
 
 def evaluate(eval_fn: Callable, params: Any, batches: Iterator[dict[str, np.ndarray]],
-             batch_sharding) -> dict[str, float]:
-  """Runs `eval_fn` over all batches; returns MSE, PSNR, SSIM, codebook usage, perplexity."""
+             batch_sharding, lpips_params: Any = None) -> dict[str, float]:
+  """Runs `eval_fn` over all batches; returns MSE, PSNR, SSIM, codebook usage, perplexity
+  (and LPIPS with lpips_params)."""
   totals: dict[str, np.ndarray] = {}
   for local in batches:
-    out = jax.device_get(eval_fn(params, sharding.global_batch(local, batch_sharding)))
+    out = jax.device_get(
+        eval_fn(params, sharding.global_batch(local, batch_sharding), lpips_params))
     for k, v in out.items():
       totals[k] = totals.get(k, 0) + np.asarray(v, np.float64)
   if not totals or totals["count"] == 0:
     raise ValueError("the evaluation split is empty; check config.data.eval_split.")
   n = float(totals["count"])
   counts = totals["code_counts"]
-  return dict(
+  results = dict(
       num_images=int(n),
       mse=float(totals["mse"] / n),
       psnr=float(totals["psnr"] / n),
@@ -210,6 +250,9 @@ def evaluate(eval_fn: Callable, params: Any, batches: Iterator[dict[str, np.ndar
       codebook_usage=float(metrics.codebook_usage(counts)),
       perplexity=float(metrics.perplexity(counts)),
   )
+  if "lpips" in totals:
+    results["lpips"] = float(totals["lpips"] / n)
+  return results
 
 
 # --------------------------------------------------------------------------- the loop
@@ -222,8 +265,10 @@ def num_train_steps(config: ml_collections.ConfigDict, num_train_images: int) ->
 
 
 def _mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
+  """Per key, the mean over the steps that logged it (GAN terms start part-way)."""
   stacked = jax.device_get(history)
-  return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+  keys = dict.fromkeys(k for m in stacked for k in m)
+  return {k: float(np.mean([m[k] for m in stacked if k in m])) for k in keys}
 
 
 def _check_finite(history: list[dict[str, jax.Array]], first_step: int, checkpointer) -> None:
@@ -239,7 +284,7 @@ def _check_finite(history: list[dict[str, jax.Array]], first_step: int, checkpoi
 
 
 def create_state_and_step(
-    config: ml_collections.ConfigDict, model: vqvae.VQVAE, tx: optax.GradientTransformation,
+    config: ml_collections.ConfigDict, model: nn.Module, tx: optax.GradientTransformation,
     mesh: jax.sharding.Mesh, image_shape: tuple[int, int, int], data_variance: float,
 ) -> tuple[TrainState, Any, Callable]:
   """A fresh state laid out by its shardings, the shardings, and the jitted train step.
@@ -261,12 +306,37 @@ def create_state_and_step(
   return state, state_sharding, step_fn
 
 
+def build_model(config: ml_collections.ConfigDict, channels: int) -> nn.Module:
+  """The autoencoder config.model.name names ('vqvae' or 'vqgan'), for `channels` channels."""
+  if config.model.name == "vqgan":
+    return vqgan.from_config(config, channels=channels)
+  return vqvae.from_config(config, channels=channels)
+
+
+def load_lpips(config: ml_collections.ConfigDict) -> Any:
+  """The LPIPS weights of config.lpips_path, or None where it is empty.
+
+  A VQGAN with loss.perceptual_weight > 0 needs them (config.validate refuses an empty
+  path); a missing or damaged file stops the run here, before anything is compiled, with
+  the converter command in the message.
+  """
+  if not config.get("lpips_path"):
+    return None
+  return lpips_lib.load_params(os.path.expanduser(config.lpips_path))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) in `workdir`, then evaluates; returns the final eval metrics."""
+  """Trains (or resumes) in `workdir`, then evaluates; returns the final eval metrics.
+
+  A VQ-VAE (config.model.name 'vqvae') takes one jitted step per batch; a VQGAN ('vqgan')
+  takes the generator step and, from gan.disc_train_start on, the discriminator step
+  (train/gan_steps.py). Both resume exactly from their checkpoints.
+  """
   config_lib.validate(config, jax.device_count(), jax.process_count())
   info = pipeline.dataset_info(config.data)
   image_shape = tuple(info["image_shape"])
   config_lib.validate_against_data(config, image_shape)
+  lpips_params = load_lpips(config)
   total_steps = num_train_steps(config, info["num_train"])
   is_main = jax.process_index() == 0
   if is_main:
@@ -275,13 +345,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       f.write(config.to_json_best_effort(indent=2))
 
   mesh = sharding.make_mesh(config.sharding.mesh_shape, config.sharding.mesh_axes)
-  batch_sharding = sharding.batch_sharding(mesh)
-  model = vqvae.from_config(config, channels=image_shape[-1])
+  batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  if lpips_params is not None:
+    lpips_params = jax.device_put(lpips_params, replicated)
+  model = build_model(config, channels=image_shape[-1])
   tx = make_optimizer(config)
+  logging.info("Training images: %d, steps: %d, learning rate %.3g", info["num_train"],
+               total_steps, learning_rate(config))
 
-  data_variance = pipeline.train_image_variance(config.data)
-  state, state_sharding, step_fn = create_state_and_step(
-      config, model, tx, mesh, image_shape, data_variance)
+  if config.model.name == "vqgan":
+    # Imported here: gan_steps builds on this module's step pieces.
+    from arcvq_jax.train import gan_steps  # noqa: PLC0415
+    disc_model = gan_steps.discriminator_from_config(config)
+    state, state_sharding, step_fn = gan_steps.create_state_and_steps(
+        config, model, disc_model, tx, make_disc_optimizer(config), mesh, image_shape,
+        lpips_params)
+  else:
+    data_variance = pipeline.train_image_variance(config.data)
+    logging.info("Training image variance in [-1, 1]: %.5f", data_variance)
+    state, state_sharding, vqvae_step = create_state_and_step(
+        config, model, tx, mesh, image_shape, data_variance)
+    step_fn = lambda state, batch, t: vqvae_step(state, batch)  # noqa: E731
 
   train_iter = pipeline.create_train_iterator(
       config.data, global_batch_size=config.batch_size, seed=config.seed,
@@ -293,11 +377,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = checkpointer.restore(start, ckpt_lib.abstract_like(state), train_iter)
   start = int(jax.device_get(state.step))
 
-  logging.info("Training images: %d, variance in [-1, 1]: %.5f, steps: %d",
-               info["num_train"], data_variance, total_steps)
   eval_fn = jax.jit(functools.partial(eval_step, model=model, config=config),
-                    in_shardings=(state_sharding.params, batch_sharding),
-                    out_shardings=sharding.replicated(mesh))
+                    in_shardings=(state_sharding.params, batch_sharding, replicated),
+                    out_shardings=replicated)
   recon_fn = jax.jit(functools.partial(reconstruct, model=model, config=config))
 
   def eval_batches():
@@ -311,7 +393,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   preview = next(iter(eval_batches()))["image"][:8]
 
   def run_eval(step: int) -> dict[str, float]:
-    results = evaluate(eval_fn, state.params, eval_batches(), batch_sharding)
+    results = evaluate(eval_fn, state.params, eval_batches(), batch_sharding, lpips_params)
     writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
     if is_main:
       os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
@@ -326,7 +408,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   for step in range(start + 1, total_steps + 1):
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
       batch = sharding.global_batch(next(train_iter), batch_sharding)
-      state, step_metrics = step_fn(state, batch)
+      state, step_metrics = step_fn(state, batch, step - 1)
     history.append(step_metrics)
     report_progress(step, time.time())
 

@@ -1,0 +1,14 @@
+"""ArcVQ-VAE's VQGAN tokenizer on ImageNet 256x256, f16 (16x16 tokens), paper Table 2.
+
+As configs/imagenet.py, with taming's f16 network: ch_mult (1, 1, 2, 2, 4), attention at
+resolution 16 (and in the middle block).
+"""
+
+from arcvq_jax import config as config_lib
+
+
+def get_config(variant: str = "arcvq"):
+  c = config_lib.vqgan_config()
+  c.model.ch_mult = (1, 1, 2, 2, 4)
+  c.model.attn_resolutions = (16,)
+  return config_lib.apply_variant(c, variant)

@@ -1,0 +1,28 @@
+"""A tiny VQGAN on Fashion-MNIST IDX files that runs the whole GAN stage on CPU in seconds.
+
+taming's blocks at width 32, f4 (28x28 -> 7x7 tokens), a 2-layer PatchGAN switched on from
+step 0 (disc_start = 0), L1 + LPIPS (grey images repeated to RGB), the full ArcVQ quantiser.
+Set --config.lpips_path to converted LPIPS weights (or loss.perceptual_weight=0).
+"""
+
+from arcvq_jax import config as config_lib
+
+
+def get_config(variant: str = "arcvq"):
+  c = config_lib.vqgan_config()
+  c.model.update(dict(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, attn_resolutions=(7,),
+                      resolution=28, z_channels=8))
+  c.quantizer.num_codes, c.quantizer.embed_dim = 64, 8
+  c.gan.update(dict(disc_start=0, ndf=16, n_layers=2))
+  c.optimizer.update(dict(lr=1e-4, scale_lr=False))
+  c.data.update(dict(source="idx", path="/usr/share/datasets/fashion-mnist", name="",
+                     train_split="train", eval_split="test", random_crop=False,
+                     random_flip=False))
+  c.data.image_size = None
+  c.batch_size = 8
+  c.eval_batch_size = 500
+  c.num_train_steps = 4
+  c.log_every_steps = 1
+  c.image_every_steps = 2
+  c.checkpoint_every_steps = 2
+  return config_lib.apply_variant(c, variant)

@@ -1,0 +1,30 @@
+"""Reads back what a run logged: TensorBoard scalars written by clu's writer."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import tensorflow as tf
+
+
+def read_all_scalars(workdir: str) -> dict[str, dict[int, float]]:
+  """{tag: {step: value}} of every scalar in the workdir's TensorBoard event files."""
+  out: dict[str, dict[int, float]] = {}
+  for path in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for v in event.summary.value:
+        if v.HasField("tensor"):
+          array = tf.make_ndarray(v.tensor)
+          if array.ndim:  # images
+            continue
+          value = float(array)
+        else:
+          value = v.simple_value
+        out.setdefault(v.tag, {})[event.step] = value
+  return out
+
+
+def read_scalars(workdir: str, tag: str) -> dict[int, float]:
+  """{step: value} of one scalar tag."""
+  return read_all_scalars(workdir).get(tag, {})
