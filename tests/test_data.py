@@ -378,6 +378,23 @@ def test_image_folder_source(photo_folder):
   assert set(batch['label'].tolist()) <= {0, 1, 2}
 
 
+def test_image_folder_crop_fractions(photo_folder):
+  root, _ = photo_folder
+  source = folder_lib.ImageFolderSource(root, 'train', 64)
+  index = [os.path.basename(p) for p in source.paths].index('rocket.jpg')  # 427 x 640
+  with Image.open(source.paths[index]) as pil:
+    # Shorter side 427 -> 64, longer 640 * 64 / 427 = 95.9 -> 96 (written out here).
+    resized = np.asarray(pil.convert('RGB').resize((96, 64), Image.Resampling.BICUBIC))
+  images, _ = source.read([index] * 4, crop_fractions=np.array(
+      [[0.0, 0.0], [0.99, 0.99], [0.5, 0.25], [0.3, 0.999999]]))
+  np.testing.assert_array_equal(images[0], resized[:, :64])
+  np.testing.assert_array_equal(images[1], resized[:, 32:])  # Slack 32: offset floor(.99 * 33).
+  np.testing.assert_array_equal(images[2], resized[:, 8:72])  # floor(.25 * 33) = 8.
+  np.testing.assert_array_equal(images[3], resized[:, 32:])
+  centre, _ = source.read([index])
+  np.testing.assert_array_equal(centre[0], resized[:, 16:80])
+
+
 def test_image_folder_native_size_and_flat(tmp_path):
   pixels = np.random.default_rng(0).integers(0, 256, (3, 20, 30, 3), dtype=np.uint8)
   for i, p in enumerate(pixels):

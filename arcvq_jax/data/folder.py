@@ -15,11 +15,14 @@ than silently mixing the splits.
 
 Every image is decoded with PIL and converted to RGB (so grayscale and RGBA
 files mix), then, when `image_size` is set, resized so that its shorter side is
-`image_size` (bicubic, antialiased) and centre-cropped to a square.
+`image_size` (bicubic, antialiased) and cropped to a square: centrally, or at
+the offsets the train pipeline draws for random crops (`crop_square`). The
+TFDS source decodes and resizes its images with the same functions.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 
@@ -32,6 +35,77 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.
 _SPLIT_NAMES = ('train', 'test', 'val', 'validation')
 
 
+def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+  """Resizes a PIL image so that its shorter side is `size` (bicubic).
+
+  Pillow's resize filters widen their support when downscaling, so big photos
+  are antialiased rather than aliased.
+
+  Args:
+    image: a PIL image (W, H).
+    size: the shorter side of the result.
+
+  Returns:
+    A PIL image whose shorter side is `size`; the input when it already is.
+  """
+  w, h = image.size
+  short = min(w, h)
+  if short == size:
+    return image
+  # The longer side scales by size / short, rounded half up in exact integer
+  # arithmetic (no float ties); the shorter side is exactly `size`.
+  new_w, new_h = ((w * size + short // 2) // short, (h * size + short // 2) // short)
+  return image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+
+
+def crop_square(image: np.ndarray, size: int,
+                fraction: tuple[float, float] | np.ndarray | None = None) -> np.ndarray:
+  """Crops a (size, size) window: central, or at a given relative offset.
+
+  Args:
+    image: (H, W, C) with H, W >= size.
+    size: output side length.
+    fraction: None for the central window, else (f_top, f_left) in [0, 1):
+      the offset along each axis is floor(f * (slack + 1)), slack = H - size
+      (or W - size), so uniform fractions give uniform offsets.
+
+  Returns:
+    (size, size, C), a view of `image`.
+  """
+  h, w = image.shape[:2]
+  if fraction is None:
+    top, left = (h - size) // 2, (w - size) // 2
+  else:
+    # min() guards f == 1.0 from rounding in callers.
+    top = min(int(fraction[0] * (h - size + 1)), h - size)
+    left = min(int(fraction[1] * (w - size + 1)), w - size)
+  return image[top:top + size, left:left + size]
+
+
+def _to_array(image: Image.Image) -> np.ndarray:
+  """PIL image -> (H, W, C) uint8 (C = 1 for mode 'L')."""
+  out = np.asarray(image)
+  return out[..., None] if out.ndim == 2 else out
+
+
+def resize_and_crop(image: np.ndarray, size: int,
+                    fraction: tuple[float, float] | np.ndarray | None = None) -> np.ndarray:
+  """Resizes the shorter side to `size`, then crops a square (see `crop_square`).
+
+  Args:
+    image: (H, W, C) uint8, C in {1, 3}.
+    size: output side length.
+    fraction: None for the central square, else (f_top, f_left) in [0, 1).
+
+  Returns:
+    (size, size, C) uint8.
+  """
+  if image.shape[:2] != (size, size):
+    pil = Image.fromarray(image[..., 0] if image.shape[2] == 1 else image)
+    image = _to_array(resize_shorter_side(pil, size))
+  return crop_square(image, size, fraction)
+
+
 def resize_and_center_crop(image: np.ndarray, size: int) -> np.ndarray:
   """Resizes the shorter side to `size`, then crops the central square.
 
@@ -42,21 +116,43 @@ def resize_and_center_crop(image: np.ndarray, size: int) -> np.ndarray:
   Returns:
     (size, size, C) uint8.
   """
-  h, w = image.shape[:2]
-  if (h, w) == (size, size):
-    return image
-  scale = size / min(h, w)
-  # round() keeps the shorter side exactly `size`; max() guards extreme ratios.
-  new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-  squeeze = image.shape[2] == 1
-  pil = Image.fromarray(image[..., 0] if squeeze else image)
-  # Pillow's resize filters widen their support when downscaling (antialias).
-  pil = pil.resize((new_w, new_h), Image.Resampling.BICUBIC)
-  out = np.asarray(pil)
-  if squeeze:
-    out = out[..., None]
-  top, left = (new_h - size) // 2, (new_w - size) // 2
-  return out[top:top + size, left:left + size]
+  return resize_and_crop(image, size)
+
+
+def decode_image(file: str | io.BytesIO, image_size: int | None, *, channels: int = 3,
+                 fraction: tuple[float, float] | np.ndarray | None = None,
+                 name: str | None = None) -> np.ndarray:
+  """Decodes one image file with PIL, resized and cropped when asked.
+
+  Every image is converted to RGB (or L for channels=1) first, so grayscale,
+  CMYK, palette and RGBA files mix.
+
+  Args:
+    file: a path, or a file object over the encoded bytes.
+    image_size: output side, or None to keep the stored size.
+    channels: 3 (RGB) or 1 (grayscale).
+    fraction: where to crop after resizing (see `crop_square`); None = centre.
+    name: what to call the image in errors (default: `file`).
+
+  Returns:
+    (H, W, channels) uint8; (image_size, image_size, channels) when
+    image_size is set.
+  """
+  try:
+    with Image.open(file) as pil:
+      pil = pil.convert('L' if channels == 1 else 'RGB')
+      if image_size is not None:
+        # Resizing the PIL image directly saves a copy to numpy and back.
+        pil = resize_shorter_side(pil, image_size)
+      image = _to_array(pil)
+  except (OSError, ValueError, Image.DecompressionBombError) as e:
+    raise DataError(
+        f'Image file {name or file!r} could not be decoded ({type(e).__name__}: {e}). '
+        'Delete or replace the file.'
+    ) from e
+  if image_size is not None:
+    image = crop_square(image, image_size, fraction)
+  return image
 
 
 def _split_root(root: str, split: str) -> str:
@@ -144,27 +240,19 @@ def list_image_folder(root: str, split: str) -> tuple[list[str], np.ndarray, lis
   return paths, np.asarray(labels, np.int64), classes
 
 
-def load_image(path: str, image_size: int | None) -> np.ndarray:
-  """Decodes one image to RGB, resized and centre-cropped when asked.
+def load_image(path: str, image_size: int | None,
+               fraction: tuple[float, float] | np.ndarray | None = None) -> np.ndarray:
+  """Decodes one image file to RGB, resized and cropped when asked.
 
   Args:
     path: an image file.
     image_size: output side, or None to keep the stored size.
+    fraction: where to crop after resizing (see `crop_square`); None = centre.
 
   Returns:
     (H, W, 3) uint8; (image_size, image_size, 3) when image_size is set.
   """
-  try:
-    with Image.open(path) as pil:
-      image = np.asarray(pil.convert('RGB'))
-  except (OSError, ValueError, Image.DecompressionBombError) as e:
-    raise DataError(
-        f'Image file {path!r} could not be decoded ({type(e).__name__}: {e}). '
-        'Delete or replace the file.'
-    ) from e
-  if image_size is not None:
-    image = resize_and_center_crop(image, image_size)
-  return image
+  return decode_image(path, image_size, fraction=fraction)
 
 
 class ImageFolderSource:
@@ -178,6 +266,8 @@ class ImageFolderSource:
   def __init__(self, root: str, split: str, image_size: int | None):
     self.paths, self.labels, self.class_names = list_image_folder(root, split)
     self.image_size = image_size
+    # With image_size set every image is resized, so random crops are possible.
+    self.resizes = image_size is not None
     if image_size is None:
       h, w, c = load_image(self.paths[0], None).shape
       self.image_shape = (h, w, c)
@@ -187,8 +277,8 @@ class ImageFolderSource:
   def __len__(self) -> int:
     return len(self.paths)
 
-  def _load(self, index: int) -> np.ndarray:
-    image = load_image(self.paths[index], self.image_size)
+  def _load(self, index: int, fraction: np.ndarray | None = None) -> np.ndarray:
+    image = load_image(self.paths[index], self.image_size, fraction)
     if image.shape != self.image_shape:
       raise DataError(
           f'Image file {self.paths[index]!r} is {image.shape}, but the first '
@@ -201,9 +291,17 @@ class ImageFolderSource:
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     return {'image': self._load(index), 'label': self.labels[index]}
 
-  def read(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Returns images (B, H, W, 3) uint8 and labels (B,) int64."""
+  def read(self, indices: Sequence[int],
+           crop_fractions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Returns images (B, H, W, 3) uint8 and labels (B,) int64.
+
+    Args:
+      indices: (B,) image indices.
+      crop_fractions: None for centre crops, else (B, 2) in [0, 1): where each
+        image's square is cropped after resizing (see `crop_square`).
+    """
     images = np.empty((len(indices), *self.image_shape), np.uint8)
     for row, index in enumerate(indices):
-      images[row] = self._load(int(index))
+      fraction = None if crop_fractions is None else crop_fractions[row]
+      images[row] = self._load(int(index), fraction)
     return images, self.labels[np.asarray(indices, np.int64)]

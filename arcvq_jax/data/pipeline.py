@@ -13,17 +13,28 @@ config.data.image_size:
   'idx', and 'tfds' datasets with a fixed image shape (mnist, cifar10, ...):
       None keeps the native size; any other value must equal it (no resizing).
   'tfds' datasets with variable image sizes (imagenet2012, ...) and 'folder':
-      resize the shorter side to image_size and centre-crop; None is only
-      allowed when all images already share one size.
+      resize the shorter side to image_size (PIL bicubic, antialiased) and
+      crop a square; None is only allowed when all images already share one
+      size.
+
+Train augmentation (train split only; evaluation always centre-crops):
+  config.data.random_crop  crop at a random position instead of the centre
+                           (needs resized images: the line above); taming's
+                           SmallestMaxSize + RandomCrop.
+  config.data.random_flip  flip horizontally with probability 1/2 (any source).
+Both are drawn per global batch from (config.seed, step) (`_TrainAugment`), so
+they do not depend on threads, workers or the number of processes, and a
+restored iterator repeats them.
 
 Batches are dicts of numpy arrays: 'image' (B, H, W, C) float32 in [-1, 1]
 (x / 127.5 - 1), 'label' (B,) int32, and for evaluation 'mask' (B,) bool.
 
 The train pipeline is a grain MapDataset over *step numbers*: step -> this
-process's example indices (`_TrainIndices`, a numpy permutation per epoch) ->
-one batched read (`_ReadBatch`: a vectorised gather for in-memory data, one
-`__getitems__` for ArrayRecord). grain adds prefetch threads, optional worker
-processes and checkpointable state. Pushing 1024 single examples per batch
+process's example indices (`_TrainIndices`, a numpy permutation per epoch) and
+augmentation (`_TrainAugment`) -> one batched read (`_ReadTrainBatch`: a
+vectorised gather for in-memory data, one `__getitems__` for ArrayRecord).
+grain adds prefetch threads, optional worker processes and checkpointable
+state. Pushing 1024 single examples per batch
 through grain's per-element `shuffle`/`slice`/`batch` layers instead measured
 ~20 ms per batch in Python, against ~2 ms this way; the CPU training step at
 batch 1024 is ~100 ms.
@@ -31,6 +42,7 @@ batch 1024 is ~100 ms.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
@@ -56,18 +68,30 @@ _PREFETCH_BATCHES = 4
 # Threads reading batches: decoding (PIL, ArrayRecord, protobuf) releases the
 # GIL often enough to overlap; an in-memory gather needs little help.
 _READ_THREADS = {'idx': 2, 'folder': 8, 'tfds': 4}
+# Entropy word that keeps the augmentation draws, default_rng([seed,
+# _AUGMENT_STREAM, step]), apart from the epoch permutations, default_rng([seed,
+# epoch]).
+_AUGMENT_STREAM = 1
 
 
 class _Source(Protocol):
   """Random access to one split: len() images, read(indices) -> a batch."""
 
   image_shape: tuple[int, int, int]
+  # True when every image is resized to a shorter side of image_shape[0] and
+  # then cropped, so that the crop position is a choice (random_crop).
+  resizes: bool
 
   def __len__(self) -> int:
     ...
 
-  def read(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Returns images (B, H, W, C) uint8 and labels (B,) integers."""
+  def read(self, indices: Sequence[int],
+           crop_fractions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Returns images (B, H, W, C) uint8 and labels (B,) integers.
+
+    crop_fractions: None for centre crops, else (B, 2) in [0, 1), where each
+    resized image is cropped (`folder.crop_square`); only when `resizes`.
+    """
     ...
 
 
@@ -82,36 +106,73 @@ class _ArraySource:
     self.images = images
     self.labels = labels
     self.image_shape = tuple(images.shape[1:])
+    self.resizes = False
 
   def __len__(self) -> int:
     return len(self.images)
 
-  def read(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+  def read(self, indices: Sequence[int],
+           crop_fractions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    del crop_fractions  # Native size: nothing to crop (create_train_iterator checks).
     indices = np.asarray(indices, np.int64)
     return self.images[indices], self.labels[indices]
 
 
 class _TfdsSource:
-  """A TFDS ArrayRecord split; decodes 'image' and 'label' of each record."""
+  """A TFDS ArrayRecord split; decodes 'image' and 'label' of each record.
+
+  Images that get resized (variable-size datasets such as imagenet2012) are
+  read as their encoded bytes and decoded, resized and cropped by
+  `folder.decode_image`, exactly like image folders: TFDS's own numpy decoding
+  uses OpenCV where it is installed and PIL otherwise, so the pixels would
+  depend on the environment, and a PIL image resizes without a numpy copy.
+  Measured on 333-500 px JPEGs (2-core CPU): ~1 ms per image either way, plus
+  ~2 ms for the resize to 256.
+  """
 
   def __init__(self, builder: Any, split: str, image_size: int | None):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     self.name = builder.info.name
-    self.data_source = builder.as_data_source(split=split, file_format='array_record')
+    self.split = split
     self.image_shape, self.resize_to = _tfds_image_shape(builder, image_size)
-    self.has_label = 'label' in builder.info.features
+    self.resizes = self.resize_to is not None
+    features = builder.info.features
+    self.decode_bytes = (
+        self.resizes and isinstance(features['image'], tfds.features.Image)
+        and self.image_shape[2] in (1, 3))
+    decoders = {'image': tfds.decode.SkipDecoding()} if self.decode_bytes else None
+    self.data_source = builder.as_data_source(
+        split=split, file_format='array_record', decoders=decoders)
+    self.has_label = 'label' in features
+    self.has_file_name = 'file_name' in features
 
   def __len__(self) -> int:
     return len(self.data_source)
 
-  def read(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    records = self.data_source.__getitems__([int(i) for i in indices])
+  def _describe(self, index: int, record: dict[str, Any]) -> str:
+    """Names a record in errors: split, index and file name (ImageNet has one)."""
+    name = record.get('file_name') if self.has_file_name else None
+    if isinstance(name, bytes):
+      name = name.decode('utf-8', 'replace')
+    return f'{self.name} {self.split}[{index}]' + (f' ({name})' if name else '')
+
+  def read(self, indices: Sequence[int],
+           crop_fractions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    indices = [int(i) for i in indices]
+    records = self.data_source.__getitems__(indices)
     images = np.empty((len(records), *self.image_shape), np.uint8)
     for row, record in enumerate(records):
+      fraction = None if crop_fractions is None else crop_fractions[row]
+      if self.decode_bytes:
+        images[row] = folder_lib.decode_image(
+            io.BytesIO(record['image']), self.resize_to, channels=self.image_shape[2],
+            fraction=fraction, name=self._describe(indices[row], record))
+        continue
       image = np.asarray(record['image'])
       if image.ndim == 2:
         image = image[..., None]
       if self.resize_to is not None:
-        image = folder_lib.resize_and_center_crop(image, self.resize_to)
+        image = folder_lib.resize_and_crop(image, self.resize_to, fraction)
       images[row] = image
     if self.has_label:
       labels = np.asarray([r['label'] for r in records], np.int64)
@@ -164,6 +225,9 @@ def _tfds_builder(data_cfg: Any) -> Any:
         "'fashion_mnist', 'cifar10', 'imagenet2012' or 'idx_images')."
     )
   build_cmd = f'tfds build {name} --data_dir={data_dir or "DIR"} --file_format=array_record'
+  # The tfds command line of TFDS 4.9.x imports apache_beam even to build or
+  # convert without Beam.
+  cli_note = '(the tfds command needs `pip install apache-beam`)'
   if name == 'idx_images':
     # Registers the builder with TFDS.
     from arcvq_jax.data import idx_tfds  # pylint: disable=g-import-not-at-top
@@ -187,9 +251,8 @@ def _tfds_builder(data_cfg: Any) -> Any:
     else:
       raise DataError(
           f'TFDS dataset {name!r} is not prepared in {builder.data_dir}. '
-          f'Prepare it once with: {build_cmd}  (datasets that need a '
-          'manual download, e.g. imagenet2012, also take --manual_dir=DIR), or '
-          'set config.data.data_dir to where it was prepared.'
+          f'{_prepare_hint(builder, name, data_dir, build_cmd, cli_note)} Or set '
+          'config.data.data_dir to where it was prepared.'
       )
   formats = builder.info.available_file_formats()
   if tfds.core.file_adapters.FileFormat.ARRAY_RECORD not in formats:
@@ -199,10 +262,32 @@ def _tfds_builder(data_cfg: Any) -> Any:
         'grain needs random access (array_record). Convert it once with: '
         f'tfds convert_format --dataset_version_dir={builder.data_dir} '
         '--out_file_format=array_record  (the ArrayRecord files are written '
-        f'next to the {found} ones), or prepare it again with {build_cmd} '
-        '(download_and_prepare(file_format="array_record") from Python).'
+        f'next to the {found} ones; {cli_note[1:-1]}), or prepare it again with '
+        f'{build_cmd} (download_and_prepare(file_format="array_record") from Python).'
     )
   return builder
+
+
+def _prepare_hint(builder: Any, name: str, data_dir: str | None, build_cmd: str,
+                  cli_note: str) -> str:
+  """How to prepare `name` once; names the manual download where TFDS needs one."""
+  instructions = getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None)
+  if name == 'idx_images' or not instructions:
+    return f'Prepare it once with: {build_cmd} {cli_note}.'
+  # Datasets behind a registration (imagenet2012) are prepared from files the
+  # user downloaded; TFDS's instructions say which.
+  data_dir = data_dir or 'DIR'
+  hint = (
+      f'It is prepared from a manual download: {" ".join(instructions.split())} '
+      f'Prepare it once with: tfds build {name} --data_dir={data_dir} '
+      f'--manual_dir=MANUAL_DIR --file_format=array_record {cli_note}'
+  )
+  if name == 'imagenet2012':
+    hint += (
+        ', or without apache-beam: python -m arcvq_jax.data.imagenet '
+        f'--manual_dir=MANUAL_DIR --data_dir={data_dir}'
+    )
+  return hint + '.'
 
 
 def _open_source(data_cfg: Any, split: str) -> _Source:
@@ -271,7 +356,7 @@ class _TrainIndices:
     return perm
 
   def __call__(self, step: int, unused_element: Any = None) -> np.ndarray:
-    """(B_local,) int64 indices of step `step` (a `map_with_index` transform)."""
+    """(B_local,) int64 indices of step `step`, in global-batch positions p::P."""
     epoch, k = divmod(step, self.steps_per_epoch)
     start = k * self.global_batch_size
     block = self.permutation(epoch)[start:start + self.global_batch_size]
@@ -282,15 +367,62 @@ class _TrainIndices:
     return {**self.__dict__, '_permutations': {}}
 
 
-class _ReadBatch:
-  """Maps a (B,) index batch to {'image': (B, H, W, C) f32, 'label': (B,) i32}."""
+class _TrainAugment:
+  """Step number -> this process's crop positions and flips for that step.
 
-  def __init__(self, source: _Source):
+  Global batch k draws u = default_rng([seed, _AUGMENT_STREAM, k]).random((G, 3));
+  the example at position j of the global batch is cropped at fractions
+  u[j, :2] of its slack (`folder.crop_square`) and flipped when u[j, 2] < 0.5.
+  Process p keeps rows p::P, the positions `_TrainIndices` gives it. So the
+  augmentation of an example is a function of (seed, step, position) alone:
+  the same for any number of processes, reading threads or workers, and
+  repeated exactly after `set_state`. One (G, 3) draw per step costs ~10-25 us.
+  """
+
+  def __init__(self, seed: int, global_batch_size: int, process_index: int,
+               process_count: int, random_crop: bool, random_flip: bool):
+    self.seed = seed
+    self.global_batch_size = global_batch_size
+    self.process_index = process_index
+    self.process_count = process_count
+    self.random_crop = random_crop
+    self.random_flip = random_flip
+
+  def __call__(self, step: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Returns crop fractions (B_local, 2) in [0, 1) and flips (B_local,) bool.
+
+    Either is None when its augmentation is off (centre crop, no flip).
+    """
+    if not (self.random_crop or self.random_flip):
+      return None, None
+    # Both draws always happen, so turning one augmentation off leaves the
+    # other's values unchanged.
+    rng = np.random.default_rng([self.seed, _AUGMENT_STREAM, step])
+    draws = rng.random((self.global_batch_size, 3))[self.process_index::self.process_count]
+    crops = draws[:, :2] if self.random_crop else None
+    flips = draws[:, 2] < 0.5 if self.random_flip else None
+    return crops, flips
+
+
+class _ReadTrainBatch:
+  """Step number -> this process's {'image': (B, H, W, C) f32, 'label': (B,) i32}.
+
+  A `map_with_index` transform over the step numbers: indices and augmentation
+  of the step, one batched read, then flips.
+  """
+
+  def __init__(self, source: _Source, indices: _TrainIndices, augment: _TrainAugment):
     self.source = source
+    self.indices = indices
+    self.augment = augment
 
-  def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-    images, labels = self.source.read(indices)
-    return {'image': _to_float(images), 'label': labels.astype(np.int32)}
+  def __call__(self, step: int, unused_element: Any = None) -> dict[str, np.ndarray]:
+    crops, flips = self.augment(step)
+    images, labels = self.source.read(self.indices(step), crops)
+    image = _to_float(images)
+    if flips is not None:
+      image[flips] = image[flips, :, ::-1]  # Fancy indexing copies: no aliasing.
+    return {'image': image, 'label': labels.astype(np.int32)}
 
 
 class _ReadEvalBatch:
@@ -435,7 +567,10 @@ def create_train_iterator(
   examples of each permutation are dropped so that every epoch has N // G full
   global batches. Within global batch k, process p of P takes every P-th
   example from p on, so the processes' batches are disjoint and together form
-  the global batch. No random augmentation: batches depend only on the seed.
+  the global batch. With config.data.random_crop / random_flip, the crop
+  position and flip of each example are drawn from (seed, step, position in
+  the global batch) (`_TrainAugment`): batches depend only on the seed, never
+  on the number of processes, threads or workers.
 
   `get_state()` is {'next_index': step} (with num_workers > 0, grain's
   per-worker dict of such states), JSON-serialisable; `set_state` on a fresh
@@ -451,6 +586,10 @@ def create_train_iterator(
   Returns:
     Iterator of {'image': (G / P, H, W, C) float32 in [-1, 1],
     'label': (G / P,) int32}.
+
+  Raises:
+    DataError: bad batch size or seed, an empty split, or
+      config.data.random_crop on images that are not resized.
   """
   process_index, process_count = _processes(process_index, process_count)
   _local_batch_size(global_batch_size, process_count)  # Fails early on a bad split.
@@ -463,15 +602,26 @@ def create_train_iterator(
     )
   if not isinstance(seed, (int, np.integer)) or seed < 0:
     raise DataError(f'seed must be a non-negative integer, got {seed!r} (config.seed).')
+  random_crop = bool(data_cfg.get('random_crop', False))
+  random_flip = bool(data_cfg.get('random_flip', False))
+  if random_crop and not source.resizes:
+    raise DataError(
+        'config.data.random_crop=True crops a square at a random position after '
+        'resizing the shorter side, but these images are used at their native '
+        f'size {source.image_shape[:2]}: only variable-size TFDS datasets and '
+        "'folder' with config.data.image_size set are resized. Set "
+        'config.data.random_crop=False (or config.data.image_size for a folder).'
+    )
   indices = _TrainIndices(len(source), global_batch_size, int(seed),
                           process_index, process_count)
+  augment = _TrainAugment(int(seed), global_batch_size, process_index, process_count,
+                          random_crop, random_flip)
   # Element k of this endless MapDataset is training step k's batch, so the
   # iterator state is just the next step number.
   dataset = (
       grain.MapDataset.range(steps_per_epoch)
       .repeat(None)
-      .map_with_index(indices)
-      .map(_ReadBatch(source))
+      .map_with_index(_ReadTrainBatch(source, indices, augment))
       .to_iter_dataset(_read_options(data_cfg))
   )
   num_workers = int(data_cfg.get('num_workers', 0) or 0)
