@@ -1,6 +1,19 @@
-"""Makes the repository root importable, so tests can load configs/*.py."""
+"""Makes the repository root importable, so tests can load configs/*.py, and shares XLA's
+compiled programs between the runs of one test session.
+
+Several tests train the same small model more than once (uninterrupted vs resumed runs);
+XLA:CPU compile time is most of their cost, so a session-wide persistent compilation cache
+(a fresh temporary folder: nothing leaks between sessions) compiles each program once.
+"""
 
 import os
 import sys
+import tempfile
+
+import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="arcvq_xla_cache_"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -203,3 +203,11 @@ def test_conv_module_impls_share_params_and_output():
     np.testing.assert_allclose(o, outs[0], rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="Conv impl 'fast'"):
     layers.Conv(8, 3, impl="fast").apply(params, x)
+
+
+def test_auto_conv_takes_gemm_for_narrow_patches_on_cpu_only():
+  assert layers.choose_conv_impl((3, 3, 64, 64), backend="cpu") == "gemm"  # 576 wide
+  assert layers.choose_conv_impl((3, 3, 128, 128), backend="cpu") == "xla"
+  assert layers.choose_conv_impl((1, 1, 3, 64), backend="cpu") == "xla"  # already a GEMM
+  for backend in ("gpu", "tpu"):
+    assert layers.choose_conv_impl((3, 3, 3, 64), backend=backend) == "xla"

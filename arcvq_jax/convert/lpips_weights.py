@@ -22,28 +22,43 @@ from arcvq_jax.losses import lpips as lpips_lib
 
 
 def convert(vgg16_state: dict[str, np.ndarray], lin_state: dict[str, np.ndarray]) -> Any:
-  """torchvision VGG16 + lpips v0.1 state dicts (as numpy arrays) -> LPIPS params."""
+  """torchvision VGG16 + lpips v0.1 state dicts (as numpy arrays) -> LPIPS params.
+
+  vgg16_state: 'features.{j}.weight' (Cout, Cin, 3, 3) and 'features.{j}.bias' (Cout,) for j
+  in VGG_CONV_INDICES (other keys, e.g. the classifier, are ignored); lin_state:
+  'lin{l}.model.1.weight' (1, C_l, 1, 1). Raises LPIPSWeightsError naming the first missing
+  or wrongly shaped array (e.g. a VGG19 or a VGG16 with batch norm).
+  """
+  not_vgg16 = (f"pass torchvision's VGG16 ImageNet weights ({lpips_lib.VGG16_URL}), not "
+               f"another network.")
+  shapes = lpips_lib.expected_shapes()
   flat = {}
   for name, index in lpips_lib.VGG_CONV_INDICES.items():
-    for suffix in ("weight", "bias"):
+    kh, kw, cin, cout = shapes[f"vgg/{name}/kernel"]
+    arrays = {}
+    for suffix, shape in (("weight", (cout, cin, kh, kw)), ("bias", (cout,))):
       key = f"features.{index}.{suffix}"
       if key not in vgg16_state:
         raise lpips_lib.LPIPSWeightsError(
-            f"the VGG16 state dict has no {key!r} ({name}): pass torchvision's VGG16 "
-            f"ImageNet weights ({lpips_lib.VGG16_URL}), not another network.")
-    w = np.asarray(vgg16_state[f"features.{index}.weight"], np.float32)
-    if w.ndim != 4:
-      raise lpips_lib.LPIPSWeightsError(
-          f"features.{index}.weight has shape {w.shape}; a VGG16 conv weight is (Cout, Cin, 3, 3).")
-    flat[f"vgg/{name}/kernel"] = w.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-    flat[f"vgg/{name}/bias"] = np.asarray(vgg16_state[f"features.{index}.bias"], np.float32)
-  for l in range(len(lpips_lib.LIN_CHANNELS)):
+            f"the VGG16 state dict has no {key!r} ({name}): {not_vgg16}")
+      arrays[suffix] = np.asarray(vgg16_state[key], np.float32)
+      if arrays[suffix].shape != shape:
+        raise lpips_lib.LPIPSWeightsError(
+            f"{key} ({name}) has shape {arrays[suffix].shape}, expected {shape}: {not_vgg16}")
+    flat[f"vgg/{name}/kernel"] = arrays["weight"].transpose(2, 3, 1, 0)  # OIHW -> HWIO
+    flat[f"vgg/{name}/bias"] = arrays["bias"]
+  for l, c in enumerate(lpips_lib.LIN_CHANNELS):
     key = f"lin{l}.model.1.weight"
     if key not in lin_state:
       raise lpips_lib.LPIPSWeightsError(
           f"the lpips linear weights have no {key!r}: pass lpips' weights/v0.1/vgg.pth.")
-    flat[f"lin/lin{l}"] = np.asarray(lin_state[key], np.float32).reshape(-1)
-  lpips_lib.check_params(flat, "the converted weights")
+    w = np.asarray(lin_state[key], np.float32)
+    if w.shape != (1, c, 1, 1):
+      raise lpips_lib.LPIPSWeightsError(
+          f"{key} has shape {w.shape}, expected {(1, c, 1, 1)}: pass lpips' "
+          f"weights/v0.1/vgg.pth (the VGG variant, not alex or squeeze).")
+    flat[f"lin/lin{l}"] = w.reshape(-1)
+  lpips_lib.check_params(flat, "the converted weights")  # also: linear weights >= 0
   return lpips_lib.from_flat(flat)
 
 

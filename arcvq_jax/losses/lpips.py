@@ -19,8 +19,7 @@ File format: one .npz with keys 'vgg/conv1_1/kernel', ..., 'lin/lin0', ... (`sav
 from __future__ import annotations
 
 import io
-import os
-import tempfile
+import uuid
 from typing import Any
 
 import flax.linen as nn
@@ -187,17 +186,18 @@ def load_params(path: str) -> Any:
 
 
 def save_params(params: Any, path: str) -> None:
-  """Writes params as .npz, atomically: a temporary file in the same folder, then a rename
-  (an interrupted write never leaves a half file at `path`)."""
+  """Writes params as .npz (local path or gs://), atomically: a temporary file in the same
+  folder, then a rename (an interrupted write never leaves a half file at `path`)."""
   flat = to_flat(params)
   check_params(flat, path)
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npz.tmp")
+  buf = io.BytesIO()
+  np.savez(buf, **flat)
+  target = epath.Path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
   try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **flat)
-    os.replace(tmp, path)
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(target)
   except BaseException:
-    os.unlink(tmp)
+    tmp.unlink(missing_ok=True)
     raise

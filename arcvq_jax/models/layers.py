@@ -102,9 +102,16 @@ GEMM_MAX_PATCH = 576
 CONV_IMPLS = ("auto", "xla", "gemm")
 
 
-def choose_conv_impl(kernel_shape: Sequence[int]) -> str:
-  """'gemm' or 'xla' for 'auto', from the kernel shape (kh, kw, Cin, Cout)."""
+def choose_conv_impl(kernel_shape: Sequence[int], backend: str | None = None) -> str:
+  """'gemm' or 'xla' for 'auto', from the kernel shape (kh, kw, Cin, Cout) and the backend.
+
+  The GEMM form is a CPU measure only: on GPU/TPU the convolution kernels are fast, and the
+  (B, H, W, kh*kw*Cin) patch tensor would cost memory (LPIPS' conv1_2 at 256x256, batch 30:
+  9 GB). backend: jax.default_backend() when None.
+  """
   kh, kw, cin, _ = kernel_shape
+  if (backend or jax.default_backend()) != "cpu":
+    return "xla"
   return "gemm" if 1 < kh * kw and kh * kw * cin <= GEMM_MAX_PATCH else "xla"
 
 
