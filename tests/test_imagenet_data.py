@@ -31,7 +31,6 @@ def fake_imagenet(tmp_path_factory):
   """(data_dir, truth): imagenet2012 prepared as ArrayRecord, and per split
   {file_name: (label, (H, W, 3) uint8 pixels TFDS stores)}, plus 'order':
   the file name of each record, in record order."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp('imagenet')
   files = ifx.fake_imagenet_files(NUM_SYNSETS, PER_SYNSET, NUM_VAL)
   manual_dir = ifx.write_manual_dir(str(root / 'manual'), files)

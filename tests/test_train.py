@@ -10,7 +10,7 @@ import pytest
 from arcvq_jax import checkpoint as ckpt_lib
 from arcvq_jax import config as config_lib
 from arcvq_jax.train import tokenizer
-from log_helpers import read_scalars
+from run_helpers import override, read_scalars
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION = "/usr/share/datasets/fashion-mnist"
@@ -24,13 +24,7 @@ def tiny_config(**overrides):
   c = tiny.get_config()
   c.eval_batch_size = 2000
   c.data.eval_split = "test"
-  for key, value in overrides.items():
-    target = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  return c
+  return override(c, **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import imagenet_fixtures
 from arcvq_jax import checkpoint as ckpt_lib
 from arcvq_jax.losses import lpips as lpips_lib
 from arcvq_jax.train import tokenizer
-from log_helpers import read_all_scalars
+from run_helpers import override, read_all_scalars
 from model_fixtures import random_lpips_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,13 +48,7 @@ def vqgan_config(data_dir, lpips_path, **overrides):
   c.batch_size = 4
   c.eval_batch_size = 4
   c.lpips_path = lpips_path
-  for key, value in overrides.items():
-    target = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  return c
+  return override(c, **overrides)
 
 
 @pytest.fixture(scope="module")

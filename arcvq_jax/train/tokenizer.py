@@ -34,7 +34,6 @@ from arcvq_jax.models import vqgan, vqvae
 from arcvq_jax.train.state import (TrainState, init_train_state, learning_rate,
                                    make_disc_optimizer, make_optimizer)
 
-sg = jax.lax.stop_gradient
 Batch = dict[str, jax.Array]
 
 

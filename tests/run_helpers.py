@@ -1,4 +1,5 @@
-"""Reads back what a run logged: TensorBoard scalars written by clu's writer."""
+"""Helpers of the tests that run the trainer: config overrides, and reading back the
+TensorBoard scalars that clu's writer logged."""
 
 from __future__ import annotations
 
@@ -28,3 +29,14 @@ def read_all_scalars(workdir: str) -> dict[str, dict[int, float]]:
 def read_scalars(workdir: str, tag: str) -> dict[int, float]:
   """{step: value} of one scalar tag."""
   return read_all_scalars(workdir).get(tag, {})
+
+
+def override(config, **overrides):
+  """Sets dotted keys, e.g. override(c, **{"optimizer.lr": 1e-3}); returns config."""
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return config
