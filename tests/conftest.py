@@ -14,6 +14,12 @@ import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# torch's CUDA wheel imports triton (its GPU kernel compiler) when torchvision loads; triton's
+# native library segfaults the process once TensorFlow's is loaded (TF 2.21 + triton 3.8,
+# `python -c "import tensorflow, triton"`). The tests run on the CPU and never need triton:
+# an unimportable triton is what torch expects on machines without it.
+sys.modules.setdefault("triton", None)
+
 jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="arcvq_xla_cache_"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
