@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 import ml_collections  # noqa: E402
 
 import imagenet_fixtures  # noqa: E402
-from arcvq_jax.data import pipeline  # noqa: E402
+from arcvq_jax.data import imagenet, pipeline  # noqa: E402
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def main() -> None:
     manual = imagenet_fixtures.make_fake_imagenet_manual_dir(
         os.path.join(tmp, "manual"), num_synsets=4, per_synset=64, num_val=8,
         side_range=(333, 500))
-    imagenet_fixtures.prepare_fake_imagenet(manual, os.path.join(tmp, "tfds"))
+    imagenet.prepare(manual, os.path.join(tmp, "tfds"))
     data = ml_collections.ConfigDict(dict(
         source="tfds", name="imagenet2012", data_dir=os.path.join(tmp, "tfds"),
         train_split="train", image_size=args.image_size, random_crop=not args.no_augment,

@@ -196,31 +196,6 @@ def make_fake_imagenet_manual_dir(
   return write_manual_dir(path, files)
 
 
-def prepare_fake_imagenet(manual_dir: str, data_dir: str, file_format: str = 'array_record'):
-  """Lets TFDS prepare `imagenet2012` from `manual_dir` into `data_dir`, offline.
-
-  Args:
-    manual_dir: a folder from `make_fake_imagenet_manual_dir`.
-    data_dir: the TFDS data dir to write (config.data.data_dir).
-    file_format: 'array_record' (what grain reads) or 'tfrecord'.
-
-  Returns:
-    The prepared tfds builder.
-  """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder = tfds.builder('imagenet2012', data_dir=data_dir, file_format=file_format)
-  builder.download_and_prepare(
-      file_format=file_format,
-      download_config=tfds.download.DownloadConfig(
-          manual_dir=manual_dir,
-          # Offline: do not look for a copy on TFDS's public GCS bucket.
-          try_download_gcs=False,
-          compute_stats=tfds.download.ComputeStatsMode.SKIP,
-      ),
-  )
-  return builder
-
-
 def decode_rgb(data: bytes) -> np.ndarray:
   """(H, W, 3) uint8: PIL's decode of one image file's bytes."""
   with Image.open(io.BytesIO(data)) as image:

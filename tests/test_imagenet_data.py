@@ -34,7 +34,7 @@ def fake_imagenet(tmp_path_factory):
   root = tmp_path_factory.mktemp('imagenet')
   files = ifx.fake_imagenet_files(NUM_SYNSETS, PER_SYNSET, NUM_VAL)
   manual_dir = ifx.write_manual_dir(str(root / 'manual'), files)
-  builder = ifx.prepare_fake_imagenet(manual_dir, str(root / 'data'))
+  builder = imagenet.prepare(manual_dir, str(root / 'data'))
   truth = {}
   for split, images in files.items():
     # TFDS's own decoding: the records' file names, and the pixels of the two
@@ -275,7 +275,7 @@ def test_prepare_helper_and_tfrecord_error(tmp_path):
       'image_shape': (SIZE, SIZE, 3), 'num_train': 2, 'num_eval': 2}
 
   # TFDS's default format (and most existing copies): TFRecord.
-  ifx.prepare_fake_imagenet(str(manual), str(tmp_path / 'tfr'), file_format='tfrecord')
+  imagenet.prepare(str(manual), str(tmp_path / 'tfr'), file_format='tfrecord')
   with pytest.raises(DataError) as e:
     pipeline.create_train_iterator(_config(str(tmp_path / 'tfr')), global_batch_size=2, seed=0,
                                    process_index=0, process_count=1)

@@ -11,6 +11,7 @@ import pytest
 
 import imagenet_fixtures
 from arcvq_jax import checkpoint as ckpt_lib
+from arcvq_jax.data import imagenet
 from arcvq_jax.losses import lpips as lpips_lib
 from arcvq_jax.train import tokenizer
 from run_helpers import override, read_all_scalars
@@ -25,7 +26,7 @@ def imagenet_dir(tmp_path_factory):
   manual = imagenet_fixtures.make_fake_imagenet_manual_dir(
       str(tmp_path_factory.mktemp("manual")), num_val=NUM_VAL)
   data_dir = str(tmp_path_factory.mktemp("tfds"))
-  imagenet_fixtures.prepare_fake_imagenet(manual, data_dir)
+  imagenet.prepare(manual, data_dir)
   return data_dir
 
 

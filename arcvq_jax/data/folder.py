@@ -106,19 +106,6 @@ def resize_and_crop(image: np.ndarray, size: int,
   return crop_square(image, size, fraction)
 
 
-def resize_and_center_crop(image: np.ndarray, size: int) -> np.ndarray:
-  """Resizes the shorter side to `size`, then crops the central square.
-
-  Args:
-    image: (H, W, C) uint8.
-    size: output side length.
-
-  Returns:
-    (size, size, C) uint8.
-  """
-  return resize_and_crop(image, size)
-
-
 def decode_image(file: str | io.BytesIO, image_size: int | None, *, channels: int = 3,
                  fraction: tuple[float, float] | np.ndarray | None = None,
                  name: str | None = None) -> np.ndarray:

@@ -42,12 +42,13 @@ def check_manual_dir(manual_dir: str) -> None:
     )
 
 
-def prepare(manual_dir: str, data_dir: str | None) -> Any:
+def prepare(manual_dir: str, data_dir: str | None, file_format: str = 'array_record') -> Any:
   """Prepares imagenet2012 as ArrayRecord in data_dir (a no-op when prepared).
 
   Args:
     manual_dir: folder with the ILSVRC2012 tars.
     data_dir: TFDS data dir (config.data.data_dir; None = ~/tensorflow_datasets).
+    file_format: 'array_record' (what grain reads) or 'tfrecord' (TFDS's default).
 
   Returns:
     The prepared tfds builder.
@@ -55,12 +56,12 @@ def prepare(manual_dir: str, data_dir: str | None) -> Any:
   # Imported here: only preparing pays for TensorFlow Datasets.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  builder = tfds.builder(NAME, data_dir=data_dir, file_format='array_record')
+  builder = tfds.builder(NAME, data_dir=data_dir, file_format=file_format)
   if builder.is_prepared():
     return builder
   check_manual_dir(manual_dir)
   builder.download_and_prepare(
-      file_format='array_record',
+      file_format=file_format,
       download_config=tfds.download.DownloadConfig(
           manual_dir=manual_dir,
           # Everything comes from manual_dir: no copy on TFDS's public bucket.
