@@ -61,7 +61,9 @@ class Checkpointer:
     `jax.eval_shape`; data_iter, if given, is moved to the saved position in place.
     """
     items = {"state": ocp.args.StandardRestore(abstract_state)}
-    if data_iter is not None:
+    # A checkpoint written outside a training run (api.write_workdir, the converters) has
+    # no iterator position: the data then starts from the beginning of the first epoch.
+    if data_iter is not None and (self.directory / str(step) / "data").exists():
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))

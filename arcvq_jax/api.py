@@ -1,0 +1,276 @@
+"""The tokenizer as a library: load a trained run, turn images into tokens and back.
+
+```python
+from arcvq_jax import api
+tok = api.Tokenizer.from_workdir("/tmp/arcvq_demo")      # latest checkpoint of a run
+tokens = tok.encode(images)            # (B, H, W, C) in [-1, 1] -> int32 (B, h, w)
+images_hat = tok.decode(tokens)        # -> float32 (B, H, W, C), about [-1, 1]
+x_hat, tokens = tok.reconstruct(images)
+```
+
+A run's workdir holds `config.json` (written by `python -m arcvq_jax.main`) and orbax
+checkpoints of the whole train state; only the autoencoder's parameters are kept here.
+`write_workdir` goes the other way: it wraps given parameters (e.g. converted from a PyTorch
+checkpoint) in a fresh train state and writes a workdir that `main` resumes from and
+`Tokenizer.from_workdir` loads.
+
+The methods are jitted once per input shape; the quantiser is the run's own (cosine or
+Euclidean search, streamed for large codebooks), so tokens equal the training run's.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from arcvq_jax import checkpoint as ckpt_lib
+from arcvq_jax import config as config_lib
+from arcvq_jax import quantization as vq
+from arcvq_jax.train import tokenizer as tokenizer_lib
+from arcvq_jax.train.state import init_train_state, make_optimizer
+
+CONFIG_FILE = "config.json"
+
+
+class TokenizerLoadError(RuntimeError):
+  """A workdir, config or checkpoint that cannot give a tokenizer."""
+
+
+def _tuples(value: Any) -> Any:
+  """JSON turns the config's tuples into lists; the models want tuples back."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The ConfigDict a run saved as workdir/config.json."""
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.exists():
+    raise TokenizerLoadError(
+        f"{path} not found: {workdir} is not the --workdir of an arcvq_jax run. Give the "
+        "directory `python -m arcvq_jax.main --workdir=...` trained in (it holds config.json "
+        "and checkpoints/), or write one with arcvq_jax.api.write_workdir.")
+  try:
+    raw = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise TokenizerLoadError(f"{path} is not valid JSON ({e}); the workdir is damaged.") from e
+  return ml_collections.ConfigDict(_tuples(raw))
+
+
+def _params_of(state: dict[str, Any]) -> Any:
+  """The autoencoder's params in a restored state: a VQ-VAE's TrainState or a VQGAN's
+  GANTrainState (whose autoencoder is under 'gen')."""
+  if "gen" in state:
+    state = state["gen"]
+  if "params" not in state or "codebook" not in state["params"]:
+    raise TokenizerLoadError(
+        f"the checkpoint holds {sorted(state)} but no autoencoder params with a codebook: it "
+        "was not written by the tokenizer stage.")
+  return state["params"]
+
+
+def restore_params(workdir: str, step: int | None = None) -> tuple[Any, int]:
+  """(params, step) of checkpoint `step` (default: the latest) of a run, on the first device."""
+  directory = epath.Path(ckpt_lib.checkpoint_dir(workdir))
+  manager = ocp.CheckpointManager(directory, item_names=("state", "data"),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  steps = sorted(manager.all_steps())
+  if not steps:
+    raise TokenizerLoadError(
+        f"no checkpoint in {directory}: train first (python -m arcvq_jax.main "
+        f"--config=... --workdir={workdir}) or convert one (python -m arcvq_jax.convert ...).")
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    raise TokenizerLoadError(f"no checkpoint of step {step} in {directory}; it has {steps}.")
+  # Restored onto one device whatever mesh wrote it: inference needs no sharding.
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  try:
+    metadata = manager.item_metadata(step)["state"]
+    tree = getattr(metadata, "tree", metadata)
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            tree)
+    state = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))["state"]
+  except (ValueError, KeyError, TypeError, FileNotFoundError, AttributeError) as e:
+    raise TokenizerLoadError(f"checkpoint {directory / str(step)} cannot be read: {e}") from e
+  finally:
+    manager.close()
+  return _params_of(state), step
+
+
+def _check_params(config: ml_collections.ConfigDict, params: Any) -> None:
+  codebook = params["codebook"]
+  want = (config.quantizer.num_codes, config.quantizer.embed_dim)
+  if tuple(codebook.shape) != want:
+    raise TokenizerLoadError(
+        f"the checkpoint's codebook is {tuple(codebook.shape)} but its config says "
+        f"quantizer.num_codes x embed_dim = {want}: config.json and checkpoints/ do not "
+        "belong to the same run.")
+
+
+def _channels(params: Any) -> int:
+  """Image channels, from the encoder's first conv kernel (HWIO)."""
+  first = params["encoder"].get("conv_in", params["encoder"].get("conv_1"))
+  return int(first["kernel"].shape[2])
+
+
+class Tokenizer:
+  """A trained tokenizer (VQ-VAE or VQGAN): encode images to token grids and back.
+
+  Images are float (B, H, W, C) in [-1, 1] (numpy or jax); tokens int32 (B, h, w) with
+  h, w = H / f, W / f for the model's downsampling factor f.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, params: Any):
+    _check_params(config, params)
+    self.config = config
+    self.params = params
+    self.channels = _channels(params)
+    self.model = tokenizer_lib.build_model(config, channels=self.channels)
+    self.num_codes, self.embed_dim = (int(s) for s in params["codebook"].shape)
+    self.downsample_factor = config_lib.downsample_factor(config)
+    q = config.quantizer
+    self._encode = jax.jit(functools.partial(self._encode_latents_fn, model=self.model))
+    self._decode_z = jax.jit(functools.partial(self._decode_fn, model=self.model))
+    self._search = jax.jit(functools.partial(tokenizer_lib.nearest_code, q=q))
+
+  @classmethod
+  def from_workdir(cls, workdir: str, step: int | None = None) -> Tokenizer:
+    """The run in `workdir` at checkpoint `step` (default: its latest)."""
+    config = load_config(workdir)
+    if config.get("stage", "tokenizer") != "tokenizer":
+      raise TokenizerLoadError(
+          f"{workdir} is a {config.stage!r} run, not a tokenizer; give the tokenizer's workdir.")
+    params, _ = restore_params(workdir, step)
+    return cls(config, params)
+
+  @staticmethod
+  def _encode_latents_fn(params: Any, x: jax.Array, *, model) -> jax.Array:
+    return model.apply({"params": params}, x, method="encode").astype(jnp.float32)
+
+  @staticmethod
+  def _decode_fn(params: Any, z_q: jax.Array, *, model) -> jax.Array:
+    return model.apply({"params": params}, z_q, method="decode").astype(jnp.float32)
+
+  def _check_images(self, images: Any) -> jax.Array:
+    x = jnp.asarray(images)
+    if x.ndim != 4 or x.shape[-1] != self.channels:
+      raise ValueError(f"images must be (B, H, W, {self.channels}), got {x.shape}.")
+    f = self.downsample_factor
+    if x.shape[1] % f or x.shape[2] % f:
+      raise ValueError(f"image height and width must be multiples of {f} (the model's "
+                       f"downsampling), got {x.shape[1:3]}; resize or crop them first.")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"images must be floats in [-1, 1], got dtype {x.dtype}; convert "
+                       "uint8 with x / 127.5 - 1.")
+    return x.astype(jnp.float32)
+
+  def encode_latents(self, images: Any) -> jax.Array:
+    """(B, H, W, C) in [-1, 1] -> pre-quantisation latents z, float32 (B, h, w, D)."""
+    return self._encode(self.params, self._check_images(images))
+
+  def quantize(self, z: jax.Array) -> jax.Array:
+    """Latents (B, h, w, D) -> nearest-code tokens int32 (B, h, w), the run's own search."""
+    z = jnp.asarray(z, jnp.float32)
+    idx = self._search(z.reshape(-1, z.shape[-1]), self.params["codebook"].astype(jnp.float32))
+    return idx.reshape(z.shape[:-1]).astype(jnp.int32)
+
+  def encode(self, images: Any) -> jax.Array:
+    """(B, H, W, C) in [-1, 1] -> tokens int32 (B, h, w)."""
+    return self.quantize(self.encode_latents(images))
+
+  def decode(self, tokens: Any) -> jax.Array:
+    """Tokens (B, h, w) -> images float32 (B, H, W, C), about [-1, 1] (not clipped)."""
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 3 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise ValueError(f"tokens must be integers of shape (B, h, w), got {tokens.dtype} "
+                       f"{tokens.shape}.")
+    if int(tokens.min()) < 0 or int(tokens.max()) >= self.num_codes:
+      raise ValueError(f"tokens must lie in [0, {self.num_codes}), got "
+                       f"[{int(tokens.min())}, {int(tokens.max())}].")
+    z_q = jnp.take(self.params["codebook"], tokens, axis=0)
+    return self._decode_z(self.params, z_q)
+
+  def decode_latents(self, z: Any) -> jax.Array:
+    """Latents (B, h, w, D): quantise to the nearest codes, then decode."""
+    return self.decode(self.quantize(z))
+
+  def reconstruct(self, images: Any) -> tuple[jax.Array, jax.Array]:
+    """(B, H, W, C) in [-1, 1] -> (x_hat float32 (B, H, W, C), tokens int32 (B, h, w))."""
+    tokens = self.encode(images)
+    return self.decode(tokens), tokens
+
+  @property
+  def codebook(self) -> jax.Array:
+    """(K, D) float32."""
+    return jnp.asarray(self.params["codebook"], jnp.float32)
+
+
+def write_workdir(workdir: str, config: ml_collections.ConfigDict, params: Any,
+                  image_shape: tuple[int, int, int], step: int = 0) -> str:
+  """Writes config.json and checkpoint `step` holding `params` in a fresh train state.
+
+  The optimizer state, EMA statistics and usage are fresh (as at step 0); the data iterator
+  starts at the beginning. A VQGAN's discriminator starts from its initialisation. Returns
+  the checkpoint directory. Refuses a workdir that already has checkpoints.
+  """
+  # Imported here: gan_steps builds on the tokenizer module, which this module imports.
+  from arcvq_jax.train import gan_steps  # noqa: PLC0415
+  from arcvq_jax.train.state import GANTrainState, init_disc_state, make_disc_optimizer  # noqa: PLC0415
+
+  model = tokenizer_lib.build_model(config, channels=image_shape[-1])
+  tx = make_optimizer(config)
+  key = jax.random.PRNGKey(config.seed)
+  if config.model.name == "vqgan":
+    # The keys of gan_steps.create_state_and_steps, so D starts as a fresh run's would.
+    key, disc_key = jax.random.split(key)
+  fresh = jax.eval_shape(functools.partial(init_train_state, model=model, tx=tx,
+                                           image_shape=image_shape), key)
+  got = jax.tree.structure(params)
+  if got != jax.tree.structure(fresh.params):
+    raise TokenizerLoadError(
+        "the params do not have the tree of the model this config builds; expected "
+        f"{jax.tree.structure(fresh.params)}, got {got}.")
+  for (path, want), have in zip(jax.tree_util.tree_leaves_with_path(fresh.params),
+                                jax.tree.leaves(params)):
+    if tuple(want.shape) != tuple(np.shape(have)):
+      raise TokenizerLoadError(
+          f"param {jax.tree_util.keystr(path)} has shape {np.shape(have)}, the config's "
+          f"model wants {want.shape}.")
+  params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
+  state = init_train_state(key, model, tx, image_shape)
+  state = state.replace(
+      step=jnp.asarray(step, jnp.int32), params=params, opt_state=tx.init(params),
+      ema=vq.EMAState(cluster_size=state.ema.cluster_size, embed_sum=params["codebook"]))
+  if config.model.name == "vqgan":
+    disc_model = gan_steps.discriminator_from_config(config)
+    disc = init_disc_state(disc_key, disc_model, make_disc_optimizer(config), image_shape)
+    state = GANTrainState(gen=state, disc=disc)
+
+  directory = ckpt_lib.checkpoint_dir(workdir)
+  checkpointer = ckpt_lib.Checkpointer(directory)
+  if checkpointer.latest_step() is not None:
+    checkpointer.close()
+    raise TokenizerLoadError(
+        f"{directory} already has checkpoints ({checkpointer.all_steps()}); write into an "
+        "empty --workdir so no run is overwritten.")
+  root = epath.Path(workdir)
+  root.mkdir(parents=True, exist_ok=True)
+  tmp = root / (CONFIG_FILE + ".tmp")
+  tmp.write_text(config.to_json_best_effort(indent=2))
+  tmp.rename(root / CONFIG_FILE)
+  checkpointer.save(step, state, None)
+  checkpointer.wait()
+  checkpointer.close()
+  return directory
