@@ -83,8 +83,9 @@ def _params_of(state: dict[str, Any]) -> Any:
 def restore_params(workdir: str, step: int | None = None) -> tuple[Any, int]:
   """(params, step) of checkpoint `step` (default: the latest) of a run, on the first device."""
   directory = epath.Path(ckpt_lib.checkpoint_dir(workdir))
-  manager = ocp.CheckpointManager(directory, item_names=("state", "data"),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  manager = ocp.CheckpointManager(
+      directory, item_handlers={"state": ocp.StandardCheckpointHandler()},
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False))
   steps = sorted(manager.all_steps())
   if not steps:
     raise TokenizerLoadError(
@@ -97,7 +98,9 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[Any, int]:
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   try:
     metadata = manager.item_metadata(step)["state"]
-    tree = getattr(metadata, "tree", metadata)
+    tree = getattr(metadata, "tree", None)
+    if tree is None:
+      raise ValueError("it has no train state (written by another stage or damaged)")
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                             tree)
     state = manager.restore(step, args=ocp.args.Composite(

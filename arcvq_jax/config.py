@@ -79,12 +79,18 @@ def vqvae_config() -> ml_collections.ConfigDict:
       restart_threshold=0.0,  # > 0 turns dead-code restart on (EMA usage per step)
       usage_decay=0.99,
       search_impl="auto",  # nearest-code search: 'naive' | 'streamed' | 'auto', as arc.impl
+      # A mesh axis (e.g. 'data', 'fsdp', 'model') to split the codebook's K rows over in the
+      # streamed ArcLoss and search (each device its slice, then a global combine); '' keeps
+      # it whole on every device (the ArcLoss rows are split over the devices either way).
+      # Where the codebook is stored is sharding.param_rules' business, e.g.
+      # ('codebook$', ('model', None)); a different layout is resharded, not wrong.
+      codebook_axis="",
   ))
   c.arc = ml_collections.ConfigDict(dict(
       enabled=True, s=10.0, m=0.1, top_k=3, gamma0=1.0, decay=5e-4,
       # 'naive' holds the K x N logits; 'streamed' goes through blocks and never does
-      # (same value and gradient; one device only for now); 'auto' streams once K x N
-      # exceeds one block on a single device.
+      # (same value and gradient; on a mesh of several devices each takes a share of the
+      # rows, streaming.arc_loss_sharded); 'auto' streams once K x N exceeds one block.
       impl="auto"))
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adam", lr=3e-4, b1=0.9, b2=0.999, grad_clip_norm=0.0,
@@ -126,7 +132,13 @@ def vqvae_config() -> ml_collections.ConfigDict:
       # (regex over the '/'-joined parameter path, PartitionSpec as a tuple) pairs; the
       # first match wins, unmatched parameters are replicated.
       param_rules=(),
+      # With a mesh axis named 'fsdp' (e.g. mesh_shape=(-1, 4), mesh_axes=('data', 'fsdp')),
+      # unmatched parameters of at least this many elements, and their optimizer moments,
+      # are split over it (sharding.py); smaller ones stay replicated.
+      fsdp_min_size=2**14,
   ))
+  # Checkpoints are written in a background thread while training goes on (orbax async).
+  c.checkpoint_async = True
   return c
 
 
@@ -326,6 +338,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
   if "data" not in c.sharding.mesh_axes:
     _fail("sharding.mesh_axes", f"{c.sharding.mesh_axes} has no 'data' axis",
           "The batch is split over an axis named 'data'.")
+  if len(set(c.sharding.mesh_axes)) != len(c.sharding.mesh_axes):
+    _fail("sharding.mesh_axes", f"{c.sharding.mesh_axes} names an axis twice",
+          "Give each mesh axis its own name, e.g. ('data', 'fsdp').")
+  if c.sharding.get("fsdp_min_size", 0) < 0:
+    _fail("sharding.fsdp_min_size", f"must be >= 0, got {c.sharding.fsdp_min_size}",
+          "It is the smallest parameter (in elements) split over the 'fsdp' axis.")
 
 
 def _patchgan_side(side: int, n_layers: int) -> int:

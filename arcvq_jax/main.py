@@ -1,7 +1,8 @@
 """Entry point: `python -m arcvq_jax.main --config=configs/demo.py --workdir=DIR`.
 
 Flags only; the stage the config names does the work. Re-running the same command in the
-same workdir resumes from its latest checkpoint.
+same workdir resumes from its latest checkpoint. On several hosts every host runs the same
+command (see launch/ and README "Running at scale").
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from arcvq_jax import distributed
 from arcvq_jax.train import tokenizer
 
 FLAGS = flags.FLAGS
@@ -19,6 +21,15 @@ config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py[:variant]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and evaluation results.")
 flags.mark_flags_as_required(["config", "workdir"])
+flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "Multi-process runs: 'auto' starts JAX's distributed runtime when --coordinator_address is "
+    "given or a Cloud TPU slice / SLURM step / Open MPI job of several processes is detected.")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0, where JAX cannot detect the cluster (with "
+                    "--num_processes and --process_id).")
+flags.DEFINE_integer("num_processes", None, "Number of processes of the job.")
+flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes - 1.")
 
 STAGES = {"tokenizer": tokenizer.train_and_evaluate}
 
@@ -35,6 +46,12 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   config = FLAGS.config
+  # Before anything touches a device: afterwards jax.devices() spans every process.
+  try:
+    distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
+                           FLAGS.process_id)
+  except distributed.DistributedSetupError as e:
+    raise app.UsageError(str(e)) from e
   logging.info("JAX %s: %d process(es), %d device(s): %s", jax.__version__, jax.process_count(),
                jax.device_count(), jax.devices())
   stage = config.get("stage", "tokenizer")

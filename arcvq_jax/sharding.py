@@ -4,6 +4,11 @@ The step says WHAT is sharded (the batch along 'data', parameters by name rules)
 says HOW. With the default rules every parameter is replicated (pure data parallelism);
 a rule such as ('decoder/.*/kernel$', (None, None, None, 'model')) shards a parameter
 and, since the rule is matched against the whole state path, its Adam moments with it.
+
+A mesh axis named 'fsdp' shards the state as ZeRO-3 / FSDP does: the batch is split over
+('data', 'fsdp') together, and every parameter of at least `fsdp_min_size` elements (with
+its optimizer moments) is split along one of its dimensions over 'fsdp'; XLA gathers it
+where the step needs it whole. Parameter memory per device divides by the axis size.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
 
 
 def make_mesh(shape: Sequence[int], axes: Sequence[str], devices=None) -> Mesh:
@@ -36,9 +42,14 @@ def make_mesh(shape: Sequence[int], axes: Sequence[str], devices=None) -> Mesh:
   return Mesh(np.asarray(devices).reshape(shape), tuple(axes))
 
 
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+  """The mesh axes the batch is split over: 'data', and 'fsdp' where the mesh has one."""
+  return tuple(a for a in (DATA_AXIS, FSDP_AXIS) if a in mesh.axis_names)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dimension split over the 'data' axis."""
-  return NamedSharding(mesh, P(DATA_AXIS))
+  """Leading (batch) dimension split over the batch axes ('data', and 'fsdp' if any)."""
+  return NamedSharding(mesh, P(batch_axes(mesh)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -57,13 +68,28 @@ def _path_str(path) -> str:
   return "/".join(parts)
 
 
-def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Sequence[Any]]] = ()) -> Any:
+def fsdp_spec(shape: Sequence[int], axis_size: int) -> tuple[Any, ...] | None:
+  """The PartitionSpec splitting `shape` over 'fsdp': its largest dimension divisible by
+  the axis size (the last such one on ties: conv kernels' output channels), else None."""
+  best = None
+  for dim, size in enumerate(shape):
+    if size % axis_size == 0 and (best is None or size >= shape[best]):
+      best = dim
+  if best is None:
+    return None
+  return tuple(FSDP_AXIS if d == best else None for d in range(len(shape)))
+
+
+def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Sequence[Any]]] = (),
+                   fsdp_min_size: int = 0) -> Any:
   """NamedSharding for every leaf of `tree` (arrays or ShapeDtypeStructs).
 
   rules: (regex, partition spec) pairs searched in the '/'-joined leaf path; the first
-  match wins; scalars and unmatched leaves are replicated.
+  match wins. Unmatched leaves of at least `fsdp_min_size` elements (> 0) are split over
+  the mesh's 'fsdp' axis, if it has one (`fsdp_spec`); scalars and the rest are replicated.
   """
   compiled = [(re.compile(pattern), tuple(spec)) for pattern, spec in rules]
+  fsdp_size = dict(mesh.shape).get(FSDP_AXIS, 1)
 
   def leaf_sharding(path, leaf):
     name = _path_str(path)
@@ -74,13 +100,23 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Sequence[An
             raise ValueError(f"sharding rule {pattern.pattern!r} -> {spec} has more entries "
                              f"than {name} has dimensions ({leaf.shape}).")
           return NamedSharding(mesh, P(*spec))
+      if fsdp_size > 1 and fsdp_min_size > 0 and int(np.prod(leaf.shape)) >= fsdp_min_size:
+        spec = fsdp_spec(leaf.shape, fsdp_size)
+        if spec is not None:
+          return NamedSharding(mesh, P(*spec))
     return replicated(mesh)
 
   return jax.tree_util.tree_map_with_path(leaf_sharding, tree)
 
 
+def state_shardings(tree: Any, mesh: Mesh, sharding_config: Any) -> Any:
+  """`tree_shardings` with a run's config.sharding (param_rules, fsdp_min_size)."""
+  return tree_shardings(tree, mesh, sharding_config.param_rules,
+                        sharding_config.get("fsdp_min_size", 0))
+
+
 def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-  """This process's slice of the batch -> global arrays split along 'data'.
+  """This process's slice of the batch -> global arrays split along the batch axes.
 
   Works on one host and on many: each process passes only the rows it loaded.
   """

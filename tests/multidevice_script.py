@@ -17,7 +17,21 @@ from arcvq_jax.train import gan_steps, tokenizer
 from arcvq_jax.train.state import make_disc_optimizer, make_optimizer
 
 
-def run_vqgan(devices, steps: int = 3):
+def make_mesh(devices, c, fsdp: bool):
+  """Pure data parallelism, or (with fsdp, on 8 devices) a 2 x 4 ('data', 'fsdp') mesh that
+  splits every parameter of >= 256 elements and its Adam moments over 'fsdp'."""
+  if fsdp and len(devices) > 1:
+    c.sharding.fsdp_min_size = 256
+    return sharding.make_mesh((-1, 4), ("data", "fsdp"), devices=devices)
+  return sharding.make_mesh((-1,), ("data",), devices=devices)
+
+
+def num_fsdp_sharded(state) -> int:
+  """Leaves of the state split over the 'fsdp' axis."""
+  return sum("fsdp" in str(leaf.sharding.spec) for leaf in jax.tree.leaves(state))
+
+
+def run_vqgan(devices, steps: int = 3, fsdp: bool = False):
   """The VQGAN's generator and discriminator steps (GAN on from step 0, no LPIPS)."""
   c = config_lib.vqgan_config()
   c.model.update(dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
@@ -28,11 +42,12 @@ def run_vqgan(devices, steps: int = 3):
   # rounding noise, which the GAN terms (d_weight: a ratio of gradient norms) amplify.
   c.optimizer.update(dict(lr=1e-5, scale_lr=False))
   c.loss.perceptual_weight = 0.0
-  mesh = sharding.make_mesh((-1,), ("data",), devices=devices)
+  mesh = make_mesh(devices, c, fsdp)
   model = tokenizer.build_model(c, channels=3)
   state, _, steps_fn = gan_steps.create_state_and_steps(
       c, model, gan_steps.discriminator_from_config(c), make_optimizer(c),
       make_disc_optimizer(c), mesh, (16, 16, 3), None)
+  sharded = num_fsdp_sharded(state)
   rng = np.random.default_rng(0)
   losses = []
   for t in range(steps):
@@ -41,12 +56,15 @@ def run_vqgan(devices, steps: int = 3):
     state, m = steps_fn(state, batch, t)
     losses.append({k: float(v) for k, v in m.items()})
   flat = [np.asarray(l).ravel() for l in jax.tree.leaves(jax.device_get(state.disc))]
-  return losses, float(np.concatenate(flat).astype(np.float64).sum()), np.asarray(state.params["codebook"]).tolist()
+  return (losses, float(np.concatenate(flat).astype(np.float64).sum()),
+          np.asarray(state.params["codebook"]).tolist(), sharded)
 
 
 def run(devices, variant: str, steps: int = 3):
+  fsdp = variant.endswith("_fsdp")
+  variant = variant.removesuffix("_fsdp")
   if variant == "vqgan":
-    return run_vqgan(devices, steps)
+    return run_vqgan(devices, steps, fsdp)
   streamed = variant.endswith("_streamed")
   c = config_lib.apply_variant(config_lib.vqvae_config(), variant.removesuffix("_streamed"))
   if streamed:  # ArcLoss and the search through blocks, as large codebooks do (the step
@@ -56,10 +74,11 @@ def run(devices, variant: str, steps: int = 3):
   c.quantizer.num_codes, c.quantizer.embed_dim = 64, 16
   if variant == "restart":
     c.quantizer.restart_threshold = 0.5
-  mesh = sharding.make_mesh((-1,), ("data",), devices=devices)
+  mesh = make_mesh(devices, c, fsdp)
   model = vqvae.from_config(c, channels=1)
   state, _, step_fn = tokenizer.create_state_and_step(
       c, model, make_optimizer(c), mesh, (28, 28, 1), data_variance=0.3)
+  sharded = num_fsdp_sharded(state)
   rng = np.random.default_rng(0)
   losses = []
   for _ in range(steps):
@@ -68,14 +87,17 @@ def run(devices, variant: str, steps: int = 3):
     state, m = step_fn(state, batch)
     losses.append({k: float(v) for k, v in m.items()})
   flat = [np.asarray(l).ravel() for l in jax.tree.leaves(jax.device_get(state.params))]
-  return losses, float(np.concatenate(flat).astype(np.float64).sum()), np.asarray(state.params["codebook"]).tolist()
+  return (losses, float(np.concatenate(flat).astype(np.float64).sum()),
+          np.asarray(state.params["codebook"]).tolist(), sharded)
 
 
 if __name__ == "__main__":
   assert jax.device_count() == 8, jax.devices()
   out = {}
   for variant in sys.argv[1:]:
-    one = run(jax.devices()[:1], variant)
+    base = variant.removesuffix("_fsdp")
+    # On one device there is no 'fsdp' axis: the base variant's run is the reference.
+    one = out[base]["one"] if base in out else run(jax.devices()[:1], variant)
     eight = run(jax.devices(), variant)
     out[variant] = {"one": one, "eight": eight}
   print("RESULT" + json.dumps(out))

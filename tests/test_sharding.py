@@ -20,19 +20,29 @@ def results():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "tests", "multidevice_script.py"), "arcvq", "arcvq_streamed", "ema", "restart", "vqgan"],
+      [sys.executable, os.path.join(ROOT, "tests", "multidevice_script.py"), "arcvq", "arcvq_streamed", "ema", "restart", "vqgan", "arcvq_fsdp", "vqgan_fsdp"],
       env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
   line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
   return json.loads(line[len("RESULT"):])
 
 
-@pytest.mark.parametrize("variant", ["arcvq", "arcvq_streamed", "ema", "restart", "vqgan"])
+@pytest.mark.parametrize("variant", ["arcvq", "arcvq_streamed", "ema", "restart", "vqgan",
+                                     "arcvq_fsdp", "vqgan_fsdp"])
 def test_one_and_eight_devices_agree(results, variant):
-  one_losses, one_sum, one_cb = results[variant]["one"]
-  eight_losses, eight_sum, eight_cb = results[variant]["eight"]
+  """*_fsdp: the 8 devices form a 2 x 4 ('data', 'fsdp') mesh with the parameters and their
+  Adam moments split over 'fsdp'; they must give the 1-device (= data-parallel) run."""
+  one_losses, one_sum, one_cb, one_sharded = results[variant]["one"]
+  eight_losses, eight_sum, eight_cb, eight_sharded = results[variant]["eight"]
+  assert one_sharded == 0
+  if variant.endswith("_fsdp"):
+    assert eight_sharded >= 10, eight_sharded  # kernels, codebook and their moments
+    for a, b in zip(results[variant.removesuffix("_fsdp")]["eight"][0], eight_losses):
+      np.testing.assert_allclose(a["loss"], b["loss"], rtol=2e-4)  # = pure data parallelism
+  else:
+    assert eight_sharded == 0
   keys = ["loss", "loss_rec", "loss_vq", "loss_arc", "batch_usage", "batch_perplexity"]
-  if variant == "vqgan":  # BatchNorm's statistics and the adaptive weight are global too
+  if variant.startswith("vqgan"):  # BatchNorm's statistics and the adaptive weight are global too
     keys += ["loss_g", "d_weight", "d_loss", "logits_real", "logits_fake"]
   for a, b in zip(one_losses, eight_losses):
     for key in keys:

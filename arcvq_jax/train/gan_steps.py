@@ -194,28 +194,30 @@ def discriminator_from_config(config: ml_collections.ConfigDict) -> NLayerDiscri
                              dtype=jnp.dtype(config.model.dtype))
 
 
-def create_state_and_steps(
+def abstract_state_and_shardings(
     config: ml_collections.ConfigDict, model: vqgan.VQGAN, disc_model: NLayerDiscriminator,
     tx: optax.GradientTransformation, disc_tx: optax.GradientTransformation,
-    mesh: jax.sharding.Mesh, image_shape: tuple[int, int, int], lpips_params: Any,
-) -> tuple[GANTrainState, Any, GANSteps]:
-  """A fresh GANTrainState laid out by its shardings, the shardings, and the steps.
-
-  Both steps take the batch split along 'data', donate the state they update, and return
-  replicated metrics; parameters follow config.sharding.param_rules like the VQ-VAE's.
-  lpips_params: replicated LPIPS weights (or None with loss.perceptual_weight = 0).
-  """
+    mesh: jax.sharding.Mesh, image_shape: tuple[int, int, int],
+) -> tuple[Callable, tuple[jax.Array, jax.Array], Any, Any]:
+  """(init_fn, its keys, the state's ShapeDtypeStructs, their shardings): nothing allocated."""
   key = jax.random.PRNGKey(config.seed)
-  gen_key, disc_key = jax.random.split(key)
+  keys = tuple(jax.random.split(key))
 
   def init_fn(gen_key, disc_key):
     return GANTrainState(
         gen=init_train_state(gen_key, model=model, tx=tx, image_shape=image_shape),
         disc=init_disc_state(disc_key, model=disc_model, tx=disc_tx, image_shape=image_shape))
 
-  state_sharding = sharding.tree_shardings(jax.eval_shape(init_fn, gen_key, disc_key), mesh,
-                                           config.sharding.param_rules)
-  state = jax.jit(init_fn, out_shardings=state_sharding)(gen_key, disc_key)
+  abstract = jax.eval_shape(init_fn, *keys)
+  return init_fn, keys, abstract, sharding.state_shardings(abstract, mesh, config.sharding)
+
+
+def make_steps(
+    config: ml_collections.ConfigDict, model: vqgan.VQGAN, disc_model: NLayerDiscriminator,
+    tx: optax.GradientTransformation, disc_tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh, state_sharding: Any, lpips_params: Any,
+) -> GANSteps:
+  """The jitted generator and discriminator steps for a state laid out by `state_sharding`."""
   batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   generator = {
       use_gan: jax.jit(
@@ -230,5 +232,23 @@ def create_state_and_steps(
       in_shardings=(state_sharding.disc, batch_sharding, batch_sharding),
       out_shardings=(state_sharding.disc, replicated),
       donate_argnums=(0,))
-  return state, state_sharding, GANSteps(generator, discriminator, lpips_params, config)
+  return GANSteps(generator, discriminator, lpips_params, config)
 
+
+def create_state_and_steps(
+    config: ml_collections.ConfigDict, model: vqgan.VQGAN, disc_model: NLayerDiscriminator,
+    tx: optax.GradientTransformation, disc_tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh, image_shape: tuple[int, int, int], lpips_params: Any,
+) -> tuple[GANTrainState, Any, GANSteps]:
+  """A fresh GANTrainState laid out by its shardings, the shardings, and the steps.
+
+  Both steps take the batch split along the batch axes, donate the state they update, and
+  return replicated metrics; parameters follow config.sharding (param_rules, and the 'fsdp'
+  axis) like the VQ-VAE's.
+  lpips_params: replicated LPIPS weights (or None with loss.perceptual_weight = 0).
+  """
+  init_fn, keys, _, state_sharding = abstract_state_and_shardings(
+      config, model, disc_model, tx, disc_tx, mesh, image_shape)
+  state = jax.jit(init_fn, out_shardings=state_sharding)(*keys)
+  steps = make_steps(config, model, disc_model, tx, disc_tx, mesh, state_sharding, lpips_params)
+  return state, state_sharding, steps

@@ -20,9 +20,11 @@ import numpy as np
 import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
+from jax.experimental import multihost_utils
 
 from arcvq_jax import checkpoint as ckpt_lib
 from arcvq_jax import config as config_lib
+from arcvq_jax import distributed
 from arcvq_jax import quantization as vq
 from arcvq_jax import sharding
 from arcvq_jax import streaming
@@ -275,6 +277,7 @@ def _check_finite(history: list[dict[str, jax.Array]], first_step: int, checkpoi
   bad = np.flatnonzero(~np.isfinite(losses))
   if bad.size:
     step = first_step + int(bad[0])
+    checkpointer.wait()  # an asynchronous save of the last good step finishes first
     raise NonFiniteLossError(
         f"the loss became {losses[bad[0]]} at step {step}. Nothing after the last good "
         f"checkpoint (step {checkpointer.latest_step()}, in {checkpointer.directory}) was "
@@ -293,8 +296,7 @@ def create_state_and_step(
   """
   init_fn = functools.partial(init_train_state, model=model, tx=tx, image_shape=image_shape)
   key = jax.random.PRNGKey(config.seed)
-  state_sharding = sharding.tree_shardings(jax.eval_shape(init_fn, key), mesh,
-                                           config.sharding.param_rules)
+  state_sharding = sharding.state_shardings(jax.eval_shape(init_fn, key), mesh, config.sharding)
   state = jax.jit(init_fn, out_shardings=state_sharding)(key)
   step_fn = jax.jit(
       functools.partial(train_step, model=model, tx=tx, config=config,
@@ -329,7 +331,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   A VQ-VAE (config.model.name 'vqvae') takes one jitted step per batch; a VQGAN ('vqgan')
   takes the generator step and, from gan.disc_train_start on, the discriminator step
-  (train/gan_steps.py). Both resume exactly from their checkpoints.
+  (train/gan_steps.py). Both resume exactly from their checkpoints. On SIGTERM (any process
+  of a multi-process run) every process saves the current step, waits for the write and
+  returns {'preempted_at_step': step} without evaluating.
   """
   config_lib.validate(config, jax.device_count(), jax.process_count())
   info = pipeline.dataset_info(config.data)
@@ -369,7 +373,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_iter = pipeline.create_train_iterator(
       config.data, global_batch_size=config.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
-  checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), config.keep_checkpoints)
+  checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), config.keep_checkpoints,
+                                      async_save=config.get("checkpoint_async", False))
   start = checkpointer.latest_step()
   if start is not None:
     logging.info("Resuming from checkpoint step %d in %s", start, checkpointer.directory)
@@ -388,8 +393,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
   report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
-  # A fixed set of test images for the reconstruction grids.
+  # A fixed set of test images for the reconstruction grids (process 0's, on every process:
+  # the jitted call takes host arrays as the same value everywhere).
   preview = next(iter(eval_batches()))["image"][:8]
+  if jax.process_count() > 1:
+    preview = multihost_utils.broadcast_one_to_all(preview)
 
   def run_eval(step: int) -> dict[str, float]:
     results = evaluate(eval_fn, state.params, eval_batches(), batch_sharding, lpips_params)
@@ -404,29 +412,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   history: list[dict[str, jax.Array]] = []
   history_start = start
-  for step in range(start + 1, total_steps + 1):
-    with jax.profiler.StepTraceAnnotation("train", step_num=step):
-      batch = sharding.global_batch(next(train_iter), batch_sharding)
-      state, step_metrics = step_fn(state, batch, step - 1)
-    history.append(step_metrics)
-    report_progress(step, time.time())
+  preemption = distributed.PreemptionWatcher().install()
+  try:
+    for step in range(start + 1, total_steps + 1):
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        batch = sharding.global_batch(next(train_iter), batch_sharding)
+        state, step_metrics = step_fn(state, batch, step - 1)
+      history.append(step_metrics)
+      report_progress(step, time.time())
 
-    is_last = step == total_steps
-    if step % config.log_every_steps == 0 or is_last:
-      _check_finite(history, history_start + 1, checkpointer)
-      writer.write_scalars(step, {f"train/{k}": v for k, v in _mean_metrics(history).items()})
-      usage = jax.device_get(state.usage)
-      writer.write_scalars(step, {"train/ema_usage": float(np.mean(usage > 1e-3))})
-      history, history_start = [], step
-    if config.image_every_steps and (step % config.image_every_steps == 0 or is_last):
-      x_hat, _ = recon_fn(state.params, preview)
-      grid = image_lib.side_by_side(np.asarray(preview), np.asarray(x_hat), value_range=(-1, 1))
-      writer.write_images(step, {"reconstructions": grid[None]})
-    if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0) or is_last:
-      _check_finite(history, history_start + 1, checkpointer)
-      checkpointer.save(step, state, train_iter)
-    if config.eval_every_steps and step % config.eval_every_steps == 0 and not is_last:
-      run_eval(step)
+      is_last = step == total_steps
+      if step % config.log_every_steps == 0 or is_last:
+        _check_finite(history, history_start + 1, checkpointer)
+        writer.write_scalars(step, {f"train/{k}": v for k, v in _mean_metrics(history).items()})
+        usage = jax.device_get(state.usage)
+        writer.write_scalars(step, {"train/ema_usage": float(np.mean(usage > 1e-3))})
+        history, history_start = [], step
+      if config.image_every_steps and (step % config.image_every_steps == 0 or is_last):
+        x_hat, _ = recon_fn(state.params, preview)
+        grid = image_lib.side_by_side(np.asarray(preview), np.asarray(x_hat), value_range=(-1, 1))
+        writer.write_images(step, {"reconstructions": grid[None]})
+      saved = (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0) or is_last
+      if saved:
+        _check_finite(history, history_start + 1, checkpointer)
+        checkpointer.save(step, state, train_iter)
+      if not is_last and preemption.should_stop(step):
+        # SIGTERM (preemption, scancel, maintenance): save this step, wait for the write,
+        # and leave; the same command resumes here.
+        if not saved:
+          _check_finite(history, history_start + 1, checkpointer)
+          checkpointer.save(step, state, train_iter)
+        checkpointer.wait()
+        checkpointer.close()
+        writer.flush()
+        logging.warning("Preempted (SIGTERM) at step %d of %d: checkpoint saved in %s; run "
+                        "the same command to resume.", step, total_steps, checkpointer.directory)
+        return dict(preempted_at_step=step)
+      if config.eval_every_steps and step % config.eval_every_steps == 0 and not is_last:
+        run_eval(step)
+  finally:
+    preemption.restore()
   writer.flush()
 
   results = run_eval(total_steps)

@@ -1,0 +1,105 @@
+"""Compile time and per-device memory of the f8 VQGAN generator step, with and without the
+'fsdp' axis, on 8 simulated CPU devices (issue 6).
+
+  python bench/bench_fsdp_memory.py                    # f8, global batch 8
+  python bench/bench_fsdp_memory.py --config f16 --meshes 8x1 4x2 1x8
+
+Per-step time on simulated devices means nothing (they share the same cores); what the
+'fsdp' axis changes is where the state lives. Nothing is allocated: the step is lowered on
+ShapeDtypeStructs carrying the shardings and compiled. Reported per device: the train
+state's bytes (params + Adam moments + D, by their shardings), and XLA's accounting of the
+compiled program (arguments, temporaries, total = args + outputs + temps - aliased).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tests"))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from arcvq_jax import sharding  # noqa: E402
+from arcvq_jax.train import gan_steps, tokenizer  # noqa: E402
+from arcvq_jax.train.state import make_disc_optimizer, make_optimizer  # noqa: E402
+from model_fixtures import random_lpips_params  # noqa: E402
+
+MIB = 2**20
+
+
+def per_device_bytes(abstract, shardings) -> float:
+  """Bytes of a pytree on one device: each leaf's size over its number of shards."""
+  total = 0.0
+  for leaf, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
+    shard = s.shard_shape(leaf.shape)
+    total += int(np.prod(shard)) * leaf.dtype.itemsize
+  return total
+
+
+def bench(name: str, data: int, fsdp: int, batch: int) -> dict:
+  from configs import imagenet, imagenet_f16  # noqa: PLC0415
+  c = (imagenet if name == "f8" else imagenet_f16).get_config()
+  c.batch_size = batch
+  if fsdp > 1:
+    mesh = sharding.make_mesh((data, fsdp), ("data", "fsdp"))
+  else:
+    mesh = sharding.make_mesh((data,), ("data",))
+  shape = (c.data.image_size, c.data.image_size, 3)
+  model = tokenizer.build_model(c, channels=3)
+  disc_model = gan_steps.discriminator_from_config(c)
+  tx, disc_tx = make_optimizer(c), make_disc_optimizer(c)
+  _, _, abstract, state_sharding = gan_steps.abstract_state_and_shardings(
+      c, model, disc_model, tx, disc_tx, mesh, shape)
+  with_sharding = lambda tree, sh: jax.tree.map(  # noqa: E731
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
+  state = with_sharding(abstract, state_sharding)
+  lpips = jax.eval_shape(random_lpips_params)
+  lpips = with_sharding(lpips, jax.tree.map(lambda _: sharding.replicated(mesh), lpips))
+  images = jax.ShapeDtypeStruct((batch, *shape), np.float32,
+                                sharding=sharding.batch_sharding(mesh))
+  steps = gan_steps.make_steps(c, model, disc_model, tx, disc_tx, mesh, state_sharding, lpips)
+  start = time.perf_counter()
+  compiled = steps.generator[True].lower(state.gen, state.disc, {"image": images},
+                                         lpips).compile()
+  compile_s = time.perf_counter() - start
+  m = compiled.memory_analysis()
+  params_gen = per_device_bytes(abstract.gen.params, state_sharding.gen.params)
+  return dict(
+      mesh=f"data {data} x fsdp {fsdp}", compile_s=compile_s,
+      state_mib=per_device_bytes(abstract, state_sharding) / MIB,
+      params_mib=params_gen / MIB,
+      args_mib=m.argument_size_in_bytes / MIB, temp_mib=m.temp_size_in_bytes / MIB,
+      total_mib=(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                 - m.alias_size_in_bytes) / MIB)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--config", choices=("f8", "f16"), default="f8")
+  parser.add_argument("--batch", type=int, default=8, help="global batch")
+  parser.add_argument("--meshes", nargs="+", default=["8x1", "1x8"],
+                      help="data x fsdp sizes, product 8")
+  args = parser.parse_args()
+  print(f"{args.config} VQGAN generator step, global batch {args.batch}, 8 CPU devices")
+  print("| mesh | compile s | state / device | autoencoder params / device | XLA args | "
+        "XLA temps | XLA total |")
+  print("|---|---|---|---|---|---|---|")
+  for spec in args.meshes:
+    data, fsdp = (int(v) for v in spec.split("x"))
+    r = bench(args.config, data, fsdp, args.batch)
+    print(f"| {r['mesh']} | {r['compile_s']:.0f} | {r['state_mib']:.0f} MiB | "
+          f"{r['params_mib']:.0f} MiB | {r['args_mib']:.0f} MiB | {r['temp_mib']:.0f} MiB | "
+          f"{r['total_mib']:.0f} MiB |", flush=True)
+
+
+if __name__ == "__main__":
+  main()
