@@ -89,8 +89,9 @@ def generator_step(
     loss_q = terms.pop("loss_q")
     return (h, loss_q), dict(terms, indices=quant.indices, z=z_flat)
 
-  (h, loss_q), autoencode_vjp, aux = jax.vjp(autoencode, params, has_aux=True)
-  kernel, bias = vqgan.last_layer_params(params)
+  full = sharding.gather_params(params, replicated)
+  (h, loss_q), autoencode_vjp, aux = jax.vjp(autoencode, full, has_aux=True)
+  kernel, bias = vqgan.last_layer_params(full)
   x_hat, last_vjp = jax.vjp(functools.partial(vqgan.last_layer, dtype=model.dtype),
                             h, kernel, bias)
 

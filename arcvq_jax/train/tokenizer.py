@@ -194,7 +194,8 @@ def train_step(
       functools.partial(tokenizer_loss, model=model, config=config, data_variance=data_variance,
                         replicated=replicated),
       has_aux=True)
-  (_, aux), grads = grad_fn(params, batch["image"], state.step)
+  (_, aux), grads = grad_fn(sharding.gather_params(params, replicated), batch["image"],
+                           state.step)
   return apply_tokenizer_update(state, params, grads, aux, radius, tx=tx, q=config.quantizer)
 
 
