@@ -12,3 +12,6 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   fi
 fi
 python -m pip install -q -e '.[test]'
+# taming-transformers' own modules: the reference of the checkpoint-import parity tests.
+# --no-deps: its metadata pulls in pytorch-lightning, which neither we nor its modules need.
+python -m pip install -q --no-deps taming-transformers-rom1504==0.0.6

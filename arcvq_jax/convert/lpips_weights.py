@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
+from arcvq_jax.convert.torch_state import load_torch_state
 from arcvq_jax.losses import lpips as lpips_lib
 
 
@@ -72,24 +73,15 @@ def default_lin_path() -> str:
   return os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", "vgg.pth")
 
 
-def load_torch_state(path: str) -> dict[str, np.ndarray]:
-  """A PyTorch state dict file -> {key: numpy array}."""
-  try:
-    import torch  # noqa: PLC0415
-  except ImportError as e:
-    raise SystemExit("reading .pth files needs PyTorch: `pip install torch`.") from e
-  if not os.path.exists(path):
-    raise SystemExit(f"no such file: {path}")
-  state = torch.load(path, map_location="cpu", weights_only=True)
-  if not isinstance(state, dict):
-    raise SystemExit(f"{path} holds a {type(state).__name__}, not a state dict.")
-  return {k: v.detach().cpu().numpy() for k, v in state.items() if hasattr(v, "detach")}
-
-
 FLAGS = flags.FLAGS
-flags.DEFINE_string("vgg16", None, "torchvision's VGG16 ImageNet state dict (.pth).")
-flags.DEFINE_string("lin", None, "lpips v0.1 linear weights (default: from the lpips package).")
-flags.DEFINE_string("out", "~/.cache/arcvq_jax/lpips_vgg16.npz", "Output .npz file.")
+
+
+def define_flags() -> None:
+  """The command's flags, defined only when it runs as a program: absl's flags are global,
+  and other modules that share names (--out) are imported beside this one."""
+  flags.DEFINE_string("vgg16", None, "torchvision's VGG16 ImageNet state dict (.pth).")
+  flags.DEFINE_string("lin", None, "lpips v0.1 linear weights (default: from the lpips package).")
+  flags.DEFINE_string("out", "~/.cache/arcvq_jax/lpips_vgg16.npz", "Output .npz file.")
 
 
 def main(argv: list[str]) -> None:
@@ -105,4 +97,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
