@@ -14,7 +14,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from arcvq_jax import distributed
-from arcvq_jax.train import tokenizer
+from arcvq_jax.train import prior_ldm, prior_pixelcnn, tokenizer
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -31,7 +31,11 @@ flags.DEFINE_string("coordinator_address", None,
 flags.DEFINE_integer("num_processes", None, "Number of processes of the job.")
 flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes - 1.")
 
-STAGES = {"tokenizer": tokenizer.train_and_evaluate}
+STAGES = {
+    "tokenizer": tokenizer.train_and_evaluate,
+    "ldm": prior_ldm.train_and_evaluate,
+    "pixelcnn": prior_pixelcnn.train_and_evaluate,
+}
 
 
 class _QuietLibraries(logging_std.Filter):

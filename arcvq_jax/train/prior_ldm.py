@@ -1,0 +1,255 @@
+"""The latent diffusion prior (SPEC.md section 4, paper Table 8): a second training stage on
+the pre-quantisation latents of a frozen tokenizer, one loop.
+
+Read top to bottom: validate -> frozen tokenizer (checked against the config) -> latents of
+the training split (precompute pass, train/prior_common.py) -> mesh -> UNet, optimizer,
+schedule -> state (fresh or restored) -> jitted sharded step -> loop with logging, sample
+grids and checkpoints. Sampling (DDIM + classifier-free guidance) is `make_sample_fn`, used
+here for the grids and by `python -m arcvq_jax.sample`.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+from arcvq_jax import checkpoint as ckpt_lib
+from arcvq_jax import distributed
+from arcvq_jax import diffusion, prior_config, sharding
+from arcvq_jax.evaluation import images as image_lib
+from arcvq_jax.models import unet
+from arcvq_jax.train import prior_common as common
+
+
+@flax.struct.dataclass
+class LDMTrainState:
+  """step () int32; params / ema_params of the LatentDiffusionUNet (ema_params None when
+  config.ema.decay = 0); opt_state; rng (2,) uint32, folded with the step for each step's
+  draws (t, noise, label dropout, dropout); scale_factor () float32, the latents' scale."""
+
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  rng: jax.Array
+  scale_factor: jax.Array
+
+
+def schedule_from_config(config: ml_collections.ConfigDict) -> diffusion.Schedule:
+  d = config.diffusion
+  return diffusion.make_schedule(d.beta_schedule, d.num_timesteps, d.linear_start, d.linear_end)
+
+
+def _dummy_labels(config: ml_collections.ConfigDict, batch: int) -> jax.Array | None:
+  return jnp.zeros((batch,), jnp.int32) if config.num_classes else None
+
+
+def init_state(key: jax.Array, *, model: nn.Module, tx: optax.GradientTransformation,
+               config: ml_collections.ConfigDict, latent_shape: tuple[int, int, int],
+               scale_factor: float) -> LDMTrainState:
+  """A fresh state; pure, so `jax.jit(..., out_shardings=...)` builds it in place."""
+  init_key, rng = jax.random.split(key)
+  params = model.init(init_key, jnp.zeros((1, *latent_shape), jnp.float32),
+                      jnp.zeros((1,), jnp.int32), _dummy_labels(config, 1))["params"]
+  return LDMTrainState(
+      step=jnp.zeros((), jnp.int32), params=params,
+      ema_params=params if config.ema.decay > 0 else None,
+      opt_state=tx.init(params), rng=rng,
+      scale_factor=jnp.asarray(scale_factor, jnp.float32))
+
+
+def train_step(state: LDMTrainState, batch: dict[str, jax.Array], *, model: nn.Module,
+               tx: optax.GradientTransformation, schedule: diffusion.Schedule,
+               config: ml_collections.ConfigDict, replicated: Any = None,
+               ) -> tuple[LDMTrainState, dict[str, jax.Array]]:
+  """One Adam step on LDM's eps loss. batch: 'latent' (B, h, w, D) float32 (unscaled,
+  pre-quantisation), 'label' (B,) int32, both split along the batch axes. replicated: the
+  mesh's replicated sharding (FSDP gathers the parameters whole for the passes), or None."""
+  key = jax.random.fold_in(state.rng, state.step)
+  loss_key, dropout_key = jax.random.split(key)
+  x0 = batch["latent"].astype(jnp.float32) * state.scale_factor
+  labels = batch["label"] if config.num_classes else None
+
+  def loss_fn(params):
+    eps_fn = lambda x, t, y: model.apply({"params": params}, x, t, y, train=True,
+                                         rngs={"dropout": dropout_key})
+    return diffusion.eps_loss(loss_key, eps_fn, x0, labels, schedule,
+                              config.diffusion.cond_drop_prob, null_class=config.num_classes)
+
+  (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      sharding.gather_params(state.params, replicated))
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads))
+  ema_params = state.ema_params
+  if ema_params is not None:
+    decay = common.ema_decay(state.step, config.ema.decay, config.ema.warmup)
+    ema_params = common.ema_update(ema_params, params, decay)
+    metrics["ema_decay"] = decay
+  new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
+                            opt_state=opt_state)
+  return new_state, metrics
+
+
+def create_state_and_step(
+    config: ml_collections.ConfigDict, model: nn.Module, tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh, latent_shape: tuple[int, int, int], scale_factor: float,
+) -> tuple[LDMTrainState, Any, Callable]:
+  """A fresh state laid out by its shardings, the shardings, and the jitted train step
+  (state donated, batch split along 'data', metrics replicated)."""
+  init_fn = functools.partial(init_state, model=model, tx=tx, config=config,
+                              latent_shape=latent_shape, scale_factor=scale_factor)
+  key = jax.random.PRNGKey(config.seed)
+  state_sharding = sharding.state_shardings(jax.eval_shape(init_fn, key), mesh, config.sharding)
+  state = jax.jit(init_fn, out_shardings=state_sharding)(key)
+  step_fn = jax.jit(
+      functools.partial(train_step, model=model, tx=tx, schedule=schedule_from_config(config),
+                        config=config, replicated=sharding.replicated(mesh)),
+      in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+      out_shardings=(state_sharding, sharding.replicated(mesh)),
+      donate_argnums=(0,))
+  return state, state_sharding, step_fn
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def initial_noise(key: jax.Array, indices: jax.Array, latent_shape: tuple[int, ...]) -> jax.Array:
+  """x_T of samples `indices` (B,): N(0, I) from fold_in(key, index), so sample i is the same
+  whatever the batch it is drawn in."""
+  return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), latent_shape))(indices)
+
+
+def make_sample_fn(model: nn.Module, config: ml_collections.ConfigDict, *,
+                   num_steps: int | None = None, guidance_scale: float | None = None,
+                   eta: float | None = None, mesh: jax.sharding.Mesh | None = None) -> Callable:
+  """jitted (params, x_T (B, h, w, D), labels (B,) int32, key) -> latents (B, h, w, D),
+  unscaled (divide by the state's scale_factor before decoding). Defaults: config.sampling.
+  With `mesh`, the batch is split along 'data' and the params replicated."""
+  s = config.sampling
+  num_steps = s.ddim_steps if num_steps is None else num_steps
+  guidance_scale = s.guidance_scale if guidance_scale is None else guidance_scale
+  eta = s.eta if eta is None else eta
+  schedule = schedule_from_config(config)
+
+  def sample(params, x_T, labels, key):
+    eps_fn = lambda x, t, y: model.apply({"params": params}, x, t, y)
+    return diffusion.ddim_sample(
+        eps_fn, x_T, labels if config.num_classes else None, schedule, num_steps=num_steps,
+        guidance_scale=float(guidance_scale), null_class=config.num_classes, eta=float(eta),
+        final_alpha_one=s.final_alpha_one, key=key)
+
+  if mesh is None:
+    return jax.jit(sample)
+  batch, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  return jax.jit(sample, in_shardings=(rep, batch, batch, rep), out_shardings=batch)
+
+
+def sample_params(state: LDMTrainState, use_ema: bool) -> Any:
+  return state.ema_params if use_ema and state.ema_params is not None else state.params
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (or resumes) the LDM in `workdir`; returns the last logged train metrics."""
+  prior_config.validate_ldm(config, jax.device_count(), jax.process_count())
+  common.write_config(config, workdir)
+  tok, record = common.load_tokenizer(config, workdir)
+  latent_shape = tuple(record["latent_shape"])
+  out_dir = common.latents_dir(config, workdir)
+  arrays = common.precompute(tok, common.data_config(config, tok), out_dir, "latents", record,
+                             config.latents.encode_batch_size, config.num_classes)
+  stats = common.latent_stats(out_dir)
+  scale_factor = config.diffusion.scale_factor or 1.0 / max(stats["std"], 1e-8)
+  logging.info("Latents %s: mean %.4f, std %.4f; scale_factor %.5f for a new run",
+               latent_shape, stats["mean"], stats["std"], scale_factor)
+
+  mesh = sharding.make_mesh(config.sharding.mesh_shape, config.sharding.mesh_axes)
+  batch_sharding = sharding.batch_sharding(mesh)
+  model = unet.from_config(config, latent_channels=latent_shape[-1])
+  tx = common.make_optimizer(config)
+  state, _, step_fn = create_state_and_step(config, model, tx, mesh, latent_shape, scale_factor)
+  train_iter = common.create_array_iterator({"latent": arrays["x"], "label": arrays["label"]},
+                                            config.batch_size, config.seed)
+  checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), config.keep_checkpoints,
+                                      async_save=config.get("checkpoint_async", False))
+  start = checkpointer.latest_step()
+  if start is not None:
+    logging.info("Resuming from checkpoint step %d in %s", start, checkpointer.directory)
+    state = checkpointer.restore(start, ckpt_lib.abstract_like(state), train_iter)
+  start = int(jax.device_get(state.step))
+  total = config.num_train_steps
+  logging.info("LDM: %d params, %d training latents, steps %d -> %d",
+               sum(x.size for x in jax.tree.leaves(state.params)), len(arrays["x"]), start, total)
+
+  is_main = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+  report_progress = periodic_actions.ReportProgress(num_train_steps=total, writer=writer)
+  preview_fn = make_sample_fn(model, config) if config.sample_every_steps else None
+  n_preview = 8
+  # Replicated on the mesh like the params, so the jitted sampler sees one device set.
+  preview_labels, preview_noise, preview_key = jax.device_put(
+      (jnp.arange(n_preview, dtype=jnp.int32) % max(config.num_classes, 1),
+       initial_noise(jax.random.PRNGKey(config.seed + 1), jnp.arange(n_preview), latent_shape),
+       jax.random.PRNGKey(0)), sharding.replicated(mesh))
+
+  history: list[dict[str, jax.Array]] = []
+  last: dict[str, float] = {}
+  preemption = distributed.PreemptionWatcher().install()
+  try:
+    for step in range(start + 1, total + 1):
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        batch = sharding.global_batch(next(train_iter), batch_sharding)
+        state, metrics = step_fn(state, batch)
+      history.append(metrics)
+      report_progress(step, time.time())
+      is_last = step == total
+      if step % config.log_every_steps == 0 or is_last:
+        common.check_finite(history, step, checkpointer, "LDM")
+        last = common.mean_metrics(history)
+        writer.write_scalars(step, {f"train/{k}": v for k, v in last.items()})
+        history = []
+      if preview_fn is not None and (step % config.sample_every_steps == 0 or is_last):
+        z = preview_fn(sample_params(state, config.sampling.use_ema), preview_noise,
+                       preview_labels, preview_key)
+        z = np.asarray(z.addressable_data(0))  # replicated: every process has all of it
+        images = tok.decode_latents(z / float(state.scale_factor.addressable_data(0)))
+        grid = image_lib.image_grid(np.asarray(images), ncols=n_preview, value_range=(-1, 1))
+        writer.write_images(step, {"samples": grid[None]})
+      saved = (config.checkpoint_every_steps
+               and step % config.checkpoint_every_steps == 0) or is_last
+      if saved:
+        common.check_finite(history, step, checkpointer, "LDM")
+        checkpointer.save(step, state, train_iter)
+      if not is_last and preemption.should_stop(step):
+        # SIGTERM (preemption, scancel): save this step, wait for the write, leave; the
+        # same command resumes here.
+        if not saved:
+          common.check_finite(history, step, checkpointer, "LDM")
+          checkpointer.save(step, state, train_iter)
+        checkpointer.wait()
+        checkpointer.close()
+        writer.flush()
+        logging.warning("Preempted (SIGTERM) at step %d of %d: checkpoint saved in %s; run "
+                        "the same command to resume.", step, total, checkpointer.directory)
+        return dict(preempted_at_step=step)
+  finally:
+    preemption.restore()
+  checkpointer.wait()
+  checkpointer.close()
+  writer.flush()
+  return last

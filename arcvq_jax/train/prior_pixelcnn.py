@@ -1,0 +1,240 @@
+"""The PixelCNN prior over the token grids of a frozen tokenizer (paper App. D.5), one loop.
+
+Read top to bottom: validate -> frozen tokenizer (checked against the config) -> token grids
+of the training split (precompute pass, train/prior_common.py) -> mesh -> gated PixelCNN,
+optimizer -> state (fresh or restored) -> jitted sharded step (cross-entropy of every token
+given those before it) -> loop with logging, sample grids and checkpoints. Ancestral
+sampling in raster order is `make_sample_fn`, used here and by `python -m arcvq_jax.sample`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+from arcvq_jax import checkpoint as ckpt_lib
+from arcvq_jax import distributed
+from arcvq_jax import prior_config, sharding
+from arcvq_jax.evaluation import images as image_lib
+from arcvq_jax.models import pixelcnn
+from arcvq_jax.train import prior_common as common
+
+
+@flax.struct.dataclass
+class PixelCNNTrainState:
+  """step () int32; params / ema_params (None when config.ema.decay = 0); opt_state; rng."""
+
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def init_state(key: jax.Array, *, model: nn.Module, tx: optax.GradientTransformation,
+               config: ml_collections.ConfigDict, grid: tuple[int, int]) -> PixelCNNTrainState:
+  init_key, rng = jax.random.split(key)
+  labels = jnp.zeros((1,), jnp.int32) if config.num_classes else None
+  params = model.init(init_key, jnp.zeros((1, *grid), jnp.int32), labels)["params"]
+  return PixelCNNTrainState(step=jnp.zeros((), jnp.int32), params=params,
+                            ema_params=params if config.ema.decay > 0 else None,
+                            opt_state=tx.init(params), rng=rng)
+
+
+def nll(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+  """Mean negative log-likelihood in nats per token. logits (B, H, W, K), tokens (B, H, W)."""
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, tokens))
+
+
+def train_step(state: PixelCNNTrainState, batch: dict[str, jax.Array], *, model: nn.Module,
+               tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+               replicated: Any = None) -> tuple[PixelCNNTrainState, dict[str, jax.Array]]:
+  """One step on batch 'tokens' (B, H, W) int32, 'label' (B,) int32, split along the batch
+  axes. replicated: as in prior_ldm.train_step."""
+  labels = batch["label"] if config.num_classes else None
+
+  def loss_fn(params):
+    return nll(model.apply({"params": params}, batch["tokens"], labels), batch["tokens"])
+
+  loss, grads = jax.value_and_grad(loss_fn)(sharding.gather_params(state.params, replicated))
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = dict(loss=loss, bits_per_token=loss / math.log(2.0),
+                 grad_norm=optax.tree.norm(grads))
+  ema_params = state.ema_params
+  if ema_params is not None:
+    decay = common.ema_decay(state.step, config.ema.decay, config.ema.warmup)
+    ema_params = common.ema_update(ema_params, params, decay)
+  return state.replace(step=state.step + 1, params=params, ema_params=ema_params,
+                       opt_state=opt_state), metrics
+
+
+def create_state_and_step(
+    config: ml_collections.ConfigDict, model: nn.Module, tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh, grid: tuple[int, int],
+) -> tuple[PixelCNNTrainState, Any, Callable]:
+  """A fresh state laid out by its shardings, the shardings, and the jitted step."""
+  init_fn = functools.partial(init_state, model=model, tx=tx, config=config, grid=grid)
+  key = jax.random.PRNGKey(config.seed)
+  state_sharding = sharding.state_shardings(jax.eval_shape(init_fn, key), mesh, config.sharding)
+  state = jax.jit(init_fn, out_shardings=state_sharding)(key)
+  step_fn = jax.jit(
+      functools.partial(train_step, model=model, tx=tx, config=config,
+                        replicated=sharding.replicated(mesh)),
+      in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+      out_shardings=(state_sharding, sharding.replicated(mesh)),
+      donate_argnums=(0,))
+  return state, state_sharding, step_fn
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def sample_keys(key: jax.Array, indices: jax.Array) -> jax.Array:
+  """(B, 2) keys fold_in(key, i): sample i is the same whatever batch it is drawn in."""
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
+
+
+def sample_tokens(apply_fn: Callable, labels: jax.Array | None, keys: jax.Array,
+                  grid: tuple[int, int], temperature: float = 1.0) -> jax.Array:
+  """Ancestral sampling in raster order: (B,) keys -> tokens (B, H, W) int32.
+
+  apply_fn(tokens (B, H, W), labels) -> logits (B, H, W, K). One forward pass per position
+  (a `fori_loop` over the H*W positions); position p of sample b draws with
+  fold_in(keys[b], p).
+  """
+  h, w = grid
+  b = keys.shape[0]
+
+  def body(p, tokens):
+    i, j = p // w, p % w
+    logits = apply_fn(tokens, labels)[:, i, j] / temperature
+    pos_keys = jax.vmap(lambda k: jax.random.fold_in(k, p))(keys)
+    drawn = jax.vmap(jax.random.categorical)(pos_keys, logits).astype(jnp.int32)
+    return tokens.at[:, i, j].set(drawn)
+
+  return jax.lax.fori_loop(0, h * w, body, jnp.zeros((b, h, w), jnp.int32))
+
+
+def make_sample_fn(model: nn.Module, config: ml_collections.ConfigDict, grid: tuple[int, int],
+                   *, temperature: float | None = None,
+                   mesh: jax.sharding.Mesh | None = None) -> Callable:
+  """jitted (params, labels (B,) int32, keys (B, 2)) -> tokens (B, H, W) int32."""
+  temperature = config.sampling.temperature if temperature is None else temperature
+
+  def sample(params, labels, keys):
+    apply_fn = lambda t, y: model.apply({"params": params}, t, y)
+    return sample_tokens(apply_fn, labels if config.num_classes else None, keys, grid,
+                         float(temperature))
+
+  if mesh is None:
+    return jax.jit(sample)
+  batch, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  return jax.jit(sample, in_shardings=(rep, batch, batch), out_shardings=batch)
+
+
+def sample_params(state: PixelCNNTrainState, use_ema: bool) -> Any:
+  return state.ema_params if use_ema and state.ema_params is not None else state.params
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (or resumes) the PixelCNN in `workdir`; returns the last logged train metrics."""
+  prior_config.validate_pixelcnn(config, jax.device_count(), jax.process_count())
+  common.write_config(config, workdir)
+  tok, record = common.load_tokenizer(config, workdir)
+  grid = tuple(record["latent_shape"][:2])
+  arrays = common.precompute(tok, common.data_config(config, tok),
+                             common.latents_dir(config, workdir), "tokens", record,
+                             config.latents.encode_batch_size, config.num_classes)
+
+  mesh = sharding.make_mesh(config.sharding.mesh_shape, config.sharding.mesh_axes)
+  batch_sharding = sharding.batch_sharding(mesh)
+  model = pixelcnn.from_config(config, num_codes=record["num_codes"])
+  tx = common.make_optimizer(config)
+  state, _, step_fn = create_state_and_step(config, model, tx, mesh, grid)
+  train_iter = common.create_array_iterator({"tokens": arrays["x"], "label": arrays["label"]},
+                                            config.batch_size, config.seed)
+  checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), config.keep_checkpoints,
+                                      async_save=config.get("checkpoint_async", False))
+  start = checkpointer.latest_step()
+  if start is not None:
+    logging.info("Resuming from checkpoint step %d in %s", start, checkpointer.directory)
+    state = checkpointer.restore(start, ckpt_lib.abstract_like(state), train_iter)
+  start = int(jax.device_get(state.step))
+  total = config.num_train_steps
+  logging.info("PixelCNN: %d params, %d training grids of %s, steps %d -> %d",
+               sum(x.size for x in jax.tree.leaves(state.params)), len(arrays["x"]), grid,
+               start, total)
+
+  is_main = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+  report_progress = periodic_actions.ReportProgress(num_train_steps=total, writer=writer)
+  preview_fn = make_sample_fn(model, config, grid) if config.sample_every_steps else None
+  n_preview = 8
+  # Replicated on the mesh like the params, so the jitted sampler sees one device set.
+  preview_labels, preview_keys = jax.device_put(
+      (jnp.arange(n_preview, dtype=jnp.int32) % max(config.num_classes, 1),
+       sample_keys(jax.random.PRNGKey(config.seed + 1), jnp.arange(n_preview))),
+      sharding.replicated(mesh))
+
+  history: list[dict[str, jax.Array]] = []
+  last: dict[str, float] = {}
+  preemption = distributed.PreemptionWatcher().install()
+  try:
+    for step in range(start + 1, total + 1):
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        batch = sharding.global_batch(next(train_iter), batch_sharding)
+        state, metrics = step_fn(state, batch)
+      history.append(metrics)
+      report_progress(step, time.time())
+      is_last = step == total
+      if step % config.log_every_steps == 0 or is_last:
+        common.check_finite(history, step, checkpointer, "PixelCNN")
+        last = common.mean_metrics(history)
+        writer.write_scalars(step, {f"train/{k}": v for k, v in last.items()})
+        history = []
+      if preview_fn is not None and (step % config.sample_every_steps == 0 or is_last):
+        tokens = preview_fn(sample_params(state, config.sampling.use_ema), preview_labels,
+                            preview_keys)
+        images = tok.decode(np.asarray(tokens.addressable_data(0)))  # replicated
+        grid_image = image_lib.image_grid(np.asarray(images), ncols=n_preview, value_range=(-1, 1))
+        writer.write_images(step, {"samples": grid_image[None]})
+      saved = (config.checkpoint_every_steps
+               and step % config.checkpoint_every_steps == 0) or is_last
+      if saved:
+        common.check_finite(history, step, checkpointer, "PixelCNN")
+        checkpointer.save(step, state, train_iter)
+      if not is_last and preemption.should_stop(step):
+        # SIGTERM (preemption, scancel): save this step, wait for the write, leave; the
+        # same command resumes here.
+        if not saved:
+          common.check_finite(history, step, checkpointer, "PixelCNN")
+          checkpointer.save(step, state, train_iter)
+        checkpointer.wait()
+        checkpointer.close()
+        writer.flush()
+        logging.warning("Preempted (SIGTERM) at step %d of %d: checkpoint saved in %s; run "
+                        "the same command to resume.", step, total, checkpointer.directory)
+        return dict(preempted_at_step=step)
+  finally:
+    preemption.restore()
+  checkpointer.wait()
+  checkpointer.close()
+  writer.flush()
+  return last
