@@ -267,10 +267,6 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
   _check_choice(c, "data.source", ("idx", "folder", "tfds"))
   _check_choice(c, "arc.impl", ("auto", "naive", "streamed"))
   _check_choice(c, "quantizer.search_impl", ("auto", "naive", "streamed"))
-  if c.arc.impl == "streamed" and num_devices > 1:
-    _fail("arc.impl", f"'streamed' runs on one device only, and {num_devices} are in use (XLA's "
-          "TopK decomposer crashes on the partitioned block loop in jax 0.10)",
-          "Use 'auto' (streams on one device, naive on several) or 'naive'.")
 
   for key in ("quantizer.num_codes", "quantizer.embed_dim", "batch_size", "eval_batch_size",
               "log_every_steps", "keep_checkpoints"):
@@ -304,6 +300,19 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
   if q.restart_threshold < 0:
     _fail("quantizer.restart_threshold", f"must be >= 0, got {q.restart_threshold}",
           "Use 0 to turn dead-code restart off.")
+  if q.get("codebook_axis"):
+    axes, shape = tuple(c.sharding.mesh_axes), list(c.sharding.mesh_shape)
+    if q.codebook_axis not in axes:
+      _fail("quantizer.codebook_axis", f"{q.codebook_axis!r} is not one of the mesh axes "
+            f"{axes}", "Name one of sharding.mesh_axes, or '' to keep the codebook whole.")
+    known = math.prod(v for v in shape if v != -1)
+    size = shape[axes.index(q.codebook_axis)] if len(shape) == len(axes) else 1
+    if size == -1 and known and num_devices % known == 0:
+      size = num_devices // known
+    if size > 0 and q.num_codes % size:
+      _fail("quantizer.codebook_axis", f"the {q.num_codes} codes do not split evenly over the "
+            f"{size} devices of mesh axis {q.codebook_axis!r}",
+            "Use a num_codes divisible by that axis' size, or another axis.")
 
   if a.enabled:
     if not isinstance(a.top_k, int) or a.top_k < 1:

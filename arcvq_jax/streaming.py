@@ -24,15 +24,27 @@ added afterwards by one scatter-add. The normalisation of z is left to autodiff 
 
 N and K need not be multiples of the chunk sizes: the last, shorter chunk is processed as a
 block of its own, so no padded token or code exists to be masked.
+
+Search. Tokens in chunks, codes in chunks with a running (best score, index): a later block
+wins only when strictly better, so ties go to the lowest index as in jnp.argmax.
+
+On a device mesh (`arc_loss_sharded`, `nearest_code_sharded`), inside jax.shard_map with
+explicit collectives. ArcLoss: the normalised tokens of the global batch are gathered
+(N x D) and the codebook ROWS are split over the devices (a codebook split along K keeps its
+shards), each device streaming its rows over all N tokens; a psum makes the mean. Search:
+each device searches its tokens against its slice of the codebook, and a global arg-max
+(pmax of the scores, pmin of the indices that hold it) combines the slices.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from arcvq_jax.quantization import ARCCOS_CLIP, DISTANCES, l2_normalize, sg
 
@@ -71,11 +83,15 @@ def _top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   XLA's TopK costs ~130 ns per row plus ~2.5 ns per entry of a short row on CPU, which
   dominates for large codebooks. Long rows go to XLA's TopK, behind an optimization barrier:
   without it XLA fuses the slices of the indices into their consumers, no longer sees
-  sort+slice as a top-k, and sorts the whole block (60x slower).
+  sort+slice as a top-k, and sorts the whole block (60x slower). x rides through the barrier
+  too: a barrier on the bare (values, indices) pair is simplified into one on the TopK
+  instruction itself, which XLA's TopK decomposer then fails on in an SPMD program (a CHECK
+  failure, "optimization_barrier ... cannot be downcasted to GetTupleElement", jax 0.10).
   """
   width = x.shape[1]
   if width > SHORT_ROW:
-    return lax.optimization_barrier(lax.top_k(x, k))
+    values, indices, _ = lax.optimization_barrier((*lax.top_k(x, k), x))
+    return values, indices
   pos = lax.iota(jnp.int32, width)[None, :]
   taken = jnp.zeros(x.shape, bool)
   values, indices = [], []
@@ -115,6 +131,32 @@ def _margin_logit(c: jax.Array, s: float, m: float) -> jax.Array:
   """s * cos(theta + m), theta = arccos(clip(c)): the same expression as quantization.arc_loss."""
   theta = jnp.arccos(jnp.clip(c, -1.0 + ARCCOS_CLIP, 1.0 - ARCCOS_CLIP))
   return s * jnp.cos(theta + m)
+
+
+def _vary_like(tree, *refs):
+  """`tree` marked as varying over every mesh axis that one of `refs` varies over.
+
+  Inside jax.shard_map a loop's carry must keep its type: a carry that starts as a constant
+  (the same on every device) but is updated from per-device data needs the mark up front.
+  Outside shard_map nothing varies and this is the identity.
+  """
+  return _vary_over(tree, frozenset().union(*(_varying_axes(r) for r in refs)))
+
+
+def _vary_over(tree, axes):
+  """`tree` marked as varying over the mesh axes `axes` (pcast; its transpose is a psum)."""
+  def mark(x):
+    missing = tuple(sorted(frozenset(axes) - _varying_axes(x)))
+    return lax.pcast(x, missing, to="varying") if missing else x
+
+  return jax.tree.map(mark, tree)
+
+
+def _varying_axes(x) -> frozenset:
+  """The mesh axes x varies over inside jax.shard_map (its type's 'V:' set)."""
+  aval = jax.typeof(x)
+  mat = getattr(aval, "manual_axis_type", None)  # jax 0.10; older releases: aval.vma
+  return mat.varying if mat is not None else getattr(aval, "vma", frozenset())
 
 
 def _any_equal(iota_len: int, idx: jax.Array) -> jax.Array:
@@ -160,7 +202,8 @@ def arc_loss_streamed(
   # float32 whatever the networks compute in (SPEC.md "Precision and memory").
   z = z.astype(jnp.float32)
   e_hat = l2_normalize(sg(codebook).astype(jnp.float32))
-  return _arc_core(l2_normalize(z), e_hat, float(s), float(m), int(top_k), min(chunk, n), rows)
+  return jnp.mean(_arc_rows(l2_normalize(z), e_hat, float(s), float(m), int(top_k),
+                            min(chunk, n), rows))
 
 
 def _absorb_block(carry, c, start, s, top_k):
@@ -250,6 +293,7 @@ def _arc_forward(z_hat, e_hat, s, m, top_k, chunk, rows):
         jnp.full((r,), -jnp.inf, jnp.float32),
         jnp.zeros((r,), jnp.float32),
     )
+    init = _vary_like(init, e_rows, z_hat)
 
     def body(start, width, carry):
       zc = lax.dynamic_slice_in_dim(z_hat, start, width)
@@ -265,24 +309,26 @@ def _arc_forward(z_hat, e_hat, s, m, top_k, chunk, rows):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
-def _arc_core(z_hat, e_hat, s, m, top_k, chunk, rows):
+def _arc_rows(z_hat, e_hat, s, m, top_k, chunk, rows):
+  """The per-row losses L_k = log_den_k - log_num_k, (K,): their mean is ArcLoss."""
   _, _, log_den, log_num = _arc_forward(z_hat, e_hat, s, m, top_k, chunk, rows)
-  return jnp.mean(log_den - log_num)
+  return log_den - log_num
 
 
-def _arc_core_fwd(z_hat, e_hat, s, m, top_k, chunk, rows):
+def _arc_rows_fwd(z_hat, e_hat, s, m, top_k, chunk, rows):
   top_v, top_i, log_den, log_num = _arc_forward(z_hat, e_hat, s, m, top_k, chunk, rows)
-  return jnp.mean(log_den - log_num), (z_hat, e_hat, top_v, top_i, log_den, log_num)
+  return log_den - log_num, (z_hat, e_hat, top_v, top_i, log_den, log_num)
 
 
-def _arc_core_bwd(s, m, top_k, chunk, rows, res, ct):
+def _arc_rows_bwd(s, m, top_k, chunk, rows, res, ct):
   z_hat, e_hat, top_v, top_i, log_den, log_num = res
   n, d = z_hat.shape
   k_rows = e_hat.shape[0]
-  scale = ct / k_rows  # d mean_k / d L_k, times the incoming cotangent
+  scale = ct  # (K,) dLoss / dL_k: 1/K under the mean, 0 for padding rows of a sharded loss
 
-  def block_grad(zc, start, e_rows, den_rows, p_rows):
-    """One (C, rows) block: dL/dc = (1/K) s softmax_i(l) outside P, times the codes: (C, D)."""
+  def block_grad(zc, start, e_rows, den_rows, scale_rows, p_rows):
+    """One (C, rows) block: dL_k/dc = s softmax_i(l) outside P, times dLoss/dL_k and the
+    codes: (C, D)."""
     # Recomputed as (C, rows): g @ e_rows is then a plain matmul, 2.5x faster on CPU than
     # g.T @ e_rows with g (rows, C).
     c = zc @ e_rows.T
@@ -293,10 +339,10 @@ def _arc_core_bwd(s, m, top_k, chunk, rows, res, ct):
     in_p = tokens == p_rows[:1]
     for j in range(1, top_k):
       in_p |= tokens == p_rows[j:j + 1]
-    g = jnp.where(in_p, 0.0, (scale * s) * jnp.exp(s * c - den_rows[None, :]))
+    g = jnp.where(in_p, 0.0, (s * scale_rows)[None, :] * jnp.exp(s * c - den_rows[None, :]))
     return g @ e_rows
 
-  def rows_grad(e_rows, den_rows, p_rows, dz):
+  def rows_grad(e_rows, den_rows, scale_rows, p_rows, dz):
     """Add one block of codes' contribution to dz (N, D), token block by token block.
 
     The code loop is the outer one: its slices enter the token loop as loop operands, so
@@ -306,36 +352,49 @@ def _arc_core_bwd(s, m, top_k, chunk, rows, res, ct):
     def body(start, width, dz):
       zc = lax.dynamic_slice_in_dim(z_hat, start, width)
       acc = lax.dynamic_slice_in_dim(dz, start, width)
-      acc = acc + block_grad(zc, start, e_rows, den_rows, p_rows)
+      acc = acc + block_grad(zc, start, e_rows, den_rows, scale_rows, p_rows)
       return lax.dynamic_update_slice_in_dim(dz, acc, start, 0)
 
     return _for_token_blocks(n, chunk, body, dz)
 
   e_full, e_tail = _split(e_hat, rows)
   den_full, den_tail = _split(log_den, rows)
+  scale_full, scale_tail = _split(scale, rows)
   # P's token indices as (k, rows) per block: rows of the mask are then contiguous.
   p_full, p_tail = _split(top_i, rows)
-  dz = jnp.zeros((n, d), jnp.float32)
+  dz = _vary_like(jnp.zeros((n, d), jnp.float32), z_hat, e_hat, ct)
   if e_full is not None:
     p_full = jnp.swapaxes(p_full, 1, 2)
     if e_full.shape[0] == 1:
-      dz = rows_grad(e_full[0], den_full[0], p_full[0], dz)
+      dz = rows_grad(e_full[0], den_full[0], scale_full[0], p_full[0], dz)
     else:
-      dz = lax.fori_loop(0, e_full.shape[0],
-                         lambda j, dz: rows_grad(e_full[j], den_full[j], p_full[j], dz), dz)
+      # Each code block's slices ride in the loop carry, taken one iteration ahead: a carry is
+      # a buffer of its own. Sliced where they are used, XLA fuses the slices into the
+      # elementwise loop of block_grad whenever the token loop has a single block (N <= chunk),
+      # redoing their indexing per element: 2x slower at N = 4096, K = 100,000.
+      blocks = (e_full, den_full, scale_full, p_full)
+      last = e_full.shape[0] - 1
+
+      def code_block(j, carry):
+        dz, current = carry
+        upcoming = tuple(lax.dynamic_index_in_dim(a, jnp.minimum(j + 1, last), keepdims=False)
+                         for a in blocks)
+        return rows_grad(*current, dz), upcoming
+
+      dz, _ = lax.fori_loop(0, last + 1, code_block, (dz, tuple(a[0] for a in blocks)))
   if e_tail is not None:
-    dz = rows_grad(e_tail, den_tail, p_tail.T, dz)
-  # P entries: dL/dl = (1/K) (exp(l - log_den) - exp(l - log_num)), then through the margin
+    dz = rows_grad(e_tail, den_tail, scale_tail, p_tail.T, dz)
+  # P entries: dL_k/dl = exp(l - log_den) - exp(l - log_num), then through the margin
   # (autodiff of the same expression, so the clip's edges behave as in the naive form).
   pos, margin_vjp = jax.vjp(lambda v: _margin_logit(v, s, m), top_v)
-  g_pos = scale * (jnp.exp(pos - log_den[:, None]) - jnp.exp(pos - log_num[:, None]))
+  g_pos = scale[:, None] * (jnp.exp(pos - log_den[:, None]) - jnp.exp(pos - log_num[:, None]))
   (g_pos,) = margin_vjp(g_pos)
   code_of = jnp.broadcast_to(jnp.arange(k_rows)[:, None], top_i.shape).reshape(-1)
   dz = dz.at[top_i.reshape(-1)].add(g_pos.reshape(-1, 1) * e_hat[code_of])
-  return dz, jnp.zeros_like(e_hat)
+  return dz, _vary_like(jnp.zeros_like(e_hat), e_hat)
 
 
-_arc_core.defvjp(_arc_core_fwd, _arc_core_bwd)
+_arc_rows.defvjp(_arc_rows_fwd, _arc_rows_bwd)
 
 
 # --------------------------------------------------------------------------- search
@@ -356,6 +415,12 @@ def nearest_code_streamed(
   blocks of about NEAREST_BLOCK_ELEMENTS) and, when K > code_chunk_size, codes in chunks of
   code_chunk_size with a running best: no block is larger than (chunk_size, code_chunk_size).
   """
+  return _nearest_best(z, codebook, distance, chunk_size, code_chunk_size)[1]
+
+
+def _nearest_best(z, codebook, distance, chunk_size=None, code_chunk_size=CODE_CHUNK):
+  """(best score (N,) float32, its index (N,) int32) of `nearest_code_streamed`; the score is
+  maximised: the cosine, or -(||e||^2 - 2 <z, e>) for Euclidean distance."""
   if distance not in DISTANCES:
     raise ValueError(f"unknown distance {distance!r}; expected one of {DISTANCES}")
   z, codebook = z.astype(jnp.float32), codebook.astype(jnp.float32)
@@ -387,31 +452,180 @@ def nearest_code_streamed(
     # slower on CPU). A NaN makes the max NaN, and then the first NaN wins, as in jnp.argmax.
     return best, _first((score == best[:, None]) | jnp.isnan(score)) + start
 
-  def merge(best, idx, b, i):
-    # Strictly better only: the earlier (lower-index) code keeps a tie; a NaN stays.
-    better = (b > best) | (jnp.isnan(b) & ~jnp.isnan(best))
-    return jnp.where(better, b, best), jnp.where(better, i, idx)
-
   def token_chunk(zc):
     best = jnp.full((zc.shape[0],), -jnp.inf, jnp.float32)
     idx = jnp.zeros((zc.shape[0],), jnp.int32)
+    best, idx = _vary_like((best, idx), zc, codes)
     if code_full is not None and code_full.shape[0] == 1:
       best, idx = block_best(zc, code_full[0], offset_full[0], 0)
     elif code_full is not None:
       def step(carry, xs):
-        return merge(*carry, *block_best(zc, *xs)), None
+        return _merge_best(*carry, *block_best(zc, *xs)), None
 
       starts = jnp.arange(code_full.shape[0], dtype=jnp.int32) * kc
       (best, idx), _ = lax.scan(step, (best, idx), (code_full, offset_full, starts))
     if code_tail is not None:
       tail_start = k_rows - code_tail.shape[0]
-      best, idx = merge(best, idx, *block_best(zc, code_tail, offset_tail, tail_start))
-    return idx
+      best, idx = _merge_best(best, idx, *block_best(zc, code_tail, offset_tail, tail_start))
+    return best, idx
 
   full, tail = _split(z, chunk)
   parts = []
   if full is not None:
-    parts.append(lax.map(token_chunk, full).reshape(-1))
+    parts.append(jax.tree.map(lambda a: a.reshape(-1), lax.map(token_chunk, full)))
   if tail is not None:
     parts.append(token_chunk(tail))
-  return (jnp.concatenate(parts) if len(parts) > 1 else parts[0]).astype(jnp.int32)
+  best, idx = parts[0] if len(parts) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
+  return best, idx.astype(jnp.int32)
+
+
+def _merge_best(best, idx, b, i):
+  """The running best (score, index) and a later block's (b, i), all of higher index: strictly
+  better only, so the earlier (lower-index) code keeps a tie; a NaN stays."""
+  better = (b > best) | (jnp.isnan(b) & ~jnp.isnan(best))
+  return jnp.where(better, b, best), jnp.where(better, i, idx)
+
+
+# --------------------------------------------------------------------------- on a mesh
+#
+# Both functions below run inside jax.shard_map, so every collective is explicit and XLA's
+# SPMD partitioner never sees the block loops (on a batch partitioned by jit alone, XLA's TopK
+# decomposer crashed on the streamed ArcLoss in jax 0.10).
+#
+# The batch (N tokens) is split over `batch_axes`; the codebook is split along K over
+# `codebook_axis` (a mesh axis, possibly one of the batch axes) or replicated (None).
+
+
+def _axes(axes) -> tuple[str, ...]:
+  """None, one axis name or a sequence of them -> a tuple of axis names."""
+  if axes is None:
+    return ()
+  return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def _check_mesh_axes(fn: str, mesh, n: int, k_rows: int, batch_axes, codebook_axis) -> None:
+  names = tuple(mesh.axis_names)
+  for a in (*batch_axes, *_axes(codebook_axis)):
+    if a not in names:
+      raise ValueError(f"{fn}: mesh axis {a!r} is not one of the mesh's axes {names}")
+  data = math.prod(mesh.shape[a] for a in batch_axes)
+  if n % data:
+    raise ValueError(f"{fn}: the {n} tokens do not split evenly over the {data} devices of "
+                     f"the batch axes {batch_axes}")
+  if codebook_axis is not None and k_rows % mesh.shape[codebook_axis]:
+    raise ValueError(f"{fn}: the {k_rows} codes do not split evenly over the "
+                     f"{mesh.shape[codebook_axis]} devices of mesh axis {codebook_axis!r}")
+
+
+def arc_loss_sharded(
+    z: jax.Array,
+    codebook: jax.Array,
+    s: float,
+    m: float,
+    top_k: int,
+    *,
+    mesh,
+    batch_axes="data",
+    codebook_axis: str | None = None,
+    chunk_size: int | None = None,
+    code_chunk_size: int | None = None,
+) -> jax.Array:
+  """`arc_loss_streamed` of the global batch on a device mesh: the same value and gradient.
+
+  z: (N, D) split over `batch_axes` (N divisible by their size); codebook: (K, D) split along
+  K over `codebook_axis` (K divisible by its size) or replicated (None); mesh: a Mesh (or the
+  AbstractMesh of jax.set_mesh). Every row L_k needs all N tokens (its top-k and its
+  log-sum-exp), so the normalised tokens are gathered (N x D, small) and the ROWS are split:
+  each device takes its codebook shard and, of that, its share by its index along the other
+  mesh axes (zero rows pad the last share; they weigh 0). The mean over k is a psum; the
+  gradient w.r.t. z comes back by the transpose of the gather (a reduce-scatter). Per device:
+  about K / devices rows x N tokens of work, O(block + N * D + K) memory, never K x N.
+  """
+  batch_axes = _axes(batch_axes)
+  n, k_rows = z.shape[0], codebook.shape[0]
+  _check_mesh_axes("arc_loss_sharded", mesh, n, k_rows, batch_axes, codebook_axis)
+  if not 1 <= top_k <= n:
+    raise ValueError(f"arc_loss_sharded: top_k={top_k} must be in [1, N={n}]")
+  if not s > 0:
+    raise ValueError(f"arc_loss_sharded: s={s} must be positive")
+  all_axes = tuple(mesh.axis_names)
+  work_axes = tuple(a for a in all_axes if a != codebook_axis)
+  share = math.prod(mesh.shape[a] for a in work_axes)
+  local_rows = k_rows // (mesh.shape[codebook_axis] if codebook_axis else 1)
+  per = -(-local_rows // share)  # rows per device; the last share is padded
+  rows = min(per, ARC_CODE_CHUNK if code_chunk_size is None else int(code_chunk_size))
+  chunk = min(n, auto_chunk_size(rows) if chunk_size is None else int(chunk_size))
+  s, m, top_k = float(s), float(m), int(top_k)
+
+  def local(z_l, e_l):
+    z_hat = l2_normalize(z_l.astype(jnp.float32))
+    if batch_axes:
+      z_hat = lax.all_gather(z_hat, batch_axes, axis=0, tiled=True)  # (N, D), global order
+    e_hat = l2_normalize(sg(e_l).astype(jnp.float32))
+    first = jnp.zeros((), jnp.int32)
+    if share > 1:
+      e_hat = jnp.pad(e_hat, ((0, per * share - local_rows), (0, 0)))
+      first = lax.axis_index(work_axes) * per
+      e_hat = lax.dynamic_slice_in_dim(e_hat, first, per)
+    valid = first + lax.iota(jnp.int32, per) < local_rows
+    # Each device's rows differ, so everything from here on varies over every axis; marking
+    # the tokens so makes their gradient a psum over the axes they were the same on.
+    z_hat, e_hat = _vary_over((z_hat, e_hat), all_axes)
+    losses = _arc_rows(z_hat, e_hat, s, m, top_k, chunk, rows)
+    return lax.psum(jnp.sum(jnp.where(valid, losses, 0.0)), all_axes) / k_rows
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(batch_axes), P(codebook_axis)),
+                       out_specs=P())(z, codebook)
+
+
+def nearest_code_sharded(
+    z: jax.Array,
+    codebook: jax.Array,
+    distance: str,
+    *,
+    mesh,
+    batch_axes="data",
+    codebook_axis: str | None = None,
+    chunk_size: int | None = None,
+    code_chunk_size: int = CODE_CHUNK,
+) -> jax.Array:
+  """`nearest_code_streamed` on a device mesh: the same indices, (N,) int32 split like z.
+
+  z: (N, D) split over `batch_axes`; codebook (K, D) split along K over `codebook_axis`, or
+  replicated (None: every device searches its own tokens against the whole codebook, no
+  communication). With a codebook axis each device searches its K / size codes (for the
+  tokens of every device along that axis, gathered, when it is also a batch axis) and a
+  global arg-max combines the shards: the largest score, ties (and NaNs, which win as in
+  jnp.argmax) to the lowest global index, so the answer is the single-device one.
+  """
+  batch_axes = _axes(batch_axes)
+  n, k_rows = z.shape[0], codebook.shape[0]
+  _check_mesh_axes("nearest_code_sharded", mesh, n, k_rows, batch_axes, codebook_axis)
+  gather = codebook_axis is not None and codebook_axis in batch_axes
+
+  def local(z_l, e_l):
+    zz = lax.all_gather(z_l, codebook_axis, axis=0, tiled=True) if gather else z_l
+    best, idx = _nearest_best(zz, e_l, distance, chunk_size, code_chunk_size)
+    if codebook_axis is None:
+      return idx
+    shard = lax.axis_index(codebook_axis)
+    idx = _argmax_across(best, idx + shard * e_l.shape[0], codebook_axis)
+    if gather:  # back to this device's own tokens
+      idx = lax.dynamic_slice_in_dim(idx, shard * z_l.shape[0], z_l.shape[0])
+    return idx
+
+  # Indices have no gradient; without the stop-gradient autodiff would look for pmax's.
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(batch_axes), P(codebook_axis)),
+                       out_specs=P(batch_axes))(sg(z), sg(codebook))
+
+
+def _argmax_across(best, idx, axis):
+  """Global (best, idx) over mesh `axis` -> the index: jnp.argmax's answer over all shards.
+
+  The first NaN if any shard has one; else the lowest index among those holding the max.
+  """
+  nan = jnp.isnan(best)
+  any_nan = lax.pmax(nan.astype(jnp.int32), axis) > 0
+  top = lax.pmax(jnp.where(nan, -jnp.inf, best), axis)
+  hit = jnp.where(any_nan, nan, best == top)
+  return lax.pmin(jnp.where(hit, idx, jnp.iinfo(jnp.int32).max), axis)

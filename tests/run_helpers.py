@@ -40,3 +40,14 @@ def override(config, **overrides):
       target = target[p]
     target[leaf] = value
   return config
+
+
+def read_image_tags(workdir: str) -> dict[str, set[int]]:
+  """{tag: {steps}} of every image summary in the workdir's TensorBoard event files."""
+  out: dict[str, set[int]] = {}
+  for path in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for v in event.summary.value:
+        if v.HasField("tensor") and tf.make_ndarray(v.tensor).ndim:
+          out.setdefault(v.tag, set()).add(event.step)
+  return out

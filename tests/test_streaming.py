@@ -6,14 +6,22 @@ gradient (so the same P_k, ties included) and the same indices.
 """
 
 import functools
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from arcvq_jax import config as config_lib
 from arcvq_jax import quantization as vq
 from arcvq_jax import streaming as st
+from arcvq_jax.train import tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def naive_and_streamed(z, e, s, m, k, chunk, code_chunk=None):
@@ -263,3 +271,147 @@ def test_nearest_code_nan_like_argmax():
     got = jax.jit(st.nearest_code_streamed, static_argnums=(2, 3, 4))(
         jnp.asarray(z), jnp.asarray(e), distance, 8, 4)
     np.testing.assert_array_equal(got, want)
+
+
+# --------------------------------------------------------------------------- on a mesh
+
+
+@pytest.fixture(scope="module")
+def multidevice():
+  """tests/streaming_multidevice_script.py on 8 simulated CPU devices: {case: errors}."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "tests", "streaming_multidevice_script.py")],
+      env=env, capture_output=True, text=True, timeout=1200)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  line = [row for row in proc.stdout.splitlines() if row.startswith("RESULT")][-1]
+  return json.loads(line[len("RESULT"):])
+
+
+def test_sharded_arc_loss_equals_single_device(multidevice):
+  # Meshes (8,) data, (4, 2) data x model, (2, 4) data x fsdp (batch over both); the codebook
+  # whole or split along K over each axis; K = 100 leaves padded row shares; 'ties' makes
+  # every P_k boundary a tie, so a token order other than the global one would show.
+  cases = {k: v for k, v in multidevice.items() if k.startswith("arc/")}
+  assert len(cases) == 31
+  assert any("cb=model" in k for k in cases) and any("cb=fsdp" in k for k in cases)
+  for key, err in cases.items():
+    assert err["finite"], key
+    assert err["value"] < 1e-6, (key, err)
+    assert err["grad"] < 1e-5, (key, err)
+
+
+def test_sharded_search_equals_single_device(multidevice):
+  # Cosine and Euclidean; ties between equal and parallel codes and NaN scores included.
+  cases = {k: v for k, v in multidevice.items() if k.startswith("search/")}
+  assert len(cases) == 108
+  assert {k for k, v in cases.items() if not v["equal"]} == set()
+
+
+def test_codebook_sharded_train_step_equals_one_device(multidevice):
+  # A VQ-VAE step on 8 devices, streamed ArcLoss and search with the codebook stored and
+  # searched split along K, against the naive step on one device.
+  cases = {k: v for k, v in multidevice.items() if k.startswith("train/")}
+  assert set(cases) == {"train/4x2:data,model/cb=model", "train/2x4:data,fsdp/cb=data"}
+  for key, run in cases.items():
+    assert run["sharded_search"], key
+    assert run["spec"].startswith("P('model'" if "cb=model" in key else "P('data'"), run
+    assert run["loss_arc"] > 0
+    for name, err in run["losses"].items():
+      assert err < 2e-5, (key, name, err)
+    assert run["codebook"] < 1e-4, (key, run["codebook"])
+
+
+def test_sharded_forms_check_their_mesh():
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  z, e = jnp.ones((4, 3)), jnp.ones((2, 3))
+  with pytest.raises(ValueError, match="mesh axis 'model'"):
+    st.arc_loss_sharded(z, e, 10.0, 0.1, 3, mesh=mesh, codebook_axis="model")
+  with pytest.raises(ValueError, match="top_k"):
+    st.arc_loss_sharded(z, e, 10.0, 0.1, 5, mesh=mesh)
+  with pytest.raises(ValueError, match="mesh axis 'fsdp'"):
+    st.nearest_code_sharded(z, e, "cosine", mesh=mesh, batch_axes=("data", "fsdp"))
+
+
+def test_sharded_forms_on_one_device_match():
+  # A one-device mesh: the same code path as on many (gather, row shares, psum), trivially.
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  z, e = random_data(12, 300, 37, 8)
+  z, e = jnp.asarray(z), jnp.asarray(e)
+  want = jax.value_and_grad(lambda a: vq.arc_loss(a, e, 10.0, 0.1, 3))(z)
+  got = jax.jit(jax.value_and_grad(lambda a: st.arc_loss_sharded(
+      a, e, 10.0, 0.1, 3, mesh=mesh, codebook_axis="data", chunk_size=64)))(z)
+  assert_same(want, got)
+  idx = jax.jit(lambda a, b: st.nearest_code_sharded(a, b, "cosine", mesh=mesh,
+                                                     codebook_axis="data"))(z, e)
+  np.testing.assert_array_equal(idx, vq.nearest_code(z, e, "cosine"))
+
+
+# --------------------------------------------------------------------------- choice and config
+
+
+def test_auto_keeps_the_naive_form_for_small_problems():
+  assert not tokenizer.use_streamed("auto", 64, 784)  # the tiny configs: one small matrix
+  assert tokenizer.use_streamed("auto", 100_000, 64)
+  assert tokenizer.use_streamed("auto", 1024, 32768)
+  assert tokenizer.use_streamed("streamed", 8, 8)
+  assert not tokenizer.use_streamed("naive", 10**5, 10**5)
+
+
+@pytest.mark.parametrize("axis,shape,axes,devices,match", [
+    ("model", (-1,), ("data",), 8, "'model' is not one of the mesh axes"),
+    ("data", (-1,), ("data",), 3, "do not split evenly over the 3 devices"),
+    ("fsdp", (2, -1), ("data", "fsdp"), 8, None),  # 512 codes over 4
+    ("data", (-1,), ("data",), 8, None),
+])
+def test_codebook_axis_is_validated(axis, shape, axes, devices, match):
+  c = config_lib.vqvae_config()
+  c.batch_size, c.eval_batch_size = 24, 24
+  c.quantizer.codebook_axis = axis
+  c.sharding.mesh_shape, c.sharding.mesh_axes = shape, axes
+  if match is None:
+    config_lib.validate(c, num_devices=devices)
+  else:
+    with pytest.raises(ValueError, match=r"config\.quantizer\.codebook_axis: .*" + match):
+      config_lib.validate(c, num_devices=devices)
+
+
+def test_streamed_arc_loss_is_allowed_on_several_devices():
+  c = config_lib.vqvae_config()
+  c.arc.impl = "streamed"
+  config_lib.validate(c, num_devices=8)
+
+
+def test_large_codebook_config_trains_a_few_steps():
+  # configs/large_codebook.py: K = 100,000 with the full VQGAN step (GAN on from step 0),
+  # on random images of the config's data shape (Fashion-MNIST, 28x28x1).
+  from configs import large_codebook  # noqa: PLC0415 (configs/ is not a package)
+  from arcvq_jax import sharding  # noqa: PLC0415
+  from arcvq_jax.train import gan_steps  # noqa: PLC0415
+  from arcvq_jax.train.state import make_disc_optimizer, make_optimizer  # noqa: PLC0415
+
+  c = large_codebook.get_config()
+  config_lib.validate(c, num_devices=1)
+  config_lib.validate_against_data(c, (28, 28, 1))
+  assert c.quantizer.num_codes == 100_000
+  tokens = c.batch_size * 7 * 7
+  assert tokenizer.use_streamed("auto", c.quantizer.num_codes, tokens)
+  mesh = sharding.make_mesh((-1,), ("data",), devices=jax.devices()[:1])
+  model = tokenizer.build_model(c, channels=1)
+  state, _, steps_fn = gan_steps.create_state_and_steps(
+      c, model, gan_steps.discriminator_from_config(c), make_optimizer(c),
+      make_disc_optimizer(c), mesh, (28, 28, 1), None)
+  assert state.gen.params["codebook"].shape == (100_000, 8)
+  rng = np.random.default_rng(0)
+  losses = []
+  for t in range(2):
+    x = rng.uniform(-1, 1, size=(c.batch_size, 28, 28, 1)).astype(np.float32)
+    state, metrics = steps_fn(state, sharding.global_batch({"image": x},
+                                                           sharding.batch_sharding(mesh)), t)
+    losses.append({k: float(v) for k, v in metrics.items()})
+  for m in losses:
+    for key in ("loss", "loss_vq", "loss_arc", "d_loss"):
+      assert np.isfinite(m[key]), (key, m)
+    assert m["loss_arc"] > 0
+  assert int(jax.device_get(state.gen.step)) == 2

@@ -18,8 +18,6 @@ File format: one .npz with keys 'vgg/conv1_1/kernel', ..., 'lin/lin0', ... (`sav
 
 from __future__ import annotations
 
-import io
-import uuid
 from typing import Any
 
 import flax.linen as nn
@@ -28,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from arcvq_jax import npz_files
 from arcvq_jax.models.layers import Conv
 
 Dtype = Any
@@ -133,34 +132,17 @@ def expected_shapes() -> dict[str, tuple[int, ...]]:
 
 
 def from_flat(flat: dict[str, np.ndarray]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for key, value in flat.items():
-    *parents, leaf = key.split("/")
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = jnp.asarray(value, jnp.float32)
-  return tree
+  return npz_files.unflatten(flat)
 
 
 def to_flat(params: Any) -> dict[str, np.ndarray]:
-  flat = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    flat["/".join(str(getattr(k, "key", k)) for k in path)] = np.asarray(leaf, np.float32)
-  return flat
+  return npz_files.flatten(params)
 
 
 def check_params(flat: dict[str, np.ndarray], source: str) -> None:
   """Raises LPIPSWeightsError naming the first missing or wrongly shaped array."""
-  for key, shape in expected_shapes().items():
-    if key not in flat:
-      raise LPIPSWeightsError(
-          f"{source} has no array {key!r} (expected shape {shape}): not an LPIPS VGG16 "
-          f"weights file. Convert one with: {CONVERT_COMMAND.format(out=source)}")
-    if tuple(flat[key].shape) != shape:
-      raise LPIPSWeightsError(
-          f"{source}: {key!r} has shape {tuple(flat[key].shape)}, expected {shape}. "
-          f"Convert the weights again with: {CONVERT_COMMAND.format(out=source)}")
+  npz_files.check_shapes(flat, expected_shapes(), source, LPIPSWeightsError,
+                         "an LPIPS VGG16 weights file", CONVERT_COMMAND.format(out=source))
   if np.any(np.concatenate([flat[f"lin/lin{l}"] for l in range(len(LIN_CHANNELS))]) < 0):
     raise LPIPSWeightsError(f"{source}: the linear weights must be >= 0 (lpips v0.1).")
 
@@ -175,8 +157,7 @@ def load_params(path: str) -> Any:
         f"it (with the lpips package's v0.1 linear weights) with: "
         f"{CONVERT_COMMAND.format(out=path)}")
   try:
-    with np.load(io.BytesIO(p.read_bytes())) as data:
-      flat = {k: data[k] for k in data.files}
+    flat = npz_files.read_npz(path)
   except (OSError, ValueError) as e:
     raise LPIPSWeightsError(
         f"{path} is not a readable .npz LPIPS weights file ({e}). Convert the weights "
@@ -190,14 +171,4 @@ def save_params(params: Any, path: str) -> None:
   folder, then a rename (an interrupted write never leaves a half file at `path`)."""
   flat = to_flat(params)
   check_params(flat, path)
-  buf = io.BytesIO()
-  np.savez(buf, **flat)
-  target = epath.Path(path)
-  target.parent.mkdir(parents=True, exist_ok=True)
-  tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
-  try:
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(target)
-  except BaseException:
-    tmp.unlink(missing_ok=True)
-    raise
+  npz_files.save_npz(path, flat)

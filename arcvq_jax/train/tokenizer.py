@@ -29,6 +29,7 @@ from arcvq_jax import quantization as vq
 from arcvq_jax import sharding
 from arcvq_jax import streaming
 from arcvq_jax.data import pipeline
+from arcvq_jax.evaluation import diagnostics
 from arcvq_jax.evaluation import images as image_lib
 from arcvq_jax.evaluation import metrics
 from arcvq_jax.losses import lpips as lpips_lib
@@ -43,16 +44,37 @@ def use_streamed(impl: str, num_codes: int, num_tokens: int) -> bool:
   """Whether to take the streamed ArcLoss / search: by config, or by size for 'auto'.
 
   Streamed is faster than naive on CPU once K x N exceeds one block (bench/bench_arcloss.py)
-  and is the only option where the K x N matrix does not fit.
+  and is the only option where the K x N matrix does not fit; below that the naive form
+  (one small matrix) is kept.
   """
   if impl == "auto":
     return num_codes * num_tokens > streaming.BLOCK_ELEMENTS
   return impl == "streamed"
 
 
-def nearest_code(z: jax.Array, codebook: jax.Array, q: ml_collections.ConfigDict) -> jax.Array:
-  """quantization.nearest_code, streamed over blocks when `q.search_impl` says so."""
-  if use_streamed(q.search_impl, codebook.shape[0], z.shape[0]):
+def nearest_code(z: jax.Array, codebook: jax.Array, q: ml_collections.ConfigDict,
+                 mesh: Any = None) -> jax.Array:
+  """quantization.nearest_code, streamed over blocks when `q.search_impl` says so.
+
+  z: (N, D) float32, the global batch; codebook: (K, D) -> (N,) int32. mesh: the step's
+  device Mesh (default: the one `jax.set_mesh` set, if any). On a mesh of several devices a
+  streamed search, or any search with `q.codebook_axis` set, runs per device with explicit
+  collectives (streaming.nearest_code_sharded): each device searches its own tokens, and its
+  slice of the codebook along q.codebook_axis where that names a mesh axis. Without a mesh,
+  jit partitions the plain search by the inputs' shardings. The indices are the same.
+  """
+  if mesh is None:
+    context = jax.sharding.get_abstract_mesh()
+    mesh = None if context.empty else context
+  axis = q.get("codebook_axis") or None
+  streamed = use_streamed(q.search_impl, codebook.shape[0], z.shape[0])
+  if mesh is not None and mesh.size > 1 and (streamed or axis is not None):
+    batch_axes = sharding.batch_sharding(mesh).spec[0]
+    names = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+    if z.shape[0] % int(np.prod([mesh.shape[a] for a in names])) == 0:
+      return streaming.nearest_code_sharded(z, codebook, q.distance, mesh=mesh,
+                                            batch_axes=batch_axes, codebook_axis=axis)
+  if streamed:
     return streaming.nearest_code_streamed(z, codebook, q.distance)
   return vq.nearest_code(z, codebook, q.distance)
 
@@ -93,13 +115,18 @@ def quantizer_losses(
   loss_vq = vq.vq_loss(z_flat, quant.z_q, q.beta, legacy=q.legacy_beta,
                        codebook_term=q.codebook_update == "loss")
   if arc.enabled:
-    num_devices = 1 if replicated is None else replicated.mesh.size
-    if use_streamed(arc.impl, q.num_codes, z_flat.shape[0]) and num_devices == 1:
-      # Single device only: on a partitioned batch XLA's TopK decomposer crashes on the
-      # streamed loop (jax 0.10); config.validate refuses arc.impl='streamed' there.
+    mesh = None if replicated is None else replicated.mesh
+    if not use_streamed(arc.impl, q.num_codes, z_flat.shape[0]):
+      loss_arc = vq.arc_loss(z_flat, codebook, arc.s, arc.m, arc.top_k)
+    elif mesh is None or mesh.size == 1:
       loss_arc = streaming.arc_loss_streamed(z_flat, codebook, arc.s, arc.m, arc.top_k)
     else:
-      loss_arc = vq.arc_loss(z_flat, codebook, arc.s, arc.m, arc.top_k)
+      # The rows of the loss split over the devices (the codebook's shard along
+      # q.codebook_axis, if set), the tokens gathered: explicit collectives in a shard_map.
+      loss_arc = streaming.arc_loss_sharded(
+          z_flat, codebook, arc.s, arc.m, arc.top_k, mesh=mesh,
+          batch_axes=sharding.batch_sharding(mesh).spec[0],
+          codebook_axis=q.get("codebook_axis") or None)
     arc_w = vq.arc_weight(step, arc.gamma0, arc.decay)
   else:
     loss_arc = arc_w = jnp.zeros((), jnp.float32)
@@ -209,10 +236,12 @@ def reconstruct(params: Any, x: jax.Array, *, model: nn.Module,
 
 
 def eval_step(params: Any, batch: Batch, lpips_params: Any = None, *, model: nn.Module,
-              config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+              config: ml_collections.ConfigDict, with_reconstructions: bool = False
+              ) -> dict[str, jax.Array]:
   """Sums over the real (mask == 1) images of a batch; the caller adds them up.
 
   MSE is on [0, 1] images; PSNR, SSIM and (with lpips_params) LPIPS follow SPEC.md section 5.
+  with_reconstructions: also return the batch's x_hat (B, H, W, C) as 'reconstructions'.
   """
   x, mask = batch["image"], batch["mask"].astype(jnp.float32)
   x_hat, indices = reconstruct(params, x, model=model, config=config)
@@ -227,6 +256,8 @@ def eval_step(params: Any, batch: Batch, lpips_params: Any = None, *, model: nn.
   )
   if lpips_params is not None:
     out["lpips"] = jnp.sum(mask * lpips_lib.lpips_distance(lpips_params, x, x_hat))
+  if with_reconstructions:
+    out["reconstructions"] = x_hat
   return out
 
 
@@ -456,6 +487,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer.flush()
 
   results = run_eval(total_steps)
+  # The paper's Fig. 2-3, from the training-time (EMA) usage of the rows. Every process
+  # takes part in gathering a codebook that the 'fsdp' axis may have split across hosts.
+  codebook, usage = multihost_utils.process_allgather(
+      (state.params["codebook"], state.usage), tiled=True)
+  if is_main:
+    diagnostics.write_codebook_diagnostics(
+        os.path.join(workdir, "diagnostics"), np.asarray(codebook), np.asarray(usage),
+        prefix=f"step_{total_steps}_", writer=writer, step=total_steps)
   checkpointer.wait()
   checkpointer.close()
   writer.flush()
