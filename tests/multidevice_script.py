@@ -67,8 +67,9 @@ def run(devices, variant: str, steps: int = 3):
     return run_vqgan(devices, steps, fsdp)
   streamed = variant.endswith("_streamed")
   c = config_lib.apply_variant(config_lib.vqvae_config(), variant.removesuffix("_streamed"))
-  if streamed:  # ArcLoss and the search through blocks, as large codebooks do (the step
-    # streams ArcLoss on one device only, so this also compares streamed with naive ArcLoss)
+  if streamed:  # ArcLoss and the search through blocks, as large codebooks do: on 8 devices
+    # they run in shard_map with the codebook split along 'data' (streaming.*_sharded)
+    c.quantizer.codebook_axis = "data"
     c.arc.impl = c.quantizer.search_impl = "streamed"
   c.model.hidden, c.model.res_hidden, c.model.num_res_layers = 32, 8, 1
   c.quantizer.num_codes, c.quantizer.embed_dim = 64, 16

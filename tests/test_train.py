@@ -93,7 +93,7 @@ def test_changed_model_refuses_to_resume(uninterrupted, tmp_path):
     ("batch_size", 30, "config.batch_size: 30 is not divisible by the 8 devices"),
     ("model.hidden", 33, "config.model.hidden"),
     ("data.source", "s3", "config.data.source"),
-    ("arc.impl", "streamed", "config.arc.impl: 'streamed' runs on one device only"),
+    ("quantizer.codebook_axis", "model", "config.quantizer.codebook_axis: 'model' is not one"),
     ("arc.impl", "fast", "config.arc.impl"),
 ])
 def test_bad_config_values_name_the_key(key, value, match):

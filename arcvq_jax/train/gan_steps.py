@@ -81,7 +81,8 @@ def generator_step(
   params, radius = tokenizer.project_codebook(state, config.quantizer)
 
   def autoencode(p):
-    z, z_flat, quant = tokenizer.encode_and_quantize(p, x, model=model, config=config)
+    z, z_flat, quant = tokenizer.encode_and_quantize(
+        p, x, model=model, config=config, mesh=None if replicated is None else replicated.mesh)
     terms = tokenizer.quantizer_losses(z_flat, quant, p["codebook"].astype(jnp.float32),
                                        state.step, config=config, replicated=replicated)
     h = model.apply({"params": p}, quant.z_ste.reshape(z.shape).astype(z.dtype),

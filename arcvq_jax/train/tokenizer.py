@@ -88,16 +88,18 @@ class NonFiniteLossError(FloatingPointError):
 
 def encode_and_quantize(
     params: Any, x: jax.Array, *, model: nn.Module, config: ml_collections.ConfigDict,
+    mesh: Any = None,
 ) -> tuple[jax.Array, jax.Array, vq.Quantized]:
   """x (B, H, W, C) -> (z (B, h, w, D), z_flat (N, D) float32, its quantisation).
 
   `model` is a VQVAE or a VQGAN (both have `encode` / `decode`). The quantiser runs in
-  float32 whatever dtype the network computes in.
+  float32 whatever dtype the network computes in. mesh: the step's device Mesh, so that the
+  search splits over it (see nearest_code), or None.
   """
   z = model.apply({"params": params}, x, method="encode")
   z_flat = z.reshape(-1, z.shape[-1]).astype(jnp.float32)
   codebook = params["codebook"].astype(jnp.float32)
-  indices = nearest_code(z_flat, codebook, config.quantizer)
+  indices = nearest_code(z_flat, codebook, config.quantizer, mesh=mesh)
   return z, z_flat, vq.quantize_with_indices(z_flat, codebook, indices)
 
 
@@ -144,7 +146,8 @@ def tokenizer_loss(
   None off a mesh). Returns the scalar loss and aux values:
   the terms, the code indices (N,) and the latents z (N, D) for codebook updates.
   """
-  z, z_flat, quant = encode_and_quantize(params, x, model=model, config=config)
+  z, z_flat, quant = encode_and_quantize(params, x, model=model, config=config,
+                                         mesh=None if replicated is None else replicated.mesh)
   terms = quantizer_losses(z_flat, quant, params["codebook"].astype(jnp.float32), step,
                            config=config, replicated=replicated)
   x_hat = model.apply({"params": params}, quant.z_ste.reshape(z.shape).astype(z.dtype),
