@@ -83,7 +83,7 @@ def bench_rfid(workdir: str | None, batch: int, inception_batch: int) -> dict:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--batch", type=int, nargs="+", default=[25, 50])
-  parser.add_argument("--impl", nargs="+", default=["xla"], choices=["xla", "auto", "gemm"])
+  parser.add_argument("--impl", nargs="+", default=["xla", "gemm"], choices=["xla", "auto", "gemm"])
   parser.add_argument("--warmup", type=int, default=1)
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--torch", action="store_true", help="time pytorch-fid's network too")

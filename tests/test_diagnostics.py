@@ -52,6 +52,17 @@ def test_large_codebooks_are_subsampled_in_the_matrix():
   assert "(1024 of 3000 rows)" in fig.axes[0].get_title()
 
 
+def test_large_codebooks_draw_the_usage_as_one_outline():
+  rng = np.random.default_rng(3)
+  counts = rng.poisson(0.7, size=diagnostics.MAX_BARS + 1000)
+  ax = diagnostics.usage_histogram_figure(counts).axes[0]
+  assert not ax.patches  # no bar per row
+  (outline,) = ax.collections
+  top = outline.get_paths()[0].vertices[:, 1]
+  freq = np.sort(counts)[::-1] / counts.sum()
+  np.testing.assert_allclose(np.unique(top[top > 0]), np.unique(freq[freq > 0]))
+
+
 def test_writes_pngs_and_tensorboard_images(tmp_path):
   codebook, counts = collapsed_codebook()
   writer = metric_writers.create_default_writer(str(tmp_path / "tb"))

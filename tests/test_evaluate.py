@@ -5,6 +5,7 @@ the reference implementations in test_inception.py and test_lpips.py)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -33,7 +34,8 @@ needs_fashion = pytest.mark.skipif(
     not os.path.exists(os.path.join(FASHION, "train-images-idx3-ubyte.gz")),
     reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
 
-inception_features = jax.jit(inception_lib.inception_apply)
+# The plain network in the convolution form the commands' extractor takes on the CPU.
+inception_features = jax.jit(functools.partial(inception_lib.inception_apply, conv_impl="gemm"))
 
 
 def run(module: str, *args: str) -> subprocess.CompletedProcess:

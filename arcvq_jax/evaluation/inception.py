@@ -306,12 +306,16 @@ class InceptionFeatures:
     feats = InceptionFeatures(load_params(path))
     pool, logits = feats(images)      # numpy float32 (n, 2048), (n, 1008)
 
+  conv_impl: `layers.Conv`'s form (default: 'gemm' on the CPU, 'xla' elsewhere).
   Convolutions run at float32 'highest' precision (no TF32 or bf16 passes on GPUs/TPUs): on
   the CPU the features agree with pytorch-fid's to 7e-7 (tests/test_inception.py).
   """
 
   def __init__(self, params: Any, batch_size: int = 100, mesh: jax.sharding.Mesh | None = None,
-               quantize: bool = True, conv_impl: str = "xla"):
+               quantize: bool = True, conv_impl: str | None = None):
+    # im2col + GEMM is 1.5x XLA:CPU's own convolution here (bench/bench_inception.py); on
+    # GPU/TPU the convolution kernels are the fast path and patches would only cost memory.
+    self.conv_impl = conv_impl or ("gemm" if jax.default_backend() == "cpu" else "xla")
     self.mesh = mesh if mesh is not None else sharding_lib.make_mesh((-1,), ("data",))
     n_data = self.mesh.shape[sharding_lib.DATA_AXIS]
     if batch_size % n_data or batch_size % jax.process_count():
@@ -324,7 +328,7 @@ class InceptionFeatures:
     self.params = jax.device_put(params, replicated)
     self.fingerprint = fingerprint(params)
     self._fn = jax.jit(
-        lambda p, x: inception_apply(p, x, quantize=quantize, conv_impl=conv_impl),
+        lambda p, x: inception_apply(p, x, quantize=quantize, conv_impl=self.conv_impl),
         in_shardings=(replicated, self._batch_sharding), out_shardings=replicated)
 
   def _global_batch(self, local: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
