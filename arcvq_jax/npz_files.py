@@ -68,3 +68,16 @@ def check_shapes(flat: dict[str, np.ndarray], expected: dict[str, tuple[int, ...
     if tuple(flat[key].shape) != shape:
       raise error(f"{source}: {key!r} has shape {tuple(flat[key].shape)}, expected {shape}. "
                   f"Convert the weights again with: {convert_command}")
+
+
+def read_weights(path: str, error: type[Exception], what: str, how_to_get: str,
+                 convert_command: str) -> dict[str, np.ndarray]:
+  """The arrays of a converted weights file; `error` if it is missing (with `how_to_get`) or
+  unreadable (with `convert_command`). `what` names the file kind ('LPIPS weights')."""
+  if not epath.Path(path).expanduser().exists():
+    raise error(f"no {what} file at {path}. {how_to_get}")
+  try:
+    return read_npz(path)
+  except (OSError, ValueError) as e:
+    raise error(f"{path} is not a readable .npz {what} file ({e}). Convert the weights "
+                f"again with: {convert_command}") from e

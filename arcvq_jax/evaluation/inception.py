@@ -31,7 +31,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 from jax.experimental import multihost_utils
 
 from arcvq_jax import npz_files
@@ -385,18 +384,11 @@ def from_flat(flat: dict[str, np.ndarray], source: str = "the weights") -> Any:
 
 def load_params(path: str) -> Any:
   """The Inception params of a file written by `save_params` (local path or gs://)."""
-  p = epath.Path(path).expanduser()
-  if not p.exists():
-    raise InceptionWeightsError(
-        f"no FID Inception weights file at {path}. FID, IS and precision/recall need the "
-        f"Inception weights of pytorch-fid, which cannot be downloaded at run time: download "
-        f"{FID_WEIGHTS_URL} once, then convert it with: {CONVERT_COMMAND.format(out=path)}")
-  try:
-    flat = npz_files.read_npz(path)
-  except (OSError, ValueError) as e:
-    raise InceptionWeightsError(
-        f"{path} is not a readable .npz Inception weights file ({e}). Convert the weights "
-        f"again with: {CONVERT_COMMAND.format(out=path)}") from e
+  flat = npz_files.read_weights(
+      path, InceptionWeightsError, "FID Inception weights",
+      "FID, IS and precision/recall need the Inception weights of pytorch-fid, which cannot "
+      f"be downloaded at run time: download {FID_WEIGHTS_URL} once, then convert it with: "
+      f"{CONVERT_COMMAND.format(out=path)}", CONVERT_COMMAND.format(out=path))
   return from_flat(flat, path)
 
 

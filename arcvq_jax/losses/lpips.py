@@ -24,7 +24,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 
 from arcvq_jax import npz_files
 from arcvq_jax.models.layers import Conv
@@ -149,19 +148,12 @@ def check_params(flat: dict[str, np.ndarray], source: str) -> None:
 
 def load_params(path: str) -> Any:
   """The LPIPS params of a file written by `save_params` (local path or gs://)."""
-  p = epath.Path(path)
-  if not p.exists():
-    raise LPIPSWeightsError(
-        f"no LPIPS weights file at {path}. LPIPS needs ImageNet VGG16 weights, which cannot "
-        f"be downloaded at run time: download torchvision's {VGG16_URL} once, then convert "
-        f"it (with the lpips package's v0.1 linear weights) with: "
-        f"{CONVERT_COMMAND.format(out=path)}")
-  try:
-    flat = npz_files.read_npz(path)
-  except (OSError, ValueError) as e:
-    raise LPIPSWeightsError(
-        f"{path} is not a readable .npz LPIPS weights file ({e}). Convert the weights "
-        f"again with: {CONVERT_COMMAND.format(out=path)}") from e
+  flat = npz_files.read_weights(
+      path, LPIPSWeightsError, "LPIPS weights",
+      "LPIPS needs ImageNet VGG16 weights, which cannot be downloaded at run time: download "
+      f"torchvision's {VGG16_URL} once, then convert it (with the lpips package's v0.1 "
+      f"linear weights) with: {CONVERT_COMMAND.format(out=path)}",
+      CONVERT_COMMAND.format(out=path))
   check_params(flat, path)
   return from_flat({k: flat[k] for k in expected_shapes()})
 
