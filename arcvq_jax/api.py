@@ -24,6 +24,7 @@ import functools
 import json
 from typing import Any
 
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -84,7 +85,11 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[Any, int]:
   """(params, step) of checkpoint `step` (default: the latest) of a run, on the first device."""
   directory = epath.Path(ckpt_lib.checkpoint_dir(workdir))
   manager = ocp.CheckpointManager(
-      directory, item_handlers={"state": ocp.StandardCheckpointHandler()},
+      directory,
+      # 'data' (the grain iterator's position) is named only so that orbax knows the item;
+      # it is never restored here.
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "data": grain.checkpoint.CheckpointHandler()},
       options=ocp.CheckpointManagerOptions(read_only=True, create=False))
   steps = sorted(manager.all_steps())
   if not steps:
