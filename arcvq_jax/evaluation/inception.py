@@ -312,7 +312,7 @@ class InceptionFeatures:
 
   def __init__(self, params: Any, batch_size: int = 100, mesh: jax.sharding.Mesh | None = None,
                quantize: bool = True, conv_impl: str | None = None):
-    # im2col + GEMM is 1.5x XLA:CPU's own convolution here (bench/bench_inception.py); on
+    # im2col + GEMM is 1.4x XLA:CPU's own convolution here (bench/bench_inception.py); on
     # GPU/TPU the convolution kernels are the fast path and patches would only cost memory.
     self.conv_impl = conv_impl or ("gemm" if jax.default_backend() == "cpu" else "xla")
     self.mesh = mesh if mesh is not None else sharding_lib.make_mesh((-1,), ("data",))
