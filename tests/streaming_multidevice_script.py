@@ -23,6 +23,7 @@ from arcvq_jax import streaming as st
 from arcvq_jax.models import vqvae
 from arcvq_jax.train import tokenizer
 from arcvq_jax.train.state import make_optimizer
+from streaming_fixtures import exact_units, random_data
 
 # (mesh shape, mesh axes, batch axes, codebook axes to try)
 MESHES = [
@@ -30,27 +31,6 @@ MESHES = [
     ((4, 2), ("data", "model"), ("data",), (None, "model", "data")),
     ((2, 4), ("data", "fsdp"), ("data", "fsdp"), (None, "fsdp", "data")),
 ]
-
-
-def random_data(seed, n, k_rows, d):
-  rng = np.random.default_rng(seed)
-  z = rng.normal(size=(n, d)).astype(np.float32) * rng.uniform(0.1, 4, (n, 1)).astype(np.float32)
-  e = rng.normal(size=(k_rows, d)).astype(np.float32) * rng.uniform(0.2, 3, (k_rows, 1)).astype(
-      np.float32)
-  return z, e
-
-
-def exact_units(seed, count, d=8):
-  """Directions whose normalised dot products are exact in float32 (see test_streaming.py)."""
-  rng = np.random.default_rng(seed)
-  out = np.zeros((count, d), np.float32)
-  for row in out:
-    if rng.random() < 0.3:
-      row[rng.integers(d)] = rng.choice([-1.0, 1.0])
-    else:
-      row[rng.choice(d, 4, replace=False)] = rng.choice([-0.5, 0.5], 4)
-    row *= 2.0 ** rng.integers(-2, 3)
-  return out
 
 
 def datasets():

@@ -20,6 +20,7 @@ from arcvq_jax import config as config_lib
 from arcvq_jax import quantization as vq
 from arcvq_jax import streaming as st
 from arcvq_jax.train import tokenizer
+from streaming_fixtures import exact_units, random_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,28 +41,6 @@ def assert_same(naive, streamed, rtol=1e-5, grad_rtol=1e-4):
   assert np.all(np.isfinite(g1))
   # atol relative to the largest entry: entries that are ~0 in both carry only round-off.
   np.testing.assert_allclose(g1, g0, rtol=grad_rtol, atol=grad_rtol * np.abs(g0).max())
-
-
-def random_data(seed, n, k_rows, d):
-  rng = np.random.default_rng(seed)
-  z = rng.normal(size=(n, d)).astype(np.float32) * rng.uniform(0.1, 4, (n, 1)).astype(np.float32)
-  e = rng.normal(size=(k_rows, d)).astype(np.float32) * rng.uniform(0.2, 3, (k_rows, 1)).astype(
-      np.float32)
-  return z, e
-
-
-def exact_units(seed, count, d=8):
-  """Vectors whose normalised dot products are exact in float32 (multiples of 1/4), whatever
-  the summation order: unit one-hots and (+-1/2 on 4 coordinates), times powers of two."""
-  rng = np.random.default_rng(seed)
-  out = np.zeros((count, d), np.float32)
-  for row in out:
-    if rng.random() < 0.3:
-      row[rng.integers(d)] = rng.choice([-1.0, 1.0])
-    else:
-      row[rng.choice(d, 4, replace=False)] = rng.choice([-0.5, 0.5], 4)
-    row *= 2.0 ** rng.integers(-2, 3)
-  return out
 
 
 # (N, K, D, chunk, code_chunk, s, m, top_k). Shapes: one block; a token tail (300 = 4 * 64 +
