@@ -59,9 +59,10 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
     raise TokenizerLoadError(
-        f"{path} not found: {workdir} is not the --workdir of an arcvq_jax run. Give the "
-        "directory `python -m arcvq_jax.main --workdir=...` trained in (it holds config.json "
-        "and checkpoints/), or write one with arcvq_jax.api.write_workdir.")
+      f"{path} not found: {workdir} is not the --workdir of an arcvq_jax run. Give the "
+      "directory `python -m arcvq_jax.main --workdir=...` trained in (it holds config.json "
+      "and checkpoints/), or write one with arcvq_jax.api.write_workdir."
+    )
   try:
     raw = json.loads(path.read_text())
   except json.JSONDecodeError as e:
@@ -76,8 +77,9 @@ def _params_of(state: dict[str, Any]) -> Any:
     state = state["gen"]
   if "params" not in state or "codebook" not in state["params"]:
     raise TokenizerLoadError(
-        f"the checkpoint holds {sorted(state)} but no autoencoder params with a codebook: it "
-        "was not written by the tokenizer stage.")
+      f"the checkpoint holds {sorted(state)} but no autoencoder params with a codebook: it "
+      "was not written by the tokenizer stage."
+    )
   return state["params"]
 
 
@@ -85,17 +87,21 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[Any, int]:
   """(params, step) of checkpoint `step` (default: the latest) of a run, on the first device."""
   directory = epath.Path(ckpt_lib.checkpoint_dir(workdir))
   manager = ocp.CheckpointManager(
-      directory,
-      # 'data' (the grain iterator's position) is named only so that orbax knows the item;
-      # it is never restored here.
-      item_handlers={"state": ocp.StandardCheckpointHandler(),
-                     "data": grain.checkpoint.CheckpointHandler()},
-      options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    directory,
+    # 'data' (the grain iterator's position) is named only so that orbax knows the item;
+    # it is never restored here.
+    item_handlers={
+      "state": ocp.StandardCheckpointHandler(),
+      "data": grain.checkpoint.CheckpointHandler(),
+    },
+    options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+  )
   steps = sorted(manager.all_steps())
   if not steps:
     raise TokenizerLoadError(
-        f"no checkpoint in {directory}: train first (python -m arcvq_jax.main "
-        f"--config=... --workdir={workdir}) or convert one (python -m arcvq_jax.convert ...).")
+      f"no checkpoint in {directory}: train first (python -m arcvq_jax.main "
+      f"--config=... --workdir={workdir}) or convert one (python -m arcvq_jax.convert ...)."
+    )
   step = steps[-1] if step is None else step
   if step not in steps:
     raise TokenizerLoadError(f"no checkpoint of step {step} in {directory}; it has {steps}.")
@@ -106,10 +112,10 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[Any, int]:
     tree = getattr(metadata, "tree", None)
     if tree is None:
       raise ValueError("it has no train state (written by another stage or damaged)")
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                            tree)
-    state = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))["state"]
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+    state = manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+    )["state"]
   except (ValueError, KeyError, TypeError, FileNotFoundError, AttributeError) as e:
     raise TokenizerLoadError(f"checkpoint {directory / str(step)} cannot be read: {e}") from e
   finally:
@@ -122,9 +128,10 @@ def _check_params(config: ml_collections.ConfigDict, params: Any) -> None:
   want = (config.quantizer.num_codes, config.quantizer.embed_dim)
   if tuple(codebook.shape) != want:
     raise TokenizerLoadError(
-        f"the checkpoint's codebook is {tuple(codebook.shape)} but its config says "
-        f"quantizer.num_codes x embed_dim = {want}: config.json and checkpoints/ do not "
-        "belong to the same run.")
+      f"the checkpoint's codebook is {tuple(codebook.shape)} but its config says "
+      f"quantizer.num_codes x embed_dim = {want}: config.json and checkpoints/ do not "
+      "belong to the same run."
+    )
 
 
 def _channels(params: Any) -> int:
@@ -159,7 +166,8 @@ class Tokenizer:
     config = load_config(workdir)
     if config.get("stage", "tokenizer") != "tokenizer":
       raise TokenizerLoadError(
-          f"{workdir} is a {config.stage!r} run, not a tokenizer; give the tokenizer's workdir.")
+        f"{workdir} is a {config.stage!r} run, not a tokenizer; give the tokenizer's workdir."
+      )
     params, _ = restore_params(workdir, step)
     return cls(config, params)
 
@@ -177,11 +185,14 @@ class Tokenizer:
       raise ValueError(f"images must be (B, H, W, {self.channels}), got {x.shape}.")
     f = self.downsample_factor
     if x.shape[1] % f or x.shape[2] % f:
-      raise ValueError(f"image height and width must be multiples of {f} (the model's "
-                       f"downsampling), got {x.shape[1:3]}; resize or crop them first.")
+      raise ValueError(
+        f"image height and width must be multiples of {f} (the model's "
+        f"downsampling), got {x.shape[1:3]}; resize or crop them first."
+      )
     if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(f"images must be floats in [-1, 1], got dtype {x.dtype}; convert "
-                       "uint8 with x / 127.5 - 1.")
+      raise ValueError(
+        f"images must be floats in [-1, 1], got dtype {x.dtype}; convert uint8 with x / 127.5 - 1."
+      )
     return x.astype(jnp.float32)
 
   def encode_latents(self, images: Any) -> jax.Array:
@@ -202,11 +213,13 @@ class Tokenizer:
     """Tokens (B, h, w) -> images float32 (B, H, W, C), about [-1, 1] (not clipped)."""
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 3 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-      raise ValueError(f"tokens must be integers of shape (B, h, w), got {tokens.dtype} "
-                       f"{tokens.shape}.")
+      raise ValueError(
+        f"tokens must be integers of shape (B, h, w), got {tokens.dtype} {tokens.shape}."
+      )
     if int(tokens.min()) < 0 or int(tokens.max()) >= self.num_codes:
-      raise ValueError(f"tokens must lie in [0, {self.num_codes}), got "
-                       f"[{int(tokens.min())}, {int(tokens.max())}].")
+      raise ValueError(
+        f"tokens must lie in [0, {self.num_codes}), got [{int(tokens.min())}, {int(tokens.max())}]."
+      )
     z_q = jnp.take(self.params["codebook"], tokens, axis=0)
     return self._decode_z(self.params, z_q)
 
@@ -225,8 +238,13 @@ class Tokenizer:
     return jnp.asarray(self.params["codebook"], jnp.float32)
 
 
-def write_workdir(workdir: str, config: ml_collections.ConfigDict, params: Any,
-                  image_shape: tuple[int, int, int], step: int = 0) -> str:
+def write_workdir(
+  workdir: str,
+  config: ml_collections.ConfigDict,
+  params: Any,
+  image_shape: tuple[int, int, int],
+  step: int = 0,
+) -> str:
   """Writes config.json and checkpoint `step` holding `params` in a fresh train state.
 
   The optimizer state, EMA statistics and usage are fresh (as at step 0); the data iterator
@@ -243,24 +261,31 @@ def write_workdir(workdir: str, config: ml_collections.ConfigDict, params: Any,
   if config.model.name == "vqgan":
     # The keys of gan_steps.create_state_and_steps, so D starts as a fresh run's would.
     key, disc_key = jax.random.split(key)
-  fresh = jax.eval_shape(functools.partial(init_train_state, model=model, tx=tx,
-                                           image_shape=image_shape), key)
+  fresh = jax.eval_shape(
+    functools.partial(init_train_state, model=model, tx=tx, image_shape=image_shape), key
+  )
   got = jax.tree.structure(params)
   if got != jax.tree.structure(fresh.params):
     raise TokenizerLoadError(
-        "the params do not have the tree of the model this config builds; expected "
-        f"{jax.tree.structure(fresh.params)}, got {got}.")
-  for (path, want), have in zip(jax.tree_util.tree_leaves_with_path(fresh.params),
-                                jax.tree.leaves(params)):
+      "the params do not have the tree of the model this config builds; expected "
+      f"{jax.tree.structure(fresh.params)}, got {got}."
+    )
+  for (path, want), have in zip(
+    jax.tree_util.tree_leaves_with_path(fresh.params), jax.tree.leaves(params), strict=True
+  ):
     if tuple(want.shape) != tuple(np.shape(have)):
       raise TokenizerLoadError(
-          f"param {jax.tree_util.keystr(path)} has shape {np.shape(have)}, the config's "
-          f"model wants {want.shape}.")
+        f"param {jax.tree_util.keystr(path)} has shape {np.shape(have)}, the config's "
+        f"model wants {want.shape}."
+      )
   params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
   state = init_train_state(key, model, tx, image_shape)
   state = state.replace(
-      step=jnp.asarray(step, jnp.int32), params=params, opt_state=tx.init(params),
-      ema=vq.EMAState(cluster_size=state.ema.cluster_size, embed_sum=params["codebook"]))
+    step=jnp.asarray(step, jnp.int32),
+    params=params,
+    opt_state=tx.init(params),
+    ema=vq.EMAState(cluster_size=state.ema.cluster_size, embed_sum=params["codebook"]),
+  )
   if config.model.name == "vqgan":
     disc_model = gan_steps.discriminator_from_config(config)
     disc = init_disc_state(disc_key, disc_model, make_disc_optimizer(config), image_shape)
@@ -271,8 +296,9 @@ def write_workdir(workdir: str, config: ml_collections.ConfigDict, params: Any,
   if checkpointer.latest_step() is not None:
     checkpointer.close()
     raise TokenizerLoadError(
-        f"{directory} already has checkpoints ({checkpointer.all_steps()}); write into an "
-        "empty --workdir so no run is overwritten.")
+      f"{directory} already has checkpoints ({checkpointer.all_steps()}); write into an "
+      "empty --workdir so no run is overwritten."
+    )
   root = epath.Path(workdir)
   root.mkdir(parents=True, exist_ok=True)
   tmp = root / (CONFIG_FILE + ".tmp")

@@ -29,14 +29,15 @@ class Checkpointer:
   def __init__(self, directory: str, keep: int = 3, async_save: bool = False):
     self.directory = epath.Path(directory)
     self._manager = ocp.CheckpointManager(
-        self.directory,
-        item_names=("state", "data"),
-        item_handlers={
-            "state": ocp.StandardCheckpointHandler(),
-            "data": grain.checkpoint.CheckpointHandler(),
-        },
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save),
+      self.directory,
+      item_names=("state", "data"),
+      item_handlers={
+        "state": ocp.StandardCheckpointHandler(),
+        "data": grain.checkpoint.CheckpointHandler(),
+      },
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+      ),
     )
 
   def latest_step(self) -> int | None:
@@ -69,9 +70,9 @@ class Checkpointer:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
       raise CheckpointError(
-          f"checkpoint {self.directory / str(step)} does not match this run's config "
-          f"(model size, quantiser or optimizer changed?) or is damaged: {e}. Resume with "
-          "the config it was written with, or start a fresh run in a new --workdir."
+        f"checkpoint {self.directory / str(step)} does not match this run's config "
+        f"(model size, quantiser or optimizer changed?) or is damaged: {e}. Resume with "
+        "the config it was written with, or start a fresh run in a new --workdir."
       ) from e
     return restored["state"]
 
@@ -82,8 +83,8 @@ class Checkpointer:
 def abstract_like(tree: Any) -> Any:
   """ShapeDtypeStructs (with shardings) of a pytree of arrays, as `restore` wants."""
   return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-      tree)
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree
+  )
 
 
 def checkpoint_dir(workdir: str) -> str:

@@ -18,27 +18,31 @@ CONV_TRANSPOSE_IMPLS = ("auto", *sorted(CONV_TRANSPOSE_4X4S2_IMPLS))
 
 # The paper's ablations (Tables 6, 11, 12) and two common baselines, by name.
 VARIANTS = {
-    # Euclidean nearest neighbour, normal init, no BBNR, no ArcLoss.
-    "vanilla": dict(distance="euclidean", init="normal", bbnr="off", arc=False),
-    # Cosine matching only (Table 11).
-    "cosine": dict(distance="cosine", init="normal", bbnr="off", arc=False),
-    # Spherical init + BBNR without ArcLoss (Table 6, "+ BBNR").
-    "bbnr": dict(distance="cosine", init="spherical", bbnr="growing", arc=False),
-    # BBNR with M(t) = 1 for all t, plus ArcLoss (Table 12).
-    "bbnr_arc_fixed": dict(distance="cosine", init="spherical", bbnr="fixed", arc=True),
-    # The full method.
-    "arcvq": dict(distance="cosine", init="spherical", bbnr="growing", arc=True),
-    # Baselines users expect: EMA k-means codebook, and vanilla VQ with dead-code restart.
-    "ema": dict(distance="euclidean", init="normal", bbnr="off", arc=False, codebook_update="ema"),
-    "restart": dict(distance="euclidean", init="normal", bbnr="off", arc=False, restart_threshold=1.0),
+  # Euclidean nearest neighbour, normal init, no BBNR, no ArcLoss.
+  "vanilla": dict(distance="euclidean", init="normal", bbnr="off", arc=False),
+  # Cosine matching only (Table 11).
+  "cosine": dict(distance="cosine", init="normal", bbnr="off", arc=False),
+  # Spherical init + BBNR without ArcLoss (Table 6, "+ BBNR").
+  "bbnr": dict(distance="cosine", init="spherical", bbnr="growing", arc=False),
+  # BBNR with M(t) = 1 for all t, plus ArcLoss (Table 12).
+  "bbnr_arc_fixed": dict(distance="cosine", init="spherical", bbnr="fixed", arc=True),
+  # The full method.
+  "arcvq": dict(distance="cosine", init="spherical", bbnr="growing", arc=True),
+  # Baselines users expect: EMA k-means codebook, and vanilla VQ with dead-code restart.
+  "ema": dict(distance="euclidean", init="normal", bbnr="off", arc=False, codebook_update="ema"),
+  "restart": dict(
+    distance="euclidean", init="normal", bbnr="off", arc=False, restart_threshold=1.0
+  ),
 }
 
 
 def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
   """Sets the quantiser / ArcLoss switches of a named variant (see VARIANTS)."""
   if variant not in VARIANTS:
-    raise ValueError(f"unknown variant {variant!r}: choose one of {sorted(VARIANTS)} "
-                     "(e.g. --config=configs/fashion_mnist.py:vanilla)")
+    raise ValueError(
+      f"unknown variant {variant!r}: choose one of {sorted(VARIANTS)} "
+      "(e.g. --config=configs/fashion_mnist.py:vanilla)"
+    )
   v = dict(VARIANTS[variant])
   config.variant = variant
   config.arc.enabled = v.pop("arc")
@@ -54,7 +58,8 @@ def vqvae_config() -> ml_collections.ConfigDict:
   c.variant = "arcvq"
   c.seed = 0
 
-  c.model = ml_collections.ConfigDict(dict(
+  c.model = ml_collections.ConfigDict(
+    dict(
       name="vqvae",
       hidden=128,
       res_hidden=32,
@@ -63,8 +68,10 @@ def vqvae_config() -> ml_collections.ConfigDict:
       # XLA's CPU kernel gradient of lax.conv_transpose is several times slower
       # (bench/bench_conv_transpose.py).
       deconv_impl="auto",
-  ))
-  c.quantizer = ml_collections.ConfigDict(dict(
+    )
+  )
+  c.quantizer = ml_collections.ConfigDict(
+    dict(
       num_codes=512,
       embed_dim=64,
       distance="cosine",
@@ -85,18 +92,34 @@ def vqvae_config() -> ml_collections.ConfigDict:
       # Where the codebook is stored is sharding.param_rules' business, e.g.
       # ('codebook$', ('model', None)); a different layout is resharded, not wrong.
       codebook_axis="",
-  ))
-  c.arc = ml_collections.ConfigDict(dict(
-      enabled=True, s=10.0, m=0.1, top_k=3, gamma0=1.0, decay=5e-4,
+    )
+  )
+  c.arc = ml_collections.ConfigDict(
+    dict(
+      enabled=True,
+      s=10.0,
+      m=0.1,
+      top_k=3,
+      gamma0=1.0,
+      decay=5e-4,
       # 'naive' holds the K x N logits; 'streamed' goes through blocks and never does
       # (same value and gradient; on a mesh of several devices each takes a share of the
       # rows, streaming.arc_loss_sharded); 'auto' streams once K x N exceeds one block.
-      impl="auto"))
-  c.optimizer = ml_collections.ConfigDict(dict(
-      name="adam", lr=3e-4, b1=0.9, b2=0.999, grad_clip_norm=0.0,
+      impl="auto",
+    )
+  )
+  c.optimizer = ml_collections.ConfigDict(
+    dict(
+      name="adam",
+      lr=3e-4,
+      b1=0.9,
+      b2=0.999,
+      grad_clip_norm=0.0,
       scale_lr=False,  # True: the learning rate is lr x batch_size (taming's scaling)
-  ))
-  c.data = ml_collections.ConfigDict(dict(
+    )
+  )
+  c.data = ml_collections.ConfigDict(
+    dict(
       source="idx",
       path="/usr/share/datasets/fashion-mnist",
       name="",
@@ -109,7 +132,8 @@ def vqvae_config() -> ml_collections.ConfigDict:
       random_crop=False,
       random_flip=False,
       num_workers=0,
-  ))
+    )
+  )
   # LPIPS (VGG16) weights converted by `python -m arcvq_jax.convert.lpips_weights`; where
   # set, evaluation also reports LPIPS. A VQGAN's perceptual loss needs them.
   c.lpips_path = ""
@@ -125,7 +149,8 @@ def vqvae_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.eval_every_steps = 0  # 0: evaluate once, at the end
 
-  c.sharding = ml_collections.ConfigDict(dict(
+  c.sharding = ml_collections.ConfigDict(
+    dict(
       # Mesh axis sizes; -1 takes the remaining devices. The batch is split over 'data'.
       mesh_shape=(-1,),
       mesh_axes=("data",),
@@ -136,7 +161,8 @@ def vqvae_config() -> ml_collections.ConfigDict:
       # unmatched parameters of at least this many elements, and their optimizer moments,
       # are split over it (sharding.py); smaller ones stay replicated.
       fsdp_min_size=2**14,
-  ))
+    )
+  )
   # Checkpoints are written in a background thread while training goes on (orbax async).
   c.checkpoint_async = True
   return c
@@ -150,7 +176,8 @@ def vqgan_config() -> ml_collections.ConfigDict:
   ("legacy" beta), Adam (0.5, 0.9) at 4.5e-6 x batch size, batch 30, 15 epochs.
   """
   c = vqvae_config()
-  c.model = ml_collections.ConfigDict(dict(
+  c.model = ml_collections.ConfigDict(
+    dict(
       name="vqgan",
       ch=128,
       ch_mult=(1, 2, 2, 4),
@@ -160,7 +187,8 @@ def vqgan_config() -> ml_collections.ConfigDict:
       z_channels=16,
       dropout=0.0,
       dtype="float32",  # compute dtype: 'bfloat16' keeps float32 params, quantiser and losses
-  ))
+    )
+  )
   q = c.quantizer
   q.num_codes, q.embed_dim = 1024, 16
   q.legacy_beta = True  # taming's placement of beta, as the official VQGAN runs
@@ -169,7 +197,8 @@ def vqgan_config() -> ml_collections.ConfigDict:
   c.optimizer.update(dict(lr=4.5e-6, scale_lr=True, b1=0.5, b2=0.9))
   c.loss = ml_collections.ConfigDict(dict(perceptual_weight=1.0))
   c.lpips_path = "~/.cache/arcvq_jax/lpips_vgg16.npz"
-  c.gan = ml_collections.ConfigDict(dict(
+  c.gan = ml_collections.ConfigDict(
+    dict(
       disc_start=250001,  # f(t) = 1 from this step on: the generator feels the GAN term
       # D learns from this step on (-1: from disc_start); earlier than disc_start lets D
       # catch up before its gradient reaches the autoencoder.
@@ -177,10 +206,20 @@ def vqgan_config() -> ml_collections.ConfigDict:
       disc_weight=0.8,  # taming's discriminator_weight in the adaptive weight
       ndf=64,
       n_layers=3,
-  ))
-  c.data.update(dict(
-      source="tfds", name="imagenet2012", path="", train_split="train",
-      eval_split="validation", image_size=256, random_crop=True, random_flip=True))
+    )
+  )
+  c.data.update(
+    dict(
+      source="tfds",
+      name="imagenet2012",
+      path="",
+      train_split="train",
+      eval_split="validation",
+      image_size=256,
+      random_crop=True,
+      random_flip=True,
+    )
+  )
   c.batch_size = 30
   c.num_epochs = 15
   c.eval_batch_size = 50
@@ -223,33 +262,57 @@ def _check_positive_int(c: ml_collections.ConfigDict, key: str) -> None:
 def _validate_vqgan(c: ml_collections.ConfigDict) -> None:
   """The VQGAN's model, loss and GAN keys."""
   m, g = c.model, c.gan
-  for key in ("model.ch", "model.num_res_blocks", "model.z_channels", "model.resolution",
-              "gan.ndf", "gan.n_layers"):
+  for key in (
+    "model.ch",
+    "model.num_res_blocks",
+    "model.z_channels",
+    "model.resolution",
+    "gan.ndf",
+    "gan.n_layers",
+  ):
     _check_positive_int(c, key)
   if m.ch % 32:
-    _fail("model.ch", f"must be a multiple of 32 (GroupNorm with 32 groups), got {m.ch}",
-          "taming uses 128.")
+    _fail(
+      "model.ch",
+      f"must be a multiple of 32 (GroupNorm with 32 groups), got {m.ch}",
+      "taming uses 128.",
+    )
   if not m.ch_mult or not all(isinstance(v, int) and v >= 1 for v in m.ch_mult):
-    _fail("model.ch_mult", f"must be a non-empty list of positive integers, got {m.ch_mult!r}",
-          "Use (1, 2, 2, 4) for f8 or (1, 1, 2, 2, 4) for f16.")
+    _fail(
+      "model.ch_mult",
+      f"must be a non-empty list of positive integers, got {m.ch_mult!r}",
+      "Use (1, 2, 2, 4) for f8 or (1, 1, 2, 2, 4) for f16.",
+    )
   if not 0.0 <= m.dropout < 1.0:
     _fail("model.dropout", f"must be in [0, 1), got {m.dropout}", "taming uses 0.")
   _check_choice(c, "model.dtype", ("float32", "bfloat16"))
   if not c.loss.perceptual_weight >= 0:
-    _fail("loss.perceptual_weight", f"must be >= 0, got {c.loss.perceptual_weight}",
-          "taming uses 1.0; 0 trains without LPIPS.")
+    _fail(
+      "loss.perceptual_weight",
+      f"must be >= 0, got {c.loss.perceptual_weight}",
+      "taming uses 1.0; 0 trains without LPIPS.",
+    )
   if c.loss.perceptual_weight > 0 and not c.lpips_path:
-    _fail("lpips_path", "is empty, but the perceptual loss (loss.perceptual_weight > 0) needs "
-          "the LPIPS VGG16 weights; a random LPIPS would silently ruin the run",
-          "Convert them once with `python -m arcvq_jax.convert.lpips_weights "
-          "--vgg16=vgg16-397923af.pth --out=PATH` and set --config.lpips_path=PATH (or "
-          "--config.loss.perceptual_weight=0 to train without LPIPS).")
+    _fail(
+      "lpips_path",
+      "is empty, but the perceptual loss (loss.perceptual_weight > 0) needs "
+      "the LPIPS VGG16 weights; a random LPIPS would silently ruin the run",
+      "Convert them once with `python -m arcvq_jax.convert.lpips_weights "
+      "--vgg16=vgg16-397923af.pth --out=PATH` and set --config.lpips_path=PATH (or "
+      "--config.loss.perceptual_weight=0 to train without LPIPS).",
+    )
   if not (isinstance(g.disc_start, int) and g.disc_start >= 0):
-    _fail("gan.disc_start", f"must be an integer >= 0, got {g.disc_start!r}",
-          "taming's ImageNet config uses 250001; 0 turns the GAN term on from the start.")
+    _fail(
+      "gan.disc_start",
+      f"must be an integer >= 0, got {g.disc_start!r}",
+      "taming's ImageNet config uses 250001; 0 turns the GAN term on from the start.",
+    )
   if not (isinstance(g.disc_train_start, int) and g.disc_train_start >= -1):
-    _fail("gan.disc_train_start", f"must be an integer >= -1, got {g.disc_train_start!r}",
-          "-1 starts the discriminator's training at gan.disc_start.")
+    _fail(
+      "gan.disc_train_start",
+      f"must be an integer >= -1, got {g.disc_train_start!r}",
+      "-1 starts the discriminator's training at gan.disc_start.",
+    )
   if not g.disc_weight >= 0:
     _fail("gan.disc_weight", f"must be >= 0, got {g.disc_weight}", "taming uses 0.8.")
 
@@ -268,8 +331,14 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
   _check_choice(c, "arc.impl", ("auto", "naive", "streamed"))
   _check_choice(c, "quantizer.search_impl", ("auto", "naive", "streamed"))
 
-  for key in ("quantizer.num_codes", "quantizer.embed_dim", "batch_size", "eval_batch_size",
-              "log_every_steps", "keep_checkpoints"):
+  for key in (
+    "quantizer.num_codes",
+    "quantizer.embed_dim",
+    "batch_size",
+    "eval_batch_size",
+    "log_every_steps",
+    "keep_checkpoints",
+  ):
     _check_positive_int(c, key)
   if c.model.name == "vqvae":
     _check_choice(c, "model.deconv_impl", tuple(CONV_TRANSPOSE_IMPLS))
@@ -278,8 +347,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
     if c.model.num_res_layers < 0:
       _fail("model.num_res_layers", f"must be >= 0, got {c.model.num_res_layers}", "Set 0 or more.")
     if c.model.hidden % 2:
-      _fail("model.hidden", f"must be even (the encoder's first conv has hidden/2 channels), "
-            f"got {c.model.hidden}", "Use an even width such as 128.")
+      _fail(
+        "model.hidden",
+        f"must be even (the encoder's first conv has hidden/2 channels), got {c.model.hidden}",
+        "Use an even width such as 128.",
+      )
   else:
     _validate_vqgan(c)
   for key in ("image_every_steps", "checkpoint_every_steps", "eval_every_steps"):
@@ -295,24 +367,36 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
   if not q.ema_eps > 0:
     _fail("quantizer.ema_eps", f"must be > 0, got {q.ema_eps}", "Typical: 1e-5.")
   if not (q.bbnr_alpha >= 0 and math.isfinite(q.bbnr_alpha)):
-    _fail("quantizer.bbnr_alpha", f"must be a finite value >= 0, got {q.bbnr_alpha}",
-          "The paper uses 3e-4 (MNIST, CIFAR-10).")
+    _fail(
+      "quantizer.bbnr_alpha",
+      f"must be a finite value >= 0, got {q.bbnr_alpha}",
+      "The paper uses 3e-4 (MNIST, CIFAR-10).",
+    )
   if q.restart_threshold < 0:
-    _fail("quantizer.restart_threshold", f"must be >= 0, got {q.restart_threshold}",
-          "Use 0 to turn dead-code restart off.")
+    _fail(
+      "quantizer.restart_threshold",
+      f"must be >= 0, got {q.restart_threshold}",
+      "Use 0 to turn dead-code restart off.",
+    )
   if q.get("codebook_axis"):
     axes, shape = tuple(c.sharding.mesh_axes), list(c.sharding.mesh_shape)
     if q.codebook_axis not in axes:
-      _fail("quantizer.codebook_axis", f"{q.codebook_axis!r} is not one of the mesh axes "
-            f"{axes}", "Name one of sharding.mesh_axes, or '' to keep the codebook whole.")
+      _fail(
+        "quantizer.codebook_axis",
+        f"{q.codebook_axis!r} is not one of the mesh axes {axes}",
+        "Name one of sharding.mesh_axes, or '' to keep the codebook whole.",
+      )
     known = math.prod(v for v in shape if v != -1)
     size = shape[axes.index(q.codebook_axis)] if len(shape) == len(axes) else 1
     if size == -1 and known and num_devices % known == 0:
       size = num_devices // known
     if size > 0 and q.num_codes % size:
-      _fail("quantizer.codebook_axis", f"the {q.num_codes} codes do not split evenly over the "
-            f"{size} devices of mesh axis {q.codebook_axis!r}",
-            "Use a num_codes divisible by that axis' size, or another axis.")
+      _fail(
+        "quantizer.codebook_axis",
+        f"the {q.num_codes} codes do not split evenly over the "
+        f"{size} devices of mesh axis {q.codebook_axis!r}",
+        "Use a num_codes divisible by that axis' size, or another axis.",
+      )
 
   if a.enabled:
     if not isinstance(a.top_k, int) or a.top_k < 1:
@@ -329,30 +413,53 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
   if not o.lr > 0:
     _fail("optimizer.lr", f"must be > 0, got {o.lr}", "The paper uses 3e-4 for the VQ-VAE.")
   if o.grad_clip_norm < 0:
-    _fail("optimizer.grad_clip_norm", f"must be >= 0, got {o.grad_clip_norm}", "0 turns clipping off.")
+    _fail(
+      "optimizer.grad_clip_norm", f"must be >= 0, got {o.grad_clip_norm}", "0 turns clipping off."
+    )
 
   if c.num_train_steps <= 0 and c.num_epochs <= 0:
-    _fail("num_train_steps", "and config.num_epochs are both <= 0",
-          "Set --config.num_train_steps=N or --config.num_epochs=E.")
+    _fail(
+      "num_train_steps",
+      "and config.num_epochs are both <= 0",
+      "Set --config.num_train_steps=N or --config.num_epochs=E.",
+    )
   for key in ("batch_size", "eval_batch_size"):
     if c[key] % num_devices:
-      _fail(key, f"{c[key]} is not divisible by the {num_devices} devices",
-            f"Use a multiple of {num_devices}.")
+      _fail(
+        key,
+        f"{c[key]} is not divisible by the {num_devices} devices",
+        f"Use a multiple of {num_devices}.",
+      )
     if c[key] % process_count:
-      _fail(key, f"{c[key]} is not divisible by the {process_count} processes",
-            f"Use a multiple of {process_count}.")
+      _fail(
+        key,
+        f"{c[key]} is not divisible by the {process_count} processes",
+        f"Use a multiple of {process_count}.",
+      )
   if len(c.sharding.mesh_shape) != len(c.sharding.mesh_axes):
-    _fail("sharding.mesh_shape", f"{c.sharding.mesh_shape} and sharding.mesh_axes "
-          f"{c.sharding.mesh_axes} differ in length", "Give one size per axis name.")
+    _fail(
+      "sharding.mesh_shape",
+      f"{c.sharding.mesh_shape} and sharding.mesh_axes {c.sharding.mesh_axes} differ in length",
+      "Give one size per axis name.",
+    )
   if "data" not in c.sharding.mesh_axes:
-    _fail("sharding.mesh_axes", f"{c.sharding.mesh_axes} has no 'data' axis",
-          "The batch is split over an axis named 'data'.")
+    _fail(
+      "sharding.mesh_axes",
+      f"{c.sharding.mesh_axes} has no 'data' axis",
+      "The batch is split over an axis named 'data'.",
+    )
   if len(set(c.sharding.mesh_axes)) != len(c.sharding.mesh_axes):
-    _fail("sharding.mesh_axes", f"{c.sharding.mesh_axes} names an axis twice",
-          "Give each mesh axis its own name, e.g. ('data', 'fsdp').")
+    _fail(
+      "sharding.mesh_axes",
+      f"{c.sharding.mesh_axes} names an axis twice",
+      "Give each mesh axis its own name, e.g. ('data', 'fsdp').",
+    )
   if c.sharding.get("fsdp_min_size", 0) < 0:
-    _fail("sharding.fsdp_min_size", f"must be >= 0, got {c.sharding.fsdp_min_size}",
-          "It is the smallest parameter (in elements) split over the 'fsdp' axis.")
+    _fail(
+      "sharding.fsdp_min_size",
+      f"must be >= 0, got {c.sharding.fsdp_min_size}",
+      "It is the smallest parameter (in elements) split over the 'fsdp' axis.",
+    )
 
 
 def _patchgan_side(side: int, n_layers: int) -> int:
@@ -367,18 +474,30 @@ def validate_against_data(c: ml_collections.ConfigDict, image_shape: tuple[int, 
   h, w, channels = image_shape
   f = downsample_factor(c)
   if h % f or w % f:
-    _fail("data", f"images are {h}x{w}, but the {c.model.name} downsamples by {f}",
-          f"Use images whose sides are multiples of {f} (config.data.image_size resizes "
-          "TFDS and folder images).")
+    _fail(
+      "data",
+      f"images are {h}x{w}, but the {c.model.name} downsamples by {f}",
+      f"Use images whose sides are multiples of {f} (config.data.image_size resizes "
+      "TFDS and folder images).",
+    )
   if c.model.name == "vqgan":
     if channels not in (1, 3) and c.loss.perceptual_weight > 0:
-      _fail("loss.perceptual_weight", f"LPIPS takes 1- or 3-channel images, these have "
-            f"{channels}", "Set it to 0 for other images.")
+      _fail(
+        "loss.perceptual_weight",
+        f"LPIPS takes 1- or 3-channel images, these have {channels}",
+        "Set it to 0 for other images.",
+      )
     if _patchgan_side(min(h, w), c.gan.n_layers) < 1:
-      _fail("gan.n_layers", f"{c.gan.n_layers} stride-2 layers leave no PatchGAN output for "
-            f"{h}x{w} images", "Use fewer layers (taming: 3 for 256x256).")
+      _fail(
+        "gan.n_layers",
+        f"{c.gan.n_layers} stride-2 layers leave no PatchGAN output for {h}x{w} images",
+        "Use fewer layers (taming: 3 for 256x256).",
+      )
   if c.arc.enabled:
     tokens = c.batch_size * (h // f) * (w // f)
     if c.arc.top_k > tokens:
-      _fail("arc.top_k", f"{c.arc.top_k} is more than the {tokens} latent tokens of a batch",
-            "Lower arc.top_k or raise batch_size.")
+      _fail(
+        "arc.top_k",
+        f"{c.arc.top_k} is more than the {tokens} latent tokens of a batch",
+        "Lower arc.top_k or raise batch_size.",
+      )

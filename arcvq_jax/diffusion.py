@@ -33,8 +33,12 @@ class Schedule(NamedTuple):
     return int(self.betas.shape[0])
 
 
-def make_schedule(kind: str = "linear", num_timesteps: int = 1000, linear_start: float = 0.0015,
-                  linear_end: float = 0.0195) -> Schedule:
+def make_schedule(
+  kind: str = "linear",
+  num_timesteps: int = 1000,
+  linear_start: float = 0.0015,
+  linear_end: float = 0.0195,
+) -> Schedule:
   """LDM's `make_beta_schedule` (ldm/modules/diffusionmodules/util.py).
 
   'linear' (LDM's name, Table 8's "linear"): beta_t = linspace(sqrt(start), sqrt(end), T)[t]^2,
@@ -70,9 +74,15 @@ def drop_labels(key: jax.Array, labels: jax.Array, prob: float, null_class: int)
   return jnp.where(drop, jnp.asarray(null_class, labels.dtype), labels)
 
 
-def eps_loss(key: jax.Array, eps_fn: EpsFn, x0: jax.Array, labels: jax.Array | None,
-             schedule: Schedule, cond_drop_prob: float = 0.0, null_class: int = 0,
-             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def eps_loss(
+  key: jax.Array,
+  eps_fn: EpsFn,
+  x0: jax.Array,
+  labels: jax.Array | None,
+  schedule: Schedule,
+  cond_drop_prob: float = 0.0,
+  null_class: int = 0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """LDM's loss_simple: mean over everything of (eps - eps_theta(x_t, t, y))^2, float32.
 
   key: drawn into t ~ U{0..T-1} (B,), eps ~ N(0, I) like x0, and the label dropout.
@@ -91,8 +101,9 @@ def eps_loss(key: jax.Array, eps_fn: EpsFn, x0: jax.Array, labels: jax.Array | N
   return jnp.mean(per_example), dict(per_example=per_example, t=t)
 
 
-def guided_eps(eps_fn: EpsFn, x: jax.Array, t: jax.Array, labels: jax.Array | None,
-               scale: float, null_class: int) -> jax.Array:
+def guided_eps(
+  eps_fn: EpsFn, x: jax.Array, t: jax.Array, labels: jax.Array | None, scale: float, null_class: int
+) -> jax.Array:
   """Classifier-free guidance: eps_u + scale (eps_c - eps_u), LDM's DDIMSampler order.
 
   Both predictions come from one call on the doubled batch [x; x] with labels
@@ -102,8 +113,7 @@ def guided_eps(eps_fn: EpsFn, x: jax.Array, t: jax.Array, labels: jax.Array | No
   if labels is None or scale == 1.0:
     return eps_fn(x, t, labels)
   null = jnp.full_like(labels, null_class)
-  both = eps_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                jnp.concatenate([null, labels]))
+  both = eps_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([null, labels]))
   eps_u, eps_c = jnp.split(both, 2)
   return eps_u + scale * (eps_c - eps_u)
 
@@ -121,8 +131,9 @@ def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
   return np.minimum(steps, num_timesteps - 1).astype(np.int32)
 
 
-def ddim_coefficients(schedule: Schedule, num_steps: int, eta: float = 0.0,
-                      final_alpha_one: bool = True) -> dict[str, np.ndarray]:
+def ddim_coefficients(
+  schedule: Schedule, num_steps: int, eta: float = 0.0, final_alpha_one: bool = True
+) -> dict[str, np.ndarray]:
   """Per-step arrays, ascending in t, float64 numpy (S,):
 
   t: the timesteps; a: abar_t; a_prev: abar of the next-smaller DDIM step (for the first,
@@ -138,8 +149,14 @@ def ddim_coefficients(schedule: Schedule, num_steps: int, eta: float = 0.0,
   return dict(t=t, a=a, a_prev=a_prev, sigma=sigma)
 
 
-def ddim_step(x: jax.Array, eps: jax.Array, a: jax.Array, a_prev: jax.Array, sigma: jax.Array,
-              noise: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def ddim_step(
+  x: jax.Array,
+  eps: jax.Array,
+  a: jax.Array,
+  a_prev: jax.Array,
+  sigma: jax.Array,
+  noise: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
   """One DDIM update (DDIM Eq. 12): returns (x_prev, pred_x0).
 
   pred_x0 = (x - sqrt(1 - a) eps) / sqrt(a);
@@ -154,10 +171,19 @@ def ddim_step(x: jax.Array, eps: jax.Array, a: jax.Array, a_prev: jax.Array, sig
   return x_prev, pred_x0
 
 
-def ddim_sample(eps_fn: EpsFn, x_T: jax.Array, labels: jax.Array | None, schedule: Schedule, *,
-                num_steps: int = 250, guidance_scale: float = 1.0, null_class: int = 0,
-                eta: float = 0.0, final_alpha_one: bool = True,
-                key: jax.Array | None = None) -> jax.Array:
+def ddim_sample(
+  eps_fn: EpsFn,
+  x_T: jax.Array,
+  labels: jax.Array | None,
+  schedule: Schedule,
+  *,
+  num_steps: int = 250,
+  guidance_scale: float = 1.0,
+  null_class: int = 0,
+  eta: float = 0.0,
+  final_alpha_one: bool = True,
+  key: jax.Array | None = None,
+) -> jax.Array:
   """DDIM from x_T (B, h, w, D) down to x_0, as one `lax.scan` over the S steps.
 
   labels: (B,) int32 classes (None: unconditional). guidance_scale, null_class: see

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -40,15 +40,20 @@ def detected_cluster() -> str | None:
   if "," in env.get("TPU_WORKER_HOSTNAMES", ""):
     return "tpu"
   if int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")) or 1) > 1 and (
-      "SLURM_STEP_ID" in env or "SLURM_PROCID" in env):
+    "SLURM_STEP_ID" in env or "SLURM_PROCID" in env
+  ):
     return "slurm"
   if int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
     return "ompi"
   return None
 
 
-def initialize(mode: str = "auto", coordinator_address: str | None = None,
-               num_processes: int | None = None, process_id: int | None = None) -> bool:
+def initialize(
+  mode: str = "auto",
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> bool:
   """Starts JAX's distributed runtime where the run spans several processes.
 
   mode: 'off' never; 'on' always (the launcher's environment or the explicit flags must say
@@ -60,10 +65,11 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None,
   explicit = (coordinator_address, num_processes, process_id)
   if any(v is not None for v in explicit) and any(v is None for v in explicit):
     raise DistributedSetupError(
-        "--coordinator_address, --num_processes and --process_id go together (got "
-        f"{coordinator_address!r}, {num_processes!r}, {process_id!r}): give all three, e.g. "
-        "--coordinator_address=host0:1234 --num_processes=2 --process_id=0 on the first "
-        "host, or none to let JAX detect the cluster (Cloud TPU, SLURM, Open MPI).")
+      "--coordinator_address, --num_processes and --process_id go together (got "
+      f"{coordinator_address!r}, {num_processes!r}, {process_id!r}): give all three, e.g. "
+      "--coordinator_address=host0:1234 --num_processes=2 --process_id=0 on the first "
+      "host, or none to let JAX detect the cluster (Cloud TPU, SLURM, Open MPI)."
+    )
   if mode not in ("auto", "on", "off"):
     raise DistributedSetupError(f"--distributed={mode!r}: choose auto, on or off.")
   cluster = detected_cluster()
@@ -72,18 +78,23 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None,
   # CPU devices of different processes talk through gloo (TCP); the flag only concerns the
   # CPU backend, so GPU and TPU runs are unaffected.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  logging.info("Starting JAX's distributed runtime (%s).",
-               f"coordinator {coordinator_address}, process {process_id} of {num_processes}"
-               if coordinator_address else f"detected: {cluster or 'from JAX'}")
+  logging.info(
+    "Starting JAX's distributed runtime (%s).",
+    f"coordinator {coordinator_address}, process {process_id} of {num_processes}"
+    if coordinator_address
+    else f"detected: {cluster or 'from JAX'}",
+  )
   try:
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(
+      coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
   except (ValueError, RuntimeError) as e:
     raise DistributedSetupError(
-        f"jax.distributed.initialize failed: {e}. On a cluster JAX cannot detect, pass "
-        "--coordinator_address=HOST:PORT --num_processes=N --process_id=I (the same address "
-        "and N on every process; process 0 runs on HOST), or --distributed=off for one "
-        "process.") from e
+      f"jax.distributed.initialize failed: {e}. On a cluster JAX cannot detect, pass "
+      "--coordinator_address=HOST:PORT --num_processes=N --process_id=I (the same address "
+      "and N on every process; process 0 runs on HOST), or --distributed=off for one "
+      "process."
+    ) from e
   return True
 
 
@@ -122,6 +133,7 @@ class PreemptionWatcher:
     if step % self._sync_every:
       return False
     from jax.experimental import multihost_utils  # noqa: PLC0415
+
     flags = multihost_utils.process_allgather(np.int32(self._flag.is_set()))
     return bool(np.any(flags))
 

@@ -23,7 +23,8 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import ml_collections
@@ -33,8 +34,7 @@ from clu import metric_writers
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
-from arcvq_jax import api
-from arcvq_jax import sharding
+from arcvq_jax import api, sharding
 from arcvq_jax.data import pipeline
 from arcvq_jax.evaluation import diagnostics
 from arcvq_jax.evaluation import fid as fid_lib
@@ -45,9 +45,16 @@ from arcvq_jax.train import tokenizer as tokenizer_lib
 DEFAULT_LPIPS_PATH = "~/.cache/arcvq_jax/lpips_vgg16.npz"
 SKIPPABLE = ("lpips", "rfid")
 # Columns of the markdown table: (key, header, format).
-COLUMNS = (("num_images", "images", "d"), ("psnr", "PSNR", ".2f"), ("ssim", "SSIM", ".4f"),
-           ("lpips", "LPIPS", ".4f"), ("rfid", "rFID", ".2f"), ("codebook_usage", "usage", ".1%"),
-           ("perplexity", "perplexity", ".1f"), ("mse", "MSE", ".5f"))
+COLUMNS = (
+  ("num_images", "images", "d"),
+  ("psnr", "PSNR", ".2f"),
+  ("ssim", "SSIM", ".4f"),
+  ("lpips", "LPIPS", ".4f"),
+  ("rfid", "rFID", ".2f"),
+  ("codebook_usage", "usage", ".1%"),
+  ("perplexity", "perplexity", ".1f"),
+  ("mse", "MSE", ".5f"),
+)
 
 
 def _local_rows(x: jax.Array) -> np.ndarray:
@@ -58,8 +65,9 @@ def _local_rows(x: jax.Array) -> np.ndarray:
   return np.concatenate([np.asarray(rows[k]) for k in sorted(rows)])
 
 
-def _limited(batches: Iterator[dict[str, np.ndarray]], global_batch_size: int,
-             num_images: int, bar) -> Iterator[dict[str, np.ndarray]]:
+def _limited(
+  batches: Iterator[dict[str, np.ndarray]], global_batch_size: int, num_images: int, bar
+) -> Iterator[dict[str, np.ndarray]]:
   """The eval batches, masked after the first `num_images` (0: all) of the split."""
   p, local = jax.process_index(), global_batch_size // jax.process_count()
   for b, batch in enumerate(batches):
@@ -73,9 +81,15 @@ def _limited(batches: Iterator[dict[str, np.ndarray]], global_batch_size: int,
 
 
 def evaluate_checkpoint(
-    config: ml_collections.ConfigDict, params: Any, *, split: str,
-    inception_params: Any = None, lpips_params: Any = None, batch_size: int | None = None,
-    inception_batch_size: int = 100, num_images: int = 0,
+  config: ml_collections.ConfigDict,
+  params: Any,
+  *,
+  split: str,
+  inception_params: Any = None,
+  lpips_params: Any = None,
+  batch_size: int | None = None,
+  inception_batch_size: int = 100,
+  num_images: int = 0,
 ) -> tuple[dict[str, float], np.ndarray]:
   """The metrics of the tokenizer (config, params) on `split`, and its (K,) code counts.
 
@@ -94,17 +108,22 @@ def evaluate_checkpoint(
   if inception_params is not None:
     fid_lib.warn_if_few(total, inception_lib.POOL_DIM, f"rFID on {total} images")
 
-  step = functools.partial(tokenizer_lib.eval_step, model=tok.model, config=config,
-                           with_reconstructions=True)
+  step = functools.partial(
+    tokenizer_lib.eval_step, model=tok.model, config=config, with_reconstructions=True
+  )
   params = jax.device_put(tok.params, replicated)
   if lpips_params is not None:
     lpips_params = jax.device_put(lpips_params, replicated)
-  abstract_batch = dict(image=jax.ShapeDtypeStruct((batch_size, *info["image_shape"]), np.float32),
-                        mask=jax.ShapeDtypeStruct((batch_size,), np.bool_))
+  abstract_batch = dict(
+    image=jax.ShapeDtypeStruct((batch_size, *info["image_shape"]), np.float32),
+    mask=jax.ShapeDtypeStruct((batch_size,), np.bool_),
+  )
   out_shapes = jax.eval_shape(step, params, abstract_batch, lpips_params)
-  step_fn = jax.jit(step, in_shardings=(replicated, batch_sharding, replicated),
-                    out_shardings={k: batch_sharding if k == "reconstructions" else replicated
-                                   for k in out_shapes})
+  step_fn = jax.jit(
+    step,
+    in_shardings=(replicated, batch_sharding, replicated),
+    out_shardings={k: batch_sharding if k == "reconstructions" else replicated for k in out_shapes},
+  )
 
   extractor = stats_real = stats_fake = None
   if inception_params is not None:
@@ -122,11 +141,13 @@ def evaluate_checkpoint(
       stats_fake.update(extractor(_local_rows(x_hat), mask)[0])
     return out
 
-  with tqdm(total=total, desc=f"evaluating {split}", unit="img",
-            disable=jax.process_index() != 0) as bar:
+  with tqdm(
+    total=total, desc=f"evaluating {split}", unit="img", disable=jax.process_index() != 0
+  ) as bar:
     batches = pipeline.create_eval_iterator(data, global_batch_size=batch_size)
-    results = tokenizer_lib.evaluate(eval_fn, params, _limited(batches, batch_size, num_images, bar),
-                                     batch_sharding, lpips_params)
+    results = tokenizer_lib.evaluate(
+      eval_fn, params, _limited(batches, batch_size, num_images, bar), batch_sharding, lpips_params
+    )
   if extractor is not None:
     results["rfid"] = fid_lib.fid_from_stats(stats_real, stats_fake)
   return results, counts
@@ -134,8 +155,10 @@ def evaluate_checkpoint(
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
   """One row per result dict (keys: split, step and the metrics; missing ones are 'n/a')."""
-  lines = ["| split | step | " + " | ".join(h for _, h, _ in COLUMNS) + " |",
-           "|---|---|" + "---|" * len(COLUMNS)]
+  lines = [
+    "| split | step | " + " | ".join(h for _, h, _ in COLUMNS) + " |",
+    "|---|---|" + "---|" * len(COLUMNS),
+  ]
   for r in rows:
     cells = [r["split"], str(r["step"])]
     cells += ["n/a" if r.get(k) is None else format(r[k], f) for k, _, f in COLUMNS]
@@ -146,13 +169,17 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 def _load_weights(kind: str, path: str, skip: list[str]) -> Any:
   if kind in skip:
     return None
-  loader, error = ((lpips_lib.load_params, lpips_lib.LPIPSWeightsError) if kind == "lpips"
-                   else (inception_lib.load_params, inception_lib.InceptionWeightsError))
+  loader, error = (
+    (lpips_lib.load_params, lpips_lib.LPIPSWeightsError)
+    if kind == "lpips"
+    else (inception_lib.load_params, inception_lib.InceptionWeightsError)
+  )
   try:
     return loader(os.path.expanduser(path))
   except error as e:
-    raise error(f"{e} (or pass --skip={kind} to evaluate without "
-                f"{'LPIPS' if kind == 'lpips' else 'rFID'})") from e
+    raise error(
+      f"{e} (or pass --skip={kind} to evaluate without {'LPIPS' if kind == 'lpips' else 'rFID'})"
+    ) from e
 
 
 # ---------------------------------------------------------------------------------- the CLI
@@ -163,14 +190,16 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """The command's flags, defined only when it runs as a program: absl flags are global,
   and other modules (main, the converters) define some of the same names."""
-  config_flags.DEFINE_config_file("config", None, "Config (default: the run's config.json).",
-                                  lock_config=False)
+  config_flags.DEFINE_config_file(
+    "config", None, "Config (default: the run's config.json).", lock_config=False
+  )
   flags.DEFINE_string("workdir", None, "The run's --workdir (config.json, checkpoints/).")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_string("split", None, "Split to evaluate (default: config.data.eval_split).")
   flags.DEFINE_string("inception_path", inception_lib.DEFAULT_PATH, "FID Inception weights.")
-  flags.DEFINE_string("lpips_path", None,
-                      f"LPIPS weights (default: config.lpips_path, else {DEFAULT_LPIPS_PATH}).")
+  flags.DEFINE_string(
+    "lpips_path", None, f"LPIPS weights (default: config.lpips_path, else {DEFAULT_LPIPS_PATH})."
+  )
   flags.DEFINE_list("skip", [], f"Metrics to leave out: any of {', '.join(SKIPPABLE)}.")
   flags.DEFINE_integer("batch_size", 0, "Global batch (default: config.eval_batch_size).")
   flags.DEFINE_integer("inception_batch_size", 100, "Global batch of the Inception.")
@@ -189,17 +218,31 @@ def main(argv: list[str]) -> None:
   split = FLAGS.split or config.data.eval_split
   # Weights first: a missing file stops here, before anything is read or compiled.
   lpips_params = _load_weights(
-      "lpips", FLAGS.lpips_path or config.get("lpips_path") or DEFAULT_LPIPS_PATH, FLAGS.skip)
+    "lpips", FLAGS.lpips_path or config.get("lpips_path") or DEFAULT_LPIPS_PATH, FLAGS.skip
+  )
   inception_params = _load_weights("rfid", FLAGS.inception_path, FLAGS.skip)
   params, step = api.restore_params(workdir, FLAGS.step)
   logging.info("Evaluating step %d of %s on split %r", step, workdir, split)
   results, counts = evaluate_checkpoint(
-      config, params, split=split, inception_params=inception_params,
-      lpips_params=lpips_params, batch_size=FLAGS.batch_size or None,
-      inception_batch_size=FLAGS.inception_batch_size, num_images=FLAGS.num_images)
-  record = dict(split=split, step=step, workdir=workdir, **results,
-                skipped=sorted(FLAGS.skip), inception_weights=os.path.expanduser(
-                    FLAGS.inception_path) if inception_params is not None else None)
+    config,
+    params,
+    split=split,
+    inception_params=inception_params,
+    lpips_params=lpips_params,
+    batch_size=FLAGS.batch_size or None,
+    inception_batch_size=FLAGS.inception_batch_size,
+    num_images=FLAGS.num_images,
+  )
+  record = dict(
+    split=split,
+    step=step,
+    workdir=workdir,
+    **results,
+    skipped=sorted(FLAGS.skip),
+    inception_weights=os.path.expanduser(FLAGS.inception_path)
+    if inception_params is not None
+    else None,
+  )
   print(json.dumps(record, indent=2))
   print(markdown_table([record]))
 
@@ -215,8 +258,9 @@ def main(argv: list[str]) -> None:
   writer = metric_writers.create_default_writer(workdir)
   writer.write_scalars(step, {f"evaluate_{split}/{k}": v for k, v in results.items()})
   codebook = np.asarray(jax.device_get(params["codebook"]))
-  diagnostics.write_codebook_diagnostics(out_dir, codebook, counts, prefix=f"{name}_",
-                                         writer=writer, step=step, tag=f"evaluate_{split}")
+  diagnostics.write_codebook_diagnostics(
+    out_dir, codebook, counts, prefix=f"{name}_", writer=writer, step=step, tag=f"evaluate_{split}"
+  )
   writer.flush()
   logging.info("Wrote %s/%s.{json,md} and the codebook plots", out_dir, name)
 

@@ -43,11 +43,11 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import warnings
 import zipfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -84,6 +84,7 @@ class Samples:
 
   Attributes: num_images, image_shape (H, W, C) and a description.
   """
+
   num_images: int
   image_shape: tuple[int, int, int]
   description: str
@@ -114,19 +115,23 @@ class NpzSamples(Samples):
       self._zip = zipfile.ZipFile(self._file)
     except zipfile.BadZipFile as e:
       raise ImageSetError(f"{path} is not an .npz file ({e}).") from e
-    names = {n[:-len(".npy")]: n for n in self._zip.namelist() if n.endswith(".npy")}
+    names = {n[: -len(".npy")]: n for n in self._zip.namelist() if n.endswith(".npy")}
     key = next((k for k in NPZ_KEYS if k in names), None)
     if key is None:
-      raise ImageSetError(f"{path} has no array {' or '.join(map(repr, NPZ_KEYS))} (it holds "
-                          f"{sorted(names)}); save samples as np.savez(path, images=x).")
+      raise ImageSetError(
+        f"{path} has no array {' or '.join(map(repr, NPZ_KEYS))} (it holds "
+        f"{sorted(names)}); save samples as np.savez(path, images=x)."
+      )
     self._member = names[key]
     self._open_member()
     if len(self._shape) != 4 or self._shape[-1] not in (1, 3):
-      raise ImageSetError(f"{path}: '{key}' has shape {self._shape}; expected (N, H, W, C) "
-                          "with C = 1 or 3.")
+      raise ImageSetError(
+        f"{path}: '{key}' has shape {self._shape}; expected (N, H, W, C) with C = 1 or 3."
+      )
     if self._dtype != np.uint8 and self._dtype.kind != "f":
-      raise ImageSetError(f"{path}: '{key}' has dtype {self._dtype}; expected uint8 in "
-                          "[0, 255] or float in [-1, 1].")
+      raise ImageSetError(
+        f"{path}: '{key}' has dtype {self._dtype}; expected uint8 in [0, 255] or float in [-1, 1]."
+      )
     self.num_images = self._shape[0] if not limit else min(limit, self._shape[0])
     self.image_shape = tuple(int(s) for s in self._shape[1:])
     self.description = f"{path} ({self._shape[0]} images)"
@@ -134,8 +139,11 @@ class NpzSamples(Samples):
   def _open_member(self) -> None:
     self._stream = self._zip.open(self._member)
     version = np.lib.format.read_magic(self._stream)
-    header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-              else np.lib.format.read_array_header_2_0)
+    header = (
+      np.lib.format.read_array_header_1_0
+      if version == (1, 0)
+      else np.lib.format.read_array_header_2_0
+    )
     shape, fortran, dtype = header(self._stream)
     if fortran:
       raise ImageSetError(f"{self.path}: the array is in Fortran order; save it C-contiguous.")
@@ -184,12 +192,13 @@ class FolderSamples(Samples):
 
   def _rows(self, start: int, stop: int) -> np.ndarray:
     images = list(self._pool.map(self._read, self.files[start:stop]))
-    for file, img in zip(self.files[start:stop], images):
+    for file, img in zip(self.files[start:stop], images, strict=True):
       if img.shape != self.image_shape:
         raise ImageSetError(
-            f"{file} is {img.shape[1]}x{img.shape[0]} but {self.files[0]} is "
-            f"{self.image_shape[1]}x{self.image_shape[0]}: all images of a set must have one "
-            "size (resize them first; FID depends on the resolution).")
+          f"{file} is {img.shape[1]}x{img.shape[0]} but {self.files[0]} is "
+          f"{self.image_shape[1]}x{self.image_shape[0]}: all images of a set must have one "
+          "size (resize them first; FID depends on the resolution)."
+        )
     return np.stack(images) if images else np.zeros((0, *self.image_shape), np.uint8)
 
 
@@ -210,8 +219,9 @@ class DatasetSamples(Samples):
   def batches(self, global_batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     p, n_proc = jax.process_index(), jax.process_count()
     local = global_batch_size // n_proc
-    it = pipeline.create_eval_iterator(self.data_config, global_batch_size=global_batch_size,
-                                       process_index=p, process_count=n_proc)
+    it = pipeline.create_eval_iterator(
+      self.data_config, global_batch_size=global_batch_size, process_index=p, process_count=n_proc
+    )
     for b, batch in enumerate(it):
       if b * global_batch_size >= self.num_images:
         break
@@ -231,80 +241,113 @@ def open_samples(path: str, limit: int = 0) -> Samples:
 # ------------------------------------------------------------------------------ statistics
 
 
-def compute_stats(samples: Samples, extractor: inception_lib.InceptionFeatures, *,
-                  keep: int = 10000, inception_score: bool = False, seed: int = 0,
-                  desc: str = "Inception features") -> fid_lib.FeatureStats:
+def compute_stats(
+  samples: Samples,
+  extractor: inception_lib.InceptionFeatures,
+  *,
+  keep: int = 10000,
+  inception_score: bool = False,
+  seed: int = 0,
+  desc: str = "Inception features",
+) -> fid_lib.FeatureStats:
   """Streams `samples` through the Inception: mean/covariance of the pool features, `keep`
   random features and (optionally) the Inception Score sums. info: image_shape, source,
   network (the weights' fingerprint)."""
-  stats = fid_lib.FeatureStats(keep=keep, seed=seed,
-                               total=samples.num_images if inception_score else None)
-  stats.info = dict(image_shape=list(samples.image_shape), source=samples.description,
-                    network=extractor.fingerprint)
+  stats = fid_lib.FeatureStats(
+    keep=keep, seed=seed, total=samples.num_images if inception_score else None
+  )
+  stats.info = dict(
+    image_shape=list(samples.image_shape), source=samples.description, network=extractor.fingerprint
+  )
   with _progress(samples.num_images, desc) as bar:
     for images, mask in samples.batches(extractor.batch_size):
       pool, logits = extractor(images, mask)
       stats.update(pool, logits if inception_score else None)
       bar.update(len(pool))
   if stats.count != samples.num_images:
-    raise ImageSetError(f"read {stats.count} of the {samples.num_images} images of "
-                        f"{samples.description}.")
+    raise ImageSetError(
+      f"read {stats.count} of the {samples.num_images} images of {samples.description}."
+    )
   return stats
 
 
-def check_comparable(samples: dict[str, Any], reference: dict[str, Any],
-                     allow_size_mismatch: bool = False) -> None:
+def check_comparable(
+  samples: dict[str, Any], reference: dict[str, Any], allow_size_mismatch: bool = False
+) -> None:
   """Raises when two sets' statistics (their `FeatureStats.info`) were made by different
   networks or (unless allowed) from images of different sizes."""
   a, b = samples.get("network"), reference.get("network")
   if a and b and a != b:
     raise fid_lib.StatisticsError(
-        f"the reference statistics ({reference.get('source')}) were computed with other "
-        f"Inception weights (fingerprint {b}) than these (fingerprint {a}); compute them again "
-        "with the same --inception_path.")
+      f"the reference statistics ({reference.get('source')}) were computed with other "
+      f"Inception weights (fingerprint {b}) than these (fingerprint {a}); compute them again "
+      "with the same --inception_path."
+    )
   a, b = samples.get("image_shape"), reference.get("image_shape")
   if a and b and list(a)[:2] != list(b)[:2] and not allow_size_mismatch:
     raise ImageSetError(
-        f"the samples are {a[0]}x{a[1]} images but the reference's are {b[0]}x{b[1]}: FID "
-        "depends on the resolution (both are resized to 299). Resize one set to the other's "
-        "size, or pass --allow_size_mismatch to compare anyway.")
+      f"the samples are {a[0]}x{a[1]} images but the reference's are {b[0]}x{b[1]}: FID "
+      "depends on the resolution (both are resized to 299). Resize one set to the other's "
+      "size, or pass --allow_size_mismatch to compare anyway."
+    )
 
 
-def evaluate_samples(samples: Samples, reference: fid_lib.FeatureStats,
-                     extractor: inception_lib.InceptionFeatures, *, pr_features: int = 10000,
-                     allow_size_mismatch: bool = False, seed: int = 0) -> dict[str, Any]:
+def evaluate_samples(
+  samples: Samples,
+  reference: fid_lib.FeatureStats,
+  extractor: inception_lib.InceptionFeatures,
+  *,
+  pr_features: int = 10000,
+  allow_size_mismatch: bool = False,
+  seed: int = 0,
+) -> dict[str, Any]:
   """FID, Inception Score, precision and recall of `samples` against `reference` stats."""
-  check_comparable(dict(image_shape=samples.image_shape, network=extractor.fingerprint),
-                   reference.info, allow_size_mismatch)  # before the long pass
+  check_comparable(
+    dict(image_shape=samples.image_shape, network=extractor.fingerprint),
+    reference.info,
+    allow_size_mismatch,
+  )  # before the long pass
   fid_lib.warn_if_few(samples.num_images, inception_lib.POOL_DIM, "samples")
-  stats = compute_stats(samples, extractor, keep=pr_features, inception_score=True, seed=seed,
-                        desc="samples")
+  stats = compute_stats(
+    samples, extractor, keep=pr_features, inception_score=True, seed=seed, desc="samples"
+  )
   is_mean, is_std = stats.inception_score()
   results: dict[str, Any] = dict(
-      fid=fid_lib.fid_from_stats(stats, reference), inception_score=is_mean,
-      inception_score_std=is_std, precision=None, recall=None,
-      num_samples=stats.count, num_reference=reference.count,
-      samples=samples.description, reference=reference.info.get("source", "unknown"))
+    fid=fid_lib.fid_from_stats(stats, reference),
+    inception_score=is_mean,
+    inception_score_std=is_std,
+    precision=None,
+    recall=None,
+    num_samples=stats.count,
+    num_reference=reference.count,
+    samples=samples.description,
+    reference=reference.info.get("source", "unknown"),
+  )
   if len(reference.features) > fid_lib.PR_NEIGHBOURS:
     feats = reference.features[:pr_features]
     results["precision"], results["recall"] = fid_lib.precision_recall(feats, stats.features)
     results["num_pr_features"] = [len(feats), len(stats.features)]
   else:
-    warnings.warn("the reference statistics hold no features (a pytorch-fid mu/sigma file?): "
-                  "precision and recall are not computed.", stacklevel=2)
+    warnings.warn(
+      "the reference statistics hold no features (a pytorch-fid mu/sigma file?): "
+      "precision and recall are not computed.",
+      stacklevel=2,
+    )
   return results
 
 
 def markdown_table(results: dict[str, Any]) -> str:
   def fmt(v, digits):
     return "n/a" if v is None else f"{v:.{digits}f}"
+
   return (
-      "| samples | reference | FID | IS | precision | recall |\n"
-      "|---|---|---|---|---|---|\n"
-      f"| {results['num_samples']} | {results['num_reference'] or 'n/a'} | "
-      f"{fmt(results['fid'], 2)} | {fmt(results['inception_score'], 2)} ± "
-      f"{fmt(results['inception_score_std'], 2)} | {fmt(results['precision'], 3)} | "
-      f"{fmt(results['recall'], 3)} |\n")
+    "| samples | reference | FID | IS | precision | recall |\n"
+    "|---|---|---|---|---|---|\n"
+    f"| {results['num_samples']} | {results['num_reference'] or 'n/a'} | "
+    f"{fmt(results['fid'], 2)} | {fmt(results['inception_score'], 2)} ± "
+    f"{fmt(results['inception_score_std'], 2)} | {fmt(results['precision'], 3)} | "
+    f"{fmt(results['recall'], 3)} |\n"
+  )
 
 
 # ---------------------------------------------------------------------------------- the CLI
@@ -315,22 +358,32 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """The command's flags, defined only when it runs as a program: absl flags are global,
   and other modules (main, the converters) define some of the same names."""
-  flags.DEFINE_string("samples", None, "Samples: an .npz ('images' uint8 or [-1, 1] floats) or "
-                      "a folder of images. Without it, only the reference statistics are made.")
+  flags.DEFINE_string(
+    "samples",
+    None,
+    "Samples: an .npz ('images' uint8 or [-1, 1] floats) or "
+    "a folder of images. Without it, only the reference statistics are made.",
+  )
   flags.DEFINE_string("reference", None, "Reference images: an .npz or a folder of images.")
-  config_flags.DEFINE_config_file("reference_config", None,
-                                  "A config whose config.data is the reference data set.")
+  config_flags.DEFINE_config_file(
+    "reference_config", None, "A config whose config.data is the reference data set."
+  )
   flags.DEFINE_string("reference_split", "train", "Split of --reference_config's data set.")
-  flags.DEFINE_string("reference_stats", None, "Reference statistics file: read if it exists, "
-                      "else computed from --reference / --reference_config and written here.")
+  flags.DEFINE_string(
+    "reference_stats",
+    None,
+    "Reference statistics file: read if it exists, "
+    "else computed from --reference / --reference_config and written here.",
+  )
   flags.DEFINE_string("out", None, "Results JSON (a .md table is written beside it).")
   flags.DEFINE_string("inception_path", inception_lib.DEFAULT_PATH, "FID Inception weights.")
   flags.DEFINE_integer("batch_size", 100, "Global Inception batch (a multiple of the devices).")
   flags.DEFINE_integer("num_samples", 0, "Use the first N samples (0: all); fewer is an error.")
   flags.DEFINE_integer("num_reference", 0, "Use the first N reference images (0: all).")
   flags.DEFINE_integer("pr_features", 10000, "Random features per set for precision/recall.")
-  flags.DEFINE_bool("allow_size_mismatch", False, "Compare samples and a reference of "
-                    "different image sizes.")
+  flags.DEFINE_bool(
+    "allow_size_mismatch", False, "Compare samples and a reference of different image sizes."
+  )
   flags.DEFINE_integer("seed", 0, "Seed of the random feature subsets.")
 
 
@@ -340,10 +393,11 @@ def _reference_samples() -> Samples:
   if FLAGS.reference:
     return open_samples(FLAGS.reference, FLAGS.num_reference)
   if FLAGS.reference_config:
-    return DatasetSamples(FLAGS.reference_config.data, FLAGS.reference_split,
-                          FLAGS.num_reference)
-  raise app.UsageError("no reference: give --reference_stats=FILE (existing), --reference="
-                       "X.npz|DIR or --reference_config=configs/...py.")
+    return DatasetSamples(FLAGS.reference_config.data, FLAGS.reference_split, FLAGS.num_reference)
+  raise app.UsageError(
+    "no reference: give --reference_stats=FILE (existing), --reference="
+    "X.npz|DIR or --reference_config=configs/...py."
+  )
 
 
 def _load_reference(extractor: inception_lib.InceptionFeatures) -> fid_lib.FeatureStats:
@@ -357,8 +411,9 @@ def _load_reference(extractor: inception_lib.InceptionFeatures) -> fid_lib.Featu
         return fid_lib.FeatureStats.load(FLAGS.reference)
   reference = _reference_samples()
   fid_lib.warn_if_few(reference.num_images, inception_lib.POOL_DIM, "reference")
-  stats = compute_stats(reference, extractor, keep=FLAGS.pr_features, seed=FLAGS.seed + 1,
-                        desc="reference")
+  stats = compute_stats(
+    reference, extractor, keep=FLAGS.pr_features, seed=FLAGS.seed + 1, desc="reference"
+  )
   if cache and jax.process_index() == 0:
     stats.save(cache)
     logging.info("Wrote reference statistics of %d images to %s", stats.count, cache)
@@ -371,21 +426,30 @@ def main(argv: list[str]) -> None:
   if not FLAGS.samples and not FLAGS.reference_stats:
     raise app.UsageError("give --samples (to evaluate) or --reference_stats (to precompute).")
   extractor = inception_lib.InceptionFeatures(
-      inception_lib.load_params(FLAGS.inception_path), batch_size=FLAGS.batch_size)
+    inception_lib.load_params(FLAGS.inception_path), batch_size=FLAGS.batch_size
+  )
   samples = None
   if FLAGS.samples:  # checked before the (long) reference pass
     samples = open_samples(FLAGS.samples)
     if FLAGS.num_samples:
       if samples.num_images < FLAGS.num_samples:
-        raise ImageSetError(f"--num_samples={FLAGS.num_samples} but {samples.description} "
-                            f"has only {samples.num_images}.")
+        raise ImageSetError(
+          f"--num_samples={FLAGS.num_samples} but {samples.description} "
+          f"has only {samples.num_images}."
+        )
       samples.num_images = FLAGS.num_samples
   reference = _load_reference(extractor)
   if samples is None:
     print(f"reference statistics of {reference.count} images: {FLAGS.reference_stats}")
     return
-  results = evaluate_samples(samples, reference, extractor, pr_features=FLAGS.pr_features,
-                             allow_size_mismatch=FLAGS.allow_size_mismatch, seed=FLAGS.seed)
+  results = evaluate_samples(
+    samples,
+    reference,
+    extractor,
+    pr_features=FLAGS.pr_features,
+    allow_size_mismatch=FLAGS.allow_size_mismatch,
+    seed=FLAGS.seed,
+  )
   print(json.dumps(results, indent=2))
   print(markdown_table(results))
   if FLAGS.out and jax.process_index() == 0:

@@ -18,23 +18,30 @@ from arcvq_jax.train import prior_ldm, prior_pixelcnn, tokenizer
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file (configs/*.py[:variant]).", lock_config=True)
+  "config", None, "Experiment config file (configs/*.py[:variant]).", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and evaluation results.")
 flags.mark_flags_as_required(["config", "workdir"])
 flags.DEFINE_enum(
-    "distributed", "auto", ["auto", "on", "off"],
-    "Multi-process runs: 'auto' starts JAX's distributed runtime when --coordinator_address is "
-    "given or a Cloud TPU slice / SLURM step / Open MPI job of several processes is detected.")
-flags.DEFINE_string("coordinator_address", None,
-                    "host:port of process 0, where JAX cannot detect the cluster (with "
-                    "--num_processes and --process_id).")
+  "distributed",
+  "auto",
+  ["auto", "on", "off"],
+  "Multi-process runs: 'auto' starts JAX's distributed runtime when --coordinator_address is "
+  "given or a Cloud TPU slice / SLURM step / Open MPI job of several processes is detected.",
+)
+flags.DEFINE_string(
+  "coordinator_address",
+  None,
+  "host:port of process 0, where JAX cannot detect the cluster (with "
+  "--num_processes and --process_id).",
+)
 flags.DEFINE_integer("num_processes", None, "Number of processes of the job.")
 flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes - 1.")
 
 STAGES = {
-    "tokenizer": tokenizer.train_and_evaluate,
-    "ldm": prior_ldm.train_and_evaluate,
-    "pixelcnn": prior_pixelcnn.train_and_evaluate,
+  "tokenizer": tokenizer.train_and_evaluate,
+  "ldm": prior_ldm.train_and_evaluate,
+  "pixelcnn": prior_pixelcnn.train_and_evaluate,
 }
 
 
@@ -52,12 +59,18 @@ def main(argv: list[str]) -> None:
   config = FLAGS.config
   # Before anything touches a device: afterwards jax.devices() spans every process.
   try:
-    distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
-                           FLAGS.process_id)
+    distributed.initialize(
+      FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+    )
   except distributed.DistributedSetupError as e:
     raise app.UsageError(str(e)) from e
-  logging.info("JAX %s: %d process(es), %d device(s): %s", jax.__version__, jax.process_count(),
-               jax.device_count(), jax.devices())
+  logging.info(
+    "JAX %s: %d process(es), %d device(s): %s",
+    jax.__version__,
+    jax.process_count(),
+    jax.device_count(),
+    jax.devices(),
+  )
   stage = config.get("stage", "tokenizer")
   if stage not in STAGES:
     raise app.UsageError(f"config.stage={stage!r} is not one of {sorted(STAGES)}.")

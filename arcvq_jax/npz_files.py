@@ -18,8 +18,10 @@ from etils import epath
 
 def flatten(params: Any) -> dict[str, np.ndarray]:
   """Nested dict of arrays -> {'a/b/kernel': float32 numpy array}."""
-  return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf, np.float32)
-          for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+  return {
+    "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf, np.float32)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+  }
 
 
 def unflatten(flat: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -56,22 +58,33 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
     return {k: d[k] for k in d.files}
 
 
-def check_shapes(flat: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]], source: str,
-                 error: type[Exception], what: str, convert_command: str) -> None:
+def check_shapes(
+  flat: dict[str, np.ndarray],
+  expected: dict[str, tuple[int, ...]],
+  source: str,
+  error: type[Exception],
+  what: str,
+  convert_command: str,
+) -> None:
   """Raises `error` naming the first array of `expected` that `flat` lacks or holds in another
   shape; `what` names the file kind ('an LPIPS VGG16 weights file') and `convert_command`
   how to make a good one."""
   for key, shape in expected.items():
     if key not in flat:
-      raise error(f"{source} has no array {key!r} (expected shape {shape}): not {what}. "
-                  f"Convert one with: {convert_command}")
+      raise error(
+        f"{source} has no array {key!r} (expected shape {shape}): not {what}. "
+        f"Convert one with: {convert_command}"
+      )
     if tuple(flat[key].shape) != shape:
-      raise error(f"{source}: {key!r} has shape {tuple(flat[key].shape)}, expected {shape}. "
-                  f"Convert the weights again with: {convert_command}")
+      raise error(
+        f"{source}: {key!r} has shape {tuple(flat[key].shape)}, expected {shape}. "
+        f"Convert the weights again with: {convert_command}"
+      )
 
 
-def read_weights(path: str, error: type[Exception], what: str, how_to_get: str,
-                 convert_command: str) -> dict[str, np.ndarray]:
+def read_weights(
+  path: str, error: type[Exception], what: str, how_to_get: str, convert_command: str
+) -> dict[str, np.ndarray]:
   """The arrays of a converted weights file; `error` if it is missing (with `how_to_get`) or
   unreadable (with `convert_command`). `what` names the file kind ('LPIPS weights')."""
   if not epath.Path(path).expanduser().exists():
@@ -79,5 +92,7 @@ def read_weights(path: str, error: type[Exception], what: str, how_to_get: str,
   try:
     return read_npz(path)
   except (OSError, ValueError) as e:
-    raise error(f"{path} is not a readable .npz {what} file ({e}). Convert the weights "
-                f"again with: {convert_command}") from e
+    raise error(
+      f"{path} is not a readable .npz {what} file ({e}). Convert the weights "
+      f"again with: {convert_command}"
+    ) from e

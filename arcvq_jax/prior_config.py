@@ -21,14 +21,16 @@ STAGES = ("ldm", "pixelcnn")
 def _data_overrides() -> ml_collections.ConfigDict:
   """config.data: every key left None takes the tokenizer run's value."""
   ref = ml_collections.FieldReference
-  return ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(
+    dict(
       source=ref(None, field_type=str),
       path=ref(None, field_type=str),
       name=ref(None, field_type=str),
       data_dir=ref(None, field_type=str),
       train_split=ref(None, field_type=str),
       image_size=ref(None, field_type=int),
-  ))
+    )
+  )
 
 
 def _common(stage: str) -> ml_collections.ConfigDict:
@@ -45,12 +47,15 @@ def _common(stage: str) -> ml_collections.ConfigDict:
   # The tokenizer runs once over the training split and its outputs are stored here
   # ('' = WORKDIR/latents, a local path); later runs reuse them.
   c.latents = ml_collections.ConfigDict(dict(dir="", encode_batch_size=64))
-  c.optimizer = ml_collections.ConfigDict(dict(
-      name="adam", lr=1e-4, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip_norm=0.0))
-  c.ema = ml_collections.ConfigDict(dict(
+  c.optimizer = ml_collections.ConfigDict(
+    dict(name="adam", lr=1e-4, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip_norm=0.0)
+  )
+  c.ema = ml_collections.ConfigDict(
+    dict(
       decay=0.0,  # 0 turns the EMA of the weights off
       warmup=True,  # LDM's LitEma: decay_t = min(decay, (1 + t) / (10 + t))
-  ))
+    )
+  )
   c.batch_size = 64
   c.num_train_steps = 1000
   c.log_every_steps = 100
@@ -60,8 +65,9 @@ def _common(stage: str) -> ml_collections.ConfigDict:
   # As the tokenizer's (config.py): the batch is split over 'data' (and 'fsdp'); with an
   # 'fsdp' axis, parameters of at least fsdp_min_size elements and their Adam moments and
   # EMA are split over it; param_rules shard parameters by name.
-  c.sharding = ml_collections.ConfigDict(dict(
-      mesh_shape=(-1,), mesh_axes=("data",), param_rules=(), fsdp_min_size=2**14))
+  c.sharding = ml_collections.ConfigDict(
+    dict(mesh_shape=(-1,), mesh_axes=("data",), param_rules=(), fsdp_min_size=2**14)
+  )
   c.checkpoint_async = True  # orbax writes checkpoints in a background thread
   return c
 
@@ -78,7 +84,8 @@ def ldm_config() -> ml_collections.ConfigDict:
   c.tokenizer_expect.num_codes = 1024
   c.tokenizer_expect.latent_shape = (32, 32, 16)
   c.num_classes = 1000
-  c.unet = ml_collections.ConfigDict(dict(
+  c.unet = ml_collections.ConfigDict(
+    dict(
       model_channels=256,
       channel_mult=(1, 2, 4),
       num_res_blocks=2,
@@ -90,8 +97,10 @@ def ldm_config() -> ml_collections.ConfigDict:
       dropout=0.0,
       use_scale_shift_norm=False,
       dtype="float32",  # 'bfloat16': convs/matmuls in bf16, params and losses float32
-  ))
-  c.diffusion = ml_collections.ConfigDict(dict(
+    )
+  )
+  c.diffusion = ml_collections.ConfigDict(
+    dict(
       beta_schedule="linear",
       num_timesteps=1000,
       linear_start=0.0015,
@@ -100,14 +109,21 @@ def ldm_config() -> ml_collections.ConfigDict:
       # Latents are multiplied by this before diffusion and divided after sampling. LDM's
       # VQ models use 1.0; 0 sets it to 1 / std of the precomputed training latents.
       scale_factor=1.0,
-  ))
-  c.sampling = ml_collections.ConfigDict(dict(
-      ddim_steps=250, eta=0.0, guidance_scale=1.4,
+    )
+  )
+  c.sampling = ml_collections.ConfigDict(
+    dict(
+      ddim_steps=250,
+      eta=0.0,
+      guidance_scale=1.4,
       # The last DDIM step goes to abar = 1 (returns the x0 prediction); False stops at
       # abar_0 as LDM's DDIMSampler.
       final_alpha_one=True,
-      use_ema=True, batch_size=16, num_samples=50000,
-  ))
+      use_ema=True,
+      batch_size=16,
+      num_samples=50000,
+    )
+  )
   c.optimizer.lr = 1e-5
   c.ema.decay = 0.9999
   c.batch_size = 64
@@ -125,10 +141,12 @@ def pixelcnn_config() -> ml_collections.ConfigDict:
   c.tokenizer_expect.num_codes = 512
   c.tokenizer_expect.latent_shape = (8, 8, 64)
   c.num_classes = 10
-  c.pixelcnn = ml_collections.ConfigDict(dict(
-      dim=64, n_layers=15, first_kernel=7, kernel=3, head_dim=512))
-  c.sampling = ml_collections.ConfigDict(dict(
-      temperature=1.0, use_ema=False, batch_size=500, num_samples=50000))
+  c.pixelcnn = ml_collections.ConfigDict(
+    dict(dim=64, n_layers=15, first_kernel=7, kernel=3, head_dim=512)
+  )
+  c.sampling = ml_collections.ConfigDict(
+    dict(temperature=1.0, use_ema=False, batch_size=500, num_samples=50000)
+  )
   c.optimizer.lr = 3e-4
   c.batch_size = 128
   c.num_train_steps = 100_000
@@ -141,27 +159,46 @@ def pixelcnn_config() -> ml_collections.ConfigDict:
 def _validate_common(c: ml_collections.ConfigDict, num_devices: int, process_count: int) -> None:
   _check_choice(c, "stage", STAGES)
   if not c.tokenizer_workdir:
-    _fail("tokenizer_workdir", "is empty; a prior trains on the latents of a frozen tokenizer",
-          "Set --config.tokenizer_workdir=DIR, the --workdir of a finished tokenizer run "
-          "(python -m arcvq_jax.main --config=configs/tiny.py --workdir=DIR).")
+    _fail(
+      "tokenizer_workdir",
+      "is empty; a prior trains on the latents of a frozen tokenizer",
+      "Set --config.tokenizer_workdir=DIR, the --workdir of a finished tokenizer run "
+      "(python -m arcvq_jax.main --config=configs/tiny.py --workdir=DIR).",
+    )
   if not isinstance(c.tokenizer_step, int) or c.tokenizer_step < -1:
-    _fail("tokenizer_step", f"must be an integer >= -1, got {c.tokenizer_step!r}",
-          "-1 takes the tokenizer's latest checkpoint.")
+    _fail(
+      "tokenizer_step",
+      f"must be an integer >= -1, got {c.tokenizer_step!r}",
+      "-1 takes the tokenizer's latest checkpoint.",
+    )
   if c.num_classes < 0:
     _fail("num_classes", f"must be >= 0, got {c.num_classes}", "0 trains an unconditional prior.")
   _check_choice(c, "optimizer.name", ("adam", "adamw"))
   if not c.optimizer.lr > 0:
     _fail("optimizer.lr", f"must be > 0, got {c.optimizer.lr}", "Table 8 uses 1e-5 for the LDM.")
   if c.optimizer.grad_clip_norm < 0:
-    _fail("optimizer.grad_clip_norm", f"must be >= 0, got {c.optimizer.grad_clip_norm}",
-          "0 turns clipping off.")
+    _fail(
+      "optimizer.grad_clip_norm",
+      f"must be >= 0, got {c.optimizer.grad_clip_norm}",
+      "0 turns clipping off.",
+    )
   if not 0.0 <= c.ema.decay < 1.0:
     _fail("ema.decay", f"must be in [0, 1), got {c.ema.decay}", "LDM uses 0.9999; 0 turns it off.")
   if c.sampling.use_ema and c.ema.decay == 0:
-    _fail("sampling.use_ema", "is True but the EMA is off (ema.decay = 0)",
-          "Set --config.sampling.use_ema=False or an ema.decay such as 0.9999.")
-  for key in ("batch_size", "num_train_steps", "log_every_steps", "keep_checkpoints",
-              "latents.encode_batch_size", "sampling.batch_size", "sampling.num_samples"):
+    _fail(
+      "sampling.use_ema",
+      "is True but the EMA is off (ema.decay = 0)",
+      "Set --config.sampling.use_ema=False or an ema.decay such as 0.9999.",
+    )
+  for key in (
+    "batch_size",
+    "num_train_steps",
+    "log_every_steps",
+    "keep_checkpoints",
+    "latents.encode_batch_size",
+    "sampling.batch_size",
+    "sampling.num_samples",
+  ):
     _check_positive_int(c, key)
   for key in ("checkpoint_every_steps", "sample_every_steps"):
     if c[key] < 0:
@@ -169,78 +206,133 @@ def _validate_common(c: ml_collections.ConfigDict, num_devices: int, process_cou
   for key in ("batch_size", "sampling.batch_size"):
     value = c.batch_size if key == "batch_size" else c.sampling.batch_size
     if value % num_devices or value % process_count:
-      _fail(key, f"{value} is not divisible by the {num_devices} devices / {process_count} "
-            "processes", f"Use a multiple of {num_devices * process_count}.")
+      _fail(
+        key,
+        f"{value} is not divisible by the {num_devices} devices / {process_count} processes",
+        f"Use a multiple of {num_devices * process_count}.",
+      )
   if len(c.sharding.mesh_shape) != len(c.sharding.mesh_axes):
-    _fail("sharding.mesh_shape", f"{c.sharding.mesh_shape} and sharding.mesh_axes "
-          f"{c.sharding.mesh_axes} differ in length", "Give one size per axis name.")
+    _fail(
+      "sharding.mesh_shape",
+      f"{c.sharding.mesh_shape} and sharding.mesh_axes {c.sharding.mesh_axes} differ in length",
+      "Give one size per axis name.",
+    )
   if "data" not in c.sharding.mesh_axes:
-    _fail("sharding.mesh_axes", f"{c.sharding.mesh_axes} has no 'data' axis",
-          "The batch is split over an axis named 'data'.")
+    _fail(
+      "sharding.mesh_axes",
+      f"{c.sharding.mesh_axes} has no 'data' axis",
+      "The batch is split over an axis named 'data'.",
+    )
   if len(set(c.sharding.mesh_axes)) != len(c.sharding.mesh_axes):
-    _fail("sharding.mesh_axes", f"{c.sharding.mesh_axes} names an axis twice",
-          "Give each mesh axis its own name, e.g. ('data', 'fsdp').")
+    _fail(
+      "sharding.mesh_axes",
+      f"{c.sharding.mesh_axes} names an axis twice",
+      "Give each mesh axis its own name, e.g. ('data', 'fsdp').",
+    )
   if c.sharding.get("fsdp_min_size", 0) < 0:
-    _fail("sharding.fsdp_min_size", f"must be >= 0, got {c.sharding.fsdp_min_size}",
-          "It is the smallest parameter (in elements) split over the 'fsdp' axis.")
+    _fail(
+      "sharding.fsdp_min_size",
+      f"must be >= 0, got {c.sharding.fsdp_min_size}",
+      "It is the smallest parameter (in elements) split over the 'fsdp' axis.",
+    )
 
 
-def validate_ldm(c: ml_collections.ConfigDict, num_devices: int = 1,
-                 process_count: int = 1) -> None:
+def validate_ldm(
+  c: ml_collections.ConfigDict, num_devices: int = 1, process_count: int = 1
+) -> None:
   """Raises ValueError naming the key for any invalid LDM value; call before compiling."""
   _validate_common(c, num_devices, process_count)
   u, d, s = c.unet, c.diffusion, c.sampling
-  for key in ("unet.model_channels", "unet.num_res_blocks", "unet.num_head_channels",
-              "unet.transformer_depth", "unet.context_dim", "diffusion.num_timesteps",
-              "sampling.ddim_steps"):
+  for key in (
+    "unet.model_channels",
+    "unet.num_res_blocks",
+    "unet.num_head_channels",
+    "unet.transformer_depth",
+    "unet.context_dim",
+    "diffusion.num_timesteps",
+    "sampling.ddim_steps",
+  ):
     _check_positive_int(c, key)
   if u.model_channels % 32:
-    _fail("unet.model_channels", f"must be a multiple of 32 (GroupNorm32), got {u.model_channels}",
-          "Table 8 uses 256.")
+    _fail(
+      "unet.model_channels",
+      f"must be a multiple of 32 (GroupNorm32), got {u.model_channels}",
+      "Table 8 uses 256.",
+    )
   if not u.channel_mult or not all(isinstance(m, int) and m >= 1 for m in u.channel_mult):
-    _fail("unet.channel_mult", f"must be a non-empty list of positive integers, got "
-          f"{u.channel_mult!r}", "Table 8 uses (1, 2, 4).")
+    _fail(
+      "unet.channel_mult",
+      f"must be a non-empty list of positive integers, got {u.channel_mult!r}",
+      "Table 8 uses (1, 2, 4).",
+    )
   _check_choice(c, "unet.dtype", ("float32", "bfloat16"))
   if not 0.0 <= u.dropout < 1.0:
     _fail("unet.dropout", f"must be in [0, 1), got {u.dropout}", "LDM uses 0.")
   _check_choice(c, "diffusion.beta_schedule", diffusion.BETA_SCHEDULES)
   if not 0 < d.linear_start < d.linear_end < 1:
-    _fail("diffusion.linear_start", f"need 0 < linear_start ({d.linear_start}) < linear_end "
-          f"({d.linear_end}) < 1", "LDM uses 0.0015 and 0.0195.")
+    _fail(
+      "diffusion.linear_start",
+      f"need 0 < linear_start ({d.linear_start}) < linear_end ({d.linear_end}) < 1",
+      "LDM uses 0.0015 and 0.0195.",
+    )
   if not 0.0 <= d.cond_drop_prob < 1.0:
-    _fail("diffusion.cond_drop_prob", f"must be in [0, 1), got {d.cond_drop_prob}",
-          "0.1 is usual; 0 trains no unconditional model (guidance then needs scale 1).")
+    _fail(
+      "diffusion.cond_drop_prob",
+      f"must be in [0, 1), got {d.cond_drop_prob}",
+      "0.1 is usual; 0 trains no unconditional model (guidance then needs scale 1).",
+    )
   if d.scale_factor < 0:
-    _fail("diffusion.scale_factor", f"must be >= 0, got {d.scale_factor}",
-          "LDM's VQ models use 1.0; 0 sets 1 / std of the training latents.")
+    _fail(
+      "diffusion.scale_factor",
+      f"must be >= 0, got {d.scale_factor}",
+      "LDM's VQ models use 1.0; 0 sets 1 / std of the training latents.",
+    )
   if s.ddim_steps > d.num_timesteps:
-    _fail("sampling.ddim_steps", f"{s.ddim_steps} is more than diffusion.num_timesteps "
-          f"({d.num_timesteps})", "Table 8 uses 250 of 1000.")
+    _fail(
+      "sampling.ddim_steps",
+      f"{s.ddim_steps} is more than diffusion.num_timesteps ({d.num_timesteps})",
+      "Table 8 uses 250 of 1000.",
+    )
   if s.eta < 0:
     _fail("sampling.eta", f"must be >= 0, got {s.eta}", "Table 8's DDIM uses 0.")
   if not s.guidance_scale >= 0:
-    _fail("sampling.guidance_scale", f"must be >= 0, got {s.guidance_scale}",
-          "1.0 is no guidance; the paper samples with 1.4.")
+    _fail(
+      "sampling.guidance_scale",
+      f"must be >= 0, got {s.guidance_scale}",
+      "1.0 is no guidance; the paper samples with 1.4.",
+    )
   if s.guidance_scale != 1.0 and c.num_classes == 0:
-    _fail("sampling.guidance_scale", f"is {s.guidance_scale} but the model is unconditional "
-          "(num_classes = 0)", "Set it to 1.0.")
+    _fail(
+      "sampling.guidance_scale",
+      f"is {s.guidance_scale} but the model is unconditional (num_classes = 0)",
+      "Set it to 1.0.",
+    )
 
 
-def validate_pixelcnn(c: ml_collections.ConfigDict, num_devices: int = 1,
-                      process_count: int = 1) -> None:
+def validate_pixelcnn(
+  c: ml_collections.ConfigDict, num_devices: int = 1, process_count: int = 1
+) -> None:
   """Raises ValueError naming the key for any invalid PixelCNN value."""
   _validate_common(c, num_devices, process_count)
   p = c.pixelcnn
-  for key in ("pixelcnn.dim", "pixelcnn.n_layers", "pixelcnn.first_kernel", "pixelcnn.kernel",
-              "pixelcnn.head_dim"):
+  for key in (
+    "pixelcnn.dim",
+    "pixelcnn.n_layers",
+    "pixelcnn.first_kernel",
+    "pixelcnn.kernel",
+    "pixelcnn.head_dim",
+  ):
     _check_positive_int(c, key)
   for key in ("pixelcnn.first_kernel", "pixelcnn.kernel"):
     value = p.first_kernel if key.endswith("first_kernel") else p.kernel
     if value % 2 == 0:
       _fail(key, f"must be odd, got {value}", "The PixelCNN uses 7 for the first layer, 3 after.")
   if not c.sampling.temperature > 0:
-    _fail("sampling.temperature", f"must be > 0, got {c.sampling.temperature}", "1.0 samples the "
-          "model's distribution.")
+    _fail(
+      "sampling.temperature",
+      f"must be > 0, got {c.sampling.temperature}",
+      "1.0 samples the model's distribution.",
+    )
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int = 1, process_count: int = 1) -> None:
@@ -254,32 +346,47 @@ def unet_levels(c: ml_collections.ConfigDict, latent_side: int) -> list[int]:
   return [latent_side // 2**i for i in range(len(c.unet.channel_mult))]
 
 
-def validate_against_tokenizer(c: ml_collections.ConfigDict, num_codes: int,
-                               latent_shape: tuple[int, int, int], where: str) -> None:
+def validate_against_tokenizer(
+  c: ml_collections.ConfigDict, num_codes: int, latent_shape: tuple[int, int, int], where: str
+) -> None:
   """Checks that need the tokenizer: config.tokenizer_expect, and the UNet against the latent
   shape. `where` names the tokenizer (its workdir and step) in the message."""
   e = c.tokenizer_expect
   if e.num_codes and e.num_codes != num_codes:
-    _fail("tokenizer_expect.num_codes", f"is {e.num_codes}, but the tokenizer at {where} has a "
-          f"codebook of {num_codes} codes", "Point --config.tokenizer_workdir at a tokenizer with "
-          f"{e.num_codes} codes, or set --config.tokenizer_expect.num_codes={num_codes} if this "
-          "tokenizer is the one you mean (0 skips the check).")
+    _fail(
+      "tokenizer_expect.num_codes",
+      f"is {e.num_codes}, but the tokenizer at {where} has a codebook of {num_codes} codes",
+      "Point --config.tokenizer_workdir at a tokenizer with "
+      f"{e.num_codes} codes, or set --config.tokenizer_expect.num_codes={num_codes} if this "
+      "tokenizer is the one you mean (0 skips the check).",
+    )
   if e.latent_shape and tuple(e.latent_shape) != tuple(latent_shape):
-    _fail("tokenizer_expect.latent_shape", f"is {tuple(e.latent_shape)}, but the tokenizer at "
-          f"{where} makes latents of shape {tuple(latent_shape)} (h, w, D)", "Point "
-          "--config.tokenizer_workdir at the tokenizer this prior was configured for, or set "
-          f"--config.tokenizer_expect.latent_shape='{tuple(latent_shape)}' (() skips the check).")
+    _fail(
+      "tokenizer_expect.latent_shape",
+      f"is {tuple(e.latent_shape)}, but the tokenizer at "
+      f"{where} makes latents of shape {tuple(latent_shape)} (h, w, D)",
+      "Point "
+      "--config.tokenizer_workdir at the tokenizer this prior was configured for, or set "
+      f"--config.tokenizer_expect.latent_shape='{tuple(latent_shape)}' (() skips the check).",
+    )
   if c.stage == "ldm":
     h, w, _ = latent_shape
     f = 2 ** (len(c.unet.channel_mult) - 1)
     if h % f or w % f:
-      _fail("unet.channel_mult", f"{tuple(c.unet.channel_mult)} divides the latent side by {f}, "
-            f"but the latents of {where} are {h}x{w}", f"Use a channel_mult with "
-            "fewer levels (each level after the first halves the side) or a tokenizer whose "
-            f"latent sides divide by {f}.")
+      _fail(
+        "unet.channel_mult",
+        f"{tuple(c.unet.channel_mult)} divides the latent side by {f}, "
+        f"but the latents of {where} are {h}x{w}",
+        f"Use a channel_mult with "
+        "fewer levels (each level after the first halves the side) or a tokenizer whose "
+        f"latent sides divide by {f}.",
+      )
     levels = unet_levels(c, h)
     missing = [r for r in c.unet.attention_resolutions if r not in levels]
     if missing:
-      _fail("unet.attention_resolutions", f"{missing} never occur: the UNet's feature maps are "
-            f"{levels} on a side for {h}x{w} latents", f"Choose among {levels} (latent sides, "
-            "not LDM's downsampling factors).")
+      _fail(
+        "unet.attention_resolutions",
+        f"{missing} never occur: the UNet's feature maps are "
+        f"{levels} on a side for {h}x{w} latents",
+        f"Choose among {levels} (latent sides, not LDM's downsampling factors).",
+      )

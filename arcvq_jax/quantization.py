@@ -99,11 +99,11 @@ def quantize_with_indices(z: jax.Array, codebook: jax.Array, indices: jax.Array)
 
 
 def vq_loss(
-    z: jax.Array,
-    z_q: jax.Array,
-    beta: float,
-    legacy: bool = False,
-    codebook_term: bool = True,
+  z: jax.Array,
+  z_q: jax.Array,
+  beta: float,
+  legacy: bool = False,
+  codebook_term: bool = True,
 ) -> jax.Array:
   """VQ loss (Eq. 3), scalar.
 
@@ -175,7 +175,9 @@ def arc_weight(step: jax.Array, gamma0: float, decay: float) -> jax.Array:
 # --------------------------------------------------------------------------- codebook statistics
 
 
-def code_histogram(indices: jax.Array, num_codes: int, weights: jax.Array | None = None) -> jax.Array:
+def code_histogram(
+  indices: jax.Array, num_codes: int, weights: jax.Array | None = None
+) -> jax.Array:
   """How often each code was picked: indices (N,) int -> (K,) float32 counts."""
   ones = jnp.ones(indices.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
   return jnp.zeros((num_codes,), jnp.float32).at[indices].add(ones)
@@ -187,7 +189,7 @@ class EMAState(NamedTuple):
 
 
 def ema_codebook_update(
-    ema: EMAState, z: jax.Array, indices: jax.Array, decay: float, eps: float
+  ema: EMAState, z: jax.Array, indices: jax.Array, decay: float, eps: float
 ) -> tuple[EMAState, jax.Array]:
   """One EMA k-means step (van den Oord et al. 2017, App. A.1; Sonnet's VectorQuantizerEMA).
 
@@ -207,11 +209,11 @@ def ema_codebook_update(
 
 
 def restart_dead_codes(
-    key: jax.Array,
-    codebook: jax.Array,
-    usage: jax.Array,
-    z: jax.Array,
-    threshold: float,
+  key: jax.Array,
+  codebook: jax.Array,
+  usage: jax.Array,
+  z: jax.Array,
+  threshold: float,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Re-seed rarely used codes with random latents of the batch (Jukebox / CVQ-style restart).
 

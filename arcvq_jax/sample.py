@@ -43,23 +43,31 @@ def define_flags() -> None:
   """The command's flags, defined only when it runs as a program: absl flags are global,
   and other modules (main, evaluate_samples) define some of the same names."""
   config_flags.DEFINE_config_file(
-      "config", None, "The prior's config file; default: the run's DIR/config.json.",
-      lock_config=True)
+    "config", None, "The prior's config file; default: the run's DIR/config.json.", lock_config=True
+  )
   flags.DEFINE_string("workdir", None, "The prior run's --workdir.")
-  flags.DEFINE_integer("num_samples", None,
-                       "How many samples (default config.sampling.num_samples).")
-  flags.DEFINE_integer("batch_size", None, "Samples per call, split over the devices "
-                       "(default config.sampling.batch_size).")
+  flags.DEFINE_integer(
+    "num_samples", None, "How many samples (default config.sampling.num_samples)."
+  )
+  flags.DEFINE_integer(
+    "batch_size",
+    None,
+    "Samples per call, split over the devices (default config.sampling.batch_size).",
+  )
   flags.DEFINE_integer("seed", 0, "Sample i depends only on (seed, i).")
-  flags.DEFINE_string("labels", "balanced", "'balanced' (i mod num_classes), 'random', or class "
-                      "ids '3' / '1,5,7' (repeated).")
+  flags.DEFINE_string(
+    "labels",
+    "balanced",
+    "'balanced' (i mod num_classes), 'random', or class ids '3' / '1,5,7' (repeated).",
+  )
   flags.DEFINE_integer("step", None, "Checkpoint step of the prior (default: the latest).")
   flags.DEFINE_float("guidance_scale", None, "LDM: classifier-free guidance scale (1 = none).")
   flags.DEFINE_integer("ddim_steps", None, "LDM: DDIM steps.")
   flags.DEFINE_float("eta", None, "LDM: DDIM eta (0 = deterministic).")
   flags.DEFINE_float("temperature", None, "PixelCNN: softmax temperature.")
-  flags.DEFINE_bool("use_ema", None,
-                    "Sample with the EMA weights (default config.sampling.use_ema).")
+  flags.DEFINE_bool(
+    "use_ema", None, "Sample with the EMA weights (default config.sampling.use_ema)."
+  )
   flags.DEFINE_string("out", None, "Output folder (default DIR/samples/...).")
   flags.DEFINE_integer("num_grids", 4, "PNG grids of 64 samples to write.")
   flags.mark_flags_as_required(["workdir"])
@@ -83,7 +91,8 @@ def sample_labels(spec: str, num_samples: int, num_classes: int, seed: int) -> n
     ids = [int(v) for v in spec.split(",")]
   except ValueError as e:
     raise SampleError(
-        f"--labels={spec!r}: give 'balanced', 'random' or class ids like 1,5,7.") from e
+      f"--labels={spec!r}: give 'balanced', 'random' or class ids like 1,5,7."
+    ) from e
   if min(ids) < 0 or max(ids) >= num_classes:
     raise SampleError(f"--labels={spec}: classes must lie in [0, {num_classes}).")
   return np.resize(np.asarray(ids, np.int32), num_samples)
@@ -99,13 +108,16 @@ def _has_checkpoints(workdir: str) -> bool:
   return bool(steps)
 
 
-def restore_state(config: ml_collections.ConfigDict, workdir: str, abstract: Any,
-                  step: int | None) -> Any:
+def restore_state(
+  config: ml_collections.ConfigDict, workdir: str, abstract: Any, step: int | None
+) -> Any:
   """The prior's train state at `step` (default: latest), on the first device."""
   directory = ckpt_lib.checkpoint_dir(workdir)
   if not os.path.isdir(directory):
-    raise SampleError(f"no checkpoints in {workdir}: train the prior first (python -m "
-                      f"arcvq_jax.main --config=... --workdir={workdir}).")
+    raise SampleError(
+      f"no checkpoints in {workdir}: train the prior first (python -m "
+      f"arcvq_jax.main --config=... --workdir={workdir})."
+    )
   checkpointer = ckpt_lib.Checkpointer(directory, config.keep_checkpoints)
   steps = checkpointer.all_steps()
   if not steps:
@@ -114,8 +126,9 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str, abstract: Any
   if step not in steps:
     raise SampleError(f"no checkpoint of step {step} in {directory}; it has {steps}.")
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                          abstract)
+  abstract = jax.tree.map(
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract
+  )
   state = checkpointer.restore(step, abstract, None)
   checkpointer.close()
   return state
@@ -131,16 +144,18 @@ def _write_npz(path: str, images: np.ndarray, labels: np.ndarray) -> None:
   os.replace(tmp, path)
 
 
-def write_outputs(out: str, images: np.ndarray, labels: np.ndarray, info: dict[str, Any],
-                  num_grids: int) -> None:
+def write_outputs(
+  out: str, images: np.ndarray, labels: np.ndarray, info: dict[str, Any], num_grids: int
+) -> None:
   os.makedirs(out, exist_ok=True)
   _write_npz(os.path.join(out, "samples.npz"), images, labels)
   for g in range(min(num_grids, -(-len(images) // 64))):
-    chunk = images[g * 64:(g + 1) * 64]
+    chunk = images[g * 64 : (g + 1) * 64]
     grid = image_lib.image_grid(chunk.astype(np.float32) / 255.0, ncols=8)
     grid = np.round(grid * 255).astype(np.uint8)
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(
-        os.path.join(out, f"grid_{g}.png"))
+      os.path.join(out, f"grid_{g}.png")
+    )
   with open(os.path.join(out, "sample_info.json"), "w") as f:
     json.dump(info, f, indent=2)
 
@@ -152,38 +167,56 @@ def _batches(num_samples: int, batch_size: int):
     yield start, np.minimum(idx, num_samples - 1)
 
 
-def sample_ldm(config: ml_collections.ConfigDict, workdir: str, num_samples: int,
-               labels: np.ndarray, *, seed: int = 0, batch_size: int | None = None,
-               step: int | None = None, guidance_scale: float | None = None,
-               ddim_steps: int | None = None, eta: float | None = None,
-               use_ema: bool | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+def sample_ldm(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  num_samples: int,
+  labels: np.ndarray,
+  *,
+  seed: int = 0,
+  batch_size: int | None = None,
+  step: int | None = None,
+  guidance_scale: float | None = None,
+  ddim_steps: int | None = None,
+  eta: float | None = None,
+  use_ema: bool | None = None,
+) -> tuple[np.ndarray, dict[str, Any]]:
   """Images uint8 (N, H, W, C) from the LDM in `workdir`, and the settings used."""
   from arcvq_jax.models import unet
   from arcvq_jax.train import prior_ldm
+
   tok, record = common.load_tokenizer(config, workdir)
   latent_shape = tuple(record["latent_shape"])
   model = unet.from_config(config, latent_channels=latent_shape[-1])
   tx = common.make_optimizer(config)
   abstract = jax.eval_shape(
-      lambda k: prior_ldm.init_state(k, model=model, tx=tx, config=config,
-                                     latent_shape=latent_shape, scale_factor=1.0),
-      jax.random.PRNGKey(0))
+    lambda k: prior_ldm.init_state(
+      k, model=model, tx=tx, config=config, latent_shape=latent_shape, scale_factor=1.0
+    ),
+    jax.random.PRNGKey(0),
+  )
   state = restore_state(config, workdir, abstract, step)
   s = config.sampling
   use_ema = s.use_ema if use_ema is None else use_ema
   settings = dict(
-      guidance_scale=s.guidance_scale if guidance_scale is None else guidance_scale,
-      ddim_steps=s.ddim_steps if ddim_steps is None else ddim_steps,
-      eta=s.eta if eta is None else eta)
+    guidance_scale=s.guidance_scale if guidance_scale is None else guidance_scale,
+    ddim_steps=s.ddim_steps if ddim_steps is None else ddim_steps,
+    eta=s.eta if eta is None else eta,
+  )
   if settings["guidance_scale"] != 1.0 and not config.num_classes:
     raise SampleError("--guidance_scale: the LDM is unconditional; use 1.0.")
   mesh = sharding.make_mesh((-1,), ("data",))
   batch_size = batch_size or s.batch_size
   if batch_size % mesh.size:
     raise SampleError(f"--batch_size={batch_size} is not divisible by the {mesh.size} devices.")
-  sample_fn = prior_ldm.make_sample_fn(model, config, num_steps=settings["ddim_steps"],
-                                       guidance_scale=settings["guidance_scale"],
-                                       eta=settings["eta"], mesh=mesh)
+  sample_fn = prior_ldm.make_sample_fn(
+    model,
+    config,
+    num_steps=settings["ddim_steps"],
+    guidance_scale=settings["guidance_scale"],
+    eta=settings["eta"],
+    mesh=mesh,
+  )
   params = jax.device_put(prior_ldm.sample_params(state, use_ema), sharding.replicated(mesh))
   scale = float(state.scale_factor)
   key = jax.random.PRNGKey(seed)
@@ -197,27 +230,44 @@ def sample_ldm(config: ml_collections.ConfigDict, workdir: str, num_samples: int
     z = sample_fn(params, x_T, y, jax.random.fold_in(eta_key, start))
     decoded = tok.decode_latents(np.asarray(z) / scale)
     n = min(batch_size, num_samples - start)
-    images[start:start + n] = common.to_uint8(decoded)[:n]
+    images[start : start + n] = common.to_uint8(decoded)[:n]
     logging.info("LDM samples %d / %d (%.1f s)", start + n, num_samples, time.time() - t0)
-  info = dict(stage="ldm", step=int(state.step), use_ema=bool(use_ema), scale_factor=scale,
-              final_alpha_one=bool(s.final_alpha_one), tokenizer=record, **settings)
+  info = dict(
+    stage="ldm",
+    step=int(state.step),
+    use_ema=bool(use_ema),
+    scale_factor=scale,
+    final_alpha_one=bool(s.final_alpha_one),
+    tokenizer=record,
+    **settings,
+  )
   return images, info
 
 
-def sample_pixelcnn(config: ml_collections.ConfigDict, workdir: str, num_samples: int,
-                    labels: np.ndarray, *, seed: int = 0, batch_size: int | None = None,
-                    step: int | None = None, temperature: float | None = None,
-                    use_ema: bool | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+def sample_pixelcnn(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  num_samples: int,
+  labels: np.ndarray,
+  *,
+  seed: int = 0,
+  batch_size: int | None = None,
+  step: int | None = None,
+  temperature: float | None = None,
+  use_ema: bool | None = None,
+) -> tuple[np.ndarray, dict[str, Any]]:
   """Images uint8 (N, H, W, C) from the PixelCNN in `workdir`, and the settings used."""
   from arcvq_jax.models import pixelcnn
   from arcvq_jax.train import prior_pixelcnn
+
   tok, record = common.load_tokenizer(config, workdir)
   grid = tuple(record["latent_shape"][:2])
   model = pixelcnn.from_config(config, num_codes=record["num_codes"])
   tx = common.make_optimizer(config)
   abstract = jax.eval_shape(
-      lambda k: prior_pixelcnn.init_state(k, model=model, tx=tx, config=config, grid=grid),
-      jax.random.PRNGKey(0))
+    lambda k: prior_pixelcnn.init_state(k, model=model, tx=tx, config=config, grid=grid),
+    jax.random.PRNGKey(0),
+  )
   state = restore_state(config, workdir, abstract, step)
   s = config.sampling
   use_ema = s.use_ema if use_ema is None else use_ema
@@ -226,33 +276,50 @@ def sample_pixelcnn(config: ml_collections.ConfigDict, workdir: str, num_samples
   batch_size = batch_size or s.batch_size
   if batch_size % mesh.size:
     raise SampleError(f"--batch_size={batch_size} is not divisible by the {mesh.size} devices.")
-  sample_fn = prior_pixelcnn.make_sample_fn(model, config, grid, temperature=temperature,
-                                            mesh=mesh)
+  sample_fn = prior_pixelcnn.make_sample_fn(model, config, grid, temperature=temperature, mesh=mesh)
   params = jax.device_put(prior_pixelcnn.sample_params(state, use_ema), sharding.replicated(mesh))
   key = jax.random.PRNGKey(seed)
   h, w, c = record["image_shape"]
   images = np.zeros((num_samples, h, w, c), np.uint8)
   t0 = time.time()
   for start, idx in _batches(num_samples, batch_size):
-    tokens = sample_fn(params, jnp.asarray(np.maximum(labels[idx], 0)),
-                       prior_pixelcnn.sample_keys(key, jnp.asarray(idx)))
+    tokens = sample_fn(
+      params,
+      jnp.asarray(np.maximum(labels[idx], 0)),
+      prior_pixelcnn.sample_keys(key, jnp.asarray(idx)),
+    )
     decoded = tok.decode(np.asarray(tokens))
     n = min(batch_size, num_samples - start)
-    images[start:start + n] = common.to_uint8(decoded)[:n]
+    images[start : start + n] = common.to_uint8(decoded)[:n]
     logging.info("PixelCNN samples %d / %d (%.1f s)", start + n, num_samples, time.time() - t0)
-  info = dict(stage="pixelcnn", step=int(state.step), use_ema=bool(use_ema),
-              temperature=float(temperature), tokenizer=record)
+  info = dict(
+    stage="pixelcnn",
+    step=int(state.step),
+    use_ema=bool(use_ema),
+    temperature=float(temperature),
+    tokenizer=record,
+  )
   return images, info
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *, num_samples: int | None = None,
-        seed: int = 0, labels: str = "balanced", out: str | None = None, num_grids: int = 4,
-        **settings) -> str:
+def run(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  num_samples: int | None = None,
+  seed: int = 0,
+  labels: str = "balanced",
+  out: str | None = None,
+  num_grids: int = 4,
+  **settings,
+) -> str:
   """Samples and writes them (see the module docstring); returns the output folder."""
   prior_config.validate(config)
   if not _has_checkpoints(workdir):  # before anything is written into the workdir
-    raise SampleError(f"no checkpoints in {workdir}: train the prior first (python -m "
-                      f"arcvq_jax.main --config=... --workdir={workdir}).")
+    raise SampleError(
+      f"no checkpoints in {workdir}: train the prior first (python -m "
+      f"arcvq_jax.main --config=... --workdir={workdir})."
+    )
   num_samples = num_samples or config.sampling.num_samples
   y = sample_labels(labels, num_samples, config.num_classes, seed)
   settings = {k: v for k, v in settings.items() if v is not None}
@@ -261,8 +328,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_samples: int | N
     images, info = sample_ldm(config, workdir, num_samples, y, seed=seed, **settings)
   else:
     images, info = sample_pixelcnn(config, workdir, num_samples, y, seed=seed, **settings)
-  info.update(num_samples=num_samples, seed=seed, labels=labels,
-              seconds=round(time.time() - t0, 2))
+  info.update(num_samples=num_samples, seed=seed, labels=labels, seconds=round(time.time() - t0, 2))
   if out is None:
     tag = "_".join(f"{k}{v}" for k, v in sorted(settings.items()) if k != "batch_size")
     name = f"step{info['step']}_seed{seed}" + (f"_{tag}" if tag else "")
@@ -277,17 +343,26 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = FLAGS.config if FLAGS.config is not None else api.load_config(FLAGS.workdir)
   if config.get("stage") not in prior_config.STAGES:
-    raise app.UsageError(f"{FLAGS.workdir} is a {config.get('stage', 'tokenizer')!r} run; "
-                         f"sampling needs a prior ({prior_config.STAGES}).")
+    raise app.UsageError(
+      f"{FLAGS.workdir} is a {config.get('stage', 'tokenizer')!r} run; "
+      f"sampling needs a prior ({prior_config.STAGES})."
+    )
   settings = dict(batch_size=FLAGS.batch_size, step=FLAGS.step, use_ema=FLAGS.use_ema)
   if config.stage == "ldm":
-    settings.update(guidance_scale=FLAGS.guidance_scale, ddim_steps=FLAGS.ddim_steps,
-                    eta=FLAGS.eta)
+    settings.update(guidance_scale=FLAGS.guidance_scale, ddim_steps=FLAGS.ddim_steps, eta=FLAGS.eta)
   elif FLAGS.temperature is not None:
     settings.update(temperature=FLAGS.temperature)
   try:
-    run(config, FLAGS.workdir, num_samples=FLAGS.num_samples, seed=FLAGS.seed,
-        labels=FLAGS.labels, out=FLAGS.out, num_grids=FLAGS.num_grids, **settings)
+    run(
+      config,
+      FLAGS.workdir,
+      num_samples=FLAGS.num_samples,
+      seed=FLAGS.seed,
+      labels=FLAGS.labels,
+      out=FLAGS.out,
+      num_grids=FLAGS.num_grids,
+      **settings,
+    )
   except (SampleError, common.PriorSetupError) as e:
     raise app.UsageError(str(e)) from e
 

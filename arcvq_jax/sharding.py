@@ -14,11 +14,13 @@ where the step needs it whole. Parameter memory per device divides by the axis s
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
@@ -33,12 +35,16 @@ def make_mesh(shape: Sequence[int], axes: Sequence[str], devices=None) -> Mesh:
   known = int(np.prod([s for s in shape if s != -1]))
   if -1 in shape:
     if len(devices) % known:
-      raise ValueError(f"config.sharding.mesh_shape={tuple(shape)} does not divide the "
-                       f"{len(devices)} devices. Choose sizes whose product divides it.")
+      raise ValueError(
+        f"config.sharding.mesh_shape={tuple(shape)} does not divide the "
+        f"{len(devices)} devices. Choose sizes whose product divides it."
+      )
     shape[shape.index(-1)] = len(devices) // known
   if int(np.prod(shape)) != len(devices):
-    raise ValueError(f"config.sharding.mesh_shape={tuple(shape)} needs {int(np.prod(shape))} "
-                     f"devices, but {len(devices)} are visible. Use -1 for one axis.")
+    raise ValueError(
+      f"config.sharding.mesh_shape={tuple(shape)} needs {int(np.prod(shape))} "
+      f"devices, but {len(devices)} are visible. Use -1 for one axis."
+    )
   return Mesh(np.asarray(devices).reshape(shape), tuple(axes))
 
 
@@ -80,8 +86,9 @@ def fsdp_spec(shape: Sequence[int], axis_size: int) -> tuple[Any, ...] | None:
   return tuple(FSDP_AXIS if d == best else None for d in range(len(shape)))
 
 
-def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Sequence[Any]]] = (),
-                   fsdp_min_size: int = 0) -> Any:
+def tree_shardings(
+  tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Sequence[Any]]] = (), fsdp_min_size: int = 0
+) -> Any:
   """NamedSharding for every leaf of `tree` (arrays or ShapeDtypeStructs).
 
   rules: (regex, partition spec) pairs searched in the '/'-joined leaf path; the first
@@ -97,8 +104,10 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Sequence[An
       for pattern, spec in compiled:
         if pattern.search(name):
           if len(spec) > leaf.ndim:
-            raise ValueError(f"sharding rule {pattern.pattern!r} -> {spec} has more entries "
-                             f"than {name} has dimensions ({leaf.shape}).")
+            raise ValueError(
+              f"sharding rule {pattern.pattern!r} -> {spec} has more entries "
+              f"than {name} has dimensions ({leaf.shape})."
+            )
           return NamedSharding(mesh, P(*spec))
       if fsdp_size > 1 and fsdp_min_size > 0 and int(np.prod(leaf.shape)) >= fsdp_min_size:
         spec = fsdp_spec(leaf.shape, fsdp_size)
@@ -125,8 +134,9 @@ def gather_params(params: Any, replicated: NamedSharding | None) -> Any:
 
 def state_shardings(tree: Any, mesh: Mesh, sharding_config: Any) -> Any:
   """`tree_shardings` with a run's config.sharding (param_rules, fsdp_min_size)."""
-  return tree_shardings(tree, mesh, sharding_config.param_rules,
-                        sharding_config.get("fsdp_min_size", 0))
+  return tree_shardings(
+    tree, mesh, sharding_config.param_rules, sharding_config.get("fsdp_min_size", 0)
+  )
 
 
 def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:

@@ -123,7 +123,7 @@ def _split(x: jax.Array, chunk: int) -> tuple[jax.Array | None, jax.Array | None
   n = x.shape[0]
   num = n // chunk
   full = x[: num * chunk].reshape(num, chunk, *x.shape[1:]) if num else None
-  tail = x[num * chunk:] if n % chunk else None
+  tail = x[num * chunk :] if n % chunk else None
   return full, tail
 
 
@@ -145,6 +145,7 @@ def _vary_like(tree, *refs):
 
 def _vary_over(tree, axes):
   """`tree` marked as varying over the mesh axes `axes` (pcast; its transpose is a psum)."""
+
   def mark(x):
     missing = tuple(sorted(frozenset(axes) - _varying_axes(x)))
     return lax.pcast(x, missing, to="varying") if missing else x
@@ -164,7 +165,7 @@ def _any_equal(iota_len: int, idx: jax.Array) -> jax.Array:
   pos = lax.iota(jnp.int32, iota_len)[None, :]
   hit = pos == idx[:, :1]
   for j in range(1, idx.shape[1]):
-    hit |= pos == idx[:, j:j + 1]
+    hit |= pos == idx[:, j : j + 1]
   return hit
 
 
@@ -172,13 +173,13 @@ def _any_equal(iota_len: int, idx: jax.Array) -> jax.Array:
 
 
 def arc_loss_streamed(
-    z: jax.Array,
-    codebook: jax.Array,
-    s: float,
-    m: float,
-    top_k: int,
-    chunk_size: int | None = None,
-    code_chunk_size: int | None = None,
+  z: jax.Array,
+  codebook: jax.Array,
+  s: float,
+  m: float,
+  top_k: int,
+  chunk_size: int | None = None,
+  code_chunk_size: int | None = None,
 ) -> jax.Array:
   """ArcLoss (Eq. 10-12), scalar, equal in value and gradient to `quantization.arc_loss`.
 
@@ -197,13 +198,15 @@ def arc_loss_streamed(
   rows = min(k_rows, ARC_CODE_CHUNK if code_chunk_size is None else int(code_chunk_size))
   chunk = auto_chunk_size(rows) if chunk_size is None else int(chunk_size)
   if chunk < 1 or rows < 1:
-    raise ValueError(f"arc_loss_streamed: chunk sizes must be positive, got {chunk_size}, "
-                     f"{code_chunk_size}")
+    raise ValueError(
+      f"arc_loss_streamed: chunk sizes must be positive, got {chunk_size}, {code_chunk_size}"
+    )
   # float32 whatever the networks compute in (SPEC.md "Precision and memory").
   z = z.astype(jnp.float32)
   e_hat = l2_normalize(sg(codebook).astype(jnp.float32))
-  return jnp.mean(_arc_rows(l2_normalize(z), e_hat, float(s), float(m), int(top_k),
-                            min(chunk, n), rows))
+  return jnp.mean(
+    _arc_rows(l2_normalize(z), e_hat, float(s), float(m), int(top_k), min(chunk, n), rows)
+  )
 
 
 def _absorb_block(carry, c, start, s, top_k):
@@ -242,10 +245,12 @@ def _absorb_block(carry, c, start, s, top_k):
   new_i = jnp.take_along_axis(all_i, pos, axis=1)
   # Candidates that miss the new top-k, and entries it evicts, join the rest.
   new_shift = jnp.maximum(shift, block_shift)  # finite: every block holds a token
-  missed = jnp.where(_any_equal(all_v.shape[1], pos), 0.0,
-                     jnp.exp(s * all_v - new_shift[:, None]))
-  rest = (rest * jnp.exp(shift - new_shift) + outside * jnp.exp(block_shift - new_shift)
-          + jnp.sum(missed, axis=1))
+  missed = jnp.where(_any_equal(all_v.shape[1], pos), 0.0, jnp.exp(s * all_v - new_shift[:, None]))
+  rest = (
+    rest * jnp.exp(shift - new_shift)
+    + outside * jnp.exp(block_shift - new_shift)
+    + jnp.sum(missed, axis=1)
+  )
   return new_v, new_i, new_shift, rest
 
 
@@ -288,10 +293,10 @@ def _arc_forward(z_hat, e_hat, s, m, top_k, chunk, rows):
   def row_block(e_rows):
     r = e_rows.shape[0]
     init = (
-        jnp.full((r, top_k), -jnp.inf, jnp.float32),
-        jnp.full((r, top_k), n, jnp.int32),
-        jnp.full((r,), -jnp.inf, jnp.float32),
-        jnp.zeros((r,), jnp.float32),
+      jnp.full((r, top_k), -jnp.inf, jnp.float32),
+      jnp.full((r, top_k), n, jnp.int32),
+      jnp.full((r,), -jnp.inf, jnp.float32),
+      jnp.zeros((r,), jnp.float32),
     )
     init = _vary_like(init, e_rows, z_hat)
 
@@ -338,7 +343,7 @@ def _arc_rows_bwd(s, m, top_k, chunk, rows, res, ct):
     tokens = start + lax.iota(jnp.int32, zc.shape[0])[:, None]
     in_p = tokens == p_rows[:1]
     for j in range(1, top_k):
-      in_p |= tokens == p_rows[j:j + 1]
+      in_p |= tokens == p_rows[j : j + 1]
     g = jnp.where(in_p, 0.0, (s * scale_rows)[None, :] * jnp.exp(s * c - den_rows[None, :]))
     return g @ e_rows
 
@@ -349,6 +354,7 @@ def _arc_rows_bwd(s, m, top_k, chunk, rows, res, ct):
     they are materialised once. (Sliced inside the token loop, XLA fuses the dynamic slices
     into the elementwise loop above and redoes their indexing per element: 4x slower.)
     """
+
     def body(start, width, dz):
       zc = lax.dynamic_slice_in_dim(z_hat, start, width)
       acc = lax.dynamic_slice_in_dim(dz, start, width)
@@ -377,8 +383,9 @@ def _arc_rows_bwd(s, m, top_k, chunk, rows, res, ct):
 
       def code_block(j, carry):
         dz, current = carry
-        upcoming = tuple(lax.dynamic_index_in_dim(a, jnp.minimum(j + 1, last), keepdims=False)
-                         for a in blocks)
+        upcoming = tuple(
+          lax.dynamic_index_in_dim(a, jnp.minimum(j + 1, last), keepdims=False) for a in blocks
+        )
         return rows_grad(*current, dz), upcoming
 
       dz, _ = lax.fori_loop(0, last + 1, code_block, (dz, tuple(a[0] for a in blocks)))
@@ -401,11 +408,11 @@ _arc_rows.defvjp(_arc_rows_fwd, _arc_rows_bwd)
 
 
 def nearest_code_streamed(
-    z: jax.Array,
-    codebook: jax.Array,
-    distance: str,
-    chunk_size: int | None = None,
-    code_chunk_size: int = CODE_CHUNK,
+  z: jax.Array,
+  codebook: jax.Array,
+  distance: str,
+  chunk_size: int | None = None,
+  code_chunk_size: int = CODE_CHUNK,
 ) -> jax.Array:
   """Index of the nearest codebook row, equal to `quantization.nearest_code`.
 
@@ -459,6 +466,7 @@ def _nearest_best(z, codebook, distance, chunk_size=None, code_chunk_size=CODE_C
     if code_full is not None and code_full.shape[0] == 1:
       best, idx = block_best(zc, code_full[0], offset_full[0], 0)
     elif code_full is not None:
+
       def step(carry, xs):
         return _merge_best(*carry, *block_best(zc, *xs)), None
 
@@ -510,25 +518,29 @@ def _check_mesh_axes(fn: str, mesh, n: int, k_rows: int, batch_axes, codebook_ax
       raise ValueError(f"{fn}: mesh axis {a!r} is not one of the mesh's axes {names}")
   data = math.prod(mesh.shape[a] for a in batch_axes)
   if n % data:
-    raise ValueError(f"{fn}: the {n} tokens do not split evenly over the {data} devices of "
-                     f"the batch axes {batch_axes}")
+    raise ValueError(
+      f"{fn}: the {n} tokens do not split evenly over the {data} devices of "
+      f"the batch axes {batch_axes}"
+    )
   if codebook_axis is not None and k_rows % mesh.shape[codebook_axis]:
-    raise ValueError(f"{fn}: the {k_rows} codes do not split evenly over the "
-                     f"{mesh.shape[codebook_axis]} devices of mesh axis {codebook_axis!r}")
+    raise ValueError(
+      f"{fn}: the {k_rows} codes do not split evenly over the "
+      f"{mesh.shape[codebook_axis]} devices of mesh axis {codebook_axis!r}"
+    )
 
 
 def arc_loss_sharded(
-    z: jax.Array,
-    codebook: jax.Array,
-    s: float,
-    m: float,
-    top_k: int,
-    *,
-    mesh,
-    batch_axes="data",
-    codebook_axis: str | None = None,
-    chunk_size: int | None = None,
-    code_chunk_size: int | None = None,
+  z: jax.Array,
+  codebook: jax.Array,
+  s: float,
+  m: float,
+  top_k: int,
+  *,
+  mesh,
+  batch_axes="data",
+  codebook_axis: str | None = None,
+  chunk_size: int | None = None,
+  code_chunk_size: int | None = None,
 ) -> jax.Array:
   """`arc_loss_streamed` of the global batch on a device mesh: the same value and gradient.
 
@@ -574,20 +586,21 @@ def arc_loss_sharded(
     losses = _arc_rows(z_hat, e_hat, s, m, top_k, chunk, rows)
     return lax.psum(jnp.sum(jnp.where(valid, losses, 0.0)), all_axes) / k_rows
 
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(batch_axes), P(codebook_axis)),
-                       out_specs=P())(z, codebook)
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(batch_axes), P(codebook_axis)), out_specs=P())(
+    z, codebook
+  )
 
 
 def nearest_code_sharded(
-    z: jax.Array,
-    codebook: jax.Array,
-    distance: str,
-    *,
-    mesh,
-    batch_axes="data",
-    codebook_axis: str | None = None,
-    chunk_size: int | None = None,
-    code_chunk_size: int = CODE_CHUNK,
+  z: jax.Array,
+  codebook: jax.Array,
+  distance: str,
+  *,
+  mesh,
+  batch_axes="data",
+  codebook_axis: str | None = None,
+  chunk_size: int | None = None,
+  code_chunk_size: int = CODE_CHUNK,
 ) -> jax.Array:
   """`nearest_code_streamed` on a device mesh: the same indices, (N,) int32 split like z.
 
@@ -615,8 +628,9 @@ def nearest_code_sharded(
     return idx
 
   # Indices have no gradient; without the stop-gradient autodiff would look for pmax's.
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(batch_axes), P(codebook_axis)),
-                       out_specs=P(batch_axes))(sg(z), sg(codebook))
+  return jax.shard_map(
+    local, mesh=mesh, in_specs=(P(batch_axes), P(codebook_axis)), out_specs=P(batch_axes)
+  )(sg(z), sg(codebook))
 
 
 def _argmax_across(best, idx, axis):

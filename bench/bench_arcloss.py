@@ -44,12 +44,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from arcvq_jax import quantization as vq  # noqa: E402
-from arcvq_jax import streaming  # noqa: E402
+from arcvq_jax import quantization as vq
+from arcvq_jax import streaming
 
 DEFAULT_CASES = ["512,64,6272", "512,64,50176", "1024,16,32768", "16384,16,32768"]
 
@@ -77,7 +77,7 @@ def time_each(fns, args, runs, warmup, rounds=2):
   times = [[] for _ in fns]
   per_round = max(1, -(-runs // rounds))
   for _ in range(rounds):
-    for fn, ts in zip(fns, times):
+    for fn, ts in zip(fns, times, strict=True):
       for _ in range(warmup):
         jax.block_until_ready(fn(*args))
       for _ in range(per_round):
@@ -100,7 +100,8 @@ def arc_row(k_rows, d, n, args):
   z, e = make_data(k_rows, d, n)
   naive = lambda a, b: vq.arc_loss(a, b, s, m, top_k)  # noqa: E731
   streamed = lambda a, b: streaming.arc_loss_streamed(  # noqa: E731
-      a, b, s, m, top_k, args.chunk, args.code_chunk)
+    a, b, s, m, top_k, args.chunk, args.code_chunk
+  )
   forms = [("naive", naive), ("streamed", streamed)]
   fb = {name: jax.jit(jax.value_and_grad(f)) for name, f in forms}
   fw = {name: jax.jit(f) for name, f in forms}
@@ -111,14 +112,28 @@ def arc_row(k_rows, d, n, args):
     (v0, g0), (v1, g1) = fb["naive"](z, e), fb["streamed"](z, e)
     np.testing.assert_allclose(v1, v0, rtol=1e-5)
     np.testing.assert_allclose(g1, g0, rtol=1e-3, atol=1e-4 * float(jnp.abs(g0).max()))
-  t_fb = dict(zip(names, time_each([fb[x] for x in names], (z, e), args.runs, args.warmup)))
-  t_fw = dict(zip(names, time_each([fw[x] for x in names], (z, e), args.runs, args.warmup)))
+  t_fb = dict(
+    zip(names, time_each([fb[x] for x in names], (z, e), args.runs, args.warmup), strict=True)
+  )
+  t_fw = dict(
+    zip(names, time_each([fw[x] for x in names], (z, e), args.runs, args.warmup), strict=True)
+  )
   rows = min(k_rows, args.code_chunk or streaming.ARC_CODE_CHUNK)
   chunk = min(n, args.chunk or streaming.auto_chunk_size(rows))
   speed = f"{t_fb['naive'] / t_fb['streamed']:.1f}x" if use_naive else "-"
-  cells = [k_rows, d, n, f"{rows} x {chunk}", fmt_ms(t_fw.get("naive")), fmt_ms(t_fw["streamed"]),
-           fmt_ms(t_fb.get("naive")), fmt_ms(t_fb["streamed"]), speed,
-           fmt_bytes(mem["naive"]), fmt_bytes(mem["streamed"])]
+  cells = [
+    k_rows,
+    d,
+    n,
+    f"{rows} x {chunk}",
+    fmt_ms(t_fw.get("naive")),
+    fmt_ms(t_fw["streamed"]),
+    fmt_ms(t_fb.get("naive")),
+    fmt_ms(t_fb["streamed"]),
+    speed,
+    fmt_bytes(mem["naive"]),
+    fmt_bytes(mem["streamed"]),
+  ]
   return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
@@ -135,8 +150,10 @@ def nearest_row(k_rows, d, n, args):
       np.testing.assert_array_equal(naive(z, e), streamed(z, e))
     ts = time_each(fns, (z, e), args.runs, args.warmup)
     t_naive = ts[0] if use_naive else None
-    out.append(f"| {k_rows} | {d} | {n} | {distance} | {fmt_ms(t_naive)} | {ts[-1]:,.1f} | "
-               f"{fmt_bytes(mem[0])} | {fmt_bytes(mem[1])} |")
+    out.append(
+      f"| {k_rows} | {d} | {n} | {distance} | {fmt_ms(t_naive)} | {ts[-1]:,.1f} | "
+      f"{fmt_bytes(mem[0])} | {fmt_bytes(mem[1])} |"
+    )
   return out
 
 
@@ -149,18 +166,33 @@ def sweep(args):
     k_rows, d, n = parse_case(case)
     z, e = make_data(k_rows, d, n)
     configs = [(r, c) for r in (256, 512, 1024) if r <= k_rows for c in chunks]
-    fns = [jax.jit(jax.value_and_grad(functools.partial(
-        streaming.arc_loss_streamed, s=args.s, m=args.m, top_k=args.top_k, chunk_size=c,
-        code_chunk_size=r))) for r, c in configs]
-    ts = dict(zip(configs, time_each(fns, (z, e), args.runs, args.warmup)))
+    fns = [
+      jax.jit(
+        jax.value_and_grad(
+          functools.partial(
+            streaming.arc_loss_streamed,
+            s=args.s,
+            m=args.m,
+            top_k=args.top_k,
+            chunk_size=c,
+            code_chunk_size=r,
+          )
+        )
+      )
+      for r, c in configs
+    ]
+    ts = dict(zip(configs, time_each(fns, (z, e), args.runs, args.warmup), strict=True))
     for r in sorted({r for r, _ in configs}):
-      print(f"| {k_rows} | {d} | {n} | {r} | " + " | ".join(
-          f"{ts[r, c]:.1f}" for c in chunks) + " |", flush=True)
+      print(
+        f"| {k_rows} | {d} | {n} | {r} | " + " | ".join(f"{ts[r, c]:.1f}" for c in chunks) + " |",
+        flush=True,
+      )
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="K,D,N triples")
   parser.add_argument("--runs", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=2)
@@ -168,22 +200,35 @@ def main():
   parser.add_argument("--m", type=float, default=0.1)
   parser.add_argument("--top-k", type=int, default=3)
   parser.add_argument("--chunk", type=int, default=None, help="tokens per block (default: auto)")
-  parser.add_argument("--code-chunk", type=int, default=None,
-                      help="codes per ArcLoss block (default: streaming.ARC_CODE_CHUNK)")
-  parser.add_argument("--max-naive-gb", type=float, default=6.0,
-                      help="skip the naive form where its temporaries exceed this")
-  parser.add_argument("--sweep", action="store_true",
-                      help="streamed fwd+bwd time per block shape instead")
+  parser.add_argument(
+    "--code-chunk",
+    type=int,
+    default=None,
+    help="codes per ArcLoss block (default: streaming.ARC_CODE_CHUNK)",
+  )
+  parser.add_argument(
+    "--max-naive-gb",
+    type=float,
+    default=6.0,
+    help="skip the naive form where its temporaries exceed this",
+  )
+  parser.add_argument(
+    "--sweep", action="store_true", help="streamed fwd+bwd time per block shape instead"
+  )
   parser.add_argument("--nearest", action="store_true", help="also time nearest-code search")
   args = parser.parse_args()
 
-  print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs; "
-        f"s={args.s} m={args.m} top_k={args.top_k}; median of {args.runs} runs, ms\n")
+  print(
+    f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs; "
+    f"s={args.s} m={args.m} top_k={args.top_k}; median of {args.runs} runs, ms\n"
+  )
   if args.sweep:
     sweep(args)
     return
-  print("| K | D | N | block (codes x tokens) | fwd naive | fwd streamed | fwd+bwd naive "
-        "| fwd+bwd streamed | speed-up (fwd+bwd) | temp naive | temp streamed |")
+  print(
+    "| K | D | N | block (codes x tokens) | fwd naive | fwd streamed | fwd+bwd naive "
+    "| fwd+bwd streamed | speed-up (fwd+bwd) | temp naive | temp streamed |"
+  )
   print("|---" * 11 + "|")
   for case in args.cases:
     print(arc_row(*parse_case(case), args), flush=True)

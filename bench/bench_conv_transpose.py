@@ -28,13 +28,13 @@ SHAPES = {"up1": (7, 128, 64), "up2": (14, 64, 1)}  # name: (H=W, Cin, Cout)
 def make_layer(impl, features, name):
   if impl == "flax":
     # Same semantics as ConvTranspose2d(4, 2, 1); its kernel is the spatial flip of ours.
-    return nn.ConvTranspose(features, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)),
-                            name=name)
+    return nn.ConvTranspose(features, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)), name=name)
   return layers.ConvTranspose4x4S2(features, impl=impl, name=name)
 
 
 class Stack(nn.Module):
   """The named layer(s) of the decoder's upsampling path."""
+
   impl: str
   which: str
 
@@ -52,7 +52,8 @@ class Stack(nn.Module):
 def _to_flax_params(params):
   """Our (kernel, bias) tree -> flax.linen.ConvTranspose's: same layout, spatially flipped."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, v: jnp.flip(v, (0, 1)) if path[-1].key == "kernel" else v, params)
+    lambda path, v: jnp.flip(v, (0, 1)) if path[-1].key == "kernel" else v, params
+  )
 
 
 def time_fn(fn, args, runs, warmup):
@@ -67,11 +68,13 @@ def time_fn(fn, args, runs, warmup):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--batch", type=int, nargs="+", default=[128, 1024])
-  parser.add_argument("--impls", nargs="+",
-                      default=["xla", "flax", "subpixel", "phase", "matmul", "auto"])
+  parser.add_argument(
+    "--impls", nargs="+", default=["xla", "flax", "subpixel", "phase", "matmul", "auto"]
+  )
   parser.add_argument("--layers", nargs="+", default=["up1", "up2", "both"])
   parser.add_argument("--runs", type=int, default=20)
   parser.add_argument("--warmup", type=int, default=3)
@@ -96,7 +99,7 @@ def main():
 
         def loss(params, x, model=model):
           y = model.apply({"params": params}, x)
-          return 0.5 * jnp.mean(y ** 2), y
+          return 0.5 * jnp.mean(y**2), y
 
         step = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))
         (_, out), _ = step(params, x)

@@ -38,29 +38,62 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch_reference as ref  # noqa: E402
 
-F16_1024 = dict(double_z=False, z_channels=256, resolution=256, in_channels=3, out_ch=3, ch=128,
-                ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, attn_resolutions=[16], dropout=0.0)
+F16_1024 = dict(
+  double_z=False,
+  z_channels=256,
+  resolution=256,
+  in_channels=3,
+  out_ch=3,
+  ch=128,
+  ch_mult=[1, 1, 2, 2, 4],
+  num_res_blocks=2,
+  attn_resolutions=[16],
+  dropout=0.0,
+)
 
 
 def adam_state(params: list[torch.nn.Parameter], step: int) -> dict:
   """torch.optim.Adam(params, betas=(0.5, 0.9)).state_dict() after `step` steps (random
   moments): what Lightning stores per optimizer."""
-  state = {i: {"step": torch.tensor(float(step)), "exp_avg": torch.randn_like(p) * 1e-3,
-               "exp_avg_sq": torch.rand_like(p) * 1e-6} for i, p in enumerate(params)}
-  group = dict(lr=4.5e-6 * 12, betas=(0.5, 0.9), eps=1e-8, weight_decay=0, amsgrad=False,
-               maximize=False, foreach=None, capturable=False, differentiable=False,
-               fused=None, params=list(range(len(params))))
+  state = {
+    i: {
+      "step": torch.tensor(float(step)),
+      "exp_avg": torch.randn_like(p) * 1e-3,
+      "exp_avg_sq": torch.rand_like(p) * 1e-6,
+    }
+    for i, p in enumerate(params)
+  }
+  group = dict(
+    lr=4.5e-6 * 12,
+    betas=(0.5, 0.9),
+    eps=1e-8,
+    weight_decay=0,
+    amsgrad=False,
+    maximize=False,
+    foreach=None,
+    capturable=False,
+    differentiable=False,
+    fused=None,
+    params=list(range(len(params))),
+  )
   return {"state": state, "param_groups": [group]}
 
 
 def save_ckpt(path: str, with_optimizer: bool) -> torch.nn.Module:
   model = ref.taming_vqmodel(F16_1024, n_embed=1024, embed_dim=256)
-  ckpt = {"epoch": 40, "global_step": 600000, "pytorch-lightning_version": "1.0.8",
-          "state_dict": model.state_dict(), "lr_schedulers": []}
+  ckpt = {
+    "epoch": 40,
+    "global_step": 600000,
+    "pytorch-lightning_version": "1.0.8",
+    "state_dict": model.state_dict(),
+    "lr_schedulers": [],
+  }
   if with_optimizer:
     ae = [p for n, p in model.named_parameters() if not n.startswith("loss.")]
-    ckpt["optimizer_states"] = [adam_state(ae, 600000),
-                                adam_state(list(model.loss.discriminator.parameters()), 600000)]
+    ckpt["optimizer_states"] = [
+      adam_state(ae, 600000),
+      adam_state(list(model.loss.discriminator.parameters()), 600000),
+    ]
   torch.save(ckpt, path)
   return model
 
@@ -83,10 +116,12 @@ def parity(model: torch.nn.Module, workdir: str) -> dict:
   state = workdir_lib.restore_state(workdir, config, x.shape[1:])
   net = tokenizer.build_model(config, channels=3)
   x_hat, indices = jax.jit(lambda p, x: tokenizer.reconstruct(p, x, model=net, config=config))(
-      state.gen.params, x)
-  return dict(indices_equal=bool(np.array_equal(np.asarray(indices).reshape(-1), idx_ref.numpy())),
-              x_hat_rel_err=float(np.max(np.abs(np.asarray(x_hat) - x_hat_ref))
-                                  / np.max(np.abs(x_hat_ref))))
+    state.gen.params, x
+  )
+  return dict(
+    indices_equal=bool(np.array_equal(np.asarray(indices).reshape(-1), idx_ref.numpy())),
+    x_hat_rel_err=float(np.max(np.abs(np.asarray(x_hat) - x_hat_ref)) / np.max(np.abs(x_hat_ref))),
+  )
 
 
 def main() -> None:
@@ -102,28 +137,41 @@ def main() -> None:
   workdir = os.path.join(folder, "out")
   t0 = time.perf_counter()
   model = save_ckpt(ckpt, not args.no_optimizer)
-  print(f"saved {ckpt}: {os.path.getsize(ckpt) / 2**20:.0f} MiB "
-        f"({sum(v.numel() for v in model.state_dict().values()) / 1e6:.1f} M tensor elements "
-        f"in the state_dict) in {time.perf_counter() - t0:.1f} s")
+  print(
+    f"saved {ckpt}: {os.path.getsize(ckpt) / 2**20:.0f} MiB "
+    f"({sum(v.numel() for v in model.state_dict().values()) / 1e6:.1f} M tensor elements "
+    f"in the state_dict) in {time.perf_counter() - t0:.1f} s"
+  )
 
-  cmd = [sys.executable, "-m", "arcvq_jax.convert.torch_checkpoint", "--kind=taming_vqgan",
-         f"--ckpt={ckpt}", "--config=configs/imagenet_f16.py", f"--workdir={workdir}"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "arcvq_jax.convert.torch_checkpoint",
+    "--kind=taming_vqgan",
+    f"--ckpt={ckpt}",
+    "--config=configs/imagenet_f16.py",
+    f"--workdir={workdir}",
+  ]
   t0 = time.perf_counter()
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  proc = subprocess.run(
+    cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu")
+  )
   wall = time.perf_counter() - t0
   if proc.returncode:
     sys.exit(proc.stderr[-3000:])
   peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB
   with open(os.path.join(workdir, "conversion.json")) as f:
     report = json.load(f)
-  out_bytes = sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(workdir)
-                  for n in names)
+  out_bytes = sum(
+    os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(workdir) for n in names
+  )
   print(proc.stdout.strip())
-  print(f"conversion command: {wall:.1f} s wall (imports included); converter: read "
-        f"{report['seconds']['read']:.1f} s, map {report['seconds']['map']:.1f} s, total "
-        f"{report['seconds']['total']:.1f} s; peak RSS {peak_rss:.2f} GiB; workdir "
-        f"{out_bytes / 2**20:.0f} MiB")
+  print(
+    f"conversion command: {wall:.1f} s wall (imports included); converter: read "
+    f"{report['seconds']['read']:.1f} s, map {report['seconds']['map']:.1f} s, total "
+    f"{report['seconds']['total']:.1f} s; peak RSS {peak_rss:.2f} GiB; workdir "
+    f"{out_bytes / 2**20:.0f} MiB"
+  )
   if args.parity:
     print("parity on a 256x256 photo:", parity(model, workdir))
 

@@ -20,21 +20,23 @@ import os
 import sys
 import time
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8")
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "tests"))
+sys.path.insert(
+  0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+)
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
+from model_fixtures import random_lpips_params
 
-from arcvq_jax import sharding  # noqa: E402
-from arcvq_jax.models import unet  # noqa: E402
-from arcvq_jax.train import gan_steps, prior_common, prior_ldm, tokenizer  # noqa: E402
-from arcvq_jax.train.state import make_disc_optimizer, make_optimizer  # noqa: E402
-from model_fixtures import random_lpips_params  # noqa: E402
+from arcvq_jax import sharding
+from arcvq_jax.models import unet
+from arcvq_jax.train import gan_steps, prior_common, prior_ldm, tokenizer
+from arcvq_jax.train.state import make_disc_optimizer, make_optimizer
 
 MIB = 2**20
 
@@ -42,7 +44,7 @@ MIB = 2**20
 def per_device_bytes(abstract, shardings) -> float:
   """Bytes of a pytree on one device: each leaf's size over its number of shards."""
   total = 0.0
-  for leaf, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
+  for leaf, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings), strict=True):
     shard = s.shard_shape(leaf.shape)
     total += int(np.prod(shard)) * leaf.dtype.itemsize
   return total
@@ -56,48 +58,71 @@ def make_mesh(data: int, fsdp: int) -> jax.sharding.Mesh:
 
 def memory(compiled) -> dict:
   m = compiled.memory_analysis()
-  return dict(args_mib=m.argument_size_in_bytes / MIB, temp_mib=m.temp_size_in_bytes / MIB,
-              total_mib=(m.argument_size_in_bytes + m.output_size_in_bytes
-                         + m.temp_size_in_bytes - m.alias_size_in_bytes) / MIB)
+  return dict(
+    args_mib=m.argument_size_in_bytes / MIB,
+    temp_mib=m.temp_size_in_bytes / MIB,
+    total_mib=(
+      m.argument_size_in_bytes
+      + m.output_size_in_bytes
+      + m.temp_size_in_bytes
+      - m.alias_size_in_bytes
+    )
+    / MIB,
+  )
 
 
 def bench_ldm(data: int, fsdp: int, batch: int) -> dict:
   """The LDM train step of configs/imagenet_ldm.py (32x32x16 latents of the f8 tokenizer)."""
   from configs import imagenet_ldm  # noqa: PLC0415
+
   c = imagenet_ldm.get_config()
   latent = (32, 32, 16)
   mesh = make_mesh(data, fsdp)
   model = unet.from_config(c, latent_channels=latent[-1])
   tx = prior_common.make_optimizer(c)
-  init = functools.partial(prior_ldm.init_state, model=model, tx=tx, config=c,
-                           latent_shape=latent, scale_factor=1.0)
+  init = functools.partial(
+    prior_ldm.init_state, model=model, tx=tx, config=c, latent_shape=latent, scale_factor=1.0
+  )
   abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
   state_sharding = sharding.state_shardings(abstract, mesh, c.sharding)
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                       abstract, state_sharding)
+  state = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding
+  )
   batch_sharding = sharding.batch_sharding(mesh)
   abstract_batch = {
-      "latent": jax.ShapeDtypeStruct((batch, *latent), np.float32, sharding=batch_sharding),
-      "label": jax.ShapeDtypeStruct((batch,), np.int32, sharding=batch_sharding)}
+    "latent": jax.ShapeDtypeStruct((batch, *latent), np.float32, sharding=batch_sharding),
+    "label": jax.ShapeDtypeStruct((batch,), np.int32, sharding=batch_sharding),
+  }
   step = jax.jit(
-      functools.partial(prior_ldm.train_step, model=model, tx=tx,
-                        schedule=prior_ldm.schedule_from_config(c), config=c,
-                        replicated=sharding.replicated(mesh)),
-      in_shardings=(state_sharding, batch_sharding),
-      out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
+    functools.partial(
+      prior_ldm.train_step,
+      model=model,
+      tx=tx,
+      schedule=prior_ldm.schedule_from_config(c),
+      config=c,
+      replicated=sharding.replicated(mesh),
+    ),
+    in_shardings=(state_sharding, batch_sharding),
+    out_shardings=(state_sharding, sharding.replicated(mesh)),
+    donate_argnums=(0,),
+  )
   start = time.perf_counter()
   compiled = step.lower(state, abstract_batch).compile()
   compile_s = time.perf_counter() - start
-  return dict(mesh=f"data {data} x fsdp {fsdp}", compile_s=compile_s,
-              state_mib=per_device_bytes(abstract, state_sharding) / MIB,
-              params_mib=per_device_bytes(abstract.params, state_sharding.params) / MIB,
-              **memory(compiled))
+  return dict(
+    mesh=f"data {data} x fsdp {fsdp}",
+    compile_s=compile_s,
+    state_mib=per_device_bytes(abstract, state_sharding) / MIB,
+    params_mib=per_device_bytes(abstract.params, state_sharding.params) / MIB,
+    **memory(compiled),
+  )
 
 
 def bench(name: str, data: int, fsdp: int, batch: int) -> dict:
   if name == "ldm":
     return bench_ldm(data, fsdp, batch)
   from configs import imagenet, imagenet_f16  # noqa: PLC0415
+
   c = (imagenet if name == "f8" else imagenet_f16).get_config()
   c.batch_size = batch
   mesh = make_mesh(data, fsdp)
@@ -106,44 +131,53 @@ def bench(name: str, data: int, fsdp: int, batch: int) -> dict:
   disc_model = gan_steps.discriminator_from_config(c)
   tx, disc_tx = make_optimizer(c), make_disc_optimizer(c)
   _, _, abstract, state_sharding = gan_steps.abstract_state_and_shardings(
-      c, model, disc_model, tx, disc_tx, mesh, shape)
+    c, model, disc_model, tx, disc_tx, mesh, shape
+  )
   with_sharding = lambda tree, sh: jax.tree.map(  # noqa: E731
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh
+  )
   state = with_sharding(abstract, state_sharding)
   lpips = jax.eval_shape(random_lpips_params)
   lpips = with_sharding(lpips, jax.tree.map(lambda _: sharding.replicated(mesh), lpips))
-  images = jax.ShapeDtypeStruct((batch, *shape), np.float32,
-                                sharding=sharding.batch_sharding(mesh))
+  images = jax.ShapeDtypeStruct((batch, *shape), np.float32, sharding=sharding.batch_sharding(mesh))
   steps = gan_steps.make_steps(c, model, disc_model, tx, disc_tx, mesh, state_sharding, lpips)
   start = time.perf_counter()
-  compiled = steps.generator[True].lower(state.gen, state.disc, {"image": images},
-                                         lpips).compile()
+  compiled = steps.generator[True].lower(state.gen, state.disc, {"image": images}, lpips).compile()
   compile_s = time.perf_counter() - start
   params_gen = per_device_bytes(abstract.gen.params, state_sharding.gen.params)
   return dict(
-      mesh=f"data {data} x fsdp {fsdp}", compile_s=compile_s,
-      state_mib=per_device_bytes(abstract, state_sharding) / MIB,
-      params_mib=params_gen / MIB, **memory(compiled))
+    mesh=f"data {data} x fsdp {fsdp}",
+    compile_s=compile_s,
+    state_mib=per_device_bytes(abstract, state_sharding) / MIB,
+    params_mib=params_gen / MIB,
+    **memory(compiled),
+  )
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config", choices=("f8", "f16", "ldm"), default="f8")
   parser.add_argument("--batch", type=int, default=8, help="global batch")
-  parser.add_argument("--meshes", nargs="+", default=["8x1", "1x8"],
-                      help="data x fsdp sizes, product 8")
+  parser.add_argument(
+    "--meshes", nargs="+", default=["8x1", "1x8"], help="data x fsdp sizes, product 8"
+  )
   args = parser.parse_args()
   what = "LDM train step" if args.config == "ldm" else f"{args.config} VQGAN generator step"
   print(f"{what}, global batch {args.batch}, 8 CPU devices")
-  print("| mesh | compile s | state / device | network params / device | XLA args | "
-        "XLA temps | XLA total |")
+  print(
+    "| mesh | compile s | state / device | network params / device | XLA args | "
+    "XLA temps | XLA total |"
+  )
   print("|---|---|---|---|---|---|---|")
   for spec in args.meshes:
     data, fsdp = (int(v) for v in spec.split("x"))
     r = bench(args.config, data, fsdp, args.batch)
-    print(f"| {r['mesh']} | {r['compile_s']:.0f} | {r['state_mib']:.0f} MiB | "
-          f"{r['params_mib']:.0f} MiB | {r['args_mib']:.0f} MiB | {r['temp_mib']:.0f} MiB | "
-          f"{r['total_mib']:.0f} MiB |", flush=True)
+    print(
+      f"| {r['mesh']} | {r['compile_s']:.0f} | {r['state_mib']:.0f} MiB | "
+      f"{r['params_mib']:.0f} MiB | {r['args_mib']:.0f} MiB | {r['temp_mib']:.0f} MiB | "
+      f"{r['total_mib']:.0f} MiB |",
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -30,14 +30,15 @@ sys.modules.setdefault("triton", None)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from bench_train_step import timeit  # noqa: E402
 
 from arcvq_jax.evaluation import inception as inception_lib  # noqa: E402
-from bench_train_step import timeit  # noqa: E402
 
 
 def bench_jax(batch: int, impl: str, warmup: int, steps: int) -> float:
-  extractor = inception_lib.InceptionFeatures(inception_lib.random_params(0), batch_size=batch,
-                                              conv_impl=impl)
+  extractor = inception_lib.InceptionFeatures(
+    inception_lib.random_params(0), batch_size=batch, conv_impl=impl
+  )
   x = np.random.default_rng(0).integers(0, 256, (batch, 299, 299, 3), dtype=np.uint8)
   times = timeit(lambda: extractor(x), warmup, steps)
   return batch / float(np.median(times))
@@ -46,9 +47,12 @@ def bench_jax(batch: int, impl: str, warmup: int, steps: int) -> float:
 def bench_torch(batch: int, warmup: int, steps: int) -> float:
   import torch  # noqa: PLC0415
   from pytorch_fid import inception as pfid  # noqa: PLC0415
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                  "tests"))
+
+  sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+  )
   from test_inception import fid_inception_random  # noqa: PLC0415
+
   net = fid_inception_random()
   pfid.fid_inception_v3 = lambda: net
   model = pfid.InceptionV3([3]).eval()
@@ -57,14 +61,17 @@ def bench_torch(batch: int, warmup: int, steps: int) -> float:
   def run():
     with torch.no_grad():
       return model(x)[0].numpy()
+
   return batch / float(np.median(timeit(run, warmup, steps)))
 
 
 def bench_rfid(workdir: str | None, batch: int, inception_batch: int) -> dict:
   from arcvq_jax import api, evaluate  # noqa: PLC0415
   from arcvq_jax.train import tokenizer  # noqa: PLC0415
+
   if workdir is None:
     from configs import tiny  # noqa: PLC0415
+
     workdir = tempfile.mkdtemp(prefix="bench_rfid_")
     config = tiny.get_config()
     t0 = time.perf_counter()
@@ -73,11 +80,20 @@ def bench_rfid(workdir: str | None, batch: int, inception_batch: int) -> dict:
   params, step = api.restore_params(workdir)
   t0 = time.perf_counter()
   results, _ = evaluate.evaluate_checkpoint(
-      api.load_config(workdir), params, split="test", batch_size=batch,
-      inception_params=inception_lib.random_params(0), inception_batch_size=inception_batch)
+    api.load_config(workdir),
+    params,
+    split="test",
+    batch_size=batch,
+    inception_params=inception_lib.random_params(0),
+    inception_batch_size=inception_batch,
+  )
   seconds = time.perf_counter() - t0
-  return dict(seconds=seconds, images=results["num_images"], rfid=results["rfid"],
-              inception_images_per_s=2 * results["num_images"] / seconds)
+  return dict(
+    seconds=seconds,
+    images=results["num_images"],
+    rfid=results["rfid"],
+    inception_images_per_s=2 * results["num_images"] / seconds,
+  )
 
 
 def main() -> None:
@@ -94,18 +110,26 @@ def main() -> None:
   print(f"jax {jax.__version__}, devices: {jax.devices()}, CPUs: {os.cpu_count()}")
   if args.rfid:
     r = bench_rfid(args.workdir, args.eval_batch, args.batch[0])
-    print(f"rFID on {r['images']} test images end to end: {r['seconds']:.1f} s "
-          f"({r['inception_images_per_s']:.1f} Inception images/s, rFID {r['rfid']:.2f} with "
-          "random weights)")
+    print(
+      f"rFID on {r['images']} test images end to end: {r['seconds']:.1f} s "
+      f"({r['inception_images_per_s']:.1f} Inception images/s, rFID {r['rfid']:.2f} with "
+      "random weights)"
+    )
     return
   print("| network | conv impl | batch | images/s |\n|---|---|---|---|")
   for batch in args.batch:
     for impl in args.impl:
-      print(f"| arcvq-jax (XLA) | {impl} | {batch} | "
-            f"{bench_jax(batch, impl, args.warmup, args.steps):.1f} |", flush=True)
+      print(
+        f"| arcvq-jax (XLA) | {impl} | {batch} | "
+        f"{bench_jax(batch, impl, args.warmup, args.steps):.1f} |",
+        flush=True,
+      )
     if args.torch:
-      print(f"| pytorch-fid (PyTorch {__import__('torch').__version__}) | - | {batch} | "
-            f"{bench_torch(batch, args.warmup, args.steps):.1f} |", flush=True)
+      print(
+        f"| pytorch-fid (PyTorch {__import__('torch').__version__}) | - | {batch} | "
+        f"{bench_torch(batch, args.warmup, args.steps):.1f} |",
+        flush=True,
+      )
 
 
 if __name__ == "__main__":

@@ -37,21 +37,24 @@ import sys
 
 if "--mesh-devices" in sys.argv:  # before jax is imported
   _devices = sys.argv[sys.argv.index("--mesh-devices") + 1]
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             f" --xla_force_host_platform_device_count={_devices}")
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_devices}"
+  )
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
+from bench_arcloss import fmt_bytes, make_data, time_each
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
-
-from arcvq_jax import quantization as vq  # noqa: E402
-from arcvq_jax import sharding  # noqa: E402
-from arcvq_jax import streaming  # noqa: E402
-from bench_arcloss import fmt_bytes, make_data, time_each  # noqa: E402
+from arcvq_jax import quantization as vq
+from arcvq_jax import (
+  sharding,
+  streaming,
+)
 
 
 def peak_bytes(fn, *args) -> int:
@@ -87,24 +90,40 @@ def mesh_memory(args):
   mesh = sharding.make_mesh((-1,), ("data",))
   split = NamedSharding(mesh, P("data"))
   print(f"{mesh.size} devices, batch and codebook split over 'data'; peak per device\n")
-  print("| K | D | ArcLoss fwd+bwd, 1 device | ArcLoss fwd+bwd, per device | search, 1 device | "
-        "search, per device |")
+  print(
+    "| K | D | ArcLoss fwd+bwd, 1 device | ArcLoss fwd+bwd, per device | search, 1 device | "
+    "search, per device |"
+  )
   print("|---" * 6 + "|")
   for k_rows in args.ks:
     for d in args.ds:
       z = jax.ShapeDtypeStruct((args.n, d), np.float32, sharding=split)
       e = jax.ShapeDtypeStruct((k_rows, d), np.float32, sharding=split)
       z1, e1 = jax.ShapeDtypeStruct(z.shape, z.dtype), jax.ShapeDtypeStruct(e.shape, e.dtype)
-      arc = jax.jit(jax.value_and_grad(lambda a, b: streaming.arc_loss_sharded(
-          a, b, args.s, args.m, args.top_k, mesh=mesh, codebook_axis="data")))
-      arc1 = jax.jit(jax.value_and_grad(lambda a, b: streaming.arc_loss_streamed(
-          a, b, args.s, args.m, args.top_k)))
-      search = jax.jit(lambda a, b: streaming.nearest_code_sharded(
-          a, b, args.distance, mesh=mesh, codebook_axis="data"))
+      arc = jax.jit(
+        jax.value_and_grad(
+          lambda a, b: streaming.arc_loss_sharded(
+            a, b, args.s, args.m, args.top_k, mesh=mesh, codebook_axis="data"
+          )
+        )
+      )
+      arc1 = jax.jit(
+        jax.value_and_grad(
+          lambda a, b: streaming.arc_loss_streamed(a, b, args.s, args.m, args.top_k)
+        )
+      )
+      search = jax.jit(
+        lambda a, b: streaming.nearest_code_sharded(
+          a, b, args.distance, mesh=mesh, codebook_axis="data"
+        )
+      )
       search1 = jax.jit(functools.partial(streaming.nearest_code_streamed, distance=args.distance))
-      print(f"| {k_rows} | {d} | {fmt_bytes(peak_bytes(arc1, z1, e1))} | "
-            f"{fmt_bytes(peak_bytes(arc, z, e))} | {fmt_bytes(peak_bytes(search1, z1, e1))} | "
-            f"{fmt_bytes(peak_bytes(search, z, e))} |", flush=True)
+      print(
+        f"| {k_rows} | {d} | {fmt_bytes(peak_bytes(arc1, z1, e1))} | "
+        f"{fmt_bytes(peak_bytes(arc, z, e))} | {fmt_bytes(peak_bytes(search1, z1, e1))} | "
+        f"{fmt_bytes(peak_bytes(search, z, e))} |",
+        flush=True,
+      )
 
 
 def fmt_ms(t):
@@ -116,8 +135,9 @@ def ratio(a, b, fmt):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--n", type=int, default=32768, help="tokens N")
   parser.add_argument("--ks", type=int, nargs="+", default=[1024, 16384, 100000])
   parser.add_argument("--ds", type=int, nargs="+", default=[16, 64])
@@ -127,21 +147,31 @@ def main():
   parser.add_argument("--m", type=float, default=0.1)
   parser.add_argument("--top-k", type=int, default=3)
   parser.add_argument("--distance", default="cosine", choices=vq.DISTANCES)
-  parser.add_argument("--max-naive-gb", type=float, default=6.5,
-                      help="compile but do not run a naive form whose peak exceeds this")
+  parser.add_argument(
+    "--max-naive-gb",
+    type=float,
+    default=6.5,
+    help="compile but do not run a naive form whose peak exceeds this",
+  )
   parser.add_argument("--skip-search", action="store_true")
   parser.add_argument("--skip-arc", action="store_true")
-  parser.add_argument("--mesh-devices", type=int, default=0,
-                      help="per-device memory of the sharded forms on this many CPU devices")
+  parser.add_argument(
+    "--mesh-devices",
+    type=int,
+    default=0,
+    help="per-device memory of the sharded forms on this many CPU devices",
+  )
   args = parser.parse_args()
   if args.mesh_devices:
     mesh_memory(args)
     return
 
-  print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs; "
-        f"N={args.n}, "
-        f"s={args.s} m={args.m} top_k={args.top_k}; median of {args.runs} runs, ms; peak = "
-        "XLA arguments + outputs + temporaries\n")
+  print(
+    f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs; "
+    f"N={args.n}, "
+    f"s={args.s} m={args.m} top_k={args.top_k}; median of {args.runs} runs, ms; peak = "
+    "XLA arguments + outputs + temporaries\n"
+  )
   s, m, top_k = args.s, args.m, args.top_k
   arc_rows, search_rows = [], []
   for k_rows in args.ks:
@@ -149,32 +179,42 @@ def main():
       z, e = make_data(k_rows, d, args.n)
       if not args.skip_arc:
         naive = jax.jit(jax.value_and_grad(lambda a, b: vq.arc_loss(a, b, s, m, top_k)))
-        streamed = jax.jit(jax.value_and_grad(
-            lambda a, b: streaming.arc_loss_streamed(a, b, s, m, top_k)))
+        streamed = jax.jit(
+          jax.value_and_grad(lambda a, b: streaming.arc_loss_streamed(a, b, s, m, top_k))
+        )
         (tn, ts), (pn, ps) = measure(naive, streamed, z, e, args, check_arc)
-        arc_rows.append(f"| {k_rows} | {d} | {fmt_ms(tn)} | {fmt_ms(ts)} | "
-                        f"{ratio(ts, tn, '{:.2f}x')} | {fmt_bytes(pn)} | {fmt_bytes(ps)} | "
-                        f"{pn / ps:,.0f}x |")
+        arc_rows.append(
+          f"| {k_rows} | {d} | {fmt_ms(tn)} | {fmt_ms(ts)} | "
+          f"{ratio(ts, tn, '{:.2f}x')} | {fmt_bytes(pn)} | {fmt_bytes(ps)} | "
+          f"{pn / ps:,.0f}x |"
+        )
         print(arc_rows[-1], flush=True)
       if not args.skip_search:
         naive = jax.jit(functools.partial(vq.nearest_code, distance=args.distance))
-        streamed = jax.jit(functools.partial(streaming.nearest_code_streamed,
-                                             distance=args.distance))
+        streamed = jax.jit(
+          functools.partial(streaming.nearest_code_streamed, distance=args.distance)
+        )
         (tn, ts), (pn, ps) = measure(naive, streamed, z, e, args, check_search)
-        search_rows.append(f"| {k_rows} | {d} | {fmt_ms(tn)} | {fmt_ms(ts)} | "
-                           f"{ratio(ts, tn, '{:.2f}x')} | {fmt_bytes(pn)} | {fmt_bytes(ps)} | "
-                           f"{pn / ps:,.0f}x |")
+        search_rows.append(
+          f"| {k_rows} | {d} | {fmt_ms(tn)} | {fmt_ms(ts)} | "
+          f"{ratio(ts, tn, '{:.2f}x')} | {fmt_bytes(pn)} | {fmt_bytes(ps)} | "
+          f"{pn / ps:,.0f}x |"
+        )
         print(search_rows[-1], flush=True)
   if arc_rows:
     print("\nArcLoss forward + backward\n")
-    print("| K | D | naive ms | streamed ms | time streamed / naive | peak naive | peak streamed "
-          "| memory naive / streamed |")
+    print(
+      "| K | D | naive ms | streamed ms | time streamed / naive | peak naive | peak streamed "
+      "| memory naive / streamed |"
+    )
     print("|---" * 8 + "|")
     print("\n".join(arc_rows))
   if search_rows:
     print(f"\nNearest-code search ({args.distance}), forward\n")
-    print("| K | D | naive ms | streamed ms | time streamed / naive | peak naive | peak streamed "
-          "| memory naive / streamed |")
+    print(
+      "| K | D | naive ms | streamed ms | time streamed / naive | peak naive | peak streamed "
+      "| memory naive / streamed |"
+    )
     print("|---" * 8 + "|")
     print("\n".join(search_rows))
 

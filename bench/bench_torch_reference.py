@@ -34,8 +34,13 @@ class Residual(nn.Module):
 class VQVAE(nn.Module):
   def __init__(self, channels=1, hidden=128, res_hidden=32, layers=2, num_codes=512, dim=64):
     super().__init__()
-    self.enc = nn.ModuleList([nn.Conv2d(channels, hidden // 2, 4, 2, 1), nn.Conv2d(hidden // 2, hidden, 4, 2, 1),
-                              nn.Conv2d(hidden, hidden, 3, padding=1)])
+    self.enc = nn.ModuleList(
+      [
+        nn.Conv2d(channels, hidden // 2, 4, 2, 1),
+        nn.Conv2d(hidden // 2, hidden, 4, 2, 1),
+        nn.Conv2d(hidden, hidden, 3, padding=1),
+      ]
+    )
     self.enc_res = nn.ModuleList([Residual(hidden, res_hidden) for _ in range(layers)])
     self.quant_conv = nn.Conv2d(hidden, dim, 1)
     self.dec_in = nn.Conv2d(dim, hidden, 3, padding=1)
@@ -64,7 +69,11 @@ class VQVAE(nn.Module):
     pos = s * torch.cos(torch.acos(top_v.clamp(-1 + 1e-7, 1 - 1e-7)) + m)
     logits = (s * cos).scatter(1, top_i, pos)
     arc = (torch.logsumexp(logits, 1) - torch.logsumexp(pos, 1)).mean()
-    zq = (z + (zq - z).detach()).reshape(x.shape[0], x.shape[2] // 4, x.shape[3] // 4, -1).permute(0, 3, 1, 2)
+    zq = (
+      (z + (zq - z).detach())
+      .reshape(x.shape[0], x.shape[2] // 4, x.shape[3] // 4, -1)
+      .permute(0, 3, 1, 2)
+    )
     h = self.dec_in(zq)
     for r in self.dec_res:
       h = r(h)
@@ -76,7 +85,9 @@ def bench(batch: int, warmup: int, steps: int) -> float:
   torch.manual_seed(0)
   model = VQVAE()
   opt = torch.optim.Adam(model.parameters(), lr=3e-4)
-  x = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (batch, 1, 28, 28)).astype(np.float32))
+  x = torch.from_numpy(
+    np.random.default_rng(0).uniform(-1, 1, (batch, 1, 28, 28)).astype(np.float32)
+  )
   times = []
   for i in range(warmup + steps):
     t0 = time.perf_counter()
@@ -90,7 +101,9 @@ def bench(batch: int, warmup: int, steps: int) -> float:
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--batch", type=int, nargs="*", default=[128, 1024])
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--steps", type=int, default=20)

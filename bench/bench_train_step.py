@@ -20,16 +20,18 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from arcvq_jax import quantization as vq  # noqa: E402
-from arcvq_jax import sharding  # noqa: E402
-from arcvq_jax import streaming  # noqa: E402
-from arcvq_jax.models import vqvae  # noqa: E402
-from arcvq_jax.train import tokenizer  # noqa: E402
-from arcvq_jax.train.state import make_optimizer  # noqa: E402
+from arcvq_jax import quantization as vq
+from arcvq_jax import (
+  sharding,
+  streaming,
+)
+from arcvq_jax.models import vqvae
+from arcvq_jax.train import tokenizer
+from arcvq_jax.train.state import make_optimizer
 
 
 def timeit(fn, warmup: int, steps: int) -> np.ndarray:
@@ -52,7 +54,8 @@ def bench_step(batch: int, variant: str, deconv: str, warmup: int, steps: int) -
   mesh = sharding.make_mesh((-1,), ("data",))
   model = vqvae.from_config(c, channels=1)
   state, _, step_fn = tokenizer.create_state_and_step(
-      c, model, make_optimizer(c), mesh, (28, 28, 1), data_variance=0.5)
+    c, model, make_optimizer(c), mesh, (28, 28, 1), data_variance=0.5
+  )
   x = np.random.default_rng(0).uniform(-1, 1, (batch, 28, 28, 1)).astype(np.float32)
   batch_arr = sharding.global_batch({"image": x}, sharding.batch_sharding(mesh))
   compiled = step_fn.lower(state, batch_arr).compile()
@@ -66,12 +69,22 @@ def bench_step(batch: int, variant: str, deconv: str, warmup: int, steps: int) -
   times = timeit(run, warmup, steps)
   xla_bytes = None
   if mem is not None:
-    xla_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes
-                 + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
-  return dict(batch=batch, variant=variant, deconv=deconv, median_ms=1e3 * np.median(times),
-              p10_ms=1e3 * np.percentile(times, 10), p90_ms=1e3 * np.percentile(times, 90),
-              xla_mib=None if xla_bytes is None else xla_bytes / 2**20,
-              temp_mib=None if mem is None else mem.temp_size_in_bytes / 2**20)
+    xla_bytes = (
+      mem.argument_size_in_bytes
+      + mem.output_size_in_bytes
+      + mem.temp_size_in_bytes
+      - mem.alias_size_in_bytes
+    )
+  return dict(
+    batch=batch,
+    variant=variant,
+    deconv=deconv,
+    median_ms=1e3 * np.median(times),
+    p10_ms=1e3 * np.percentile(times, 10),
+    p90_ms=1e3 * np.percentile(times, 90),
+    xla_mib=None if xla_bytes is None else xla_bytes / 2**20,
+    temp_mib=None if mem is None else mem.temp_size_in_bytes / 2**20,
+  )
 
 
 def bench_arcloss(n: int, k: int, d: int, warmup: int, steps: int, loss_fn) -> dict:
@@ -81,12 +94,19 @@ def bench_arcloss(n: int, k: int, d: int, warmup: int, steps: int, loss_fn) -> d
   fn = jax.jit(jax.value_and_grad(lambda zz: loss_fn(zz, e, 10.0, 0.1, 3)))
   mem = fn.lower(z).compile().memory_analysis()
   times = timeit(lambda: fn(z), warmup, steps)
-  return dict(n=n, k=k, d=d, median_ms=1e3 * np.median(times),
-              temp_mib=None if mem is None else mem.temp_size_in_bytes / 2**20)
+  return dict(
+    n=n,
+    k=k,
+    d=d,
+    median_ms=1e3 * np.median(times),
+    temp_mib=None if mem is None else mem.temp_size_in_bytes / 2**20,
+  )
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--batch", type=int, nargs="*", default=[128, 1024])
   p.add_argument("--variant", default="arcvq")
   p.add_argument("--deconv", default="auto", choices=["auto", "subpixel", "phase", "matmul", "xla"])
@@ -95,19 +115,28 @@ def main() -> None:
   p.add_argument("--arcloss", action="store_true", help="ArcLoss fwd+bwd at N=50176, K=512, D=64")
   args = p.parse_args()
 
-  print(f"jax {jax.__version__}, devices: {jax.devices()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  print(
+    f"jax {jax.__version__}, devices: {jax.devices()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+  )
   if args.arcloss:
     for name, fn in (("naive", vq.arc_loss), ("streamed", streaming.arc_loss_streamed)):
       r = bench_arcloss(50176, 512, 64, args.warmup, args.steps, fn)
-      print(f"ArcLoss ({name}) fwd+bwd N={r['n']} K={r['k']} D={r['d']}: {r['median_ms']:.1f} ms "
-            f"(XLA temp {r['temp_mib']:.0f} MiB)")
+      print(
+        f"ArcLoss ({name}) fwd+bwd N={r['n']} K={r['k']} D={r['d']}: {r['median_ms']:.1f} ms "
+        f"(XLA temp {r['temp_mib']:.0f} MiB)"
+      )
     return
-  print("| batch | variant | deconv | median ms/step | p10-p90 ms | XLA MiB (args+out+temp) | XLA temp MiB |")
+  print(
+    "| batch | variant | deconv | median ms/step | p10-p90 ms | XLA MiB (args+out+temp) | XLA temp MiB |"
+  )
   print("|---|---|---|---|---|---|---|")
   for b in args.batch:
     r = bench_step(b, args.variant, args.deconv, args.warmup, args.steps)
-    print(f"| {b} | {r['variant']} | {r['deconv']} | {r['median_ms']:.1f} | "
-          f"{r['p10_ms']:.1f}-{r['p90_ms']:.1f} | {r['xla_mib']:.0f} | {r['temp_mib']:.0f} |", flush=True)
+    print(
+      f"| {b} | {r['variant']} | {r['deconv']} | {r['median_ms']:.1f} | "
+      f"{r['p10_ms']:.1f}-{r['p90_ms']:.1f} | {r['xla_mib']:.0f} | {r['temp_mib']:.0f} |",
+      flush=True,
+    )
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print(f"peak RSS of this process: {peak:.0f} MiB")
 

@@ -23,17 +23,18 @@ import resource
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "tests"))
+sys.path.insert(
+  0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+)
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
+from bench_train_step import timeit
+from model_fixtures import random_lpips_params
 
-from arcvq_jax import sharding  # noqa: E402
-from arcvq_jax.train import gan_steps, tokenizer  # noqa: E402
-from arcvq_jax.train.state import make_disc_optimizer, make_optimizer  # noqa: E402
-from bench_train_step import timeit  # noqa: E402
-from model_fixtures import random_lpips_params  # noqa: E402
+from arcvq_jax import sharding
+from arcvq_jax.train import gan_steps, tokenizer
+from arcvq_jax.train.state import make_disc_optimizer, make_optimizer
 
 
 def flops(compiled) -> float:
@@ -45,12 +46,14 @@ def flops(compiled) -> float:
 
 def xla_mib(compiled) -> float:
   m = compiled.memory_analysis()
-  return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-          - m.alias_size_in_bytes) / 2**20
+  return (
+    m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+  ) / 2**20
 
 
 def get_config(name: str, dtype: str, batch: int):
   from configs import imagenet, imagenet_f16  # noqa: PLC0415
+
   c = (imagenet if name == "f8" else imagenet_f16).get_config()
   c.model.dtype = dtype
   c.batch_size = batch
@@ -66,7 +69,8 @@ def bench(name: str, dtype: str, batch: int, warmup: int, steps: int) -> dict:
   disc_model = gan_steps.discriminator_from_config(c)
   lpips_params = jax.device_put(random_lpips_params(), sharding.replicated(mesh))
   state, _, steps_fn = gan_steps.create_state_and_steps(
-      c, model, disc_model, make_optimizer(c), make_disc_optimizer(c), mesh, shape, lpips_params)
+    c, model, disc_model, make_optimizer(c), make_disc_optimizer(c), mesh, shape, lpips_params
+  )
   x = np.random.default_rng(0).uniform(-1, 1, (batch, *shape)).astype(np.float32)
   batch_arr = sharding.global_batch({"image": x}, sharding.batch_sharding(mesh))
 
@@ -79,8 +83,9 @@ def bench(name: str, dtype: str, batch: int, warmup: int, steps: int) -> dict:
   holder = {"gen": state.gen, "disc": state.disc, "x_hat": batch_arr["image"]}
 
   def run_gen():
-    holder["gen"], m, holder["x_hat"] = gen_fn(holder["gen"], holder["disc"], batch_arr,
-                                               lpips_params)
+    holder["gen"], m, holder["x_hat"] = gen_fn(
+      holder["gen"], holder["disc"], batch_arr, lpips_params
+    )
     return m["loss"]
 
   def run_disc():
@@ -89,38 +94,60 @@ def bench(name: str, dtype: str, batch: int, warmup: int, steps: int) -> dict:
 
   gen_t, disc_t = timeit(run_gen, warmup, steps), timeit(run_disc, warmup, steps)
   return dict(
-      config=name, dtype=dtype, batch=batch,
-      gen_s=float(np.median(gen_t)), disc_s=float(np.median(disc_t)),
-      gen_mib=xla_mib(gen_c), disc_mib=xla_mib(disc_c),
-      gen_flops=flops(gen_c), disc_flops=flops(disc_c), forward_flops=forward_flops)
+    config=name,
+    dtype=dtype,
+    batch=batch,
+    gen_s=float(np.median(gen_t)),
+    disc_s=float(np.median(disc_t)),
+    gen_mib=xla_mib(gen_c),
+    disc_mib=xla_mib(disc_c),
+    gen_flops=flops(gen_c),
+    disc_flops=flops(disc_c),
+    forward_flops=forward_flops,
+  )
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--config", default="f8", choices=["f8", "f16"])
   p.add_argument("--batch", type=int, nargs="*", default=[1, 2])
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--steps", type=int, default=3)
-  p.add_argument("--peak-tflops", type=float, default=0.0,
-                 help="the device's peak (dense) TFLOP/s for MFU, e.g. 989 for an H100 in bf16")
+  p.add_argument(
+    "--peak-tflops",
+    type=float,
+    default=0.0,
+    help="the device's peak (dense) TFLOP/s for MFU, e.g. 989 for an H100 in bf16",
+  )
   args = p.parse_args()
 
-  print(f"jax {jax.__version__}, devices: {jax.devices()}, "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-  print("| config | dtype | batch | generator step s | discriminator step s | images/s (both) "
-        "| XLA MiB gen / disc | GFLOP/image: AE forward, gen step, disc step | MFU |")
+  print(
+    f"jax {jax.__version__}, devices: {jax.devices()}, "
+    f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+  )
+  print(
+    "| config | dtype | batch | generator step s | discriminator step s | images/s (both) "
+    "| XLA MiB gen / disc | GFLOP/image: AE forward, gen step, disc step | MFU |"
+  )
   print("|---|---|---|---|---|---|---|---|---|")
   for b in args.batch:
     r = bench(args.config, args.dtype, b, args.warmup, args.steps)
     total_s = r["gen_s"] + r["disc_s"]
-    mfu = ((r["gen_flops"] + r["disc_flops"]) / total_s / (args.peak_tflops * 1e12)
-           if args.peak_tflops else float("nan"))
-    print(f"| {r['config']} | {r['dtype']} | {b} | {r['gen_s']:.3f} | {r['disc_s']:.3f} | "
-          f"{b / total_s:.2f} | {r['gen_mib']:.0f} / {r['disc_mib']:.0f} | "
-          f"{r['forward_flops'] / b / 1e9:.1f}, {r['gen_flops'] / b / 1e9:.1f}, "
-          f"{r['disc_flops'] / b / 1e9:.1f} | {mfu:.1%} |", flush=True)
+    mfu = (
+      (r["gen_flops"] + r["disc_flops"]) / total_s / (args.peak_tflops * 1e12)
+      if args.peak_tflops
+      else float("nan")
+    )
+    print(
+      f"| {r['config']} | {r['dtype']} | {b} | {r['gen_s']:.3f} | {r['disc_s']:.3f} | "
+      f"{b / total_s:.2f} | {r['gen_mib']:.0f} / {r['disc_mib']:.0f} | "
+      f"{r['forward_flops'] / b / 1e9:.1f}, {r['gen_flops'] / b / 1e9:.1f}, "
+      f"{r['disc_flops'] / b / 1e9:.1f} | {mfu:.1%} |",
+      flush=True,
+    )
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print(f"peak RSS of this process: {peak:.0f} MiB")
 

@@ -16,8 +16,16 @@ def get_config():
   c.tokenizer_expect.latent_shape = (7, 7, 16)
   c.num_classes = 10
   # 7x7 latents: one level (no halving), attention at 7 and in the middle block.
-  c.unet.update(dict(model_channels=32, channel_mult=(1,), num_res_blocks=1,
-                     attention_resolutions=(7,), num_head_channels=16, context_dim=32))
+  c.unet.update(
+    dict(
+      model_channels=32,
+      channel_mult=(1,),
+      num_res_blocks=1,
+      attention_resolutions=(7,),
+      num_head_channels=16,
+      context_dim=32,
+    )
+  )
   # The tiny tokenizer's latents have std ~0.1: scale them to unit std (1 / std).
   c.diffusion.scale_factor = 0.0
   c.optimizer.lr = 1e-3

@@ -10,14 +10,25 @@ from arcvq_jax import config as config_lib
 
 def get_config(variant: str = "arcvq"):
   c = config_lib.vqgan_config()
-  c.model.update(dict(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, attn_resolutions=(7,),
-                      resolution=28, z_channels=8))
+  c.model.update(
+    dict(
+      ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, attn_resolutions=(7,), resolution=28, z_channels=8
+    )
+  )
   c.quantizer.num_codes, c.quantizer.embed_dim = 64, 8
   c.gan.update(dict(disc_start=0, ndf=16, n_layers=2))
   c.optimizer.update(dict(lr=1e-4, scale_lr=False))
-  c.data.update(dict(source="idx", path="/usr/share/datasets/fashion-mnist", name="",
-                     train_split="train", eval_split="test", random_crop=False,
-                     random_flip=False))
+  c.data.update(
+    dict(
+      source="idx",
+      path="/usr/share/datasets/fashion-mnist",
+      name="",
+      train_split="train",
+      eval_split="test",
+      random_crop=False,
+      random_flip=False,
+    )
+  )
   c.data.image_size = None
   c.batch_size = 8
   c.eval_batch_size = 500

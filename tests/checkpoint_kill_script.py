@@ -26,8 +26,10 @@ if __name__ == "__main__":
   ckpt.save(1, state, None)
   ckpt.wait()
   # A state large enough that writing it takes a while (~256 MB).
-  big = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(64 * 2**20,)).astype(np.float32)),
-         "step": jnp.int32(2)}
+  big = {
+    "w": jnp.asarray(np.random.default_rng(0).normal(size=(64 * 2**20,)).astype(np.float32)),
+    "step": jnp.int32(2),
+  }
   threading.Thread(target=kill_when_tmp_appears, args=(directory,), daemon=True).start()
   ckpt.save(2, big, None)
   ckpt.wait()

@@ -34,8 +34,11 @@ def num_fsdp_sharded(state) -> int:
 def run_vqgan(devices, steps: int = 3, fsdp: bool = False):
   """The VQGAN's generator and discriminator steps (GAN on from step 0, no LPIPS)."""
   c = config_lib.vqgan_config()
-  c.model.update(dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
-                      resolution=16, z_channels=8))
+  c.model.update(
+    dict(
+      ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=16, z_channels=8
+    )
+  )
   c.quantizer.num_codes, c.quantizer.embed_dim = 32, 8
   c.gan.update(dict(disc_start=0, ndf=8, n_layers=1))
   # A small lr: Adam moves a parameter whose gradient is ~0 by +-lr on the sign of its
@@ -45,8 +48,15 @@ def run_vqgan(devices, steps: int = 3, fsdp: bool = False):
   mesh = make_mesh(devices, c, fsdp)
   model = tokenizer.build_model(c, channels=3)
   state, _, steps_fn = gan_steps.create_state_and_steps(
-      c, model, gan_steps.discriminator_from_config(c), make_optimizer(c),
-      make_disc_optimizer(c), mesh, (16, 16, 3), None)
+    c,
+    model,
+    gan_steps.discriminator_from_config(c),
+    make_optimizer(c),
+    make_disc_optimizer(c),
+    mesh,
+    (16, 16, 3),
+    None,
+  )
   sharded = num_fsdp_sharded(state)
   rng = np.random.default_rng(0)
   losses = []
@@ -56,8 +66,12 @@ def run_vqgan(devices, steps: int = 3, fsdp: bool = False):
     state, m = steps_fn(state, batch, t)
     losses.append({k: float(v) for k, v in m.items()})
   flat = [np.asarray(l).ravel() for l in jax.tree.leaves(jax.device_get(state.disc))]
-  return (losses, float(np.concatenate(flat).astype(np.float64).sum()),
-          np.asarray(state.params["codebook"]).tolist(), sharded)
+  return (
+    losses,
+    float(np.concatenate(flat).astype(np.float64).sum()),
+    np.asarray(state.params["codebook"]).tolist(),
+    sharded,
+  )
 
 
 def run(devices, variant: str, steps: int = 3):
@@ -78,7 +92,8 @@ def run(devices, variant: str, steps: int = 3):
   mesh = make_mesh(devices, c, fsdp)
   model = vqvae.from_config(c, channels=1)
   state, _, step_fn = tokenizer.create_state_and_step(
-      c, model, make_optimizer(c), mesh, (28, 28, 1), data_variance=0.3)
+    c, model, make_optimizer(c), mesh, (28, 28, 1), data_variance=0.3
+  )
   sharded = num_fsdp_sharded(state)
   rng = np.random.default_rng(0)
   losses = []
@@ -88,8 +103,12 @@ def run(devices, variant: str, steps: int = 3):
     state, m = step_fn(state, batch)
     losses.append({k: float(v) for k, v in m.items()})
   flat = [np.asarray(l).ravel() for l in jax.tree.leaves(jax.device_get(state.params))]
-  return (losses, float(np.concatenate(flat).astype(np.float64).sum()),
-          np.asarray(state.params["codebook"]).tolist(), sharded)
+  return (
+    losses,
+    float(np.concatenate(flat).astype(np.float64).sum()),
+    np.asarray(state.params["codebook"]).tolist(),
+    sharded,
+  )
 
 
 if __name__ == "__main__":

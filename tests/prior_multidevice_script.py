@@ -27,15 +27,29 @@ def run(stage: str, devices, fsdp: bool, steps: int = 3):
   if stage == "ldm":
     c = prior_config.ldm_config()
     c.num_classes = 5
-    c.unet.update(dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                       attention_resolutions=(4,), num_head_channels=16, context_dim=32))
+    c.unet.update(
+      dict(
+        model_channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(4,),
+        num_head_channels=16,
+        context_dim=32,
+      )
+    )
     c.optimizer.lr = 1e-3
     mesh = mesh_for(devices, c, fsdp)
     model = unet.from_config(c, latent_channels=4)
     state, _, step_fn = prior_ldm.create_state_and_step(
-        c, model, prior_common.make_optimizer(c), mesh, (8, 8, 4), 1.0)
-    batches = [{"latent": rng.normal(size=(16, 8, 8, 4)).astype(np.float32),
-                "label": rng.integers(0, 5, 16).astype(np.int32)} for _ in range(steps)]
+      c, model, prior_common.make_optimizer(c), mesh, (8, 8, 4), 1.0
+    )
+    batches = [
+      {
+        "latent": rng.normal(size=(16, 8, 8, 4)).astype(np.float32),
+        "label": rng.integers(0, 5, 16).astype(np.int32),
+      }
+      for _ in range(steps)
+    ]
   else:
     c = prior_config.pixelcnn_config()
     c.num_classes = 5
@@ -44,18 +58,26 @@ def run(stage: str, devices, fsdp: bool, steps: int = 3):
     mesh = mesh_for(devices, c, fsdp)
     model = pixelcnn.from_config(c, num_codes=32)
     state, _, step_fn = prior_pixelcnn.create_state_and_step(
-        c, model, prior_common.make_optimizer(c), mesh, (6, 6))
-    batches = [{"tokens": rng.integers(0, 32, (16, 6, 6)).astype(np.int32),
-                "label": rng.integers(0, 5, 16).astype(np.int32)} for _ in range(steps)]
+      c, model, prior_common.make_optimizer(c), mesh, (6, 6)
+    )
+    batches = [
+      {
+        "tokens": rng.integers(0, 32, (16, 6, 6)).astype(np.int32),
+        "label": rng.integers(0, 5, 16).astype(np.int32),
+      }
+      for _ in range(steps)
+    ]
   losses = []
   for batch in batches:
     state, metrics = step_fn(state, sharding.global_batch(batch, sharding.batch_sharding(mesh)))
     losses.append(float(metrics["loss"]))
-  total = lambda tree: float(sum(np.abs(np.asarray(x, np.float64)).sum()  # noqa: E731
-                                 for x in jax.tree.leaves(tree)))
+  total = lambda tree: float(
+    sum(np.abs(np.asarray(x, np.float64)).sum() for x in jax.tree.leaves(tree))
+  )
   sharded = sum("fsdp" in str(leaf.sharding.spec) for leaf in jax.tree.leaves(state))
-  return dict(losses=losses, params=total(state.params), ema=total(state.ema_params),
-              fsdp_leaves=sharded)
+  return dict(
+    losses=losses, params=total(state.params), ema=total(state.ema_params), fsdp_leaves=sharded
+  )
 
 
 def main():
@@ -63,8 +85,11 @@ def main():
   assert len(devices) == 8, devices
   out = {}
   for stage in ("ldm", "pixelcnn"):
-    out[stage] = dict(one=run(stage, devices[:1], False), eight=run(stage, devices, False),
-                      fsdp=run(stage, devices, True))
+    out[stage] = dict(
+      one=run(stage, devices[:1], False),
+      eight=run(stage, devices, False),
+      fsdp=run(stage, devices, True),
+    )
   print("RESULT" + json.dumps(out))
 
 

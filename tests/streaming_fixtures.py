@@ -8,7 +8,8 @@ def random_data(seed, n, k_rows, d):
   rng = np.random.default_rng(seed)
   z = rng.normal(size=(n, d)).astype(np.float32) * rng.uniform(0.1, 4, (n, 1)).astype(np.float32)
   e = rng.normal(size=(k_rows, d)).astype(np.float32) * rng.uniform(0.2, 3, (k_rows, 1)).astype(
-      np.float32)
+    np.float32
+  )
   return z, e
 
 

@@ -14,7 +14,9 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from streaming_fixtures import exact_units, random_data
 
 from arcvq_jax import config as config_lib
 from arcvq_jax import quantization as vq
@@ -23,13 +25,12 @@ from arcvq_jax import streaming as st
 from arcvq_jax.models import vqvae
 from arcvq_jax.train import tokenizer
 from arcvq_jax.train.state import make_optimizer
-from streaming_fixtures import exact_units, random_data
 
 # (mesh shape, mesh axes, batch axes, codebook axes to try)
 MESHES = [
-    ((8,), ("data",), ("data",), (None, "data")),
-    ((4, 2), ("data", "model"), ("data",), (None, "model", "data")),
-    ((2, 4), ("data", "fsdp"), ("data", "fsdp"), (None, "fsdp", "data")),
+  ((8,), ("data",), ("data",), (None, "data")),
+  ((4, 2), ("data", "model"), ("data",), (None, "model", "data")),
+  ((2, 4), ("data", "fsdp"), ("data", "fsdp"), (None, "fsdp", "data")),
 ]
 
 
@@ -64,8 +65,7 @@ def arc_cases(data):
     if name.startswith("nan"):
       continue
     # The single-device truth: the naive form (and the streamed one, which equals it).
-    want_v, want_g = jax.jit(jax.value_and_grad(
-        lambda a, b: vq.arc_loss(a, b, s, m, top_k)))(z, e)
+    want_v, want_g = jax.jit(jax.value_and_grad(lambda a, b: vq.arc_loss(a, b, s, m, top_k)))(z, e)
     for shape, axes, batch_axes, codebook_axes in MESHES:
       mesh = sharding.make_mesh(shape, axes)
       for cb_axis in codebook_axes:
@@ -74,15 +74,32 @@ def arc_cases(data):
         # Small blocks (several token chunks and row blocks per device) where they matter.
         blocks = {"random_k600": ((None, None), (64, 8)), "ties_k40": ((64, 8),)}
         for chunk, code_chunk in blocks.get(name, ((None, None),)):
-          fn = jax.jit(jax.value_and_grad(lambda a, b: st.arc_loss_sharded(
-              a, b, s, m, top_k, mesh=mesh, batch_axes=batch_axes, codebook_axis=cb_axis,
-              chunk_size=chunk, code_chunk_size=code_chunk)),
-              in_shardings=(NamedSharding(mesh, P(batch_axes)), NamedSharding(mesh, P(cb_axis))))
+          fn = jax.jit(
+            jax.value_and_grad(
+              lambda a, b: st.arc_loss_sharded(
+                a,
+                b,
+                s,
+                m,
+                top_k,
+                mesh=mesh,
+                batch_axes=batch_axes,
+                codebook_axis=cb_axis,
+                chunk_size=chunk,
+                code_chunk_size=code_chunk,
+              )
+            ),
+            in_shardings=(NamedSharding(mesh, P(batch_axes)), NamedSharding(mesh, P(cb_axis))),
+          )
           v, g = fn(z, e)
-          key = (f"arc/{name}/{'x'.join(map(str, shape))}:{','.join(axes)}/cb={cb_axis}"
-                 f"/chunk={chunk}")
-          results[key] = dict(value=rel_err(v, want_v), grad=rel_err(g, want_g),
-                              finite=bool(np.all(np.isfinite(np.asarray(g)))))
+          key = (
+            f"arc/{name}/{'x'.join(map(str, shape))}:{','.join(axes)}/cb={cb_axis}/chunk={chunk}"
+          )
+          results[key] = dict(
+            value=rel_err(v, want_v),
+            grad=rel_err(g, want_g),
+            finite=bool(np.all(np.isfinite(np.asarray(g)))),
+          )
   return results
 
 
@@ -96,16 +113,30 @@ def search_cases(data):
         for cb_axis in codebook_axes:
           if cb_axis is not None and e.shape[0] % mesh.shape[cb_axis]:
             continue
-          for chunk, code_chunk in ((None, st.CODE_CHUNK), (16, 4))[:2 if name != "nan_k48" else 1]:
-            fn = jax.jit(lambda a, b: st.nearest_code_sharded(
-                a, b, distance, mesh=mesh, batch_axes=batch_axes, codebook_axis=cb_axis,
-                chunk_size=chunk, code_chunk_size=code_chunk),
-                in_shardings=(NamedSharding(mesh, P(batch_axes)), NamedSharding(mesh, P(cb_axis))))
+          for chunk, code_chunk in ((None, st.CODE_CHUNK), (16, 4))[
+            : 2 if name != "nan_k48" else 1
+          ]:
+            fn = jax.jit(
+              lambda a, b: st.nearest_code_sharded(
+                a,
+                b,
+                distance,
+                mesh=mesh,
+                batch_axes=batch_axes,
+                codebook_axis=cb_axis,
+                chunk_size=chunk,
+                code_chunk_size=code_chunk,
+              ),
+              in_shardings=(NamedSharding(mesh, P(batch_axes)), NamedSharding(mesh, P(cb_axis))),
+            )
             got = np.asarray(fn(z, e))
-            key = (f"search/{name}/{distance}/{'x'.join(map(str, shape))}:{','.join(axes)}"
-                   f"/cb={cb_axis}/chunk={chunk}")
-            results[key] = dict(equal=bool(np.array_equal(got, want)),
-                                mismatches=int(np.sum(got != want)))
+            key = (
+              f"search/{name}/{distance}/{'x'.join(map(str, shape))}:{','.join(axes)}"
+              f"/cb={cb_axis}/chunk={chunk}"
+            )
+            results[key] = dict(
+              equal=bool(np.array_equal(got, want)), mismatches=int(np.sum(got != want))
+            )
   return results
 
 
@@ -123,7 +154,8 @@ def train_run(devices, shape, axes, impl, codebook_axis, steps=3):
   mesh = sharding.make_mesh(shape, axes, devices=devices)
   model = vqvae.from_config(c, channels=1)
   state, _, step_fn = tokenizer.create_state_and_step(
-      c, model, make_optimizer(c), mesh, (28, 28, 1), data_variance=0.3)
+    c, model, make_optimizer(c), mesh, (28, 28, 1), data_variance=0.3
+  )
   rng = np.random.default_rng(0)
   losses = []
   for _ in range(steps):
@@ -137,7 +169,8 @@ def train_run(devices, shape, axes, impl, codebook_axis, steps=3):
   # Which search the step took: on several devices the per-device one (a shard_map).
   with jax.set_mesh(mesh):
     jaxpr = jax.make_jaxpr(lambda z, e: tokenizer.nearest_code(z, e, c.quantizer))(
-        jnp.zeros((16 * 49, 16)), codebook)
+      jnp.zeros((16 * 49, 16)), codebook
+    )
   return losses, np.asarray(codebook), str(codebook.sharding.spec), "shard_map" in str(jaxpr)
 
 
@@ -149,14 +182,19 @@ def train_cases():
   keys = ("loss", "loss_rec", "loss_vq", "loss_arc", "batch_usage", "batch_perplexity")
   want, want_cb, _, _ = train_run(jax.devices()[:1], (1,), ("data",), "naive", "")
   results = {}
-  for shape, axes, cb_axis in [((4, 2), ("data", "model"), "model"),
-                               ((2, 4), ("data", "fsdp"), "data")]:
+  for shape, axes, cb_axis in [
+    ((4, 2), ("data", "model"), "model"),
+    ((2, 4), ("data", "fsdp"), "data"),
+  ]:
     got, cb, spec, sharded_search = train_run(jax.devices(), shape, axes, "streamed", cb_axis)
     key = f"train/{'x'.join(map(str, shape))}:{','.join(axes)}/cb={cb_axis}"
     results[key] = dict(
-        losses={k: max(rel_err(g[k], w[k]) for g, w in zip(got, want)) for k in keys},
-        loss_arc=got[0]["loss_arc"], codebook=rel_err(cb, want_cb), spec=spec,
-        sharded_search=sharded_search)
+      losses={k: max(rel_err(g[k], w[k]) for g, w in zip(got, want, strict=True)) for k in keys},
+      loss_arc=got[0]["loss_arc"],
+      codebook=rel_err(cb, want_cb),
+      spec=spec,
+      sharded_search=sharded_search,
+    )
   return results
 
 

@@ -8,22 +8,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from run_helpers import override
 
 from arcvq_jax import api
 from arcvq_jax import checkpoint as ckpt_lib
 from arcvq_jax.data import idx
 from arcvq_jax.train import tokenizer
 from arcvq_jax.train.state import init_train_state
-from run_helpers import override
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 pytestmark = pytest.mark.skipif(
-    not os.path.exists(os.path.join(FASHION, "train-images-idx3-ubyte.gz")),
-    reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
+  not os.path.exists(os.path.join(FASHION, "train-images-idx3-ubyte.gz")),
+  reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)",
+)
 
 
 def tiny_config(**overrides):
   from configs import tiny  # noqa: PLC0415 (configs/ is not a package; ROOT is on sys.path)
+
   c = tiny.get_config()
   c.eval_batch_size = 2000
   return override(c, **overrides)
@@ -32,7 +34,7 @@ def tiny_config(**overrides):
 def fashion_images(n=6):
   """Real Fashion-MNIST test images in [-1, 1], (n, 28, 28, 1)."""
   images = idx.read_idx(os.path.join(FASHION, "t10k-images-idx3-ubyte.gz"))[:n]
-  return (images[..., None].astype(np.float32) / 127.5 - 1.0)
+  return images[..., None].astype(np.float32) / 127.5 - 1.0
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +49,10 @@ def restored_train_params(workdir):
   config = api.load_config(workdir)
   model = tokenizer.build_model(config, channels=1)
   tx = tokenizer.make_optimizer(config)
-  abstract = jax.eval_shape(functools.partial(init_train_state, model=model, tx=tx,
-                                              image_shape=(28, 28, 1)), jax.random.PRNGKey(0))
+  abstract = jax.eval_shape(
+    functools.partial(init_train_state, model=model, tx=tx, image_shape=(28, 28, 1)),
+    jax.random.PRNGKey(0),
+  )
   checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir))
   state = checkpointer.restore(checkpointer.latest_step(), abstract, None)
   checkpointer.close()
@@ -85,14 +89,17 @@ def test_write_workdir_round_trip_and_resume(run, tmp_path):
   out = str(tmp_path / "written")
   api.write_workdir(out, config, jax.device_get(params), image_shape=(28, 28, 1), step=0)
   x = fashion_images()
-  np.testing.assert_array_equal(np.asarray(api.Tokenizer.from_workdir(out).encode(x)),
-                                np.asarray(api.Tokenizer.from_workdir(run).encode(x)))
+  np.testing.assert_array_equal(
+    np.asarray(api.Tokenizer.from_workdir(out).encode(x)),
+    np.asarray(api.Tokenizer.from_workdir(run).encode(x)),
+  )
   with pytest.raises(api.TokenizerLoadError, match="already has checkpoints"):
     api.write_workdir(out, config, params, image_shape=(28, 28, 1))
   # The training loop continues from the written checkpoint (fresh optimizer, data from the
   # start): two steps from step 0.
   results = tokenizer.train_and_evaluate(
-      override(api.load_config(out), num_train_steps=2, checkpoint_every_steps=2), out)
+    override(api.load_config(out), num_train_steps=2, checkpoint_every_steps=2), out
+  )
   assert results["num_images"] == 10000
   assert ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(out)).all_steps() == [0, 2]
 
@@ -123,6 +130,7 @@ def test_errors_name_the_problem(run, tmp_path):
 
 def test_vqgan_workdir_loads(tmp_path):
   from configs import tiny_vqgan  # noqa: PLC0415
+
   c = tiny_vqgan.get_config()
   c.loss.perceptual_weight = 0.0
   c.lpips_path = ""

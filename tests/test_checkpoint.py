@@ -15,9 +15,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_killed_save_leaves_previous_checkpoint_latest_and_restorable(tmp_path):
   directory = str(tmp_path / "ckpt")
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "tests", "checkpoint_kill_script.py"), directory],
-      env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
-      timeout=300)
+    [sys.executable, os.path.join(ROOT, "tests", "checkpoint_kill_script.py"), directory],
+    env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stdout, proc.stderr[-3000:])
   # The half-written step 2 is still on disk, under its temporary name.
   assert any(".orbax-checkpoint-tmp" in n for n in os.listdir(directory)), os.listdir(directory)

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import torch_reference as ref
+from run_helpers import read_scalars
 from skimage import data as skdata
 from skimage.transform import resize
 
@@ -41,42 +43,60 @@ from arcvq_jax.losses import gan
 from arcvq_jax.losses import lpips as lpips_lib
 from arcvq_jax.models.discriminator import NLayerDiscriminator
 from arcvq_jax.train import gan_steps, tokenizer
-import torch_reference as ref
-from run_helpers import read_scalars
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION = "/usr/share/datasets/fashion-mnist"
 needs_fashion = pytest.mark.skipif(
-    not os.path.exists(os.path.join(FASHION, "train-images-idx3-ubyte.gz")),
-    reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
+  not os.path.exists(os.path.join(FASHION, "train-images-idx3-ubyte.gz")),
+  reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)",
+)
 try:
-  import taming.modules.diffusionmodules.model  # noqa: F401
+  import taming.modules.diffusionmodules.model
+
   HAVE_TAMING = True
 except ImportError:
   HAVE_TAMING = False
 needs_taming = pytest.mark.skipif(
-    not HAVE_TAMING, reason="needs the taming package as the reference: "
-    "pip install --no-deps taming-transformers-rom1504==0.0.6")
+  not HAVE_TAMING,
+  reason="needs the taming package as the reference: "
+  "pip install --no-deps taming-transformers-rom1504==0.0.6",
+)
 RTOL = 1e-4
 
 # The official ArcVQ-VAE Model's state_dict (goals4292/ArcVQ-VAE, ArcVQ-VAE/modules.py and
 # quantise.py) with main.py's defaults: 1 channel, hidden 128, 2 residual layers of 32,
 # K 512, D 64. Transcribed from that code: the reference network must produce exactly these.
-_RES = [(f"{side}._residual_stack._layers.{i}._block.{j}.{p}", shape)
-        for side in ("_encoder", "_decoder") for i in range(2)
-        for j, p, shape in ((1, "weight", (32, 128, 3, 3)), (1, "bias", (32,)),
-                            (3, "weight", (128, 32, 1, 1)), (3, "bias", (128,)))]
-OFFICIAL_VQVAE_KEYS = dict([
-    ("_encoder._conv_1.weight", (64, 1, 4, 4)), ("_encoder._conv_1.bias", (64,)),
-    ("_encoder._conv_2.weight", (128, 64, 4, 4)), ("_encoder._conv_2.bias", (128,)),
-    ("_encoder._conv_3.weight", (128, 128, 3, 3)), ("_encoder._conv_3.bias", (128,)),
-    ("_pre_vq_conv.weight", (64, 128, 1, 1)), ("_pre_vq_conv.bias", (64,)),
+_RES = [
+  (f"{side}._residual_stack._layers.{i}._block.{j}.{p}", shape)
+  for side in ("_encoder", "_decoder")
+  for i in range(2)
+  for j, p, shape in (
+    (1, "weight", (32, 128, 3, 3)),
+    (1, "bias", (32,)),
+    (3, "weight", (128, 32, 1, 1)),
+    (3, "bias", (128,)),
+  )
+]
+OFFICIAL_VQVAE_KEYS = dict(
+  [
+    ("_encoder._conv_1.weight", (64, 1, 4, 4)),
+    ("_encoder._conv_1.bias", (64,)),
+    ("_encoder._conv_2.weight", (128, 64, 4, 4)),
+    ("_encoder._conv_2.bias", (128,)),
+    ("_encoder._conv_3.weight", (128, 128, 3, 3)),
+    ("_encoder._conv_3.bias", (128,)),
+    ("_pre_vq_conv.weight", (64, 128, 1, 1)),
+    ("_pre_vq_conv.bias", (64,)),
     ("_vq_vae.embedding.weight", (512, 64)),
-    ("_decoder._conv_1.weight", (128, 64, 3, 3)), ("_decoder._conv_1.bias", (128,)),
-    ("_decoder._conv_trans_1.weight", (128, 64, 4, 4)), ("_decoder._conv_trans_1.bias", (64,)),
-    ("_decoder._conv_trans_2.weight", (64, 1, 4, 4)), ("_decoder._conv_trans_2.bias", (1,)),
+    ("_decoder._conv_1.weight", (128, 64, 3, 3)),
+    ("_decoder._conv_1.bias", (128,)),
+    ("_decoder._conv_trans_1.weight", (128, 64, 4, 4)),
+    ("_decoder._conv_trans_1.bias", (64,)),
+    ("_decoder._conv_trans_2.weight", (64, 1, 4, 4)),
+    ("_decoder._conv_trans_2.bias", (1,)),
     *_RES,
-])
+  ]
+)
 
 
 def relative_error(got, want) -> float:
@@ -95,8 +115,9 @@ def to_nhwc(t: torch.Tensor) -> np.ndarray:
 def photos(size: int) -> np.ndarray:
   """Four of skimage's sample photos resized to size x size: (4, size, size, 3) in [-1, 1]."""
   imgs = (skdata.astronaut(), skdata.coffee(), skdata.chelsea(), skdata.rocket())
-  return np.stack([resize(i, (size, size), anti_aliasing=True).astype(np.float32) * 2 - 1
-                   for i in imgs])
+  return np.stack(
+    [resize(i, (size, size), anti_aliasing=True).astype(np.float32) * 2 - 1 for i in imgs]
+  )
 
 
 def fashion_test_images(n: int) -> np.ndarray:
@@ -105,9 +126,14 @@ def fashion_test_images(n: int) -> np.ndarray:
 
 
 def convert_cli(*args) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "arcvq_jax.convert.torch_checkpoint", *args],
-                        cwd=ROOT, capture_output=True, text=True, timeout=600,
-                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  return subprocess.run(
+    [sys.executable, "-m", "arcvq_jax.convert.torch_checkpoint", *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
 
 
 def run_config(workdir: str):
@@ -136,8 +162,12 @@ def vqvae(tmp_path_factory):
   with open(ckpt, "wb") as f:
     torch.save(model.state_dict(), f)
   workdir = str(folder / "out")
-  proc = convert_cli("--kind=arcvq_vqvae", f"--ckpt={ckpt}", "--config=configs/fashion_mnist.py",
-                     f"--workdir={workdir}")
+  proc = convert_cli(
+    "--kind=arcvq_vqvae",
+    f"--ckpt={ckpt}",
+    "--config=configs/fashion_mnist.py",
+    f"--workdir={workdir}",
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(os.path.join(workdir, "conversion.json")) as f:
     return model, workdir, json.load(f)
@@ -163,14 +193,12 @@ def test_step_flag_overrides_and_warns_when_bbnr_would_shrink_the_codebook(tmp_p
   path = str(tmp_path / "best.pt")
   torch.save(model.state_dict(), path)
   ckpt = torch_load.read_checkpoint(path)
-  result = tc.convert(ckpt, "arcvq_vqvae", tc.load_config_file("configs/fashion_mnist.py"),
-                      step=0)
+  result = tc.convert(ckpt, "arcvq_vqvae", tc.load_config_file("configs/fashion_mnist.py"), step=0)
   assert result.step == 0
   assert any("projects them into the ball" in n for n in result.notes)
   auto = tc.convert(ckpt, "arcvq_vqvae", tc.load_config_file("configs/fashion_mnist.py"))
   assert auto.step == int(np.ceil(np.log(2.0 / (1 + 1e-6)) / 3e-4))
-  vanilla = tc.convert(ckpt, "arcvq_vqvae",
-                       tc.load_config_file("configs/fashion_mnist.py:vanilla"))
+  vanilla = tc.convert(ckpt, "arcvq_vqvae", tc.load_config_file("configs/fashion_mnist.py:vanilla"))
   assert vanilla.step == 0 and not vanilla.notes  # no BBNR: nothing to keep
 
 
@@ -187,7 +215,8 @@ def test_vqvae_matches_the_reference_on_fashion_mnist(vqvae):
 
   with torch.no_grad():
     x_hat_ref, vq_ref, arc_ref, weight_ref, idx_ref = model(
-        to_nchw(x), step=step, gamma0=config.arc.gamma0, decay=config.arc.decay)
+      to_nchw(x), step=step, gamma0=config.arc.gamma0, decay=config.arc.decay
+    )
   rec_ref = torch.mean((x_hat_ref - to_nchw(x)) ** 2).item() / variance
 
   x_hat, tokens = api.Tokenizer.from_workdir(workdir).reconstruct(x)
@@ -195,11 +224,16 @@ def test_vqvae_matches_the_reference_on_fashion_mnist(vqvae):
   assert relative_error(x_hat, to_nhwc(x_hat_ref)) < RTOL
 
   params, _ = tokenizer.project_codebook(state, config.quantizer)  # BBNR at `step`: a no-op
-  loss, aux = jax.jit(functools.partial(tokenizer.tokenizer_loss, model=net, config=config,
-                                        data_variance=variance))(params, x, state.step)
-  for ours, theirs in ((aux["loss_vq"], vq_ref.item()), (aux["loss_arc"], arc_ref.item()),
-                       (aux["arc_weight"], weight_ref), (aux["loss_rec"], rec_ref),
-                       (loss, rec_ref + vq_ref.item() + weight_ref * arc_ref.item())):
+  loss, aux = jax.jit(
+    functools.partial(tokenizer.tokenizer_loss, model=net, config=config, data_variance=variance)
+  )(params, x, state.step)
+  for ours, theirs in (
+    (aux["loss_vq"], vq_ref.item()),
+    (aux["loss_arc"], arc_ref.item()),
+    (aux["arc_weight"], weight_ref),
+    (aux["loss_rec"], rec_ref),
+    (loss, rec_ref + vq_ref.item() + weight_ref * arc_ref.item()),
+  ):
     assert relative_error(ours, theirs) < RTOL
 
 
@@ -208,11 +242,23 @@ def test_main_continues_training_the_converted_vqvae(vqvae, tmp_path):
   _, workdir, report = vqvae
   step = report["step"]
   proc = subprocess.run(
-      [sys.executable, "-m", "arcvq_jax.main", f"--config={workdir}/config.py",
-       f"--workdir={workdir}", f"--config.num_train_steps={step + 2}",
-       "--config.batch_size=64", "--config.eval_batch_size=2000", "--config.log_every_steps=1"],
-      cwd=ROOT, capture_output=True, text=True, timeout=600,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    [
+      sys.executable,
+      "-m",
+      "arcvq_jax.main",
+      f"--config={workdir}/config.py",
+      f"--workdir={workdir}",
+      f"--config.num_train_steps={step + 2}",
+      "--config.batch_size=64",
+      "--config.eval_batch_size=2000",
+      "--config.log_every_steps=1",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f"Resuming from checkpoint step {step}" in proc.stderr
   assert sorted(read_scalars(workdir, "train/loss")) == [step + 1, step + 2]
@@ -225,19 +271,43 @@ def test_main_continues_training_the_converted_vqvae(vqvae, tmp_path):
 
 # A small taming VQGAN with the f16 layout (5 levels, attention at 16 and in the middle) at
 # resolution 64, and its PatchGAN; the full f16-1024 shapes are checked separately below.
-SMALL_DDCONFIG = dict(double_z=False, z_channels=16, resolution=64, in_channels=3, out_ch=3,
-                      ch=32, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, attn_resolutions=[16],
-                      dropout=0.0)
+SMALL_DDCONFIG = dict(
+  double_z=False,
+  z_channels=16,
+  resolution=64,
+  in_channels=3,
+  out_ch=3,
+  ch=32,
+  ch_mult=[1, 1, 2, 2, 4],
+  num_res_blocks=2,
+  attn_resolutions=[16],
+  dropout=0.0,
+)
 # vqgan_imagenet_f16_1024's model config (taming-transformers README / model.yaml).
-F16_1024_DDCONFIG = dict(double_z=False, z_channels=256, resolution=256, in_channels=3,
-                         out_ch=3, ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2,
-                         attn_resolutions=[16], dropout=0.0)
+F16_1024_DDCONFIG = dict(
+  double_z=False,
+  z_channels=256,
+  resolution=256,
+  in_channels=3,
+  out_ch=3,
+  ch=128,
+  ch_mult=[1, 1, 2, 2, 4],
+  num_res_blocks=2,
+  attn_resolutions=[16],
+  dropout=0.0,
+)
 
 
 def lightning_ckpt(model: torch.nn.Module, global_step: int) -> dict:
   """A Lightning-style checkpoint around a state_dict (what taming's main.py writes)."""
-  return {"epoch": 3, "global_step": global_step, "pytorch-lightning_version": "1.0.8",
-          "state_dict": model.state_dict(), "optimizer_states": [], "lr_schedulers": []}
+  return {
+    "epoch": 3,
+    "global_step": global_step,
+    "pytorch-lightning_version": "1.0.8",
+    "state_dict": model.state_dict(),
+    "optimizer_states": [],
+    "lr_schedulers": [],
+  }
 
 
 def with_real_lpips_lin(model: torch.nn.Module) -> None:
@@ -261,9 +331,13 @@ def taming(request, tmp_path_factory):
   ckpt = str(folder / "last.ckpt")
   torch.save(lightning_ckpt(model, global_step=4321), ckpt)
   workdir = str(folder / "out")
-  proc = convert_cli(f"--kind={kind}", f"--ckpt={ckpt}",
-                     "--config=configs/imagenet_f16.py", "--config.model.resolution=64",
-                     f"--workdir={workdir}")
+  proc = convert_cli(
+    f"--kind={kind}",
+    f"--ckpt={ckpt}",
+    "--config=configs/imagenet_f16.py",
+    "--config.model.resolution=64",
+    f"--workdir={workdir}",
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(os.path.join(workdir, "conversion.json")) as f:
     report = json.load(f)
@@ -280,8 +354,14 @@ def test_taming_conversion_config_and_report(taming):
   assert len(model.state_dict()) == report["tensors_converted"] + len(report["skipped"])
   assert all(k.endswith("num_batches_tracked") for k in report["skipped"])
   m, q = config.model, config.quantizer
-  assert (m.ch, tuple(m.ch_mult), m.num_res_blocks, tuple(m.attn_resolutions), m.z_channels,
-          m.resolution) == (32, (1, 1, 2, 2, 4), 2, (16,), 16, 64)
+  assert (
+    m.ch,
+    tuple(m.ch_mult),
+    m.num_res_blocks,
+    tuple(m.attn_resolutions),
+    m.z_channels,
+    m.resolution,
+  ) == (32, (1, 1, 2, 2, 4), 2, (16,), 16, 64)
   assert (q.num_codes, q.embed_dim, q.legacy_beta) == (128, 8, True)
   assert (config.gan.ndf, config.gan.n_layers) == (16, 3)
   assert config.lpips_path == os.path.join(workdir, "lpips_vgg16.npz")
@@ -343,16 +423,25 @@ def test_full_size_f16_1024_maps_every_tensor():
   map name for name and shape for shape onto configs/imagenet_f16.py's networks."""
   model = ref.taming_vqmodel(F16_1024_DDCONFIG, n_embed=1024, embed_dim=256)
   state = {k: v.numpy() for k, v in model.state_dict().items()}
-  ckpt = torch_load.TorchCheckpoint(state=state, global_step=None, format="lightning",
-                                    metadata=[])
+  ckpt = torch_load.TorchCheckpoint(state=state, global_step=None, format="lightning", metadata=[])
   result = tc.convert(ckpt, "taming_vqgan", tc.load_config_file("configs/imagenet_f16.py"))
   m, q = result.config.model, result.config.quantizer
-  assert (m.ch, tuple(m.ch_mult), m.num_res_blocks, tuple(m.attn_resolutions), m.z_channels,
-          q.num_codes, q.embed_dim) == (128, (1, 1, 2, 2, 4), 2, (16,), 256, 1024, 256)
+  assert (
+    m.ch,
+    tuple(m.ch_mult),
+    m.num_res_blocks,
+    tuple(m.attn_resolutions),
+    m.z_channels,
+    q.num_codes,
+    q.embed_dim,
+  ) == (128, (1, 1, 2, 2, 4), 2, (16,), 256, 1024, 256)
   n_ae = sum(v.numel() for k, v in model.state_dict().items() if not k.startswith("loss."))
   assert sum(np.size(x) for x in jax.tree.leaves(result.params)) == n_ae
-  n_disc = sum(v.numel() for k, v in model.loss.discriminator.state_dict().items()
-               if "running" not in k and "num_batches" not in k)
+  n_disc = sum(
+    v.numel()
+    for k, v in model.loss.discriminator.state_dict().items()
+    if "running" not in k and "num_batches" not in k
+  )
   assert sum(np.size(x) for x in jax.tree.leaves(result.disc_params)) == n_disc
   assert result.num_tensors == len(state)
 
@@ -360,6 +449,7 @@ def test_full_size_f16_1024_maps_every_tensor():
 @needs_taming
 def test_unsupported_taming_variants_are_named():
   from taming.modules.discriminator.model import NLayerDiscriminator as TamingD  # noqa: PLC0415
+
   model = ref.taming_vqmodel(SMALL_DDCONFIG, n_embed=16, embed_dim=8, with_loss=False)
   model.loss = torch.nn.Module()
   model.loss.discriminator = TamingD(input_nc=3, ndf=16, use_actnorm=True)
@@ -383,9 +473,15 @@ def test_unsupported_taming_variants_are_named():
 def photo_folder(root, size: int = 32) -> str:
   """root/{train,test}/photos/*.png: size x size tiles of skimage's photos (24 and 8)."""
   from PIL import Image  # noqa: PLC0415
-  tiles = [np.asarray(resize(img, (4 * size, 4 * size), anti_aliasing=True) * 255, np.uint8)
-           [i * size:(i + 1) * size, j * size:(j + 1) * size]
-           for img in (skdata.astronaut(), skdata.coffee()) for i in range(4) for j in range(4)]
+
+  tiles = [
+    np.asarray(resize(img, (4 * size, 4 * size), anti_aliasing=True) * 255, np.uint8)[
+      i * size : (i + 1) * size, j * size : (j + 1) * size
+    ]
+    for img in (skdata.astronaut(), skdata.coffee())
+    for i in range(4)
+    for j in range(4)
+  ]
   for split, chosen in (("train", tiles[:24]), ("test", tiles[24:])):
     os.makedirs(os.path.join(root, split, "photos"))
     for n, tile in enumerate(chosen):
@@ -398,8 +494,18 @@ def test_main_continues_a_converted_taming_gan(tmp_path):
   """A small taming VQGAN (f4, with PatchGAN and LPIPS) converted onto configs/tiny_vqgan.py:
   main resumes it at its global_step with both networks and the converted LPIPS, trains 2
   steps on a folder of photos and evaluates."""
-  dd = dict(double_z=False, z_channels=8, resolution=32, in_channels=3, out_ch=3, ch=32,
-            ch_mult=[1, 1, 2], num_res_blocks=1, attn_resolutions=[8], dropout=0.0)
+  dd = dict(
+    double_z=False,
+    z_channels=8,
+    resolution=32,
+    in_channels=3,
+    out_ch=3,
+    ch=32,
+    ch_mult=[1, 1, 2],
+    num_res_blocks=1,
+    attn_resolutions=[8],
+    dropout=0.0,
+  )
   model = ref.taming_vqmodel(dd, n_embed=64, embed_dim=8, disc_layers=2, disc_ndf=16)
   ckpt = str(tmp_path / "last.ckpt")
   torch.save(lightning_ckpt(model, global_step=5), ckpt)
@@ -409,8 +515,7 @@ def test_main_continues_a_converted_taming_gan(tmp_path):
   tc.run(ckpt, "arcvq_vqgan", base, "configs/tiny_vqgan.py", workdir)
   config = run_config(workdir)
   assert tuple(config.model.attn_resolutions) == (8,) and config.model.resolution == 32
-  config.data.update(dict(source="folder", path=photo_folder(tmp_path / "photos"),
-                          image_size=32))
+  config.data.update(dict(source="folder", path=photo_folder(tmp_path / "photos"), image_size=32))
   config.update(dict(num_train_steps=7, batch_size=4, eval_batch_size=8))
   before = workdir_lib.restore_state(workdir, config, (32, 32, 3))
   results = tokenizer.train_and_evaluate(config, workdir)
@@ -419,11 +524,13 @@ def test_main_continues_a_converted_taming_gan(tmp_path):
   assert results["num_images"] == 8 and np.isfinite(results["lpips"])
   after = workdir_lib.restore_state(workdir, config, (32, 32, 3))
   assert int(after.step) == 7
-  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), after.disc.params,
-                       before.disc.params)
+  moved = jax.tree.map(
+    lambda a, b: float(jnp.max(jnp.abs(a - b))), after.disc.params, before.disc.params
+  )
   assert max(jax.tree.leaves(moved)) > 0  # the converted discriminator was trained on
-  kept = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), after.disc.batch_stats,
-                      before.disc.batch_stats)
+  kept = jax.tree.map(
+    lambda a, b: float(jnp.max(jnp.abs(a - b))), after.disc.batch_stats, before.disc.batch_stats
+  )
   assert max(jax.tree.leaves(kept)) > 0  # and its BatchNorm statistics updated from them
 
 
@@ -439,8 +546,13 @@ def test_mismatches_are_listed_by_name_and_nothing_is_written(tmp_path):
   torch.save({k: torch.tensor(v) for k, v in state.items()}, path)
   workdir = tmp_path / "out"
   with pytest.raises(tc.ConversionError) as e:
-    tc.run(path, "arcvq_vqvae", tc.load_config_file("configs/fashion_mnist.py"),
-           "configs/fashion_mnist.py", str(workdir))
+    tc.run(
+      path,
+      "arcvq_vqvae",
+      tc.load_config_file("configs/fashion_mnist.py"),
+      "configs/fashion_mnist.py",
+      str(workdir),
+    )
   msg = str(e.value)
   assert "missing _decoder._conv_1.bias (for decoder/conv_1/bias" in msg
   assert "_decoder._conv_trans_2.weight: shape (64, 1, 3, 4)" in msg
@@ -463,8 +575,13 @@ def test_workdir_with_checkpoints_is_refused(vqvae, tmp_path):
   path = str(tmp_path / "best.pt")
   torch.save(ref.ArcVQVAEModel().state_dict(), path)
   with pytest.raises(workdir_lib.WorkdirError, match="already has checkpoints"):
-    tc.run(path, "arcvq_vqvae", tc.load_config_file("configs/fashion_mnist.py"),
-           "configs/fashion_mnist.py", workdir)
+    tc.run(
+      path,
+      "arcvq_vqvae",
+      tc.load_config_file("configs/fashion_mnist.py"),
+      "configs/fashion_mnist.py",
+      workdir,
+    )
 
 
 def _fake_module(monkeypatch, name: str) -> types.ModuleType:
@@ -488,19 +605,30 @@ def _class_in(module: types.ModuleType, name: str, body: dict | None = None) -> 
 def lightning_like(monkeypatch, tmp_path):
   """A Lightning 1.x checkpoint with the usual non-tensor parts: callbacks keyed by the
   ModelCheckpoint class, numpy scalars, hyper-parameters as an AttributeDict, Adam states."""
-  mc = _class_in(_fake_module(monkeypatch, "pytorch_lightning.callbacks.model_checkpoint"),
-                 "ModelCheckpoint")
-  attr_dict = _class_in(_fake_module(monkeypatch, "pytorch_lightning.utilities.parsing"),
-                        "AttributeDict", {"__reduce__": lambda self: (type(self), ())})
-  model = ref.ArcVQVAEModel(hidden=32, res_hidden=8, num_res_layers=1, num_codes=16,
-                            embed_dim=4)
+  mc = _class_in(
+    _fake_module(monkeypatch, "pytorch_lightning.callbacks.model_checkpoint"), "ModelCheckpoint"
+  )
+  attr_dict = _class_in(
+    _fake_module(monkeypatch, "pytorch_lightning.utilities.parsing"),
+    "AttributeDict",
+    {"__reduce__": lambda self: (type(self), ())},
+  )
+  model = ref.ArcVQVAEModel(hidden=32, res_hidden=8, num_res_layers=1, num_codes=16, embed_dim=4)
   ckpt = dict(
-      epoch=1, global_step=77, state_dict=model.state_dict(),
-      callbacks={mc: {"best_model_score": torch.tensor(0.5), "current_score": np.float64(0.25),
-                      "best_model_path": "/logs/last.ckpt"}},
-      hyper_parameters=attr_dict(),
-      optimizer_states=[torch.optim.Adam(model.parameters()).state_dict()],
-      lr_schedulers=[])
+    epoch=1,
+    global_step=77,
+    state_dict=model.state_dict(),
+    callbacks={
+      mc: {
+        "best_model_score": torch.tensor(0.5),
+        "current_score": np.float64(0.25),
+        "best_model_path": "/logs/last.ckpt",
+      }
+    },
+    hyper_parameters=attr_dict(),
+    optimizer_states=[torch.optim.Adam(model.parameters()).state_dict()],
+    lr_schedulers=[],
+  )
   return ckpt, tmp_path
 
 
@@ -513,8 +641,9 @@ def test_lightning_metadata_is_read_without_its_classes(lightning_like):
   read = torch_load.read_checkpoint(path)
   assert read.format == "lightning" and read.global_step == 77
   assert set(read.state) == set(ckpt["state_dict"])
-  np.testing.assert_array_equal(read.state["_pre_vq_conv.weight"],
-                                ckpt["state_dict"]["_pre_vq_conv.weight"].numpy())
+  np.testing.assert_array_equal(
+    read.state["_pre_vq_conv.weight"], ckpt["state_dict"]["_pre_vq_conv.weight"].numpy()
+  )
 
 
 class _RunsCode:
@@ -580,8 +709,9 @@ def test_an_admitted_name_is_only_an_inert_stand_in(lightning_like, monkeypatch)
 
 def test_a_pickled_module_is_refused(tmp_path):
   path = str(tmp_path / "model.pt")
-  torch.save(ref.ArcVQVAEModel(hidden=32, res_hidden=8, num_res_layers=1, num_codes=16,
-                               embed_dim=4), path)
+  torch.save(
+    ref.ArcVQVAEModel(hidden=32, res_hidden=8, num_res_layers=1, num_codes=16, embed_dim=4), path
+  )
   with pytest.raises(torch_load.UnsafeCheckpointError, match="torch_reference.ArcVQVAEModel"):
     torch_load.read_checkpoint(path)
 
@@ -590,8 +720,12 @@ def test_cli_refuses_a_malicious_checkpoint_and_runs_nothing(tmp_path):
   marker = str(tmp_path / "pwned_cli")
   path = str(tmp_path / "evil.pt")
   torch.save(_RunsCode(marker), path)
-  proc = convert_cli("--kind=arcvq_vqvae", f"--ckpt={path}", "--config=configs/fashion_mnist.py",
-                     f"--workdir={tmp_path / 'out'}")
+  proc = convert_cli(
+    "--kind=arcvq_vqvae",
+    f"--ckpt={path}",
+    "--config=configs/fashion_mnist.py",
+    f"--workdir={tmp_path / 'out'}",
+  )
   assert proc.returncode != 0
   assert "refusing to load" in proc.stderr and "posix.system" in proc.stderr
   assert not os.path.exists(marker) and not (tmp_path / "out").exists()

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from clu import metric_writers
 from PIL import Image
+from run_helpers import read_image_tags
 from scipy.spatial.distance import cdist
 
 from arcvq_jax.evaluation import diagnostics
-from run_helpers import read_image_tags
 
 
 def collapsed_codebook(k: int = 64, d: int = 8, seed: int = 0):
@@ -66,8 +66,9 @@ def test_large_codebooks_draw_the_usage_as_one_outline():
 def test_writes_pngs_and_tensorboard_images(tmp_path):
   codebook, counts = collapsed_codebook()
   writer = metric_writers.create_default_writer(str(tmp_path / "tb"))
-  paths = diagnostics.write_codebook_diagnostics(str(tmp_path / "out"), codebook, counts,
-                                                 prefix="test_step_7_", writer=writer, step=7)
+  paths = diagnostics.write_codebook_diagnostics(
+    str(tmp_path / "out"), codebook, counts, prefix="test_step_7_", writer=writer, step=7
+  )
   writer.flush()
   assert sorted(paths) == sorted(diagnostics.PLOTS)
   for name, path in paths.items():

@@ -102,8 +102,9 @@ def test_ddim_with_the_true_noise_recovers_the_data_exactly(num_steps):
       out = diffusion.ddim_sample(eps_fn, x_T, None, s, num_steps=num_steps)
       assert out.dtype == jnp.float64
       np.testing.assert_allclose(np.asarray(out), np.asarray(x0), rtol=0, atol=1e-11)
-    out = diffusion.ddim_sample(true_noise, x_T, None, s, num_steps=num_steps,
-                                final_alpha_one=False)
+    out = diffusion.ddim_sample(
+      true_noise, x_T, None, s, num_steps=num_steps, final_alpha_one=False
+    )
     a0 = s.alphas_cumprod[0]
     want = np.sqrt(a0) * np.asarray(x0) + np.sqrt(1 - a0) * np.asarray(noise)
     np.testing.assert_allclose(np.asarray(out), want, rtol=0, atol=1e-11)
@@ -113,8 +114,11 @@ def test_ddim_recovery_in_float32_within_its_conditioning():
   # In float32 the rounding of x_T is amplified by sqrt(abar_0 / abar_T) ~ 70 on the way
   # down (abar_997 ~ 2e-4): errors of a few 1e-5 are the format's, not the sampler's.
   s, x0, noise, x_T = _recovery_case(250, jnp.float32)
-  sample = jax.jit(functools.partial(diffusion.ddim_sample, lambda x, t, y: noise,
-                                     labels=None, schedule=s, num_steps=250))
+  sample = jax.jit(
+    functools.partial(
+      diffusion.ddim_sample, lambda x, t, y: noise, labels=None, schedule=s, num_steps=250
+    )
+  )
   np.testing.assert_allclose(np.asarray(sample(x_T)), np.asarray(x0), rtol=0, atol=1e-4)
 
 
@@ -123,8 +127,9 @@ def test_ddim_step_is_ddim_eq_12():
   x, eps, noise = (rng.normal(size=(2, 3)) for _ in range(3))
   a, a_prev, eta = 0.3, 0.6, 0.7
   sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
-  x_prev, x0 = diffusion.ddim_step(jnp.asarray(x), jnp.asarray(eps), a, a_prev, sigma,
-                                   jnp.asarray(noise))
+  x_prev, x0 = diffusion.ddim_step(
+    jnp.asarray(x), jnp.asarray(eps), a, a_prev, sigma, jnp.asarray(noise)
+  )
   want_x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
   want = math.sqrt(a_prev) * want_x0 + math.sqrt(1 - a_prev - sigma**2) * eps + sigma * noise
   np.testing.assert_allclose(np.asarray(x0), want_x0, rtol=1e-5)
@@ -152,18 +157,21 @@ def test_guidance_scale_one_is_the_conditional_model():
   np.testing.assert_array_equal(np.asarray(got), np.asarray(eps_c))
   # Scale w: eps_u + w (eps_c - eps_u), from the doubled batch.
   got = diffusion.guided_eps(_toy_conditional_eps, x, t, labels, 1.4, null_class=3)
-  np.testing.assert_allclose(np.asarray(got), np.asarray(eps_u + 1.4 * (eps_c - eps_u)),
-                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(got), np.asarray(eps_u + 1.4 * (eps_c - eps_u)), rtol=1e-6, atol=1e-6
+  )
   # Whole sampler: scale 1 equals sampling the conditional model with no guidance at all.
   x_T = jax.random.normal(jax.random.PRNGKey(1), (3, 4, 4, 2))
-  guided = diffusion.ddim_sample(_toy_conditional_eps, x_T, labels, s, num_steps=20,
-                                 guidance_scale=1.0, null_class=3)
+  guided = diffusion.ddim_sample(
+    _toy_conditional_eps, x_T, labels, s, num_steps=20, guidance_scale=1.0, null_class=3
+  )
   cond_only = lambda x, t, y: _toy_conditional_eps(x, t, labels)
   plain = diffusion.ddim_sample(cond_only, x_T, None, s, num_steps=20)
   np.testing.assert_allclose(np.asarray(guided), np.asarray(plain), atol=1e-6)
   # And a real guidance scale changes the samples.
-  other = diffusion.ddim_sample(_toy_conditional_eps, x_T, labels, s, num_steps=20,
-                                guidance_scale=1.4, null_class=3)
+  other = diffusion.ddim_sample(
+    _toy_conditional_eps, x_T, labels, s, num_steps=20, guidance_scale=1.4, null_class=3
+  )
   assert float(jnp.max(jnp.abs(other - guided))) > 1e-3
 
 
@@ -171,11 +179,27 @@ def test_ddim_is_deterministic_and_eta_needs_a_key():
   s = diffusion.make_schedule()
   x_T = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 4, 2))
   labels = jnp.asarray([0, 1])
-  run = jax.jit(functools.partial(diffusion.ddim_sample, _toy_conditional_eps, schedule=s,
-                                  num_steps=8, guidance_scale=1.4, null_class=3))
+  run = jax.jit(
+    functools.partial(
+      diffusion.ddim_sample,
+      _toy_conditional_eps,
+      schedule=s,
+      num_steps=8,
+      guidance_scale=1.4,
+      null_class=3,
+    )
+  )
   np.testing.assert_array_equal(np.asarray(run(x_T, labels)), np.asarray(run(x_T, labels)))
   with pytest.raises(ValueError, match="PRNG key"):
     diffusion.ddim_sample(_toy_conditional_eps, x_T, labels, s, num_steps=4, eta=1.0)
-  noisy = diffusion.ddim_sample(_toy_conditional_eps, x_T, labels, s, num_steps=4, eta=1.0,
-                                key=jax.random.PRNGKey(0), null_class=3)
+  noisy = diffusion.ddim_sample(
+    _toy_conditional_eps,
+    x_T,
+    labels,
+    s,
+    num_steps=4,
+    eta=1.0,
+    key=jax.random.PRNGKey(0),
+    null_class=3,
+  )
   assert np.all(np.isfinite(np.asarray(noisy)))

@@ -19,11 +19,11 @@ from arcvq_jax import api, distributed
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION = "/usr/share/datasets/fashion-mnist"
 needs_fashion = pytest.mark.skipif(
-    not os.path.exists(os.path.join(FASHION, "train-images-idx3-ubyte.gz")),
-    reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
+  not os.path.exists(os.path.join(FASHION, "train-images-idx3-ubyte.gz")),
+  reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)",
+)
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-TINY = ["--config=configs/tiny.py", "--config.eval_batch_size=2000",
-        "--config.image_every_steps=0"]
+TINY = ["--config=configs/tiny.py", "--config.eval_batch_size=2000", "--config.image_every_steps=0"]
 
 
 def main_cmd(workdir, *flags):
@@ -44,17 +44,35 @@ def final_params(workdir):
 @needs_fashion
 def test_two_processes_agree_with_one(tmp_path):
   steps = ["--config.num_train_steps=3", "--config.checkpoint_every_steps=3"]
-  single = subprocess.run(main_cmd(tmp_path / "one", *steps, "--distributed=off"), cwd=ROOT,
-                          env=ENV, capture_output=True, text=True, timeout=600)
+  single = subprocess.run(
+    main_cmd(tmp_path / "one", *steps, "--distributed=off"),
+    cwd=ROOT,
+    env=ENV,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert single.returncode == 0, single.stderr[-3000:]
   port = free_port()
-  procs = [subprocess.Popen(
-      main_cmd(tmp_path / "two", *steps, f"--coordinator_address=localhost:{port}",
-               "--num_processes=2", f"--process_id={i}"),
-      cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      main_cmd(
+        tmp_path / "two",
+        *steps,
+        f"--coordinator_address=localhost:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      ),
+      cwd=ROOT,
+      env=ENV,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outs = [p.communicate(timeout=600) for p in procs]
-  for p, (_, err) in zip(procs, outs):
+  for p, (_, err) in zip(procs, outs, strict=True):
     assert p.returncode == 0, err[-3000:]
   assert "2 process(es), 2 device(s)" in outs[0][1]
   # Each process loaded half of every batch; the global batch, ArcLoss's negatives and the
@@ -68,7 +86,7 @@ def test_two_processes_agree_with_one(tmp_path):
     np.testing.assert_allclose(two[key], one[key], rtol=2e-4, err_msg=key)
   (s1, p1), (s2, p2) = final_params(tmp_path / "one"), final_params(tmp_path / "two")
   assert s1 == s2 == 3
-  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):
     np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-5)
   # Each process saved its own position of the data iterator.
   names = sorted(os.listdir(tmp_path / "two" / "checkpoints" / "3" / "data"))
@@ -77,15 +95,30 @@ def test_two_processes_agree_with_one(tmp_path):
 
 @needs_fashion
 def test_sigterm_saves_and_the_resumed_run_is_exact(tmp_path):
-  steps = ["--config.num_train_steps=150", "--config.checkpoint_every_steps=1000",
-           "--config.log_every_steps=1"]
-  full = subprocess.run(main_cmd(tmp_path / "full", *steps), cwd=ROOT, env=ENV,
-                        capture_output=True, text=True, timeout=600)
+  steps = [
+    "--config.num_train_steps=150",
+    "--config.checkpoint_every_steps=1000",
+    "--config.log_every_steps=1",
+  ]
+  full = subprocess.run(
+    main_cmd(tmp_path / "full", *steps),
+    cwd=ROOT,
+    env=ENV,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert full.returncode == 0, full.stderr[-3000:]
 
   workdir = tmp_path / "killed"
-  proc = subprocess.Popen(main_cmd(workdir, *steps), cwd=ROOT, env=ENV,
-                          stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+  proc = subprocess.Popen(
+    main_cmd(workdir, *steps),
+    cwd=ROOT,
+    env=ENV,
+    stderr=subprocess.PIPE,
+    stdout=subprocess.DEVNULL,
+    text=True,
+  )
   lines = []
   for line in proc.stderr:  # SIGTERM once training is under way
     lines.append(line)
@@ -101,16 +134,16 @@ def test_sigterm_saves_and_the_resumed_run_is_exact(tmp_path):
   assert sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit()) == [stopped]
   assert not os.path.exists(workdir / "eval_results.json")  # no evaluation when preempted
 
-  resumed = subprocess.run(main_cmd(workdir, *steps), cwd=ROOT, env=ENV, capture_output=True,
-                           text=True, timeout=600)
+  resumed = subprocess.run(
+    main_cmd(workdir, *steps), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
+  )
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"Resuming from checkpoint step {stopped}" in resumed.stderr
   (s1, p1), (s2, p2) = final_params(tmp_path / "full"), final_params(workdir)
   assert s1 == s2 == 150
-  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):
     np.testing.assert_array_equal(a, b)
-  with open(tmp_path / "full" / "eval_results.json") as f, \
-       open(workdir / "eval_results.json") as g:
+  with open(tmp_path / "full" / "eval_results.json") as f, open(workdir / "eval_results.json") as g:
     assert json.load(f) == json.load(g)
 
 
@@ -124,7 +157,9 @@ def test_flags_go_together():
   assert distributed.initialize("off", "localhost:1", 2, 0) is False
 
 
-@pytest.mark.parametrize("env, want", [
+@pytest.mark.parametrize(
+  "env, want",
+  [
     ({}, None),
     ({"TPU_WORKER_HOSTNAMES": "localhost"}, None),
     ({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"}, "tpu"),
@@ -132,10 +167,17 @@ def test_flags_go_together():
     ({"SLURM_NTASKS": "8", "SLURM_PROCID": "3"}, "slurm"),
     ({"SLURM_NTASKS": "8"}, None),  # inside sbatch's script, not an srun step
     ({"OMPI_COMM_WORLD_SIZE": "4"}, "ompi"),
-])
+  ],
+)
 def test_detected_cluster(monkeypatch, env, want):
-  for key in ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID",
-              "SLURM_STEP_ID", "OMPI_COMM_WORLD_SIZE"):
+  for key in (
+    "TPU_WORKER_HOSTNAMES",
+    "SLURM_NTASKS",
+    "SLURM_STEP_NUM_TASKS",
+    "SLURM_PROCID",
+    "SLURM_STEP_ID",
+    "OMPI_COMM_WORLD_SIZE",
+  ):
     monkeypatch.delenv(key, raising=False)
   for key, value in env.items():
     monkeypatch.setenv(key, value)

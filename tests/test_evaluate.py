@@ -14,7 +14,10 @@ import sys
 import jax
 import numpy as np
 import pytest
+from data_fixtures import raw_idx_images
+from model_fixtures import random_lpips_params
 from PIL import Image
+from run_helpers import override, read_all_scalars, read_image_tags
 
 from arcvq_jax import api
 from arcvq_jax import evaluate as evaluate_lib
@@ -24,23 +27,27 @@ from arcvq_jax.evaluation import fid as fid_lib
 from arcvq_jax.evaluation import inception as inception_lib
 from arcvq_jax.losses import lpips as lpips_lib
 from arcvq_jax.train import tokenizer
-from data_fixtures import raw_idx_images
-from model_fixtures import random_lpips_params
-from run_helpers import override, read_all_scalars, read_image_tags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION = "/usr/share/datasets/fashion-mnist"
 needs_fashion = pytest.mark.skipif(
-    not os.path.exists(os.path.join(FASHION, "train-images-idx3-ubyte.gz")),
-    reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
+  not os.path.exists(os.path.join(FASHION, "train-images-idx3-ubyte.gz")),
+  reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)",
+)
 
 # The plain network in the convolution form the commands' extractor takes on the CPU.
 inception_features = jax.jit(functools.partial(inception_lib.inception_apply, conv_impl="gemm"))
 
 
 def run(module: str, *args: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
-                        text=True, timeout=900, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  return subprocess.run(
+    [sys.executable, "-m", module, *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=900,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +63,7 @@ def weights(tmp_path_factory):
 def trained(tmp_path_factory):
   """A tiny ArcVQ-VAE trained 6 steps (evaluated on the 10k test images by the loop)."""
   from configs import tiny  # noqa: PLC0415 (configs/ is not a package; ROOT is on sys.path)
+
   workdir = str(tmp_path_factory.mktemp("run"))
   tokenizer.train_and_evaluate(override(tiny.get_config(), eval_batch_size=2000), workdir)
   return workdir
@@ -71,9 +79,15 @@ def test_training_writes_the_codebook_diagnostics(trained):
 @needs_fashion
 def test_evaluate_command_writes_json_markdown_plots_and_rfid(trained, weights):
   n = 12
-  proc = run("arcvq_jax.evaluate", f"--workdir={trained}", f"--num_images={n}",
-             f"--inception_path={weights['inception']}", f"--lpips_path={weights['lpips']}",
-             "--batch_size=8", "--inception_batch_size=6")  # 12 images: a full and a part batch
+  proc = run(
+    "arcvq_jax.evaluate",
+    f"--workdir={trained}",
+    f"--num_images={n}",
+    f"--inception_path={weights['inception']}",
+    f"--lpips_path={weights['lpips']}",
+    "--batch_size=8",
+    "--inception_batch_size=6",
+  )  # 12 images: a full and a part batch
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "12 images for 2048-dimensional Inception features" in proc.stderr  # the warning
   out = os.path.join(trained, "evaluation")
@@ -96,12 +110,14 @@ def test_evaluate_command_writes_json_markdown_plots_and_rfid(trained, weights):
   # of their reconstructions by the checkpoint, computed here directly.
   tok = api.Tokenizer.from_workdir(trained)
   from arcvq_jax.data import pipeline  # noqa: PLC0415
+
   x = next(iter(pipeline.create_eval_iterator(tok.config.data, global_batch_size=n)))["image"]
   x_hat, _ = tok.reconstruct(x)
   params = inception_lib.load_params(weights["inception"])
   real, fake = (np.asarray(inception_features(params, a)[0], np.float64) for a in (x, x_hat))
-  want = fid_lib.frechet_distance(real.mean(0), np.cov(real, rowvar=False), fake.mean(0),
-                                  np.cov(fake, rowvar=False))
+  want = fid_lib.frechet_distance(
+    real.mean(0), np.cov(real, rowvar=False), fake.mean(0), np.cov(fake, rowvar=False)
+  )
   assert want > 0
   assert record["rfid"] == pytest.approx(want, rel=1e-4)
   lpips_want = lpips_lib.lpips_distance(lpips_lib.load_params(weights["lpips"]), x, x_hat)
@@ -113,8 +129,9 @@ def test_metrics_on_the_whole_split_equal_the_training_loops(trained):
   with open(os.path.join(trained, "eval_results.json")) as f:
     loop = json.load(f)
   params, step = api.restore_params(trained)
-  results, counts = evaluate_lib.evaluate_checkpoint(api.load_config(trained), params,
-                                                     split="test", batch_size=2000)
+  results, counts = evaluate_lib.evaluate_checkpoint(
+    api.load_config(trained), params, split="test", batch_size=2000
+  )
   assert step == loop["step"] == 6 and results["num_images"] == 10000
   for key in ("mse", "psnr", "ssim", "codebook_usage", "perplexity"):
     assert results[key] == pytest.approx(loop[key], rel=1e-6), key
@@ -122,9 +139,11 @@ def test_metrics_on_the_whole_split_equal_the_training_loops(trained):
 
 
 def test_missing_weights_name_the_converter_and_the_skip_flag(tmp_path):
-  with pytest.raises(inception_lib.InceptionWeightsError,
-                     match=r"python -m arcvq_jax\.convert\.inception_weights --pt=.* \(or pass "
-                           r"--skip=rfid to evaluate without rFID\)"):
+  with pytest.raises(
+    inception_lib.InceptionWeightsError,
+    match=r"python -m arcvq_jax\.convert\.inception_weights --pt=.* \(or pass "
+    r"--skip=rfid to evaluate without rFID\)",
+  ):
     evaluate_lib._load_weights("rfid", str(tmp_path / "none.npz"), [])
   with pytest.raises(lpips_lib.LPIPSWeightsError, match=r"--skip=lpips"):
     evaluate_lib._load_weights("lpips", str(tmp_path / "none.npz"), [])
@@ -148,8 +167,9 @@ def toy_images(n: int, seed: int, size: int = 16) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def extractor(weights):
-  return inception_lib.InceptionFeatures(inception_lib.load_params(weights["inception"]),
-                                         batch_size=6)
+  return inception_lib.InceptionFeatures(
+    inception_lib.load_params(weights["inception"]), batch_size=6
+  )
 
 
 def test_npz_folder_and_float_samples_read_the_same_images(tmp_path, extractor):
@@ -163,15 +183,16 @@ def test_npz_folder_and_float_samples_read_the_same_images(tmp_path, extractor):
   rows = [r[m] for r, m in u8.batches(4)]
   assert [len(r) for r in rows] == [4, 4, 2]
   np.testing.assert_array_equal(np.concatenate(rows), images)
-  floats = np.concatenate([r[m] for r, m in
-                           samples_lib.open_samples(str(tmp_path / "f32.npz")).batches(4)])
+  floats = np.concatenate(
+    [r[m] for r, m in samples_lib.open_samples(str(tmp_path / "f32.npz")).batches(4)]
+  )
   assert floats.dtype == np.float32
   np.testing.assert_allclose(floats, images / 127.5 - 1.0, atol=1e-6)
   folder = samples_lib.open_samples(str(tmp_path / "png"))
   assert folder.num_images == 10 and folder.image_shape == (16, 16, 3)
   a = samples_lib.compute_stats(u8, extractor, keep=10)
   b = samples_lib.compute_stats(folder, extractor, keep=10)
-  for x, y in zip(a.mean_cov(), b.mean_cov()):
+  for x, y in zip(a.mean_cov(), b.mean_cov(), strict=True):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-9)
   assert samples_lib.open_samples(str(tmp_path / "u8.npz"), limit=3).num_images == 3
 
@@ -204,19 +225,24 @@ def test_evaluate_samples_command_caches_the_reference(tmp_path, weights):
   for i, img in enumerate(reference):
     Image.fromarray(img).save(tmp_path / "ref" / f"{i:03d}.png")
   stats = str(tmp_path / "cache" / "ref_stats.npz")
-  common = [f"--inception_path={weights['inception']}", "--batch_size=12",
-            f"--reference_stats={stats}"]
+  common = [
+    f"--inception_path={weights['inception']}",
+    "--batch_size=12",
+    f"--reference_stats={stats}",
+  ]
   first = run("arcvq_jax.evaluate_samples", *common, f"--reference={tmp_path / 'ref'}")
   assert first.returncode == 0, first.stderr[-3000:]
   assert "reference statistics of 30 images" in first.stdout
   cached = fid_lib.FeatureStats.load(stats)
   assert cached.count == 30 and cached.info["image_shape"] == [16, 16, 3]
   assert cached.info["network"] == inception_lib.fingerprint(
-      inception_lib.load_params(weights["inception"]))
+    inception_lib.load_params(weights["inception"])
+  )
 
   out = str(tmp_path / "results.json")
-  second = run("arcvq_jax.evaluate_samples", *common, f"--samples={tmp_path / 'samples.npz'}",
-               f"--out={out}")  # no --reference: the cached statistics are used
+  second = run(
+    "arcvq_jax.evaluate_samples", *common, f"--samples={tmp_path / 'samples.npz'}", f"--out={out}"
+  )  # no --reference: the cached statistics are used
   assert second.returncode == 0, second.stderr[-3000:]
   with open(out) as f:
     results = json.load(f)
@@ -233,16 +259,22 @@ def test_evaluate_samples_command_caches_the_reference(tmp_path, weights):
   params = inception_lib.load_params(weights["inception"])
   pool_s, logits_s = (np.asarray(a, np.float64) for a in inception_features(params, samples))
   pool_r = np.asarray(inception_features(params, reference)[0], np.float64)
-  assert results["fid"] == pytest.approx(fid_lib.frechet_distance(
-      pool_s.mean(0), np.cov(pool_s, rowvar=False), pool_r.mean(0),
-      np.cov(pool_r, rowvar=False)), rel=1e-4)
-  assert results["inception_score"] == pytest.approx(fid_lib.inception_score(logits_s)[0],
-                                                     rel=1e-4)
+  assert results["fid"] == pytest.approx(
+    fid_lib.frechet_distance(
+      pool_s.mean(0), np.cov(pool_s, rowvar=False), pool_r.mean(0), np.cov(pool_r, rowvar=False)
+    ),
+    rel=1e-4,
+  )
+  assert results["inception_score"] == pytest.approx(fid_lib.inception_score(logits_s)[0], rel=1e-4)
   want_pr = fid_lib.precision_recall(pool_r, pool_s)
   assert (results["precision"], results["recall"]) == pytest.approx(want_pr, abs=1 / 24)
 
-  too_many = run("arcvq_jax.evaluate_samples", *common, f"--samples={tmp_path / 'samples.npz'}",
-                 "--num_samples=50000")
+  too_many = run(
+    "arcvq_jax.evaluate_samples",
+    *common,
+    f"--samples={tmp_path / 'samples.npz'}",
+    "--num_samples=50000",
+  )
   assert too_many.returncode != 0
   assert "--num_samples=50000 but" in too_many.stderr and "has only 24" in too_many.stderr
 
@@ -250,6 +282,7 @@ def test_evaluate_samples_command_caches_the_reference(tmp_path, weights):
 @needs_fashion
 def test_dataset_reference_reads_the_split_through_the_pipeline():
   from configs import tiny  # noqa: PLC0415
+
   data = tiny.get_config().data
   ref = samples_lib.DatasetSamples(data, "test", limit=5)
   assert ref.num_images == 5 and ref.image_shape == (28, 28, 1)

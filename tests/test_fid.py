@@ -30,13 +30,15 @@ def test_shifted_and_diagonal_gaussians_match_the_closed_form():
   sigma = random_cov(rng, d)
   mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
   # Same covariance: only the means differ.
-  np.testing.assert_allclose(fid.frechet_distance(mu1, sigma, mu2, sigma),
-                             np.sum((mu1 - mu2) ** 2), rtol=1e-9)
+  np.testing.assert_allclose(
+    fid.frechet_distance(mu1, sigma, mu2, sigma), np.sum((mu1 - mu2) ** 2), rtol=1e-9
+  )
   # Diagonal covariances: sum (s1 - s2)^2 over the standard deviations.
   v1, v2 = rng.uniform(0.1, 4, d), rng.uniform(0.1, 4, d)
   want = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(v1) - np.sqrt(v2)) ** 2)
-  np.testing.assert_allclose(fid.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)), want,
-                             rtol=1e-9)
+  np.testing.assert_allclose(
+    fid.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)), want, rtol=1e-9
+  )
 
 
 @pytest.mark.parametrize("d", [16, 256])
@@ -52,8 +54,9 @@ def test_singular_covariances_give_a_finite_value_and_a_warning():
   rng = np.random.default_rng(2)
   d, n = 64, 20  # fewer samples than dimensions: rank-19 covariances
   a, b = rng.normal(size=(n, d)), rng.normal(size=(n, d)) + 0.5
-  value = fid.frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0),
-                               np.cov(b, rowvar=False))
+  value = fid.frechet_distance(
+    a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
+  )
   assert np.isfinite(value) and value > 0
   with pytest.warns(UserWarning, match=r"20 images for 64-dimensional .* not comparable"):
     fid.warn_if_few(n, d, "FID")
@@ -88,7 +91,7 @@ def test_reservoir_keeps_a_uniform_subset():
   for seed in range(300):
     stats = fid.FeatureStats(dim=4, keep=keep, seed=seed)
     for start in range(0, n, 37):
-      stats.update(feats[start:start + 37])
+      stats.update(feats[start : start + 37])
     kept = stats.features[:, 0].astype(int)
     assert len(kept) == keep and len(set(kept)) == keep  # distinct input rows
     hits[kept] += 1
@@ -104,7 +107,7 @@ def naive_inception_score(logits: np.ndarray, splits: int) -> tuple[float, float
   preds /= preds.sum(1, keepdims=True)
   n, scores = len(preds), []
   for i in range(splits):
-    part = preds[(i * n // splits):((i + 1) * n // splits), :]
+    part = preds[(i * n // splits) : ((i + 1) * n // splits), :]
     kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
     scores.append(np.exp(np.mean(np.sum(kl, 1))))
   return float(np.mean(scores)), float(np.std(scores))
@@ -116,7 +119,7 @@ def test_inception_score_streamed_equals_the_original_code():
   want = naive_inception_score(logits, 10)
   stats = fid.FeatureStats(dim=2, keep=0, total=len(logits))
   for start in range(0, len(logits), 128):
-    stats.update(np.zeros((len(logits[start:start + 128]), 2)), logits[start:start + 128])
+    stats.update(np.zeros((len(logits[start : start + 128]), 2)), logits[start : start + 128])
   np.testing.assert_allclose(stats.inception_score(), want, rtol=1e-10)
   np.testing.assert_allclose(fid.inception_score(logits), want, rtol=1e-10)
 
@@ -147,9 +150,10 @@ def brute_force_precision_recall(real, fake, k):
   def radii(x):
     d = np.sum((x[:, None] - x[None]) ** 2, -1)
     return np.sort(d, axis=1)[:, k]
+
   d = np.sum((fake[:, None] - real[None]) ** 2, -1)  # (fake, real)
   precision = np.mean(np.any(d <= radii(real)[None], axis=1))
-  recall = np.mean(np.any(d.T <= radii(fake)[None], axis=1))
+  recall = np.mean(np.any(radii(fake)[None] >= d.T, axis=1))
   return precision, recall
 
 
@@ -174,7 +178,7 @@ def test_save_and_load_statistics(tmp_path):
   path = str(tmp_path / "stats.npz")
   stats.save(path)
   again = fid.FeatureStats.load(path)
-  for a, b in zip(stats.mean_cov(), again.mean_cov()):
+  for a, b in zip(stats.mean_cov(), again.mean_cov(), strict=True):
     np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(again.features, stats.features)
   assert again.count == 120

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from model_fixtures import random_lpips_params
 
 from arcvq_jax import config as config_lib
 from arcvq_jax import sharding
@@ -19,15 +20,17 @@ from arcvq_jax.losses import gan
 from arcvq_jax.models import vqgan
 from arcvq_jax.train import gan_steps, tokenizer
 from arcvq_jax.train.state import make_disc_optimizer, make_optimizer
-from model_fixtures import random_lpips_params
 
 IMAGE_SHAPE = (16, 16, 3)
 
 
 def small_config(**gan_overrides):
   c = config_lib.vqgan_config()
-  c.model.update(dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
-                      resolution=16, z_channels=8))
+  c.model.update(
+    dict(
+      ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=16, z_channels=8
+    )
+  )
   c.quantizer.num_codes, c.quantizer.embed_dim = 32, 8
   c.gan.update({"disc_start": 0, "ndf": 8, "n_layers": 1, **gan_overrides})
   c.optimizer.update(dict(lr=1e-3, scale_lr=False))
@@ -42,8 +45,9 @@ def images(seed=0, n=4):
 def capture_grads() -> optax.GradientTransformation:
   """An 'optimizer' that leaves params alone and keeps the last gradient as its state."""
   return optax.GradientTransformation(
-      init=lambda params: jax.tree.map(jnp.zeros_like, params),
-      update=lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g))
+    init=lambda params: jax.tree.map(jnp.zeros_like, params),
+    update=lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g),
+  )
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +58,8 @@ def setup():
   disc_model = gan_steps.discriminator_from_config(c)
   lpips_params = random_lpips_params()
   state, _, steps = gan_steps.create_state_and_steps(
-      c, model, disc_model, make_optimizer(c), make_disc_optimizer(c), mesh, IMAGE_SHAPE,
-      lpips_params)
+    c, model, disc_model, make_optimizer(c), make_disc_optimizer(c), mesh, IMAGE_SHAPE, lpips_params
+  )
   return c, model, disc_model, lpips_params, state, steps
 
 
@@ -66,12 +70,24 @@ def test_generator_gradient_equals_grad_of_the_total_loss(setup):
   x = images(1)
   # D with non-trivial running stats and params, as mid-training.
   disc = state.disc.replace(
-      **{k: jax.tree.map(lambda a: a * 1.1 + 0.01, getattr(state.disc, k))
-         for k in ("params", "batch_stats")})
-  gen = state.gen.replace(opt_state=capture_grads().init(state.gen.params),
-                          step=jnp.asarray(7, jnp.int32))
-  step = jax.jit(functools.partial(gan_steps.generator_step, model=model, disc_model=disc_model,
-                                   tx=capture_grads(), config=c, use_gan=True))
+    **{
+      k: jax.tree.map(lambda a: a * 1.1 + 0.01, getattr(state.disc, k))
+      for k in ("params", "batch_stats")
+    }
+  )
+  gen = state.gen.replace(
+    opt_state=capture_grads().init(state.gen.params), step=jnp.asarray(7, jnp.int32)
+  )
+  step = jax.jit(
+    functools.partial(
+      gan_steps.generator_step,
+      model=model,
+      disc_model=disc_model,
+      tx=capture_grads(),
+      config=c,
+      use_gan=True,
+    )
+  )
   new_gen, metrics, x_hat = step(gen, disc, {"image": x}, lpips_params)
   got = new_gen.opt_state
 
@@ -108,9 +124,12 @@ def test_generator_gradient_equals_grad_of_the_total_loss(setup):
   np.testing.assert_allclose(metrics["loss"], want_loss, rtol=1e-5)
   assert float(lam) > 0 and float(metrics["loss_g"]) != 0.0
   scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(want))
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(a, b, atol=1e-4 * scale, rtol=1e-3,
-                               err_msg=jax.tree_util.keystr(path))
+  for (path, a), b in zip(
+    jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True
+  ):
+    np.testing.assert_allclose(
+      a, b, atol=1e-4 * scale, rtol=1e-3, err_msg=jax.tree_util.keystr(path)
+    )
   # Every part of the autoencoder and the codebook gets a gradient.
   assert float(jnp.max(jnp.abs(got["codebook"]))) > 0
   assert float(jnp.max(jnp.abs(got["decoder"]["conv_out"]["kernel"]))) > 0
@@ -119,7 +138,9 @@ def test_generator_gradient_equals_grad_of_the_total_loss(setup):
 
 
 def changed(a, b) -> list[bool]:
-  return [not np.array_equal(u, v) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+  return [
+    not np.array_equal(u, v) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  ]
 
 
 def test_each_stage_updates_only_its_own_network(setup):
@@ -127,8 +148,15 @@ def test_each_stage_updates_only_its_own_network(setup):
   mesh = sharding.make_mesh((-1,), ("data",))
   c2 = small_config(disc_start=2, disc_train_start=1)
   fresh, _, steps = gan_steps.create_state_and_steps(
-      c2, model, disc_model, make_optimizer(c2), make_disc_optimizer(c2), mesh, IMAGE_SHAPE,
-      lpips_params)
+    c2,
+    model,
+    disc_model,
+    make_optimizer(c2),
+    make_disc_optimizer(c2),
+    mesh,
+    IMAGE_SHAPE,
+    lpips_params,
+  )
   before = jax.device_get(fresh)
   batch = {"image": images(2)}
 
@@ -143,15 +171,22 @@ def test_each_stage_updates_only_its_own_network(setup):
   assert "d_loss" in m2 and "loss_g" not in m2
   # Every D parameter moves but the last conv's bias: while all |logits| < 1 the hinge
   # gradient on it is -1/2 + 1/2 = 0 (as many real as fake logits).
-  moved = dict(zip((jax.tree_util.keystr(p) for p, _ in
-                    jax.tree_util.tree_leaves_with_path(s1_host.disc.params)),
-                   changed(s1_host.disc.params, s2_host.disc.params)))
+  moved = dict(
+    zip(
+      (
+        jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(s1_host.disc.params)
+      ),
+      changed(s1_host.disc.params, s2_host.disc.params),
+      strict=True,
+    )
+  )
   assert moved.pop("['main_5']['bias']") is False and all(moved.values())
   assert all(changed(s1_host.disc.batch_stats, s2_host.disc.batch_stats))
   # The discriminator step leaves the autoencoder's state as the generator step left it:
   # replaying the generator step alone gives the same autoencoder.
-  gen_only, _, _ = steps.generator[False](jax.device_put(s1_host.gen),
-                                          jax.device_put(s1_host.disc), batch, lpips_params)
+  gen_only, _, _ = steps.generator[False](
+    jax.device_put(s1_host.gen), jax.device_put(s1_host.disc), batch, lpips_params
+  )
   assert not any(changed(jax.device_get(gen_only), s2_host.gen))
 
   s3, m3 = steps(s2, batch, 2)  # t = 2 = disc_start: the GAN term reaches the autoencoder
@@ -165,26 +200,37 @@ def test_discriminator_step_is_the_hinge_loss_on_two_batchnorm_calls(setup):
   x, x_hat = images(3), images(4)
   disc = state.disc
   tx = make_disc_optimizer(c)
-  new, metrics = jax.jit(functools.partial(gan_steps.discriminator_step, disc_model=disc_model,
-                                           tx=tx))(disc, {"image": x}, x_hat)
+  new, metrics = jax.jit(
+    functools.partial(gan_steps.discriminator_step, disc_model=disc_model, tx=tx)
+  )(disc, {"image": x}, x_hat)
   variables = {"params": disc.params, "batch_stats": disc.batch_stats}
   real, upd = disc_model.apply(variables, x, train=True, mutable=["batch_stats"])
-  fake, upd = disc_model.apply({"params": disc.params, **upd}, x_hat, train=True,
-                               mutable=["batch_stats"])
-  hinge = 0.5 * (np.mean(np.maximum(0, 1 - np.asarray(real)))
-                 + np.mean(np.maximum(0, 1 + np.asarray(fake))))
+  fake, upd = disc_model.apply(
+    {"params": disc.params, **upd}, x_hat, train=True, mutable=["batch_stats"]
+  )
+  hinge = 0.5 * (
+    np.mean(np.maximum(0, 1 - np.asarray(real))) + np.mean(np.maximum(0, 1 + np.asarray(fake)))
+  )
   np.testing.assert_allclose(metrics["d_loss"], hinge, rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(new.batch_stats), jax.tree.leaves(upd["batch_stats"])):
+  for a, b in zip(
+    jax.tree.leaves(new.batch_stats), jax.tree.leaves(upd["batch_stats"]), strict=True
+  ):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
   # One Adam step from zero moments moves every parameter by about lr (sign of its gradient).
-  grads = jax.grad(lambda p: gan.hinge_d_loss(
-      disc_model.apply({"params": p, "batch_stats": disc.batch_stats}, x, train=True,
-                       mutable=["batch_stats"])[0],
-      disc_model.apply({"params": p, "batch_stats": upd["batch_stats"]}, x_hat, train=True,
-                       mutable=["batch_stats"])[0]))(disc.params)
+  grads = jax.grad(
+    lambda p: gan.hinge_d_loss(
+      disc_model.apply(
+        {"params": p, "batch_stats": disc.batch_stats}, x, train=True, mutable=["batch_stats"]
+      )[0],
+      disc_model.apply(
+        {"params": p, "batch_stats": upd["batch_stats"]}, x_hat, train=True, mutable=["batch_stats"]
+      )[0],
+    )
+  )(disc.params)
   updates, _ = tx.update(grads, disc.opt_state, disc.params)
-  for a, b, u in zip(jax.tree.leaves(new.params), jax.tree.leaves(disc.params),
-                     jax.tree.leaves(updates)):
+  for a, b, u in zip(
+    jax.tree.leaves(new.params), jax.tree.leaves(disc.params), jax.tree.leaves(updates), strict=True
+  ):
     np.testing.assert_allclose(np.asarray(a) - np.asarray(b), u, atol=1e-7)
 
 
@@ -196,15 +242,25 @@ def test_bfloat16_generator_step_keeps_float32_state_and_is_close(setup):
     cd.model.dtype = dtype
     model = tokenizer.build_model(cd, channels=3)
     disc_bf = gan_steps.discriminator_from_config(cd)
-    step = jax.jit(functools.partial(gan_steps.generator_step, model=model, disc_model=disc_bf,
-                                     tx=make_optimizer(cd), config=cd, use_gan=True))
-    new, metrics, x_hat = step(jax.tree.map(jnp.copy, state.gen), state.disc,
-                               {"image": images(5)}, lpips_params)
+    step = jax.jit(
+      functools.partial(
+        gan_steps.generator_step,
+        model=model,
+        disc_model=disc_bf,
+        tx=make_optimizer(cd),
+        config=cd,
+        use_gan=True,
+      )
+    )
+    new, metrics, x_hat = step(
+      jax.tree.map(jnp.copy, state.gen), state.disc, {"image": images(5)}, lpips_params
+    )
     outs[dtype] = (new, metrics, x_hat)
   new, metrics, x_hat = outs["bfloat16"]
   assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(new.params))
   assert x_hat.dtype == jnp.float32
   for key in ("loss", "loss_l1", "loss_lpips", "loss_vq", "loss_arc", "loss_g"):
     assert metrics[key].dtype == jnp.float32 and np.isfinite(metrics[key]), key
-    np.testing.assert_allclose(metrics[key], outs["float32"][1][key], rtol=0.05, atol=0.02,
-                               err_msg=key)
+    np.testing.assert_allclose(
+      metrics[key], outs["float32"][1][key], rtol=0.05, atol=0.02, err_msg=key
+    )

@@ -39,8 +39,9 @@ def fid_inception_random(seed: int = 0) -> torch.nn.Module:
   perturbed at random; BatchNorm scales and shifts are random too.
   """
   torch.manual_seed(seed)
-  net = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008,
-                                        init_weights=False)
+  net = torchvision.models.inception_v3(
+    weights=None, aux_logits=False, num_classes=1008, init_weights=False
+  )
   net.Mixed_5b = pfid.FIDInceptionA(192, pool_features=32)
   net.Mixed_5c = pfid.FIDInceptionA(256, pool_features=64)
   net.Mixed_5d = pfid.FIDInceptionA(288, pool_features=64)
@@ -69,11 +70,12 @@ def fid_inception_random(seed: int = 0) -> torch.nn.Module:
 def photos(size: int) -> np.ndarray:
   """Four real photos, centre-cropped squares resized to size x size: (4, size, size, 3) uint8."""
   from skimage.transform import resize  # noqa: PLC0415
+
   out = []
   for img in (skdata.astronaut(), skdata.chelsea(), skdata.coffee(), skdata.rocket()):
     h, w, _ = img.shape
     s = min(h, w)
-    crop = img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+    crop = img[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
     out.append(np.round(resize(crop, (size, size), anti_aliasing=True) * 255).astype(np.uint8))
   return np.stack(out)
 
@@ -87,8 +89,18 @@ def converted(tmp_path_factory):
   torch.save(net.state_dict(), pt_path)
   out = str(folder / "inception.npz")
   proc = subprocess.run(
-      [sys.executable, "-m", "arcvq_jax.convert.inception_weights", f"--pt={pt_path}",
-       f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      "-m",
+      "arcvq_jax.convert.inception_weights",
+      f"--pt={pt_path}",
+      f"--out={out}",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   original = pfid.fid_inception_v3
   pfid.fid_inception_v3 = lambda: net  # the wrapper builds its blocks from this net
@@ -123,8 +135,9 @@ def test_features_and_logits_match_pytorch_fid_on_photos(converted, conv_impl):
   np.testing.assert_allclose(biased, biased_ref, rtol=1e-4, atol=1e-4 * np.abs(biased_ref).max())
 
 
-@pytest.mark.parametrize("shape", [(28, 28, 1), (299, 299, 3), (400, 300, 3), (512, 512, 3),
-                                   (7, 1000, 3)])
+@pytest.mark.parametrize(
+  "shape", [(28, 28, 1), (299, 299, 3), (400, 300, 3), (512, 512, 3), (7, 1000, 3)]
+)
 def test_preprocess_is_pytorch_fids_resize_and_scaling(shape):
   rng = np.random.default_rng(shape[0])
   u = rng.integers(0, 256, (2, *shape), dtype=np.uint8)
@@ -159,23 +172,28 @@ def test_save_load_round_trip_and_errors(converted, tmp_path):
   path = str(tmp_path / "sub" / "copy.npz")
   inception_lib.save_params(params, path)
   again = inception_lib.load_params(path)
-  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again), strict=True):
     np.testing.assert_array_equal(a, b)
   assert os.listdir(tmp_path / "sub") == ["copy.npz"]
   assert inception_lib.fingerprint(again) == inception_lib.fingerprint(params)
   assert inception_lib.fingerprint(inception_lib.random_params(1)) != inception_lib.fingerprint(
-      params)
+    params
+  )
 
-  with pytest.raises(inception_lib.InceptionWeightsError,
-                     match=r"no FID Inception weights file .*pt_inception-2015-12-05-6726825d"
-                           r"\.pth.*python -m arcvq_jax\.convert\.inception_weights --pt="):
+  with pytest.raises(
+    inception_lib.InceptionWeightsError,
+    match=r"no FID Inception weights file .*pt_inception-2015-12-05-6726825d"
+    r"\.pth.*python -m arcvq_jax\.convert\.inception_weights --pt=",
+  ):
     inception_lib.load_params(str(tmp_path / "none.npz"))
   flat = inception_lib.to_flat(params)
   flat["Mixed_6c/branch7x7_2/kernel"] = flat["Mixed_6c/branch7x7_2/kernel"][..., :10]
   np.savez(str(tmp_path / "bad.npz"), **flat)
-  with pytest.raises(inception_lib.InceptionWeightsError,
-                     match=r"'Mixed_6c/branch7x7_2/kernel' has shape \(1, 7, 160, 10\), "
-                           r"expected \(1, 7, 160, 160\)"):
+  with pytest.raises(
+    inception_lib.InceptionWeightsError,
+    match=r"'Mixed_6c/branch7x7_2/kernel' has shape \(1, 7, 160, 10\), "
+    r"expected \(1, 7, 160, 160\)",
+  ):
     inception_lib.load_params(str(tmp_path / "bad.npz"))
   (tmp_path / "junk.npz").write_bytes(b"not a zip file")
   with pytest.raises(inception_lib.InceptionWeightsError, match="not a readable .npz"):
@@ -188,12 +206,15 @@ def test_converter_refuses_other_inceptions(converted):
   inception_weights.convert(state)  # the reference itself converts
   # torchvision's ImageNet Inception-v3: 1000 classes (its blocks have the same shapes).
   tv = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
-  with pytest.raises(inception_lib.InceptionWeightsError,
-                     match=r"fc\.weight has shape \(1000, 2048\), expected \(1008, 2048\)"):
+  with pytest.raises(
+    inception_lib.InceptionWeightsError,
+    match=r"fc\.weight has shape \(1000, 2048\), expected \(1008, 2048\)",
+  ):
     inception_weights.convert({k: v.numpy() for k, v in tv.state_dict().items()})
   missing = {k: v for k, v in state.items() if k != "Mixed_7c.branch_pool.bn.running_var"}
-  with pytest.raises(inception_lib.InceptionWeightsError,
-                     match=r"no 'Mixed_7c\.branch_pool\.bn\.running_var'"):
+  with pytest.raises(
+    inception_lib.InceptionWeightsError, match=r"no 'Mixed_7c\.branch_pool\.bn\.running_var'"
+  ):
     inception_weights.convert(missing)
 
 
@@ -215,9 +236,14 @@ print("ok", pool.shape)
 
 
 def test_extractor_split_over_four_devices():
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  proc = subprocess.run([sys.executable, "-c", MULTIDEVICE_SCRIPT], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=900)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  proc = subprocess.run(
+    [sys.executable, "-c", MULTIDEVICE_SCRIPT],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "ok (5, 2048)" in proc.stdout

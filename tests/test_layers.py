@@ -45,8 +45,8 @@ def jnp_conv_transpose(x, kernel):
   for ki in range(4):
     for kj in range(4):
       tap = jnp.einsum("bhwi,io->bhwo", x, kernel[ki, kj])
-      out = out.at[:, ki:ki + 2 * h:2, kj:kj + 2 * w:2].add(tap)
-  return out[:, 1:2 * h + 1, 1:2 * w + 1]
+      out = out.at[:, ki : ki + 2 * h : 2, kj : kj + 2 * w : 2].add(tap)
+  return out[:, 1 : 2 * h + 1, 1 : 2 * w + 1]
 
 
 def _random_inputs(seed=0, cout=COUT):
@@ -60,8 +60,9 @@ def _random_inputs(seed=0, cout=COUT):
 
 def _params_from_torch(w_torch, b_torch):
   # The documented mapping: kernel = torch_w.permute(2, 3, 0, 1), no spatial flip.
-  return {"params": {"kernel": jnp.asarray(w_torch.transpose(2, 3, 0, 1)),
-                     "bias": jnp.asarray(b_torch)}}
+  return {
+    "params": {"kernel": jnp.asarray(w_torch.transpose(2, 3, 0, 1)), "bias": jnp.asarray(b_torch)}
+  }
 
 
 @pytest.mark.parametrize("impl", IMPLS + ["auto"])
@@ -69,8 +70,9 @@ def _params_from_torch(w_torch, b_torch):
 def test_conv_transpose_matches_pytorch_formula(impl, cout):
   # cout=1 and 8 also exercise both branches of impl='auto'.
   x_nchw, w_torch, b_torch = _random_inputs(cout=cout)
-  expected = numpy_conv_transpose(x_nchw.astype(np.float64), w_torch.astype(np.float64),
-                                  b_torch.astype(np.float64)).transpose(0, 2, 3, 1)
+  expected = numpy_conv_transpose(
+    x_nchw.astype(np.float64), w_torch.astype(np.float64), b_torch.astype(np.float64)
+  ).transpose(0, 2, 3, 1)
   module = layers.ConvTranspose4x4S2(cout, impl=impl)
   x = jnp.asarray(x_nchw.transpose(0, 2, 3, 1))
   variables = module.init(jax.random.key(0), x)
@@ -82,10 +84,12 @@ def test_conv_transpose_matches_pytorch_formula(impl, cout):
 
 def test_jnp_reference_matches_numpy_reference():
   x_nchw, w_torch, b_torch = _random_inputs(1)
-  expected = numpy_conv_transpose(x_nchw.astype(np.float64), w_torch.astype(np.float64),
-                                  np.zeros(COUT)).transpose(0, 2, 3, 1)
-  y = jnp_conv_transpose(jnp.asarray(x_nchw.transpose(0, 2, 3, 1)),
-                         jnp.asarray(w_torch.transpose(2, 3, 0, 1)))
+  expected = numpy_conv_transpose(
+    x_nchw.astype(np.float64), w_torch.astype(np.float64), np.zeros(COUT)
+  ).transpose(0, 2, 3, 1)
+  y = jnp_conv_transpose(
+    jnp.asarray(x_nchw.transpose(0, 2, 3, 1)), jnp.asarray(w_torch.transpose(2, 3, 0, 1))
+  )
   np.testing.assert_allclose(np.asarray(y), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -114,11 +118,18 @@ def test_flax_conv_transpose_is_the_flipped_kernel():
   x = jnp.asarray(x_nchw.transpose(0, 2, 3, 1))
   params = _params_from_torch(w_torch, b_torch)
   flax_ct = nn.ConvTranspose(COUT, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)))
-  flipped = {"params": {"kernel": jnp.flip(params["params"]["kernel"], (0, 1)),
-                        "bias": params["params"]["bias"]}}
-  np.testing.assert_allclose(flax_ct.apply(flipped, x),
-                             layers.ConvTranspose4x4S2(COUT, impl="xla").apply(params, x),
-                             atol=1e-5, rtol=1e-5)
+  flipped = {
+    "params": {
+      "kernel": jnp.flip(params["params"]["kernel"], (0, 1)),
+      "bias": params["params"]["bias"],
+    }
+  }
+  np.testing.assert_allclose(
+    flax_ct.apply(flipped, x),
+    layers.ConvTranspose4x4S2(COUT, impl="xla").apply(params, x),
+    atol=1e-5,
+    rtol=1e-5,
+  )
 
 
 def test_auto_impl_choice():
@@ -147,7 +158,9 @@ def test_conv_matches_numpy():
   expected = np.zeros((2, ho, wo, 5))
   for i in range(ho):
     for j in range(wo):
-      expected[:, i, j] = np.einsum("bhwi,hwio->bo", xp[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3], k) + b
+      expected[:, i, j] = (
+        np.einsum("bhwi,hwio->bo", xp[:, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3], k) + b
+      )
   y = module.apply(variables, jnp.asarray(x))
   np.testing.assert_allclose(np.asarray(y), expected, atol=1e-5, rtol=1e-5)
 
@@ -157,13 +170,14 @@ def _check_uniform_bound(values, bound):
   assert np.abs(values).max() <= bound
   assert np.abs(values).max() > 0.98 * bound
   # U(-b, b) has variance b^2 / 3.
-  np.testing.assert_allclose(values.var(), bound ** 2 / 3, rtol=0.05)
+  np.testing.assert_allclose(values.var(), bound**2 / 3, rtol=0.05)
 
 
 def test_conv_init_matches_pytorch_bounds():
   cin, cout, k = 64, 128, 3
   variables = layers.Conv(cout, kernel_size=k, padding=1).init(
-      jax.random.key(0), jnp.zeros((1, 8, 8, cin)))
+    jax.random.key(0), jnp.zeros((1, 8, 8, cin))
+  )
   bound = 1 / math.sqrt(cin * k * k)  # torch Conv2d: fan_in = Cin * k * k
   _check_uniform_bound(variables["params"]["kernel"], bound)
   bias = np.asarray(variables["params"]["bias"])
@@ -181,14 +195,20 @@ def test_conv_transpose_init_matches_pytorch_bounds():
   assert layers.torch_fan_in((3, 3, cin, cout)) == 9 * cin
 
 
-@pytest.mark.parametrize("k,stride,pad,cin", [(3, 1, 1, 5), (4, 2, 1, 3), (1, 1, 0, 4), (3, 2, 0, 2)])
+@pytest.mark.parametrize(
+  "k,stride,pad,cin", [(3, 1, 1, 5), (4, 2, 1, 3), (1, 1, 0, 4), (3, 2, 0, 2)]
+)
 def test_conv_gemm_matches_xla_values_and_gradients(k, stride, pad, cin):
   rng = np.random.default_rng(7)
   x = jnp.asarray(rng.normal(size=(2, 9, 8, cin)).astype(np.float32))
   w = jnp.asarray(rng.normal(size=(k, k, cin, 6)).astype(np.float32))
   f = lambda impl: lambda x, w: jnp.sum(jnp.sin(impl(x, w, (stride, stride), (pad, pad))))
-  np.testing.assert_allclose(layers.conv_gemm(x, w, (stride, stride), (pad, pad)),
-                             layers.conv_xla(x, w, (stride, stride), (pad, pad)), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    layers.conv_gemm(x, w, (stride, stride), (pad, pad)),
+    layers.conv_xla(x, w, (stride, stride), (pad, pad)),
+    rtol=1e-5,
+    atol=1e-5,
+  )
   gx, gw = jax.grad(f(layers.conv_gemm), argnums=(0, 1))(x, w)
   hx, hw = jax.grad(f(layers.conv_xla), argnums=(0, 1))(x, w)
   np.testing.assert_allclose(gx, hx, rtol=1e-4, atol=1e-5)

@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from model_fixtures import random_lpips_params
 from skimage import data as skdata
 from skimage.transform import resize
 
 from arcvq_jax.convert import lpips_weights
 from arcvq_jax.losses import lpips as lpips_lib
-from model_fixtures import random_lpips_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 64x64 and 48x40: the second halves to 3x2 through odd sizes (6x5 -> 3x2), which the
@@ -34,8 +34,7 @@ SIZES = ((64, 64), (48, 40))
 # Module-level jitted functions with the params as arguments: tests that use equal shapes
 # share one compile, which is most of this file's time on a CPU.
 distance = jax.jit(lpips_lib.lpips_distance, static_argnames="dtype")
-grad_x = jax.jit(jax.grad(lambda p, x, y: jnp.sum(lpips_lib.lpips_distance(p, x, y)),
-                          argnums=1))
+grad_x = jax.jit(jax.grad(lambda p, x, y: jnp.sum(lpips_lib.lpips_distance(p, x, y)), argnums=1))
 features = jax.jit(lambda p, x: lpips_lib.VGG16Features().apply({"params": p}, x))
 
 
@@ -59,16 +58,28 @@ def converted(tmp_path_factory):
   torch.save(trunk, vgg_path)
   out = str(folder / "lpips_vgg16.npz")
   proc = subprocess.run(
-      [sys.executable, "-m", "arcvq_jax.convert.lpips_weights", f"--vgg16={vgg_path}",
-       f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      "-m",
+      "arcvq_jax.convert.lpips_weights",
+      f"--vgg16={vgg_path}",
+      f"--out={out}",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return ref, lpips_lib.load_params(out), dict(vgg=vgg_path, out=out)
 
 
 def photos(size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
   """Two real photo pairs (astronaut vs coffee, chelsea vs rocket): (2, H, W, 3) in [-1, 1]."""
+
   def prep(img):
     return resize(img, size, anti_aliasing=True).astype(np.float32) * 2 - 1
+
   x = np.stack([prep(skdata.astronaut()), prep(skdata.chelsea())])
   y = np.stack([prep(skdata.coffee()), prep(skdata.rocket())])
   return x, y
@@ -115,7 +126,7 @@ def test_features_match_the_reference_trunk(converted):
   with torch.no_grad():
     theirs = ref.net(torch.tensor(scaled.transpose(0, 3, 1, 2)))
   assert len(ours) == len(theirs) == 5
-  for a, b in zip(ours, theirs):
+  for a, b in zip(ours, theirs, strict=True):
     b = b.numpy().transpose(0, 2, 3, 1)
     assert a.shape == b.shape
     np.testing.assert_allclose(a, b, atol=2e-5 * float(np.abs(b).max()), rtol=1e-4)
@@ -153,8 +164,8 @@ def test_grey_images_are_repeated_to_rgb():
   rng = np.random.default_rng(1)
   x, y = (rng.uniform(-1, 1, (3, *SIZES[1], 1)).astype(np.float32) for _ in range(2))
   np.testing.assert_allclose(
-      distance(params, x, y), distance(params, np.repeat(x, 3, -1), np.repeat(y, 3, -1)),
-      rtol=1e-6)
+    distance(params, x, y), distance(params, np.repeat(x, 3, -1), np.repeat(y, 3, -1)), rtol=1e-6
+  )
   with pytest.raises(ValueError, match="1- or 3-channel"):
     lpips_lib.lpips_distance(params, np.zeros((1, 32, 32, 2)), np.zeros((1, 32, 32, 2)))
   with pytest.raises(ValueError, match="one shape"):
@@ -167,20 +178,24 @@ def test_save_load_round_trip_and_errors(converted, tmp_path):
   lpips_lib.save_params(params, path)
   again = lpips_lib.load_params(path)
   assert jax.tree.structure(again) == jax.tree.structure(params)
-  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again), strict=True):
     np.testing.assert_array_equal(a, b)
   assert os.listdir(tmp_path / "sub") == ["copy.npz"]  # no temporary file left behind
 
-  with pytest.raises(lpips_lib.LPIPSWeightsError,
-                     match=r"no LPIPS weights file .*vgg16-397923af\.pth.*"
-                           r"python -m arcvq_jax\.convert\.lpips_weights --vgg16="):
+  with pytest.raises(
+    lpips_lib.LPIPSWeightsError,
+    match=r"no LPIPS weights file .*vgg16-397923af\.pth.*"
+    r"python -m arcvq_jax\.convert\.lpips_weights --vgg16=",
+  ):
     lpips_lib.load_params(str(tmp_path / "none.npz"))
   flat = lpips_lib.to_flat(params)
   flat["vgg/conv3_2/kernel"] = flat["vgg/conv3_2/kernel"][..., :128]
   np.savez(str(tmp_path / "bad.npz"), **flat)
-  with pytest.raises(lpips_lib.LPIPSWeightsError,
-                     match=r"'vgg/conv3_2/kernel' has shape \(3, 3, 256, 128\), expected "
-                           r"\(3, 3, 256, 256\)"):
+  with pytest.raises(
+    lpips_lib.LPIPSWeightsError,
+    match=r"'vgg/conv3_2/kernel' has shape \(3, 3, 256, 128\), expected "
+    r"\(3, 3, 256, 256\)",
+  ):
     lpips_lib.load_params(str(tmp_path / "bad.npz"))
   flat = lpips_lib.to_flat(params)
   del flat["lin/lin4"]
@@ -202,18 +217,24 @@ def test_converter_refuses_what_is_not_vgg16_and_lpips_vgg(converted):
   with pytest.raises(lpips_lib.LPIPSWeightsError, match=r"no 'features\.28\.weight' \(conv5_3\)"):
     lpips_weights.convert(missing, lin)
   grey = {**vgg, "features.0.weight": vgg["features.0.weight"][:, :1]}
-  with pytest.raises(lpips_lib.LPIPSWeightsError,
-                     match=r"features\.0\.weight \(conv1_1\) has shape \(64, 1, 3, 3\), "
-                           r"expected \(64, 3, 3, 3\)"):
+  with pytest.raises(
+    lpips_lib.LPIPSWeightsError,
+    match=r"features\.0\.weight \(conv1_1\) has shape \(64, 1, 3, 3\), "
+    r"expected \(64, 3, 3, 3\)",
+  ):
     lpips_weights.convert(grey, lin)
   for cfg, batch_norm, first_missing in (("E", False, 17), ("D", True, 2)):  # VGG19, VGG16-BN
     trunk = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs[cfg], batch_norm)
     other = {f"features.{k}": v.numpy() for k, v in trunk.state_dict().items()}
-    with pytest.raises(lpips_lib.LPIPSWeightsError,
-                       match=rf"no 'features\.{first_missing}\.weight'.*torchvision's VGG16"):
+    with pytest.raises(
+      lpips_lib.LPIPSWeightsError,
+      match=rf"no 'features\.{first_missing}\.weight'.*torchvision's VGG16",
+    ):
       lpips_weights.convert(other, lin)
   alex = lpips_weights.load_torch_state(
-      os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", "alex.pth"))
-  with pytest.raises(lpips_lib.LPIPSWeightsError,
-                     match=r"lin1\.model\.1\.weight has shape \(1, 192, 1, 1\)"):
+    os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", "alex.pth")
+  )
+  with pytest.raises(
+    lpips_lib.LPIPSWeightsError, match=r"lin1\.model\.1\.weight has shape \(1, 192, 1, 1\)"
+  ):
     lpips_weights.convert(vgg, alex)

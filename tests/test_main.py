@@ -9,14 +9,20 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(
-    not os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"),
-    reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
+  not os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"),
+  reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)",
+)
 
 
 def run_main(*args):
   return subprocess.run(
-      [sys.executable, "-m", "arcvq_jax.main", *args], cwd=ROOT, capture_output=True, text=True,
-      timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    [sys.executable, "-m", "arcvq_jax.main", *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
 
 
 def test_cli_trains_evaluates_and_resumes(tmp_path):
@@ -42,7 +48,8 @@ def test_cli_bad_config_names_the_key(tmp_path):
 
 
 def test_cli_missing_data_says_how_to_get_it(tmp_path):
-  proc = run_main("--config=configs/tiny.py", f"--workdir={tmp_path}",
-                  f"--config.data.path={tmp_path}/nowhere")
+  proc = run_main(
+    "--config=configs/tiny.py", f"--workdir={tmp_path}", f"--config.data.path={tmp_path}/nowhere"
+  )
   assert proc.returncode != 0
   assert "apt-get install dataset-fashion-mnist" in proc.stderr

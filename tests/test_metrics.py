@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 from skimage import data as skdata
-from skimage import filters, metrics as skmetrics, transform
+from skimage import filters, transform
+from skimage import metrics as skmetrics
 
 from arcvq_jax.evaluation import images as image_lib
 from arcvq_jax.evaluation import metrics
@@ -52,23 +53,32 @@ def _degrade(image: np.ndarray, kind: str, seed: int = 0) -> np.ndarray:
 
 def _sk_ssim(a: np.ndarray, b: np.ndarray, **kwargs) -> float:
   """Reference SSIM in float64 on the exact float32 values our code sees."""
-  kwargs = {"win_size": 11, "data_range": 1.0,
-            "channel_axis": -1 if a.ndim == 3 else None, **kwargs}
-  return skmetrics.structural_similarity(
-      a.astype(np.float64), b.astype(np.float64), **kwargs)
+  kwargs = {
+    "win_size": 11,
+    "data_range": 1.0,
+    "channel_axis": -1 if a.ndim == 3 else None,
+    **kwargs,
+  }
+  return skmetrics.structural_similarity(a.astype(np.float64), b.astype(np.float64), **kwargs)
 
 
 def _sk_ssim_map(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   """skimage's full, uncropped SSIM map (H, W, C), float64."""
   _, ssim_map = skmetrics.structural_similarity(
-      a.astype(np.float64), b.astype(np.float64), win_size=11, data_range=1.0,
-      channel_axis=-1, full=True)
+    a.astype(np.float64),
+    b.astype(np.float64),
+    win_size=11,
+    data_range=1.0,
+    channel_axis=-1,
+    full=True,
+  )
   return ssim_map
 
 
 def _sk_psnr(a: np.ndarray, b: np.ndarray) -> float:
   return skmetrics.peak_signal_noise_ratio(
-      a.astype(np.float64), b.astype(np.float64), data_range=1.0)
+    a.astype(np.float64), b.astype(np.float64), data_range=1.0
+  )
 
 
 def _ours(fn, a: np.ndarray, b: np.ndarray) -> float:
@@ -87,11 +97,17 @@ DEGRADATIONS = ["noise", "blur", "jpeg", "shift"]
 
 def _assert_matches_skimage(original, reconstruction):
   np.testing.assert_allclose(
-      _ours(metrics.ssim, original, reconstruction), _sk_ssim(original, reconstruction),
-      rtol=0, atol=SSIM_ATOL)
+    _ours(metrics.ssim, original, reconstruction),
+    _sk_ssim(original, reconstruction),
+    rtol=0,
+    atol=SSIM_ATOL,
+  )
   np.testing.assert_allclose(
-      _ours(metrics.psnr, original, reconstruction), _sk_psnr(original, reconstruction),
-      rtol=0, atol=PSNR_ATOL)
+    _ours(metrics.psnr, original, reconstruction),
+    _sk_psnr(original, reconstruction),
+    rtol=0,
+    atol=PSNR_ATOL,
+  )
 
 
 @pytest.mark.parametrize("name", PHOTOS)
@@ -118,25 +134,36 @@ def test_ssim_keeps_float32_precision_on_near_white_images(kind):
   original = 0.9 + 0.1 * _photo("astronaut", 64)
   reconstruction = _degrade(original, kind)
   np.testing.assert_allclose(
-      _ours(metrics.ssim, original, reconstruction), _sk_ssim(original, reconstruction),
-      rtol=0, atol=SSIM_ATOL)
+    _ours(metrics.ssim, original, reconstruction),
+    _sk_ssim(original, reconstruction),
+    rtol=0,
+    atol=SSIM_ATOL,
+  )
 
 
 def test_ssim_on_32x32_and_non_square_images():
   # CIFAR-sized, and H != W so that swapped axes in the window would show.
   for shape in [(32, 32), (40, 24)]:
-    original = transform.resize(
-        skdata.chelsea(), shape + (3,), anti_aliasing=True).astype(np.float32)
+    original = transform.resize(skdata.chelsea(), shape + (3,), anti_aliasing=True).astype(
+      np.float32
+    )
     reconstruction = _degrade(original, "jpeg")
     np.testing.assert_allclose(
-        _ours(metrics.ssim, original, reconstruction), _sk_ssim(original, reconstruction),
-        rtol=0, atol=SSIM_ATOL)
+      _ours(metrics.ssim, original, reconstruction),
+      _sk_ssim(original, reconstruction),
+      rtol=0,
+      atol=SSIM_ATOL,
+    )
 
 
 def test_batched_and_jitted_metrics_match_per_image_references():
   originals = np.stack([_photo(name, 64) for name in PHOTOS])
   reconstructions = np.stack(
-      [_degrade(x, kind, seed=i) for i, (x, kind) in enumerate(zip(originals, DEGRADATIONS))])
+    [
+      _degrade(x, kind, seed=i)
+      for i, (x, kind) in enumerate(zip(originals, DEGRADATIONS, strict=True))
+    ]
+  )
   x = jnp.asarray(originals, jnp.float32)
   y = jnp.asarray(reconstructions, jnp.float32)
 
@@ -146,8 +173,8 @@ def test_batched_and_jitted_metrics_match_per_image_references():
   assert got_ssim.shape == (4,) and got_ssim.dtype == np.float32
   assert got_psnr.shape == (4,) and got_psnr.dtype == np.float32
 
-  want_ssim = [_sk_ssim(a, b) for a, b in zip(originals, reconstructions)]
-  want_psnr = [_sk_psnr(a, b) for a, b in zip(originals, reconstructions)]
+  want_ssim = [_sk_ssim(a, b) for a, b in zip(originals, reconstructions, strict=True)]
+  want_psnr = [_sk_psnr(a, b) for a, b in zip(originals, reconstructions, strict=True)]
   np.testing.assert_allclose(got_ssim, want_ssim, rtol=0, atol=SSIM_ATOL)
   np.testing.assert_allclose(got_psnr, want_psnr, rtol=0, atol=PSNR_ATOL)
   # Each image scored on its own: the batch must not mix images.
@@ -159,13 +186,14 @@ def test_psnr_by_hand_in_numpy():
   reconstruction = _degrade(original, "noise")
   mse = np.mean((original.astype(np.float64) - reconstruction.astype(np.float64)) ** 2)
   np.testing.assert_allclose(
-      _ours(metrics.psnr, original, reconstruction), 10 * np.log10(1.0 / mse),
-      rtol=0, atol=PSNR_ATOL)
+    _ours(metrics.psnr, original, reconstruction), 10 * np.log10(1.0 / mse), rtol=0, atol=PSNR_ATOL
+  )
   # A known value: every pixel off by 0.1 -> mse 0.01 -> 20 dB; data_range 2 -> +6.02 dB.
   x = jnp.full((2, 8, 8, 3), 0.5, jnp.float32)
   np.testing.assert_allclose(metrics.psnr(x, x + 0.1), [20.0, 20.0], atol=1e-4)
   np.testing.assert_allclose(
-      metrics.psnr(x, x + 0.1, data_range=2.0), [20.0 + 20 * np.log10(2.0)] * 2, atol=1e-4)
+    metrics.psnr(x, x + 0.1, data_range=2.0), [20.0 + 20 * np.log10(2.0)] * 2, atol=1e-4
+  )
 
 
 def test_identical_images_give_ssim_one_and_psnr_inf_like_skimage():
@@ -182,13 +210,12 @@ def test_ssim_tolerance_would_catch_wrong_definitions():
   reconstruction = _degrade(original, "jpeg")
   ours = _ours(metrics.ssim, original, reconstruction)
   wrong_variants = {
-      "K2=0.02": _sk_ssim(original, reconstruction, K2=0.02),
-      "population covariance": _sk_ssim(
-          original, reconstruction, use_sample_covariance=False),
-      "win_size=7": _sk_ssim(original, reconstruction, win_size=7),
-      "gaussian window": _sk_ssim(original, reconstruction, gaussian_weights=True, sigma=1.5),
-      # A 'same' (reflect-padded) window that keeps the border pixels in the mean.
-      "same window, no crop": float(np.mean(_sk_ssim_map(original, reconstruction))),
+    "K2=0.02": _sk_ssim(original, reconstruction, K2=0.02),
+    "population covariance": _sk_ssim(original, reconstruction, use_sample_covariance=False),
+    "win_size=7": _sk_ssim(original, reconstruction, win_size=7),
+    "gaussian window": _sk_ssim(original, reconstruction, gaussian_weights=True, sigma=1.5),
+    # A 'same' (reflect-padded) window that keeps the border pixels in the mean.
+    "same window, no crop": float(np.mean(_sk_ssim_map(original, reconstruction))),
   }
   for label, wrong in wrong_variants.items():
     assert abs(ours - wrong) > 5 * SSIM_ATOL, (label, abs(ours - wrong))
@@ -213,8 +240,11 @@ def test_ssim_rejects_small_images_and_bad_windows():
   # 11x11 images are the smallest allowed: a single window.
   tiny = _photo("camera", 11)
   np.testing.assert_allclose(
-      _ours(metrics.ssim, tiny, _degrade(tiny, "noise")),
-      _sk_ssim(tiny, _degrade(tiny, "noise")), rtol=0, atol=SSIM_ATOL)
+    _ours(metrics.ssim, tiny, _degrade(tiny, "noise")),
+    _sk_ssim(tiny, _degrade(tiny, "noise")),
+    rtol=0,
+    atol=SSIM_ATOL,
+  )
 
 
 def test_to_unit_range_maps_and_clips():
@@ -244,7 +274,8 @@ def test_usage_and_perplexity_hand_computed():
   counts = jnp.array([1.0, 2.0, 5.0, 0.0], jnp.float32)
   p = np.array([1, 2, 5]) / 8
   np.testing.assert_allclose(
-      jax.jit(metrics.perplexity)(counts), np.exp(-np.sum(p * np.log(p))), rtol=1e-6)
+    jax.jit(metrics.perplexity)(counts), np.exp(-np.sum(p * np.log(p))), rtol=1e-6
+  )
   np.testing.assert_allclose(jax.jit(metrics.codebook_usage)(counts), 0.75)
   assert np.isfinite(float(metrics.perplexity(counts)))
 
@@ -260,14 +291,16 @@ def test_code_counts_matches_bincount_with_mask():
   np.testing.assert_array_equal(counts, np.bincount(indices.ravel(), minlength=k))
 
   masked = jax.jit(metrics.code_counts, static_argnums=1)(
-      jnp.asarray(indices), k, jnp.asarray(mask))
+    jnp.asarray(indices), k, jnp.asarray(mask)
+  )
   np.testing.assert_array_equal(masked, np.bincount(indices[mask].ravel(), minlength=k))
   assert int(masked.sum()) == 3 * 16
 
   flat = metrics.code_counts(jnp.asarray(indices.ravel()), k)
   np.testing.assert_array_equal(flat, np.bincount(indices.ravel(), minlength=k))
-  np.testing.assert_allclose(metrics.codebook_usage(counts), np.mean(np.bincount(
-      indices.ravel(), minlength=k) > 0))
+  np.testing.assert_allclose(
+    metrics.codebook_usage(counts), np.mean(np.bincount(indices.ravel(), minlength=k) > 0)
+  )
 
 
 def test_code_counts_drops_out_of_range_and_checks_mask_shape():
@@ -294,16 +327,15 @@ def test_image_grid_shape_and_pixel_placement():
   assert grid.dtype == np.float32
   for i in range(n):
     top, left = pad + (i // ncols) * (h + pad), pad + (i % ncols) * (w + pad)
-    np.testing.assert_array_equal(grid[top:top + h, left:left + w], images[i])
+    np.testing.assert_array_equal(grid[top : top + h, left : left + w], images[i])
   # Borders and the empty sixth slot hold the pad value.
   assert np.all(grid[:pad] == 1.0) and np.all(grid[:, :pad] == 1.0)
   top, left = pad + (h + pad), pad + 2 * (w + pad)
-  assert np.all(grid[top:top + h, left:left + w] == 1.0)
+  assert np.all(grid[top : top + h, left : left + w] == 1.0)
   assert np.sum(grid != 1.0) == n * h * w * c
 
   # [-1, 1] inputs with value_range=(-1, 1) give the same grid; overshoot is clipped.
-  signed = image_lib.image_grid(
-      images * 2 - 1, ncols=ncols, pad=pad, value_range=(-1.0, 1.0))
+  signed = image_lib.image_grid(images * 2 - 1, ncols=ncols, pad=pad, value_range=(-1.0, 1.0))
   np.testing.assert_allclose(signed, grid, atol=1e-6)
   clipped = image_lib.image_grid(np.full((1, 2, 2, 1), 1.5, np.float32), pad=0)
   np.testing.assert_array_equal(clipped, np.ones((2, 2, 1), np.float32))
@@ -316,12 +348,13 @@ def test_side_by_side_interleaves_rows():
   originals = _constant_images(n, h, w, c)
   reconstructions = originals * 0.5  # distinct from every original value
   grid = image_lib.side_by_side(
-      originals, reconstructions, n=n, ncols=ncols, pad=pad, pad_value=0.0)
+    originals, reconstructions, n=n, ncols=ncols, pad=pad, pad_value=0.0
+  )
   assert grid.shape == (4 * (h + pad) + pad, ncols * (w + pad) + pad, c)
 
   def cell(row: int, col: int) -> np.ndarray:
     top, left = pad + row * (h + pad), pad + col * (w + pad)
-    return grid[top:top + h, left:left + w]
+    return grid[top : top + h, left : left + w]
 
   for i in range(n):
     row, col = divmod(i, ncols)
@@ -332,7 +365,8 @@ def test_side_by_side_interleaves_rows():
 
   # n caps the pairs shown; defaults give one row of originals over their reconstructions.
   default = image_lib.side_by_side(
-      np.zeros((10, h, w, c), np.float32), np.ones((10, h, w, c), np.float32), n=8)
+    np.zeros((10, h, w, c), np.float32), np.ones((10, h, w, c), np.float32), n=8
+  )
   assert default.shape == (2 * (h + 2) + 2, 8 * (w + 2) + 2, c)
   with pytest.raises(ValueError, match="differ in shape"):
     image_lib.side_by_side(originals, reconstructions[:, :2])

@@ -25,8 +25,7 @@ def model_and_params():
 def test_output_at_a_position_does_not_depend_on_later_positions(model_and_params):
   model, params, tokens, labels = model_and_params
   emb = model.apply({"params": params}, tokens, method=lambda m, t: m.embedding(t))
-  logits_fn = lambda x: model.apply({"params": params}, x, labels,
-                                    method="from_embeddings")
+  logits_fn = lambda x: model.apply({"params": params}, x, labels, method="from_embeddings")
   n = H * W
   # jac[p, b, i, j, :]: d(sum of the logits of example 0 at position p) / d(input b, i, j).
   jac = jax.jit(jax.jacrev(lambda x: logits_fn(x)[0].sum(-1).reshape(-1)))(emb)
@@ -48,9 +47,9 @@ def test_changing_later_tokens_changes_nothing_before(model_and_params):
     out = model.apply({"params": params}, changed, labels)
     flat_base = np.asarray(base).reshape(2, H * W, K)
     flat_out = np.asarray(out).reshape(2, H * W, K)
-    np.testing.assert_array_equal(flat_out[:, :p + 1], flat_base[:, :p + 1])
+    np.testing.assert_array_equal(flat_out[:, : p + 1], flat_base[:, : p + 1])
     if p < H * W - 1:
-      assert np.abs(flat_out[:, p + 1:] - flat_base[:, p + 1:]).max() > 0
+      assert np.abs(flat_out[:, p + 1 :] - flat_base[:, p + 1 :]).max() > 0
 
 
 def test_class_conditioning_changes_the_logits(model_and_params):
@@ -83,6 +82,7 @@ def test_sampling_follows_the_model_in_raster_order():
 def test_sampling_is_deterministic_per_sample_and_batch_independent(model_and_params):
   model, params, _, _ = model_and_params
   from ml_collections import ConfigDict
+
   config = ConfigDict(dict(num_classes=3, sampling=dict(temperature=1.0)))
   sample = prior_pixelcnn.make_sample_fn(model, config, (H, W))
   key = jax.random.PRNGKey(7)

@@ -41,7 +41,9 @@ def numeric_grad(f, x, eps=1e-5):
 def data():
   rng = np.random.default_rng(0)
   z = rng.normal(size=(40, 8)).astype(np.float32)
-  e = rng.normal(size=(6, 8)).astype(np.float32) * rng.uniform(0.2, 3, size=(6, 1)).astype(np.float32)
+  e = rng.normal(size=(6, 8)).astype(np.float32) * rng.uniform(0.2, 3, size=(6, 1)).astype(
+    np.float32
+  )
   return z, e
 
 
@@ -51,7 +53,9 @@ def test_nearest_code_cosine_and_euclidean(data):
   want_euc = np.argmin(((z[:, None, :] - e[None]) ** 2).sum(-1), axis=1)
   assert (want_cos != want_euc).any(), "test data must tell the two distances apart"
   np.testing.assert_array_equal(vq.nearest_code(jnp.asarray(z), jnp.asarray(e), "cosine"), want_cos)
-  np.testing.assert_array_equal(vq.nearest_code(jnp.asarray(z), jnp.asarray(e), "euclidean"), want_euc)
+  np.testing.assert_array_equal(
+    vq.nearest_code(jnp.asarray(z), jnp.asarray(e), "euclidean"), want_euc
+  )
 
 
 def test_cosine_match_ignores_norms_and_ties_go_to_lowest_index():
@@ -68,9 +72,13 @@ def test_quantize_returns_raw_rows_and_straight_through(data):
   np.testing.assert_allclose(q.z_ste, q.z_q, atol=1e-6)
   # d(sum(w * z_ste))/dz = w: the decoder's gradient passes straight to the encoder.
   w = np.random.default_rng(1).normal(size=z.shape).astype(np.float32)
-  g = jax.grad(lambda zz: jnp.sum(vq.quantize(zz, jnp.asarray(e), "cosine").z_ste * w))(jnp.asarray(z))
+  g = jax.grad(lambda zz: jnp.sum(vq.quantize(zz, jnp.asarray(e), "cosine").z_ste * w))(
+    jnp.asarray(z)
+  )
   np.testing.assert_allclose(g, w, rtol=1e-6)
-  g_e = jax.grad(lambda ee: jnp.sum(vq.quantize(jnp.asarray(z), ee, "cosine").z_ste))(jnp.asarray(e))
+  g_e = jax.grad(lambda ee: jnp.sum(vq.quantize(jnp.asarray(z), ee, "cosine").z_ste))(
+    jnp.asarray(e)
+  )
   assert np.all(np.asarray(g_e) == 0)
 
 
@@ -93,7 +101,8 @@ def test_vq_loss_values_and_gradients(data, legacy):
   np.testing.assert_allclose(ge, want_ge, rtol=1e-5, atol=1e-8)
   # Without the codebook term (EMA codebooks) no gradient reaches the codebook.
   ge0 = jax.grad(lambda ee: vq.vq_loss(jnp.asarray(z), ee[idx], beta, legacy, codebook_term=False))(
-      jnp.asarray(e))
+    jnp.asarray(e)
+  )
   assert np.all(np.asarray(ge0) == 0)
 
 
@@ -113,15 +122,17 @@ def test_bbnr_radius_and_projection():
 def test_arc_loss_value_matches_numpy(data, s, m, k):
   z, e = data
   got = vq.arc_loss(jnp.asarray(z), jnp.asarray(e), s, m, k)
-  np.testing.assert_allclose(got, np_arc_loss(z.astype(np.float64), e.astype(np.float64), s, m, k),
-                             rtol=2e-5)
+  np.testing.assert_allclose(
+    got, np_arc_loss(z.astype(np.float64), e.astype(np.float64), s, m, k), rtol=2e-5
+  )
 
 
 def test_arc_loss_gradient_reaches_latents_only(data):
   z, e = data
   z64, e64 = z.astype(np.float64), e.astype(np.float64)
   gz, ge = jax.grad(lambda a, b: vq.arc_loss(a, b, 10.0, 0.1, 3), argnums=(0, 1))(
-      jnp.asarray(z), jnp.asarray(e))
+    jnp.asarray(z), jnp.asarray(e)
+  )
   assert np.all(np.asarray(ge) == 0), "stop-gradient on the codebook"
   want = numeric_grad(lambda zz: np_arc_loss(zz, e64, 10.0, 0.1, 3), z64)
   np.testing.assert_allclose(gz, want, rtol=2e-3, atol=2e-5)
@@ -145,8 +156,9 @@ def test_arc_loss_ties_and_zero_vectors():
   z = np.concatenate([base, base, np.zeros((2, 5), np.float32)])
   e = np.concatenate([rng.normal(size=(4, 5)), np.zeros((1, 5))]).astype(np.float32)
   loss = vq.arc_loss(jnp.asarray(z), jnp.asarray(e), 10.0, 0.1, 3)
-  np.testing.assert_allclose(loss, np_arc_loss(z.astype(np.float64), e.astype(np.float64), 10, 0.1, 3),
-                             rtol=2e-5)
+  np.testing.assert_allclose(
+    loss, np_arc_loss(z.astype(np.float64), e.astype(np.float64), 10, 0.1, 3), rtol=2e-5
+  )
   g = jax.grad(lambda a: vq.arc_loss(a, jnp.asarray(e), 10.0, 0.1, 3))(jnp.asarray(z))
   assert np.all(np.isfinite(g)) and np.isfinite(loss)
 

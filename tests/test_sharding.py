@@ -17,18 +17,37 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def results():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=ROOT,
+  )
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "tests", "multidevice_script.py"), "arcvq", "arcvq_streamed", "ema", "restart", "vqgan", "arcvq_fsdp", "vqgan_fsdp"],
-      env=env, capture_output=True, text=True, timeout=900)
+    [
+      sys.executable,
+      os.path.join(ROOT, "tests", "multidevice_script.py"),
+      "arcvq",
+      "arcvq_streamed",
+      "ema",
+      "restart",
+      "vqgan",
+      "arcvq_fsdp",
+      "vqgan_fsdp",
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert proc.returncode == 0, proc.stderr[-4000:]
   line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
-  return json.loads(line[len("RESULT"):])
+  return json.loads(line[len("RESULT") :])
 
 
-@pytest.mark.parametrize("variant", ["arcvq", "arcvq_streamed", "ema", "restart", "vqgan",
-                                     "arcvq_fsdp", "vqgan_fsdp"])
+@pytest.mark.parametrize(
+  "variant", ["arcvq", "arcvq_streamed", "ema", "restart", "vqgan", "arcvq_fsdp", "vqgan_fsdp"]
+)
 def test_one_and_eight_devices_agree(results, variant):
   """*_fsdp: the 8 devices form a 2 x 4 ('data', 'fsdp') mesh with the parameters and their
   Adam moments split over 'fsdp'; they must give the 1-device (= data-parallel) run."""
@@ -37,20 +56,20 @@ def test_one_and_eight_devices_agree(results, variant):
   assert one_sharded == 0
   if variant.endswith("_fsdp"):
     assert eight_sharded >= 10, eight_sharded  # kernels, codebook and their moments
-    for a, b in zip(results[variant.removesuffix("_fsdp")]["eight"][0], eight_losses):
+    for a, b in zip(results[variant.removesuffix("_fsdp")]["eight"][0], eight_losses, strict=True):
       np.testing.assert_allclose(a["loss"], b["loss"], rtol=2e-4)  # = pure data parallelism
   else:
     assert eight_sharded == 0
   keys = ["loss", "loss_rec", "loss_vq", "loss_arc", "batch_usage", "batch_perplexity"]
   if variant.startswith("vqgan"):  # BatchNorm's statistics and the adaptive weight are global too
     keys += ["loss_g", "d_weight", "d_loss", "logits_real", "logits_fake"]
-  for a, b in zip(one_losses, eight_losses):
+  for a, b in zip(one_losses, eight_losses, strict=True):
     for key in keys:
       np.testing.assert_allclose(a[key], b[key], rtol=2e-4, atol=1e-6, err_msg=key)
   if variant.startswith("arcvq"):
     assert one_losses[0]["loss_arc"] > 0
   if variant == "arcvq_streamed":  # the streamed forms give the naive run's losses
-    for a, b in zip(results["arcvq"]["one"][0], one_losses):
+    for a, b in zip(results["arcvq"]["one"][0], one_losses, strict=True):
       np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4)
   if variant == "restart":
     assert one_losses[0]["codes_restarted"] == eight_losses[0]["codes_restarted"] > 0

@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from streaming_fixtures import exact_units, random_data
 
 from arcvq_jax import config as config_lib
 from arcvq_jax import quantization as vq
 from arcvq_jax import streaming as st
 from arcvq_jax.train import tokenizer
-from streaming_fixtures import exact_units, random_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,8 +28,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def naive_and_streamed(z, e, s, m, k, chunk, code_chunk=None):
   """(value, dL/dz) of both forms, jitted."""
   naive = jax.jit(jax.value_and_grad(lambda a: vq.arc_loss(a, jnp.asarray(e), s, m, k)))
-  streamed = jax.jit(jax.value_and_grad(lambda a: st.arc_loss_streamed(
-      a, jnp.asarray(e), s, m, k, chunk_size=chunk, code_chunk_size=code_chunk)))
+  streamed = jax.jit(
+    jax.value_and_grad(
+      lambda a: st.arc_loss_streamed(
+        a, jnp.asarray(e), s, m, k, chunk_size=chunk, code_chunk_size=code_chunk
+      )
+    )
+  )
   return naive(jnp.asarray(z)), streamed(jnp.asarray(z))
 
 
@@ -47,16 +52,16 @@ def assert_same(naive, streamed, rtol=1e-5, grad_rtol=1e-4):
 # 44); K > chunk, in code blocks with a tail (600 = 2 * 256 + 88); full chunks that take the
 # two-stage top-k (chunk >= 4 * top_k * 32) and a tail that does not.
 CASES = [
-    (256, 40, 16, 256, None, 10.0, 0.1, 3),
-    (256, 40, 16, 256, 16, 5.0, 0.0, 5),
-    (300, 7, 8, 64, None, 10.0, 0.1, 1),
-    (300, 7, 8, 64, 3, 5.0, 0.1, 5),
-    (300, 7, 8, 64, None, 10.0, 0.0, 3),
-    (1000, 600, 8, 128, 256, 10.0, 0.1, 3),
-    (1000, 600, 8, 128, None, 5.0, 0.0, 1),
-    (2500, 50, 16, 1024, None, 10.0, 0.1, 5),
-    (2500, 50, 16, 1024, 32, 5.0, 0.1, 3),
-    (2500, 50, 16, 1024, 25, 10.0, 0.0, 1),
+  (256, 40, 16, 256, None, 10.0, 0.1, 3),
+  (256, 40, 16, 256, 16, 5.0, 0.0, 5),
+  (300, 7, 8, 64, None, 10.0, 0.1, 1),
+  (300, 7, 8, 64, 3, 5.0, 0.1, 5),
+  (300, 7, 8, 64, None, 10.0, 0.0, 3),
+  (1000, 600, 8, 128, 256, 10.0, 0.1, 3),
+  (1000, 600, 8, 128, None, 5.0, 0.0, 1),
+  (2500, 50, 16, 1024, None, 10.0, 0.1, 5),
+  (2500, 50, 16, 1024, 32, 5.0, 0.1, 3),
+  (2500, 50, 16, 1024, 25, 10.0, 0.0, 1),
 ]
 
 
@@ -72,8 +77,9 @@ def test_default_block_sizes_match_naive():
   assert_same(*naive_and_streamed(z, e, 10.0, 0.1, 3, None))
 
 
-@pytest.mark.parametrize("n,chunk,top_k", [(300, 32, 3), (301, 7, 5), (1500, 512, 3),
-                                           (2000, 1024, 5)])
+@pytest.mark.parametrize(
+  "n,chunk,top_k", [(300, 32, 3), (301, 7, 5), (1500, 512, 3), (2000, 1024, 5)]
+)
 def test_ties_between_duplicated_latents_resolve_like_top_k(n, chunk, top_k):
   # A few distinct directions repeated many times: every P_k boundary is a tie, and only
   # lowest-index-first picks the tokens the naive form picks (the gradient tells which).
@@ -167,8 +173,9 @@ def test_bfloat16_inputs_are_computed_in_float32():
   assert value.dtype == jnp.float32 and grad.dtype == jnp.bfloat16
   np.testing.assert_allclose(value, want, rtol=1e-5)
   idx = jax.jit(st.nearest_code_streamed, static_argnums=(2, 3))(z16, e16, "cosine", 64)
-  np.testing.assert_array_equal(idx, vq.nearest_code(z16.astype(jnp.float32),
-                                                     e16.astype(jnp.float32), "cosine"))
+  np.testing.assert_array_equal(
+    idx, vq.nearest_code(z16.astype(jnp.float32), e16.astype(jnp.float32), "cosine")
+  )
 
 
 def test_never_builds_the_k_by_n_matrix():
@@ -214,8 +221,11 @@ def test_auto_chunk_size():
 def test_nearest_code_matches_naive(distance, chunk, code_chunk):
   z, e = random_data(7, 203, 37, 8)
   want = vq.nearest_code(jnp.asarray(z), jnp.asarray(e), distance)
-  got = jax.jit(functools.partial(st.nearest_code_streamed, distance=distance, chunk_size=chunk,
-                                  code_chunk_size=code_chunk))(jnp.asarray(z), jnp.asarray(e))
+  got = jax.jit(
+    functools.partial(
+      st.nearest_code_streamed, distance=distance, chunk_size=chunk, code_chunk_size=code_chunk
+    )
+  )(jnp.asarray(z), jnp.asarray(e))
   assert got.dtype == jnp.int32 and got.shape == (203,)
   np.testing.assert_array_equal(got, want)
 
@@ -232,12 +242,15 @@ def test_nearest_code_ties_go_to_the_lowest_index(distance):
   z = np.tile(z, (5, 1))
   want = vq.nearest_code(jnp.asarray(z), jnp.asarray(e), distance)
   expect_first = {"cosine": [3, 3, 4, 3, 4, 0, 0], "euclidean": [3, 27, 4, 3, 4, None, None]}
-  for row, first in zip(np.asarray(want)[:7], expect_first[distance]):
+  for row, first in zip(np.asarray(want)[:7], expect_first[distance], strict=True):
     if first is not None:
       assert row == first
   for chunk, code_chunk in [(None, 8192), (4, 8), (35, 4)]:
-    got = jax.jit(functools.partial(st.nearest_code_streamed, distance=distance, chunk_size=chunk,
-                                    code_chunk_size=code_chunk))(jnp.asarray(z), jnp.asarray(e))
+    got = jax.jit(
+      functools.partial(
+        st.nearest_code_streamed, distance=distance, chunk_size=chunk, code_chunk_size=code_chunk
+      )
+    )(jnp.asarray(z), jnp.asarray(e))
     np.testing.assert_array_equal(got, want)
 
 
@@ -248,7 +261,8 @@ def test_nearest_code_nan_like_argmax():
   for distance in ("cosine", "euclidean"):
     want = vq.nearest_code(jnp.asarray(z), jnp.asarray(e), distance)
     got = jax.jit(st.nearest_code_streamed, static_argnums=(2, 3, 4))(
-        jnp.asarray(z), jnp.asarray(e), distance, 8, 4)
+      jnp.asarray(z), jnp.asarray(e), distance, 8, 4
+    )
     np.testing.assert_array_equal(got, want)
 
 
@@ -258,14 +272,22 @@ def test_nearest_code_nan_like_argmax():
 @pytest.fixture(scope="module")
 def multidevice():
   """tests/streaming_multidevice_script.py on 8 simulated CPU devices: {case: errors}."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=ROOT,
+  )
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "tests", "streaming_multidevice_script.py")],
-      env=env, capture_output=True, text=True, timeout=1200)
+    [sys.executable, os.path.join(ROOT, "tests", "streaming_multidevice_script.py")],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=1200,
+  )
   assert proc.returncode == 0, proc.stderr[-4000:]
   line = [row for row in proc.stdout.splitlines() if row.startswith("RESULT")][-1]
-  return json.loads(line[len("RESULT"):])
+  return json.loads(line[len("RESULT") :])
 
 
 def test_sharded_arc_loss_equals_single_device(multidevice):
@@ -319,11 +341,17 @@ def test_sharded_forms_on_one_device_match():
   z, e = random_data(12, 300, 37, 8)
   z, e = jnp.asarray(z), jnp.asarray(e)
   want = jax.value_and_grad(lambda a: vq.arc_loss(a, e, 10.0, 0.1, 3))(z)
-  got = jax.jit(jax.value_and_grad(lambda a: st.arc_loss_sharded(
-      a, e, 10.0, 0.1, 3, mesh=mesh, codebook_axis="data", chunk_size=64)))(z)
+  got = jax.jit(
+    jax.value_and_grad(
+      lambda a: st.arc_loss_sharded(
+        a, e, 10.0, 0.1, 3, mesh=mesh, codebook_axis="data", chunk_size=64
+      )
+    )
+  )(z)
   assert_same(want, got)
-  idx = jax.jit(lambda a, b: st.nearest_code_sharded(a, b, "cosine", mesh=mesh,
-                                                     codebook_axis="data"))(z, e)
+  idx = jax.jit(
+    lambda a, b: st.nearest_code_sharded(a, b, "cosine", mesh=mesh, codebook_axis="data")
+  )(z, e)
   np.testing.assert_array_equal(idx, vq.nearest_code(z, e, "cosine"))
 
 
@@ -338,12 +366,15 @@ def test_auto_keeps_the_naive_form_for_small_problems():
   assert not tokenizer.use_streamed("naive", 10**5, 10**5)
 
 
-@pytest.mark.parametrize("axis,shape,axes,devices,match", [
+@pytest.mark.parametrize(
+  "axis,shape,axes,devices,match",
+  [
     ("model", (-1,), ("data",), 8, "'model' is not one of the mesh axes"),
     ("data", (-1,), ("data",), 3, "do not split evenly over the 3 devices"),
     ("fsdp", (2, -1), ("data", "fsdp"), 8, None),  # 512 codes over 4
     ("data", (-1,), ("data",), 8, None),
-])
+  ],
+)
 def test_codebook_axis_is_validated(axis, shape, axes, devices, match):
   c = config_lib.vqvae_config()
   c.batch_size, c.eval_batch_size = 24, 24
@@ -365,10 +396,10 @@ def test_streamed_arc_loss_is_allowed_on_several_devices():
 def test_large_codebook_config_trains_a_few_steps():
   # configs/large_codebook.py: K = 100,000 with the full VQGAN step (GAN on from step 0),
   # on random images of the config's data shape (Fashion-MNIST, 28x28x1).
-  from configs import large_codebook  # noqa: PLC0415 (configs/ is not a package)
   from arcvq_jax import sharding  # noqa: PLC0415
   from arcvq_jax.train import gan_steps  # noqa: PLC0415
   from arcvq_jax.train.state import make_disc_optimizer, make_optimizer  # noqa: PLC0415
+  from configs import large_codebook  # noqa: PLC0415 (configs/ is not a package)
 
   c = large_codebook.get_config()
   config_lib.validate(c, num_devices=1)
@@ -379,15 +410,23 @@ def test_large_codebook_config_trains_a_few_steps():
   mesh = sharding.make_mesh((-1,), ("data",), devices=jax.devices()[:1])
   model = tokenizer.build_model(c, channels=1)
   state, _, steps_fn = gan_steps.create_state_and_steps(
-      c, model, gan_steps.discriminator_from_config(c), make_optimizer(c),
-      make_disc_optimizer(c), mesh, (28, 28, 1), None)
+    c,
+    model,
+    gan_steps.discriminator_from_config(c),
+    make_optimizer(c),
+    make_disc_optimizer(c),
+    mesh,
+    (28, 28, 1),
+    None,
+  )
   assert state.gen.params["codebook"].shape == (100_000, 8)
   rng = np.random.default_rng(0)
   losses = []
   for t in range(2):
     x = rng.uniform(-1, 1, size=(c.batch_size, 28, 28, 1)).astype(np.float32)
-    state, metrics = steps_fn(state, sharding.global_batch({"image": x},
-                                                           sharding.batch_sharding(mesh)), t)
+    state, metrics = steps_fn(
+      state, sharding.global_batch({"image": x}, sharding.batch_sharding(mesh)), t
+    )
     losses.append({k: float(v) for k, v in metrics.items()})
   for m in losses:
     for key in ("loss", "loss_vq", "loss_arc", "d_loss"):

@@ -6,21 +6,23 @@ import os
 import jax
 import numpy as np
 import pytest
+from run_helpers import override, read_scalars
 
 from arcvq_jax import checkpoint as ckpt_lib
 from arcvq_jax import config as config_lib
 from arcvq_jax.train import tokenizer
-from run_helpers import override, read_scalars
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION = "/usr/share/datasets/fashion-mnist"
 pytestmark = pytest.mark.skipif(
-    not os.path.exists(os.path.join(FASHION, "train-images-idx3-ubyte.gz")),
-    reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
+  not os.path.exists(os.path.join(FASHION, "train-images-idx3-ubyte.gz")),
+  reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)",
+)
 
 
 def tiny_config(**overrides):
   from configs import tiny  # noqa: PLC0415 (configs/ is not a package; ROOT is on sys.path)
+
   c = tiny.get_config()
   c.eval_batch_size = 2000
   c.data.eval_split = "test"
@@ -64,12 +66,17 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   tokenizer.train_and_evaluate(tiny_config(num_train_steps=3), workdir)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
   good = checkpointer.restore(3, None, None)
-  with pytest.raises(tokenizer.NonFiniteLossError, match=r"step 3 .* lower config.optimizer.lr|last good checkpoint \(step 3"):
-    tokenizer.train_and_evaluate(tiny_config(**{"optimizer.lr": 1e30, "num_train_steps": 12}), workdir)
+  with pytest.raises(
+    tokenizer.NonFiniteLossError,
+    match=r"step 3 .* lower config.optimizer.lr|last good checkpoint \(step 3",
+  ):
+    tokenizer.train_and_evaluate(
+      tiny_config(**{"optimizer.lr": 1e30, "num_train_steps": 12}), workdir
+    )
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
   assert checkpointer.all_steps() == [3]
   again = checkpointer.restore(3, None, None)
-  for a, b in zip(jax.tree.leaves(good), jax.tree.leaves(again)):
+  for a, b in zip(jax.tree.leaves(good), jax.tree.leaves(again), strict=True):
     np.testing.assert_array_equal(a, b)
 
 
@@ -80,7 +87,9 @@ def test_changed_model_refuses_to_resume(uninterrupted, tmp_path):
     tokenizer.train_and_evaluate(tiny_config(**{"quantizer.num_codes": 32}), workdir)
 
 
-@pytest.mark.parametrize("key,value,match", [
+@pytest.mark.parametrize(
+  "key,value,match",
+  [
     ("arc.top_k", 0, "config.arc.top_k"),
     ("arc.s", 0.0, "config.arc.s"),
     ("arc.s", -1.0, "config.arc.s"),
@@ -95,7 +104,8 @@ def test_changed_model_refuses_to_resume(uninterrupted, tmp_path):
     ("data.source", "s3", "config.data.source"),
     ("quantizer.codebook_axis", "model", "config.quantizer.codebook_axis: 'model' is not one"),
     ("arc.impl", "fast", "config.arc.impl"),
-])
+  ],
+)
 def test_bad_config_values_name_the_key(key, value, match):
   c = tiny_config(**{key: value})
   with pytest.raises(ValueError, match=match.replace(".", r"\.")):

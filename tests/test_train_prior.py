@@ -11,18 +11,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from run_helpers import override, read_scalars
 
 from arcvq_jax import api, prior_config, sample, sharding
 from arcvq_jax import checkpoint as ckpt_lib
 from arcvq_jax.models import unet
 from arcvq_jax.train import prior_common, prior_ldm, prior_pixelcnn, tokenizer
-from run_helpers import override, read_scalars
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION = "/usr/share/datasets/fashion-mnist"
 needs_fashion = pytest.mark.skipif(
-    not os.path.exists(os.path.join(FASHION, "train-images-idx3-ubyte.gz")),
-    reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
+  not os.path.exists(os.path.join(FASHION, "train-images-idx3-ubyte.gz")),
+  reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)",
+)
 
 STAGES = {"ldm": prior_ldm.train_and_evaluate, "pixelcnn": prior_pixelcnn.train_and_evaluate}
 
@@ -31,6 +32,7 @@ def write_tokenizer(workdir, seed=3, **overrides):
   """A tiny VQ-VAE tokenizer workdir (random weights, K 64, 7x7x16 latents), written through
   the tokenizer API as a converted checkpoint would be."""
   from configs import tiny
+
   c = override(tiny.get_config(), **overrides)
   model = tokenizer.build_model(c, channels=1)
   params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 28, 28, 1)))["params"]
@@ -81,7 +83,7 @@ def test_stage_resumes_exactly_and_samples(stage, tok_dir, tmp_path):
   STAGES[stage](prior(stage, tok_dir), resumed)
   assert os.path.getmtime(meta) == stamp  # the stored latents were reused
   a, b = restored(full, 4), restored(resumed, 4)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert int(a["step"]) == 4 and a["ema_params"] is not None
   la, lb = read_scalars(full, "train/loss"), read_scalars(resumed, "train/loss")
@@ -111,32 +113,39 @@ def test_missing_and_incompatible_tokenizers_are_refused(tok_dir, tmp_path):
     prior_ldm.train_and_evaluate(prior("ldm", str(tmp_path / "nowhere")), str(tmp_path / "b"))
   with pytest.raises(ValueError, match=r"tokenizer_expect.num_codes: is 512, but .* 64 codes"):
     prior_pixelcnn.train_and_evaluate(
-        prior("pixelcnn", tok_dir, **{"tokenizer_expect.num_codes": 512}), str(tmp_path / "c"))
+      prior("pixelcnn", tok_dir, **{"tokenizer_expect.num_codes": 512}), str(tmp_path / "c")
+    )
   with pytest.raises(ValueError, match=r"latent_shape: is \(32, 32, 16\), .* \(7, 7, 16\)"):
     prior_ldm.train_and_evaluate(
-        prior("ldm", tok_dir, **{"tokenizer_expect.latent_shape": (32, 32, 16)}),
-        str(tmp_path / "d"))
+      prior("ldm", tok_dir, **{"tokenizer_expect.latent_shape": (32, 32, 16)}), str(tmp_path / "d")
+    )
   with pytest.raises(ValueError, match=r"unet.channel_mult: \(1, 2\) divides the latent side by 2"):
-    prior_ldm.train_and_evaluate(prior("ldm", tok_dir, **{"unet.channel_mult": (1, 2)}),
-                                 str(tmp_path / "e"))
+    prior_ldm.train_and_evaluate(
+      prior("ldm", tok_dir, **{"unet.channel_mult": (1, 2)}), str(tmp_path / "e")
+    )
   with pytest.raises(ValueError, match=r"unet.attention_resolutions: \[8\] never occur"):
     prior_ldm.train_and_evaluate(
-        prior("ldm", tok_dir, **{"unet.attention_resolutions": (8,)}), str(tmp_path / "f"))
+      prior("ldm", tok_dir, **{"unet.attention_resolutions": (8,)}), str(tmp_path / "f")
+    )
   # A resumed prior pointed at another tokenizer (a bigger codebook) is refused.
   other = write_tokenizer(tmp_path / "tok128", **{"quantizer.num_codes": 128})
   run = str(tmp_path / "g")
   prior_pixelcnn.train_and_evaluate(prior("pixelcnn", tok_dir, num_train_steps=1), run)
   with pytest.raises(prior_common.PriorSetupError, match="was trained on the tokenizer"):
     prior_pixelcnn.train_and_evaluate(
-        prior("pixelcnn", other, num_train_steps=2, **{"tokenizer_expect.num_codes": 0}), run)
+      prior("pixelcnn", other, num_train_steps=2, **{"tokenizer_expect.num_codes": 0}), run
+    )
   with pytest.raises(sample.SampleError, match="no checkpoints"):
     sample.run(prior("ldm", tok_dir), str(tmp_path / "h"), num_samples=2)
   assert not os.path.exists(tmp_path / "h")  # nothing written
   # A diverging run stops before saving: the last good checkpoint stays the latest.
-  with pytest.raises(tokenizer.NonFiniteLossError, match="loss became nan by step 3; the last "
-                     "good checkpoint is step 2"):
+  with pytest.raises(
+    tokenizer.NonFiniteLossError,
+    match="loss became nan by step 3; the last good checkpoint is step 2",
+  ):
     prior_pixelcnn.train_and_evaluate(
-        prior("pixelcnn", tok_dir, num_train_steps=3, **{"optimizer.lr": 1e30}), run)
+      prior("pixelcnn", tok_dir, num_train_steps=3, **{"optimizer.lr": 1e30}), run
+    )
   assert ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(run)).all_steps() == [1, 2]
 
 
@@ -145,17 +154,43 @@ def test_cli_trains_and_samples(tok_dir, tmp_path):
   workdir = str(tmp_path / "ldm")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   train = subprocess.run(
-      [sys.executable, "-m", "arcvq_jax.main", "--config=configs/tiny_ldm.py",
-       f"--workdir={workdir}", f"--config.tokenizer_workdir={tok_dir}",
-       "--config.data.train_split=test", "--config.num_train_steps=2"],
-      cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    [
+      sys.executable,
+      "-m",
+      "arcvq_jax.main",
+      "--config=configs/tiny_ldm.py",
+      f"--workdir={workdir}",
+      f"--config.tokenizer_workdir={tok_dir}",
+      "--config.data.train_split=test",
+      "--config.num_train_steps=2",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=900,
+    env=env,
+  )
   assert train.returncode == 0, train.stderr[-3000:]
   assert "Got images: {'samples'" in train.stderr  # the preview grid at the last step
   out = str(tmp_path / "samples")
   run = subprocess.run(
-      [sys.executable, "-m", "arcvq_jax.sample", f"--workdir={workdir}", "--num_samples=3",
-       "--labels=4", "--ddim_steps=3", "--guidance_scale=2.0", f"--out={out}"],
-      cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    [
+      sys.executable,
+      "-m",
+      "arcvq_jax.sample",
+      f"--workdir={workdir}",
+      "--num_samples=3",
+      "--labels=4",
+      "--ddim_steps=3",
+      "--guidance_scale=2.0",
+      f"--out={out}",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=900,
+    env=env,
+  )
   assert run.returncode == 0, run.stderr[-3000:]
   with np.load(os.path.join(out, "samples.npz")) as d:
     assert d["images"].shape == (3, 28, 28, 1) and list(d["labels"]) == [4, 4, 4]
@@ -163,8 +198,13 @@ def test_cli_trains_and_samples(tok_dir, tmp_path):
     info = json.load(f)
   assert info["ddim_steps"] == 3 and info["guidance_scale"] == 2.0
   bad = subprocess.run(
-      [sys.executable, "-m", "arcvq_jax.sample", f"--workdir={tok_dir}", "--num_samples=3"],
-      cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    [sys.executable, "-m", "arcvq_jax.sample", f"--workdir={tok_dir}", "--num_samples=3"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=900,
+    env=env,
+  )
   assert bad.returncode != 0 and "sampling needs a prior" in bad.stderr
 
 
@@ -176,8 +216,16 @@ def test_tiny_ldm_overfits_a_handful_of_latents_and_samples_them_back():
   # guidance: every sample of class c must land on latent c.
   c = prior_config.ldm_config()
   c.num_classes = 4
-  c.unet.update(dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                     attention_resolutions=(2,), num_head_channels=16, context_dim=32))
+  c.unet.update(
+    dict(
+      model_channels=32,
+      channel_mult=(1, 2),
+      num_res_blocks=1,
+      attention_resolutions=(2,),
+      num_head_channels=16,
+      context_dim=32,
+    )
+  )
   c.optimizer.lr = 3e-3
   c.ema.decay = 0.99
   c.diffusion.cond_drop_prob = 0.0
@@ -188,7 +236,8 @@ def test_tiny_ldm_overfits_a_handful_of_latents_and_samples_them_back():
   mesh = sharding.make_mesh((-1,), ("data",))
   model = unet.from_config(c, latent_channels=2)
   state, _, step_fn = prior_ldm.create_state_and_step(
-      c, model, prior_common.make_optimizer(c), mesh, (4, 4, 2), scale_factor=1.0)
+    c, model, prior_common.make_optimizer(c), mesh, (4, 4, 2), scale_factor=1.0
+  )
   for _ in range(1000):
     state, metrics = step_fn(state, batch)
   assert float(metrics["loss"]) < 0.05

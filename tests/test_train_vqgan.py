@@ -5,17 +5,17 @@ exact resume with both optimizer states, and the refusal to train without LPIPS 
 import json
 import os
 
+import imagenet_fixtures
 import jax
 import numpy as np
 import pytest
+from model_fixtures import random_lpips_params
+from run_helpers import override, read_all_scalars
 
-import imagenet_fixtures
 from arcvq_jax import checkpoint as ckpt_lib
 from arcvq_jax.data import imagenet
 from arcvq_jax.losses import lpips as lpips_lib
 from arcvq_jax.train import tokenizer
-from run_helpers import override, read_all_scalars
-from model_fixtures import random_lpips_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_VAL = 6
@@ -24,7 +24,8 @@ NUM_VAL = 6
 @pytest.fixture(scope="module")
 def imagenet_dir(tmp_path_factory):
   manual = imagenet_fixtures.make_fake_imagenet_manual_dir(
-      str(tmp_path_factory.mktemp("manual")), num_val=NUM_VAL)
+    str(tmp_path_factory.mktemp("manual")), num_val=NUM_VAL
+  )
   data_dir = str(tmp_path_factory.mktemp("tfds"))
   imagenet.prepare(manual, data_dir)
   return data_dir
@@ -39,10 +40,20 @@ def lpips_path(tmp_path_factory):
 
 def vqgan_config(data_dir, lpips_path, **overrides):
   from configs import tiny_vqgan  # noqa: PLC0415 (configs/ is not a package)
+
   c = tiny_vqgan.get_config()
-  c.data.update(dict(source="tfds", name="imagenet2012", data_dir=data_dir, path="",
-                     train_split="train", eval_split="validation", random_crop=True,
-                     random_flip=True))
+  c.data.update(
+    dict(
+      source="tfds",
+      name="imagenet2012",
+      data_dir=data_dir,
+      path="",
+      train_split="train",
+      eval_split="validation",
+      random_crop=True,
+      random_flip=True,
+    )
+  )
   c.data.image_size = 32
   c.model.resolution = 32
   c.model.attn_resolutions = (8,)
@@ -66,8 +77,20 @@ def test_gan_stage_on_fake_imagenet_logs_all_terms_and_evaluates(uninterrupted):
     assert np.isfinite(results[key]), key
   assert results["lpips"] > 0
   scalars = read_all_scalars(workdir)
-  for tag in ("loss", "loss_l1", "loss_lpips", "loss_vq", "loss_arc", "loss_g", "d_weight",
-              "d_loss", "logits_real", "logits_fake", "bbnr_radius", "batch_usage"):
+  for tag in (
+    "loss",
+    "loss_l1",
+    "loss_lpips",
+    "loss_vq",
+    "loss_arc",
+    "loss_g",
+    "d_weight",
+    "d_loss",
+    "logits_real",
+    "logits_fake",
+    "bbnr_radius",
+    "batch_usage",
+  ):
     assert sorted(scalars[f"train/{tag}"]) == [1, 2, 3, 4], tag
   assert all(np.isfinite(v) for v in scalars["train/d_loss"].values())
   assert ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == [2, 4]
@@ -75,8 +98,9 @@ def test_gan_stage_on_fake_imagenet_logs_all_terms_and_evaluates(uninterrupted):
     assert json.load(f)["lpips"] == pytest.approx(results["lpips"])
 
 
-def test_resume_restores_both_networks_and_optimizers(uninterrupted, imagenet_dir, lpips_path,
-                                                      tmp_path):
+def test_resume_restores_both_networks_and_optimizers(
+  uninterrupted, imagenet_dir, lpips_path, tmp_path
+):
   full_dir, full_results = uninterrupted
   workdir = str(tmp_path / "resumed")
   tokenizer.train_and_evaluate(vqgan_config(imagenet_dir, lpips_path, num_train_steps=2), workdir)
@@ -84,8 +108,9 @@ def test_resume_restores_both_networks_and_optimizers(uninterrupted, imagenet_di
   full, resumed = read_all_scalars(full_dir), read_all_scalars(workdir)
   for tag in ("train/loss", "train/d_loss", "train/d_weight", "train/logits_fake"):
     assert sorted(resumed[tag]) == [1, 2, 3, 4], tag
-    np.testing.assert_array_equal([resumed[tag][s] for s in range(1, 5)],
-                                  [full[tag][s] for s in range(1, 5)], err_msg=tag)
+    np.testing.assert_array_equal(
+      [resumed[tag][s] for s in range(1, 5)], [full[tag][s] for s in range(1, 5)], err_msg=tag
+    )
   assert resumed_results == full_results
   # The final checkpoints agree leaf by leaf: autoencoder, codebook, both Adam states,
   # the discriminator's params and its BatchNorm running averages.
@@ -94,12 +119,13 @@ def test_resume_restores_both_networks_and_optimizers(uninterrupted, imagenet_di
   assert set(a) == {"gen", "disc"} and set(a["disc"]) == {"params", "batch_stats", "opt_state"}
   leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
   assert len(leaves_a) == len(leaves_b) > 50
-  for x, y in zip(leaves_a, leaves_b):
+  for x, y in zip(leaves_a, leaves_b, strict=True):
     np.testing.assert_array_equal(x, y)
 
 
 def test_training_without_lpips_weights_is_refused_with_the_converter_command(
-    imagenet_dir, tmp_path):
+  imagenet_dir, tmp_path
+):
   missing = str(tmp_path / "nowhere" / "lpips.npz")
   with pytest.raises(Exception, match="arcvq_jax.convert.lpips_weights"):
     tokenizer.train_and_evaluate(vqgan_config(imagenet_dir, missing), str(tmp_path / "run"))

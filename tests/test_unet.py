@@ -13,9 +13,16 @@ from arcvq_jax.models import unet
 
 
 def small(**kw):
-  args = dict(latent_channels=3, num_classes=5, context_dim=16, model_channels=32,
-              channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
-              num_head_channels=16)
+  args = dict(
+    latent_channels=3,
+    num_classes=5,
+    context_dim=16,
+    model_channels=32,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(4,),
+    num_head_channels=16,
+  )
   args.update(kw)
   return unet.LatentDiffusionUNet(**args)
 
@@ -32,16 +39,22 @@ def perturbed(params, seed=1, scale=0.05):
   """Params with every leaf moved off its (partly zero) init, so every path carries signal."""
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return jax.tree.unflatten(tree, [p + scale * jax.random.normal(k, p.shape)
-                                   for p, k in zip(leaves, keys)])
+  return jax.tree.unflatten(
+    tree, [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
+  )
 
 
 def test_table8_network_has_ldm_cin_size_and_layout():
   c = prior_config.ldm_config()
   model = unet.from_config(c, latent_channels=16)
   shapes = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 16)),
-                         jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32)))["params"]
+    lambda: model.init(
+      jax.random.PRNGKey(0),
+      jnp.zeros((1, 32, 32, 16)),
+      jnp.zeros((1,), jnp.int32),
+      jnp.zeros((1,), jnp.int32),
+    )
+  )["params"]
   count = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
   # latent-diffusion's cin-ldm-vq-f8 UNet has 395M parameters (LDM paper, Tab. 18 "LDM-8"
   # (cin): 395M); ours with 16 latent channels: 395,039,504, plus 1001 x 512 class rows.
@@ -64,8 +77,9 @@ def test_timestep_embedding_matches_the_formula():
   got = np.asarray(unet.timestep_embedding(t, 8))
   freqs = np.exp(-math.log(10000.0) * np.arange(4) / 4)
   args = np.asarray(t)[:, None] * freqs[None]
-  np.testing.assert_allclose(got, np.concatenate([np.cos(args), np.sin(args)], -1), rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    got, np.concatenate([np.cos(args), np.sin(args)], -1), rtol=1e-5, atol=1e-5
+  )
 
 
 def test_multi_head_attention_matches_a_per_head_loop():

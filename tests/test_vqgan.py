@@ -15,7 +15,7 @@ from arcvq_jax.losses import gan
 from arcvq_jax.models import discriminator, vqgan
 
 F16 = dict(ch_mult=(1, 1, 2, 2, 4), attn_resolutions=(4,))  # 64 / 16 = 4: taming's (16,) at 256
-F8 = dict(ch_mult=(1, 2, 2, 4), attn_resolutions=(8,))      # 64 / 8 = 8: taming's (32,) at 256
+F8 = dict(ch_mult=(1, 2, 2, 4), attn_resolutions=(8,))  # 64 / 8 = 8: taming's (32,) at 256
 
 
 def key(seed=0):
@@ -34,7 +34,8 @@ def random_params(shapes, seed=0, scale=0.1):
   """Random normal values with the shapes of a `jax.eval_shape(model.init, ...)` tree."""
   rng = np.random.default_rng(seed)
   return jax.tree.map(
-      lambda s: jnp.asarray(rng.normal(size=s.shape).astype(np.float32) * scale), shapes)
+    lambda s: jnp.asarray(rng.normal(size=s.shape).astype(np.float32) * scale), shapes
+  )
 
 
 # ---------------------------------------------------------------------------- numpy references
@@ -50,7 +51,7 @@ def np_conv(x, kernel, stride=1, pad=((0, 0), (0, 0)), bias=None):
   out = np.zeros((x.shape[0], ho, wo, kernel.shape[-1]))
   for i in range(ho):
     for j in range(wo):
-      win = x[:, i * stride:i * stride + kh, j * stride:j * stride + kw, :]
+      win = x[:, i * stride : i * stride + kh, j * stride : j * stride + kw, :]
       out[:, i, j, :] = np.einsum("bhwc,hwco->bo", win, kernel)
   return out if bias is None else out + np.asarray(bias)
 
@@ -122,8 +123,16 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs():
 
 def test_decode_is_last_layer_of_decode_features_and_bf16_is_close():
   """decode(z) == last_layer(decode_features(z), W, b): the adaptive weight's view of W."""
-  kw = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=16,
-            z_channels=8, num_codes=16, embed_dim=4)
+  kw = dict(
+    ch=32,
+    ch_mult=(1, 2),
+    num_res_blocks=1,
+    attn_resolutions=(8,),
+    resolution=16,
+    z_channels=8,
+    num_codes=16,
+    embed_dim=4,
+  )
   model = vqgan.VQGAN(**kw)
   z = jnp.asarray(np.random.default_rng(1).normal(size=(1, 8, 8, 4)), jnp.float32)
   shapes = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 16, 16, 3))), key(0))
@@ -139,8 +148,9 @@ def test_decode_is_last_layer_of_decode_features_and_bf16_is_close():
   np.testing.assert_allclose(vqgan.last_layer(h, kernel, bias), x_hat, rtol=1e-5, atol=1e-5)
   assert vqgan.last_layer(h, kernel, bias, jnp.bfloat16).dtype == jnp.float32
   # Reference conv_out by definition.
-  np.testing.assert_allclose(np_conv(h, kernel, 1, ((1, 1), (1, 1)), bias), x_hat,
-                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    np_conv(h, kernel, 1, ((1, 1), (1, 1)), bias), x_hat, rtol=1e-4, atol=1e-4
+  )
 
   bf16 = vqgan.VQGAN(dtype=jnp.bfloat16, **kw)
   x_bf16 = jax.jit(lambda v, z: bf16.apply(v, z, method="decode"))(variables, z)
@@ -158,8 +168,9 @@ def test_downsample_pads_bottom_right_then_stride2_conv():
   params = block.init(key(0), x)["params"]
   y = block.apply({"params": params}, x)
   assert y.shape == (2, 3, 3, 3)
-  ref = np_conv(x, params["conv"]["kernel"], stride=2, pad=((0, 1), (0, 1)),
-                bias=params["conv"]["bias"])
+  ref = np_conv(
+    x, params["conv"]["kernel"], stride=2, pad=((0, 1), (0, 1)), bias=params["conv"]["bias"]
+  )
   np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -177,8 +188,13 @@ def test_attn_block_matches_numpy():
   x = jnp.asarray(rng.normal(size=(2, 3, 4, 64)) + 0.5, jnp.float32)
   block = vqgan.AttnBlock()
   params = block.init(key(1), x)["params"]
-  params = dict(params, norm={"scale": jnp.asarray(1 + 0.1 * rng.normal(size=64), jnp.float32),
-                              "bias": jnp.asarray(0.1 * rng.normal(size=64), jnp.float32)})
+  params = dict(
+    params,
+    norm={
+      "scale": jnp.asarray(1 + 0.1 * rng.normal(size=64), jnp.float32),
+      "bias": jnp.asarray(0.1 * rng.normal(size=64), jnp.float32),
+    },
+  )
   y = block.apply({"params": params}, x)
 
   n = np_group_norm(x, params["norm"]["scale"], params["norm"]["bias"])
@@ -255,24 +271,26 @@ def test_discriminator_batch_stats_train_vs_eval(disc_variables):
   assert not np.allclose(alone, logits[:1], atol=1e-4)
 
   eval_logits, eval_updates = disc.apply(disc_variables, x, train=False, mutable=["batch_stats"])
-  jax.tree.map(np.testing.assert_array_equal, eval_updates["batch_stats"],
-               disc_variables["batch_stats"])
+  jax.tree.map(
+    np.testing.assert_array_equal, eval_updates["batch_stats"], disc_variables["batch_stats"]
+  )
   # Eval mode uses the running averages: per-sample, independent of the batch.
-  np.testing.assert_allclose(disc.apply(disc_variables, x[:1]), eval_logits[:1],
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    disc.apply(disc_variables, x[:1]), eval_logits[:1], rtol=1e-5, atol=1e-5
+  )
 
 
 # ---------------------------------------------------------------------------- losses
 
 
 def test_hinge_and_generator_losses_by_hand():
-  real = np.array([[2.0, 0.5], [-1.0, 1.0]], np.float32)   # relu(1 - r): 0, .5, 2, 0
-  fake = np.array([-3.0, -0.25, 0.5], np.float32)           # relu(1 + f): 0, .75, 1.5
+  real = np.array([[2.0, 0.5], [-1.0, 1.0]], np.float32)  # relu(1 - r): 0, .5, 2, 0
+  fake = np.array([-3.0, -0.25, 0.5], np.float32)  # relu(1 + f): 0, .75, 1.5
   expected = 0.5 * ((0 + 0.5 + 2 + 0) / 4 + (0 + 0.75 + 1.5) / 3)
-  np.testing.assert_allclose(gan.hinge_d_loss(jnp.asarray(real), jnp.asarray(fake)),
-                             expected, rtol=1e-6)
-  np.testing.assert_allclose(gan.generator_loss(jnp.asarray(fake)), (3 + 0.25 - 0.5) / 3,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    gan.hinge_d_loss(jnp.asarray(real), jnp.asarray(fake)), expected, rtol=1e-6
+  )
+  np.testing.assert_allclose(gan.generator_loss(jnp.asarray(fake)), (3 + 0.25 - 0.5) / 3, rtol=1e-6)
 
 
 def toy_problem(a_scale):
@@ -282,7 +300,7 @@ def toy_problem(a_scale):
   w = rng.normal(size=(3, 2))
   x = rng.normal(size=(5, 2))
   a = rng.normal(size=2) * a_scale
-  rec = lambda w_: 0.5 * jnp.sum((jnp.asarray(h) @ w_ - jnp.asarray(x))**2)
+  rec = lambda w_: 0.5 * jnp.sum((jnp.asarray(h) @ w_ - jnp.asarray(x)) ** 2)
   g = lambda w_: gan.generator_loss(jnp.asarray(h) @ w_ @ jnp.asarray(a))
   # Analytic gradients: d rec / dW = h^T (hW - x); d g / dW = -(1/N) outer(sum_n h_n, a).
   rec_norm = np.linalg.norm(h.T @ (h @ w - x))
@@ -295,8 +313,9 @@ def test_adaptive_weight_on_a_linear_toy():
   expected = rec_norm / (g_norm + 1e-4) * 0.8
   assert expected < 0.8 * 1e4
   np.testing.assert_allclose(gan.adaptive_weight_from_losses(rec, g, w), expected, rtol=1e-5)
-  np.testing.assert_allclose(gan.adaptive_weight(jax.grad(rec)(w), jax.grad(g)(w)),
-                             expected, rtol=1e-5)
+  np.testing.assert_allclose(
+    gan.adaptive_weight(jax.grad(rec)(w), jax.grad(g)(w)), expected, rtol=1e-5
+  )
 
 
 def test_adaptive_weight_clips_at_1e4_times_0p8():
@@ -324,13 +343,26 @@ def test_disc_factor_switches_on_at_disc_start():
 
 def test_from_config_reads_model_and_quantizer():
   import ml_collections
+
   c = ml_collections.ConfigDict()
-  c.model = dict(ch=32, ch_mult=[1, 2, 2, 4], num_res_blocks=1, attn_resolutions=[8],
-                 resolution=64, z_channels=8, dropout=0.0, dtype="bfloat16")
+  c.model = dict(
+    ch=32,
+    ch_mult=[1, 2, 2, 4],
+    num_res_blocks=1,
+    attn_resolutions=[8],
+    resolution=64,
+    z_channels=8,
+    dropout=0.0,
+    dtype="bfloat16",
+  )
   c.quantizer = dict(num_codes=32, embed_dim=4, init="uniform")
   model = vqgan.from_config(c, channels=1)
   assert (model.ch, model.ch_mult, model.num_res_blocks, model.attn_resolutions) == (
-      32, (1, 2, 2, 4), 1, (8,))
+    32,
+    (1, 2, 2, 4),
+    1,
+    (8,),
+  )
   assert (model.resolution, model.z_channels, model.num_codes, model.embed_dim) == (64, 8, 32, 4)
   assert model.codebook_init == "uniform" and model.channels == 1
   assert model.dtype == jnp.bfloat16 and model.downsample_factor == 8
@@ -343,6 +375,7 @@ def test_imagenet_configs_build_taming_f8_and_f16(name, tokens, attn_level):
   import importlib
 
   from arcvq_jax.train import gan_steps, tokenizer
+
   c = importlib.import_module(f"configs.{name}").get_config()
   model = tokenizer.build_model(c, channels=3)
   x = jax.ShapeDtypeStruct((2, 256, 256, 3), jnp.float32)

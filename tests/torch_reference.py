@@ -34,8 +34,11 @@ class _Residual(nn.Module):
   def __init__(self, hidden: int, res_hidden: int):
     super().__init__()
     self._block = nn.Sequential(
-        nn.ReLU(), nn.Conv2d(hidden, res_hidden, 3, padding=1),
-        nn.ReLU(), nn.Conv2d(res_hidden, hidden, 1))
+      nn.ReLU(),
+      nn.Conv2d(hidden, res_hidden, 3, padding=1),
+      nn.ReLU(),
+      nn.Conv2d(res_hidden, hidden, 1),
+    )
 
   def forward(self, x):
     return x + self._block(x)
@@ -67,8 +70,7 @@ class _Encoder(nn.Module):
 
 
 class _Decoder(nn.Module):
-  def __init__(self, embed_dim: int, hidden: int, num_layers: int, res_hidden: int,
-               channels: int):
+  def __init__(self, embed_dim: int, hidden: int, num_layers: int, res_hidden: int, channels: int):
     super().__init__()
     self._conv_1 = nn.Conv2d(embed_dim, hidden, 3, padding=1)
     self._residual_stack = _ResidualStack(hidden, res_hidden, num_layers)
@@ -121,8 +123,20 @@ def arc_loss(z, codebook, s: float, m: float, top_k: int):
 class ArcVQVAEModel(nn.Module):
   """The official `Model` (attribute names _encoder, _pre_vq_conv, _vq_vae, _decoder)."""
 
-  def __init__(self, channels=1, hidden=128, num_res_layers=2, res_hidden=32, num_codes=512,
-               embed_dim=64, beta=0.25, arc_s=10.0, arc_m=0.1, top_k=3, bbnr_alpha=3e-4):
+  def __init__(
+    self,
+    channels=1,
+    hidden=128,
+    num_res_layers=2,
+    res_hidden=32,
+    num_codes=512,
+    embed_dim=64,
+    beta=0.25,
+    arc_s=10.0,
+    arc_m=0.1,
+    top_k=3,
+    bbnr_alpha=3e-4,
+  ):
     super().__init__()
     self._encoder = _Encoder(channels, hidden, num_res_layers, res_hidden)
     self._pre_vq_conv = nn.Conv2d(hidden, embed_dim, 1)
@@ -178,8 +192,16 @@ def random_taming_lpips(seed: int = 0) -> nn.Module:
   return lp.eval()
 
 
-def taming_vqmodel(ddconfig: dict, n_embed: int, embed_dim: int, *, disc_layers: int = 3,
-                   disc_ndf: int = 64, with_loss: bool = True, seed: int = 0) -> nn.Module:
+def taming_vqmodel(
+  ddconfig: dict,
+  n_embed: int,
+  embed_dim: int,
+  *,
+  disc_layers: int = 3,
+  disc_ndf: int = 64,
+  with_loss: bool = True,
+  seed: int = 0,
+) -> nn.Module:
   """taming.models.vqgan.VQModel's modules (same state_dict keys), random weights.
 
   The discriminator's BatchNorm running statistics are set to random values, as after
@@ -197,7 +219,8 @@ def taming_vqmodel(ddconfig: dict, n_embed: int, embed_dim: int, *, disc_layers:
     m.loss = nn.Module()
     m.loss.perceptual_loss = random_taming_lpips(seed)
     m.loss.discriminator = NLayerDiscriminator(
-        input_nc=ddconfig["in_channels"], n_layers=disc_layers, ndf=disc_ndf).apply(weights_init)
+      input_nc=ddconfig["in_channels"], n_layers=disc_layers, ndf=disc_ndf
+    ).apply(weights_init)
     with torch.no_grad():
       for mod in m.loss.discriminator.modules():
         if isinstance(mod, nn.BatchNorm2d):

@@ -24,9 +24,11 @@ from absl import app, flags
 from arcvq_jax.convert.torch_state import load_torch_state
 from arcvq_jax.evaluation import inception as inception_lib
 
-_NOT_FID = (f"pass pytorch-fid's FID Inception weights ({inception_lib.FID_WEIGHTS_URL}), "
-            "not another network (torchvision's ImageNet Inception-v3 has 1000 classes and "
-            "other blocks).")
+_NOT_FID = (
+  f"pass pytorch-fid's FID Inception weights ({inception_lib.FID_WEIGHTS_URL}), "
+  "not another network (torchvision's ImageNet Inception-v3 has 1000 classes and "
+  "other blocks)."
+)
 
 
 def _get(state: dict[str, np.ndarray], key: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -35,7 +37,8 @@ def _get(state: dict[str, np.ndarray], key: str, shape: tuple[int, ...]) -> np.n
   value = np.asarray(state[key], np.float64)
   if value.shape != shape:
     raise inception_lib.InceptionWeightsError(
-        f"{key} has shape {value.shape}, expected {shape}: {_NOT_FID}")
+      f"{key} has shape {value.shape}, expected {shape}: {_NOT_FID}"
+    )
   return value
 
 
@@ -48,13 +51,16 @@ def convert(state: dict[str, np.ndarray]) -> Any:
   for name, ((kh, kw), cin, cout) in inception_lib.layer_specs().items():
     module = name.replace("/", ".")
     w = _get(state, f"{module}.conv.weight", (cout, cin, kh, kw))
-    gamma, beta, mean, var = (_get(state, f"{module}.bn.{k}", (cout,))
-                              for k in ("weight", "bias", "running_mean", "running_var"))
+    gamma, beta, mean, var = (
+      _get(state, f"{module}.bn.{k}", (cout,))
+      for k in ("weight", "bias", "running_mean", "running_var")
+    )
     scale = gamma / np.sqrt(var + inception_lib.BN_EPS)
     flat[f"{name}/kernel"] = (w.transpose(2, 3, 1, 0) * scale).astype(np.float32)  # OIHW->HWIO
     flat[f"{name}/bias"] = (beta - mean * scale).astype(np.float32)
-  flat["fc/kernel"] = _get(state, "fc.weight", (inception_lib.NUM_LOGITS, inception_lib.POOL_DIM)
-                           ).T.astype(np.float32)
+  flat["fc/kernel"] = _get(
+    state, "fc.weight", (inception_lib.NUM_LOGITS, inception_lib.POOL_DIM)
+  ).T.astype(np.float32)
   flat["fc/bias"] = _get(state, "fc.bias", (inception_lib.NUM_LOGITS,)).astype(np.float32)
   return inception_lib.from_flat(flat, "the converted weights")
 

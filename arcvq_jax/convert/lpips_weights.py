@@ -30,8 +30,9 @@ def convert(vgg16_state: dict[str, np.ndarray], lin_state: dict[str, np.ndarray]
   'lin{l}.model.1.weight' (1, C_l, 1, 1). Raises LPIPSWeightsError naming the first missing
   or wrongly shaped array (e.g. a VGG19 or a VGG16 with batch norm).
   """
-  not_vgg16 = (f"pass torchvision's VGG16 ImageNet weights ({lpips_lib.VGG16_URL}), not "
-               f"another network.")
+  not_vgg16 = (
+    f"pass torchvision's VGG16 ImageNet weights ({lpips_lib.VGG16_URL}), not another network."
+  )
   shapes = lpips_lib.expected_shapes()
   flat = {}
   for name, index in lpips_lib.VGG_CONV_INDICES.items():
@@ -41,23 +42,27 @@ def convert(vgg16_state: dict[str, np.ndarray], lin_state: dict[str, np.ndarray]
       key = f"features.{index}.{suffix}"
       if key not in vgg16_state:
         raise lpips_lib.LPIPSWeightsError(
-            f"the VGG16 state dict has no {key!r} ({name}): {not_vgg16}")
+          f"the VGG16 state dict has no {key!r} ({name}): {not_vgg16}"
+        )
       arrays[suffix] = np.asarray(vgg16_state[key], np.float32)
       if arrays[suffix].shape != shape:
         raise lpips_lib.LPIPSWeightsError(
-            f"{key} ({name}) has shape {arrays[suffix].shape}, expected {shape}: {not_vgg16}")
+          f"{key} ({name}) has shape {arrays[suffix].shape}, expected {shape}: {not_vgg16}"
+        )
     flat[f"vgg/{name}/kernel"] = arrays["weight"].transpose(2, 3, 1, 0)  # OIHW -> HWIO
     flat[f"vgg/{name}/bias"] = arrays["bias"]
   for l, c in enumerate(lpips_lib.LIN_CHANNELS):
     key = f"lin{l}.model.1.weight"
     if key not in lin_state:
       raise lpips_lib.LPIPSWeightsError(
-          f"the lpips linear weights have no {key!r}: pass lpips' weights/v0.1/vgg.pth.")
+        f"the lpips linear weights have no {key!r}: pass lpips' weights/v0.1/vgg.pth."
+      )
     w = np.asarray(lin_state[key], np.float32)
     if w.shape != (1, c, 1, 1):
       raise lpips_lib.LPIPSWeightsError(
-          f"{key} has shape {w.shape}, expected {(1, c, 1, 1)}: pass lpips' "
-          f"weights/v0.1/vgg.pth (the VGG variant, not alex or squeeze).")
+        f"{key} has shape {w.shape}, expected {(1, c, 1, 1)}: pass lpips' "
+        f"weights/v0.1/vgg.pth (the VGG variant, not alex or squeeze)."
+      )
     flat[f"lin/lin{l}"] = w.reshape(-1)
   lpips_lib.check_params(flat, "the converted weights")  # also: linear weights >= 0
   return lpips_lib.from_flat(flat)
@@ -68,8 +73,10 @@ def default_lin_path() -> str:
   try:
     import lpips  # noqa: PLC0415
   except ImportError as e:
-    raise SystemExit("the lpips package is not installed: `pip install lpips`, or pass "
-                     "--lin=PATH/vgg.pth (lpips' weights/v0.1/vgg.pth).") from e
+    raise SystemExit(
+      "the lpips package is not installed: `pip install lpips`, or pass "
+      "--lin=PATH/vgg.pth (lpips' weights/v0.1/vgg.pth)."
+    ) from e
   return os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", "vgg.pth")
 
 
@@ -89,8 +96,10 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS.vgg16:
     raise app.UsageError(f"--vgg16 is required: download {lpips_lib.VGG16_URL} first.")
-  params = convert(load_torch_state(os.path.expanduser(FLAGS.vgg16)),
-                   load_torch_state(os.path.expanduser(FLAGS.lin or default_lin_path())))
+  params = convert(
+    load_torch_state(os.path.expanduser(FLAGS.vgg16)),
+    load_torch_state(os.path.expanduser(FLAGS.lin or default_lin_path())),
+  )
   out = os.path.expanduser(FLAGS.out)
   lpips_lib.save_params(params, out)
   print(f"wrote {out}")

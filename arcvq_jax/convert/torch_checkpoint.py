@@ -88,10 +88,10 @@ KINDS = ("taming_vqgan", "arcvq_vqgan", "arcvq_vqvae")
 # What each kind fixes in the quantiser (the rest of config.quantizer / config.arc is the
 # --config's): the matching the weights were trained with and taming's legacy beta.
 QUANTIZER_OF_KIND = {
-    "arcvq_vqvae": dict(distance="cosine", legacy_beta=False),
-    "arcvq_vqgan": dict(distance="cosine", legacy_beta=True),
-    # taming's VectorQuantizer2 (legacy=True by default): plain VQ, as the 'vanilla' variant.
-    "taming_vqgan": dict(distance="euclidean", legacy_beta=True, init="uniform", bbnr="off"),
+  "arcvq_vqvae": dict(distance="cosine", legacy_beta=False),
+  "arcvq_vqgan": dict(distance="cosine", legacy_beta=True),
+  # taming's VectorQuantizer2 (legacy=True by default): plain VQ, as the 'vanilla' variant.
+  "taming_vqgan": dict(distance="euclidean", legacy_beta=True, init="uniform", bbnr="off"),
 }
 
 
@@ -124,8 +124,11 @@ class Mapped:
   problems: list[str]
 
 
-def map_tree(abstract: Any, state: dict[str, np.ndarray],
-             source_of: Callable[[tuple[str, ...]], tuple[str, Callable]]) -> Mapped:
+def map_tree(
+  abstract: Any,
+  state: dict[str, np.ndarray],
+  source_of: Callable[[tuple[str, ...]], tuple[str, Callable]],
+) -> Mapped:
   """Fills every leaf of `abstract` (a nested dict of ShapeDtypeStructs) from `state`.
 
   source_of(path) -> (source key, transform): the torch key of the leaf at `path` and the
@@ -144,8 +147,10 @@ def map_tree(abstract: Any, state: dict[str, np.ndarray],
     used.add(key)
     value = transform(state[key])
     if tuple(value.shape) != tuple(leaf.shape):
-      problems.append(f"{key}: shape {tuple(state[key].shape)} gives {tuple(value.shape)}, "
-                      f"but {name} is {tuple(leaf.shape)}")
+      problems.append(
+        f"{key}: shape {tuple(state[key].shape)} gives {tuple(value.shape)}, "
+        f"but {name} is {tuple(leaf.shape)}"
+      )
       return None
     return value.astype(np.float32, copy=False)
 
@@ -158,8 +163,13 @@ def map_tree(abstract: Any, state: dict[str, np.ndarray],
 
 
 _LIST_ITEM = re.compile(r"^(down|up|block|attn)_(\d+)$")
-_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
-         "var": "running_var"}
+_LEAF = {
+  "kernel": "weight",
+  "scale": "weight",
+  "bias": "bias",
+  "mean": "running_mean",
+  "var": "running_var",
+}
 
 
 def vqgan_source(path: tuple[str, ...]) -> tuple[str, Callable]:
@@ -217,8 +227,10 @@ def _count(state: dict[str, np.ndarray], pattern: str) -> int:
 def _need(state: dict[str, np.ndarray], key: str, kind: str) -> np.ndarray:
   if key not in state:
     sample = ", ".join(sorted(state)[:5])
-    raise ConversionError(f"no {key!r} in the checkpoint, so it is not a {kind} checkpoint "
-                          f"(its first keys: {sample}). Check --kind.")
+    raise ConversionError(
+      f"no {key!r} in the checkpoint, so it is not a {kind} checkpoint "
+      f"(its first keys: {sample}). Check --kind."
+    )
   return state[key]
 
 
@@ -231,8 +243,9 @@ def vqgan_architecture(state: dict[str, np.ndarray], resolution: int, kind: str)
   conv_in = _need(state, "encoder.conv_in.weight", kind)
   ch, channels = int(conv_in.shape[0]), int(conv_in.shape[1])
   levels = _count(state, r"^encoder\.down\.(\d+)\.")
-  ch_mult = tuple(int(state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0]) // ch
-                  for i in range(levels))
+  ch_mult = tuple(
+    int(state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0]) // ch for i in range(levels)
+  )
   blocks = _count(state, r"^encoder\.down\.0\.block\.(\d+)\.")
   attn_levels = [i for i in range(levels) if f"encoder.down.{i}.attn.0.q.weight" in state]
   codebook = _need(state, "quantize.embedding.weight", kind)
@@ -240,23 +253,25 @@ def vqgan_architecture(state: dict[str, np.ndarray], resolution: int, kind: str)
   encoder_out = int(state["encoder.conv_out.weight"].shape[0])
   if encoder_out != z_channels:
     raise ConversionError(
-        f"encoder.conv_out has {encoder_out} output channels but z_channels is {z_channels} "
-        "(taming's double_z=True, a KL autoencoder?): only VQModels (double_z=False) convert.")
+      f"encoder.conv_out has {encoder_out} output channels but z_channels is {z_channels} "
+      "(taming's double_z=True, a KL autoencoder?): only VQModels (double_z=False) convert."
+    )
   out = {
-      "model.ch": ch,
-      "model.ch_mult": ch_mult,
-      "model.num_res_blocks": blocks,
-      "model.attn_resolutions": tuple(resolution // 2**i for i in attn_levels),
-      "model.z_channels": z_channels,
-      "quantizer.num_codes": int(codebook.shape[0]),
-      "quantizer.embed_dim": int(codebook.shape[1]),
+    "model.ch": ch,
+    "model.ch_mult": ch_mult,
+    "model.num_res_blocks": blocks,
+    "model.attn_resolutions": tuple(resolution // 2**i for i in attn_levels),
+    "model.z_channels": z_channels,
+    "quantizer.num_codes": int(codebook.shape[0]),
+    "quantizer.embed_dim": int(codebook.shape[1]),
   }
   actnorm = sorted(k for k in state if re.match(r"^loss\.discriminator\..*\.(loc|initialized)$", k))
   if actnorm:
     raise ConversionError(
-        f"the discriminator uses ActNorm ({', '.join(actnorm[:3])}, ...; taming's "
-        "use_actnorm=True): our PatchGAN has BatchNorm. Drop the loss.discriminator.* tensors "
-        "from the state_dict to convert the autoencoder with a fresh discriminator.")
+      f"the discriminator uses ActNorm ({', '.join(actnorm[:3])}, ...; taming's "
+      "use_actnorm=True): our PatchGAN has BatchNorm. Drop the loss.discriminator.* tensors "
+      "from the state_dict to convert the autoencoder with a fresh discriminator."
+    )
   if "loss.discriminator.main.0.weight" in state:
     disc_layers = _count(state, r"^loss\.discriminator\.main\.(\d+)\.running_mean$")
     out["gan.ndf"] = int(state["loss.discriminator.main.0.weight"].shape[0])
@@ -269,14 +284,15 @@ def vqvae_architecture(state: dict[str, np.ndarray], kind: str) -> dict[str, Any
   conv_1 = _need(state, "_encoder._conv_1.weight", kind)
   codebook = _need(state, "_vq_vae.embedding.weight", kind)
   layers = _count(state, r"^_encoder\._residual_stack\._layers\.(\d+)\.")
-  res_hidden = (int(state["_encoder._residual_stack._layers.0._block.1.weight"].shape[0])
-                if layers else None)
+  res_hidden = (
+    int(state["_encoder._residual_stack._layers.0._block.1.weight"].shape[0]) if layers else None
+  )
   out = {
-      "channels": int(conv_1.shape[1]),
-      "model.hidden": int(_need(state, "_encoder._conv_2.weight", kind).shape[0]),
-      "model.num_res_layers": layers,
-      "quantizer.num_codes": int(codebook.shape[0]),
-      "quantizer.embed_dim": int(codebook.shape[1]),
+    "channels": int(conv_1.shape[1]),
+    "model.hidden": int(_need(state, "_encoder._conv_2.weight", kind).shape[0]),
+    "model.num_res_layers": layers,
+    "quantizer.num_codes": int(codebook.shape[0]),
+    "quantizer.embed_dim": int(codebook.shape[1]),
   }
   if res_hidden is not None:
     out["model.res_hidden"] = res_hidden
@@ -301,15 +317,21 @@ def _get(config: ml_collections.ConfigDict, key: str) -> Any:
   return node
 
 
-def config_overrides(kind: str, arch: dict[str, Any], config: ml_collections.ConfigDict
-                     ) -> dict[str, Any]:
+def config_overrides(
+  kind: str, arch: dict[str, Any], config: ml_collections.ConfigDict
+) -> dict[str, Any]:
   """The dotted config keys the checkpoint fixes, with their values."""
   want_model = "vqvae" if kind == "arcvq_vqvae" else "vqgan"
   if config.model.name != want_model:
-    examples = ("configs/fashion_mnist.py, mnist.py or cifar10.py" if want_model == "vqvae"
-                else "configs/imagenet.py or imagenet_f16.py")
-    raise ConversionError(f"--kind={kind} is a {want_model}, but the --config builds a "
-                          f"{config.model.name} (config.model.name): use {examples}.")
+    examples = (
+      "configs/fashion_mnist.py, mnist.py or cifar10.py"
+      if want_model == "vqvae"
+      else "configs/imagenet.py or imagenet_f16.py"
+    )
+    raise ConversionError(
+      f"--kind={kind} is a {want_model}, but the --config builds a "
+      f"{config.model.name} (config.model.name): use {examples}."
+    )
   out = {k: v for k, v in arch.items() if k != "channels"}
   out.update({f"quantizer.{k}": v for k, v in QUANTIZER_OF_KIND[kind].items()})
   if kind == "taming_vqgan":
@@ -324,7 +346,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
   with config.unlocked():
     for key, value in overrides.items():
       if _get(config, key) != value and not (
-          isinstance(value, tuple) and tuple(_get(config, key)) == value):
+        isinstance(value, tuple) and tuple(_get(config, key)) == value
+      ):
         changed[key] = value
       _set(config, key, value)
   return changed
@@ -334,28 +357,28 @@ def write_config_py(path: str, base: str, overrides: dict[str, Any], note: str) 
   """A config file for `main`: the --config file (and variant) with the overrides set."""
   base_file, _, variant = base.partition(":")
   lines = [
-      f'"""{note}"""',
-      "",
-      "import importlib.util",
-      "",
-      f"BASE = {os.path.abspath(base_file)!r}",
-      f"VARIANT = {variant!r}",
-      f"OVERRIDES = {overrides!r}",
-      "",
-      "",
-      "def get_config():",
-      "  spec = importlib.util.spec_from_file_location('base_config', BASE)",
-      "  module = importlib.util.module_from_spec(spec)",
-      "  spec.loader.exec_module(module)",
-      "  c = module.get_config(VARIANT) if VARIANT else module.get_config()",
-      "  for key, value in OVERRIDES.items():",
-      "    *parents, leaf = key.split('.')",
-      "    node = c",
-      "    for p in parents:",
-      "      node = node[p]",
-      "    node[leaf] = value",
-      "  return c",
-      "",
+    f'"""{note}"""',
+    "",
+    "import importlib.util",
+    "",
+    f"BASE = {os.path.abspath(base_file)!r}",
+    f"VARIANT = {variant!r}",
+    f"OVERRIDES = {overrides!r}",
+    "",
+    "",
+    "def get_config():",
+    "  spec = importlib.util.spec_from_file_location('base_config', BASE)",
+    "  module = importlib.util.module_from_spec(spec)",
+    "  spec.loader.exec_module(module)",
+    "  c = module.get_config(VARIANT) if VARIANT else module.get_config()",
+    "  for key, value in OVERRIDES.items():",
+    "    *parents, leaf = key.split('.')",
+    "    node = c",
+    "    for p in parents:",
+    "      node = node[p]",
+    "    node[leaf] = value",
+    "  return c",
+    "",
   ]
   epath.Path(path).write_text("\n".join(lines))
 
@@ -386,8 +409,9 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   return module.get_config(variant) if variant else module.get_config()
 
 
-def default_step(global_step: int | None, codebook: np.ndarray,
-                 q: ml_collections.ConfigDict) -> int:
+def default_step(
+  global_step: int | None, codebook: np.ndarray, q: ml_collections.ConfigDict
+) -> int:
   """The Lightning global_step; for a bare state_dict, the first step at which a growing
   BBNR radius exp(alpha t) holds every codebook row (0 when none is outside the unit ball)."""
   if global_step is not None:
@@ -404,8 +428,10 @@ def default_step(global_step: int | None, codebook: np.ndarray,
 
 _LPIPS_VGG = re.compile(r"^loss\.perceptual_loss\.net\.slice\d\.(\d+)\.(weight|bias)$")
 _LPIPS_LIN = re.compile(r"^loss\.perceptual_loss\.lin(\d)\.model\.1\.weight$")
-_LPIPS_SCALING = {"loss.perceptual_loss.scaling_layer.shift": lpips_lib.SHIFT,
-                  "loss.perceptual_loss.scaling_layer.scale": lpips_lib.SCALE}
+_LPIPS_SCALING = {
+  "loss.perceptual_loss.scaling_layer.shift": lpips_lib.SHIFT,
+  "loss.perceptual_loss.scaling_layer.scale": lpips_lib.SCALE,
+}
 
 
 def lpips_from_taming(state: dict[str, np.ndarray]) -> tuple[Any, set[str]] | None:
@@ -427,14 +453,17 @@ def lpips_from_taming(state: dict[str, np.ndarray]) -> tuple[Any, set[str]] | No
         continue  # not one of VGG16's convs: reported as unused
       w = np.asarray(value, np.float32)
       flat[f"vgg/{name}/{'kernel' if m[2] == 'weight' else 'bias'}"] = (
-          _conv(w) if m[2] == "weight" else _copy(w))
+        _conv(w) if m[2] == "weight" else _copy(w)
+      )
     elif m := _LPIPS_LIN.match(k):
       flat[f"lin/lin{m[1]}"] = _copy(np.asarray(value, np.float32).reshape(-1))
     elif k in _LPIPS_SCALING:
       got = np.asarray(value, np.float64).reshape(-1)
       if not np.allclose(got, _LPIPS_SCALING[k], atol=1e-6):
-        raise ConversionError(f"{k} is {got.tolist()}, not LPIPS' {_LPIPS_SCALING[k]}: "
-                              "this is not the standard LPIPS (VGG16, v0.1).")
+        raise ConversionError(
+          f"{k} is {got.tolist()}, not LPIPS' {_LPIPS_SCALING[k]}: "
+          "this is not the standard LPIPS (VGG16, v0.1)."
+        )
     else:
       continue
     used.add(k)
@@ -467,8 +496,12 @@ class Converted:
   num_tensors: int
 
 
-def convert(ckpt: torch_load.TorchCheckpoint, kind: str, config: ml_collections.ConfigDict,
-            step: int | None = None) -> Converted:
+def convert(
+  ckpt: torch_load.TorchCheckpoint,
+  kind: str,
+  config: ml_collections.ConfigDict,
+  step: int | None = None,
+) -> Converted:
   """Maps a read checkpoint onto our parameter trees for `config` (updated in place with the
   architecture and quantiser the checkpoint fixes). Raises ConversionError listing every
   missing, unexpected or wrongly shaped tensor; nothing is written here."""
@@ -485,8 +518,9 @@ def convert(ckpt: torch_load.TorchCheckpoint, kind: str, config: ml_collections.
   try:
     config_lib.validate(config, num_devices=1)
   except ValueError as e:
-    raise ConversionError(f"the network these tensors describe ({overrides}) is not one this "
-                          f"project builds: {e}") from e
+    raise ConversionError(
+      f"the network these tensors describe ({overrides}) is not one this project builds: {e}"
+    ) from e
   side = 16 * config_lib.downsample_factor(config)  # any size the network takes
   image_shape = (side, side, channels)
 
@@ -503,8 +537,10 @@ def convert(ckpt: torch_load.TorchCheckpoint, kind: str, config: ml_collections.
     if has_disc:
       disc_in = int(state.get("loss.discriminator.main.0.weight", np.zeros((0, 0))).shape[1])
       if disc_in and disc_in != channels:
-        problems.append(f"loss.discriminator.main.0.weight takes {disc_in} channels, the "
-                        f"autoencoder {channels} (a conditional discriminator?)")
+        problems.append(
+          f"loss.discriminator.main.0.weight takes {disc_in} channels, the "
+          f"autoencoder {channels} (a conditional discriminator?)"
+        )
       p = map_tree(abstract.disc.params, state, disc_source)
       s = map_tree(abstract.disc.batch_stats, state, disc_source)
       problems += p.problems + s.problems
@@ -514,53 +550,80 @@ def convert(ckpt: torch_load.TorchCheckpoint, kind: str, config: ml_collections.
         if k.startswith("loss.discriminator.") and k.endswith(".num_batches_tracked"):
           skipped[k] = "BatchNorm step counter (flax's BatchNorm uses a fixed momentum)"
     else:
-      notes.append("no discriminator (loss.discriminator.*) in the checkpoint: the PatchGAN "
-                   "starts from a fresh initialisation, as in a new run")
+      notes.append(
+        "no discriminator (loss.discriminator.*) in the checkpoint: the PatchGAN "
+        "starts from a fresh initialisation, as in a new run"
+      )
     lp = lpips_from_taming(state)
     if lp is not None:
       lpips_params, lpips_used = lp
       used |= lpips_used
     else:
-      notes.append("no LPIPS (loss.perceptual_loss.*) in the checkpoint: lpips_path stays "
-                   f"{config.get('lpips_path')!r}")
+      notes.append(
+        "no LPIPS (loss.perceptual_loss.*) in the checkpoint: lpips_path stays "
+        f"{config.get('lpips_path')!r}"
+      )
 
   unused = sorted(k for k in state if k not in used and k not in skipped)
   problems += [f"unexpected {k} {tuple(state[k].shape)} (no parameter takes it)" for k in unused]
   if problems:
     raise ConversionError(
-        f"the {kind} checkpoint does not map onto the network its tensors describe "
-        f"({len(problems)} problem(s)); nothing was written:\n  " + "\n  ".join(problems))
+      f"the {kind} checkpoint does not map onto the network its tensors describe "
+      f"({len(problems)} problem(s)); nothing was written:\n  " + "\n  ".join(problems)
+    )
 
   codebook = mapped.tree["codebook"]
   if step is None:
     step = default_step(ckpt.global_step, codebook, config.quantizer)
     if ckpt.global_step is None and step:
-      notes.append(f"no global_step in a bare state_dict: step {step} is the first at which "
-                   f"BBNR (alpha {config.quantizer.bbnr_alpha}) keeps the codebook (max row "
-                   f"norm {float(np.max(np.linalg.norm(codebook, axis=-1))):.4g}) unchanged")
-  radius = quantization.bbnr_radius(np.asarray(step), config.quantizer.bbnr_alpha,
-                                    config.quantizer.bbnr)
+      notes.append(
+        f"no global_step in a bare state_dict: step {step} is the first at which "
+        f"BBNR (alpha {config.quantizer.bbnr_alpha}) keeps the codebook (max row "
+        f"norm {float(np.max(np.linalg.norm(codebook, axis=-1))):.4g}) unchanged"
+      )
+  radius = quantization.bbnr_radius(
+    np.asarray(step), config.quantizer.bbnr_alpha, config.quantizer.bbnr
+  )
   max_norm = float(np.max(np.linalg.norm(codebook, axis=-1)))
   if config.quantizer.bbnr != "off" and max_norm > float(radius) * (1 + 1e-6):
-    notes.append(f"codebook rows reach norm {max_norm:.4g} > M({step}) = {float(radius):.4g}: "
-                 "the first training step projects them into the ball (BBNR)")
+    notes.append(
+      f"codebook rows reach norm {max_norm:.4g} > M({step}) = {float(radius):.4g}: "
+      "the first training step projects them into the ball (BBNR)"
+    )
   return Converted(
-      config=config, image_shape=image_shape, params=mapped.tree, disc_params=disc_params,
-      disc_batch_stats=disc_stats, lpips_params=lpips_params, step=int(step),
-      source_format=ckpt.format, overrides=overrides, changed=changed, skipped=skipped,
-      notes=notes, num_tensors=len(used) + len(skipped))
+    config=config,
+    image_shape=image_shape,
+    params=mapped.tree,
+    disc_params=disc_params,
+    disc_batch_stats=disc_stats,
+    lpips_params=lpips_params,
+    step=int(step),
+    source_format=ckpt.format,
+    overrides=overrides,
+    changed=changed,
+    skipped=skipped,
+    notes=notes,
+    num_tensors=len(used) + len(skipped),
+  )
 
 
 def _refuse_used_workdir(workdir: str) -> None:
   directory = epath.Path(ckpt_lib.checkpoint_dir(workdir))
   if directory.exists() and any(p.name.isdigit() for p in directory.iterdir()):
     raise workdir_lib.WorkdirError(
-        f"{directory} already has checkpoints; write into an empty --workdir so no run is "
-        "overwritten.")
+      f"{directory} already has checkpoints; write into an empty --workdir so no run is "
+      "overwritten."
+    )
 
 
-def run(ckpt_path: str, kind: str, config: ml_collections.ConfigDict, config_spec: str,
-        workdir: str, step: int | None = None) -> dict[str, Any]:
+def run(
+  ckpt_path: str,
+  kind: str,
+  config: ml_collections.ConfigDict,
+  config_spec: str,
+  workdir: str,
+  step: int | None = None,
+) -> dict[str, Any]:
   """Reads, converts and writes the workdir; returns the conversion report (also written
   to workdir/conversion.json).
 
@@ -590,23 +653,41 @@ def run(ckpt_path: str, kind: str, config: ml_collections.ConfigDict, config_spe
   overrides = {**user_overrides, **result.overrides, **extra}
   apply_overrides(config, extra)
   path = workdir_lib.write_workdir(
-      workdir, config, result.image_shape, params, step=result.step,
-      disc_params=disc_params, disc_batch_stats=result.disc_batch_stats)
+    workdir,
+    config,
+    result.image_shape,
+    params,
+    step=result.step,
+    disc_params=disc_params,
+    disc_batch_stats=result.disc_batch_stats,
+  )
   config_py = os.path.join(workdir, "config.py")
-  write_config_py(config_py, config_spec, overrides,
-                  f"Config of the run converted from {ckpt_path} (--kind={kind}) by "
-                  "arcvq_jax.convert.torch_checkpoint: the base config with the values the "
-                  "checkpoint fixes.")
+  write_config_py(
+    config_py,
+    config_spec,
+    overrides,
+    f"Config of the run converted from {ckpt_path} (--kind={kind}) by "
+    "arcvq_jax.convert.torch_checkpoint: the base config with the values the "
+    "checkpoint fixes.",
+  )
   report = dict(
-      source=os.path.abspath(ckpt_path), kind=kind, source_format=result.source_format,
-      base_config=config_spec, checkpoint=f"{path}/{result.step}", step=result.step,
-      tensors_converted=result.num_tensors - len(result.skipped),
-      parameters=int(sum(np.size(x) for x in jax.tree.leaves(params))),
-      discriminator=disc_params is not None, lpips=result.lpips_params is not None,
-      config_changes=result.changed, skipped=result.skipped, notes=result.notes,
-      seconds=dict(read=round(t_read, 3), map=round(t_map, 3),
-                   total=round(time.perf_counter() - t0, 3)),
-      run_command=f"python -m arcvq_jax.main --config={config_py} --workdir={workdir}",
+    source=os.path.abspath(ckpt_path),
+    kind=kind,
+    source_format=result.source_format,
+    base_config=config_spec,
+    checkpoint=f"{path}/{result.step}",
+    step=result.step,
+    tensors_converted=result.num_tensors - len(result.skipped),
+    parameters=int(sum(np.size(x) for x in jax.tree.leaves(params))),
+    discriminator=disc_params is not None,
+    lpips=result.lpips_params is not None,
+    config_changes=result.changed,
+    skipped=result.skipped,
+    notes=result.notes,
+    seconds=dict(
+      read=round(t_read, 3), map=round(t_map, 3), total=round(time.perf_counter() - t0, 3)
+    ),
+    run_command=f"python -m arcvq_jax.main --config={config_py} --workdir={workdir}",
   )
   (epath.Path(workdir) / "conversion.json").write_text(json.dumps(report, indent=2, default=str))
   return report
@@ -620,15 +701,22 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """The command's flags; defined when run as a program only, so importing this module
   next to another command (main, evaluate) cannot clash with their --config / --workdir."""
-  flags.DEFINE_string("ckpt", None, "PyTorch checkpoint: best.pt (ArcVQ-VAE) or a Lightning "
-                      ".ckpt.")
+  flags.DEFINE_string("ckpt", None, "PyTorch checkpoint: best.pt (ArcVQ-VAE) or a Lightning .ckpt.")
   flags.DEFINE_enum("kind", None, KINDS, "What the checkpoint holds (see the module docstring).")
   config_flags.DEFINE_config_file(
-      "config", None, "Base config (configs/*.py[:variant]) for everything the weights do not "
-      "fix: data, optimizer, schedules, ArcLoss.", lock_config=False)
+    "config",
+    None,
+    "Base config (configs/*.py[:variant]) for everything the weights do not "
+    "fix: data, optimizer, schedules, ArcLoss.",
+    lock_config=False,
+  )
   flags.DEFINE_string("workdir", None, "New run directory to write (must hold no checkpoints).")
-  flags.DEFINE_integer("step", None, "Step to store (default: the checkpoint's global_step, "
-                       "or the first step at which BBNR keeps the codebook).")
+  flags.DEFINE_integer(
+    "step",
+    None,
+    "Step to store (default: the checkpoint's global_step, "
+    "or the first step at which BBNR keeps the codebook).",
+  )
 
 
 def main(argv: list[str]) -> None:
@@ -639,20 +727,30 @@ def main(argv: list[str]) -> None:
       raise app.UsageError(f"--{name} is required")
   spec = config_flags.get_config_filename(FLAGS["config"])  # path[:variant] as given
   try:
-    report = run(os.path.expanduser(FLAGS.ckpt), FLAGS.kind, FLAGS.config, spec,
-                 FLAGS.workdir, FLAGS.step)
-  except (torch_load.UnsafeCheckpointError, torch_load.CheckpointReadError, ConversionError,
-          workdir_lib.WorkdirError, api.TokenizerLoadError) as e:
+    report = run(
+      os.path.expanduser(FLAGS.ckpt), FLAGS.kind, FLAGS.config, spec, FLAGS.workdir, FLAGS.step
+    )
+  except (
+    torch_load.UnsafeCheckpointError,
+    torch_load.CheckpointReadError,
+    ConversionError,
+    workdir_lib.WorkdirError,
+    api.TokenizerLoadError,
+  ) as e:
     raise SystemExit(f"error: {e}") from None
   logging.info("conversion report: %s", report)
-  print(f"converted {report['tensors_converted']} tensors ({report['parameters']:,} autoencoder "
-        f"parameters) from {report['source']} into {report['checkpoint']} "
-        f"in {report['seconds']['total']:.1f} s")
+  print(
+    f"converted {report['tensors_converted']} tensors ({report['parameters']:,} autoencoder "
+    f"parameters) from {report['source']} into {report['checkpoint']} "
+    f"in {report['seconds']['total']:.1f} s"
+  )
   for key, value in report["config_changes"].items():
     print(f"  config.{key} = {value!r}")
   if report["skipped"]:
-    print(f"  skipped {len(report['skipped'])} tensor(s): "
-          + "; ".join(sorted(set(report["skipped"].values()))))
+    print(
+      f"  skipped {len(report['skipped'])} tensor(s): "
+      + "; ".join(sorted(set(report["skipped"].values())))
+    )
   for note in report["notes"]:
     print(f"  note: {note}")
   print(f"next: {report['run_command']}")

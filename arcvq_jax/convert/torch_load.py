@@ -29,31 +29,32 @@ import numpy as np
 # Names a Lightning / taming checkpoint holds outside its state_dict, admitted as inert
 # stand-ins. Exact names, and prefixes ending in '.'.
 METADATA_GLOBALS = (
-    # Old Lightning keys ckpt['callbacks'] by the callback class.
-    "pytorch_lightning.callbacks.",
-    "lightning.pytorch.callbacks.",
-    # Hyper-parameters: omegaconf containers and Lightning's AttributeDict.
-    "omegaconf.",
-    "typing.Any",
-    "pytorch_lightning.utilities.parsing.AttributeDict",
-    "lightning.pytorch.utilities.parsing.AttributeDict",
-    "lightning.fabric.utilities.data.AttributeDict",
-    "argparse.Namespace",
-    "pathlib.PosixPath",
-    "pathlib.WindowsPath",
-    # numpy scalars and arrays in callback states (e.g. a best score).
-    "numpy.core.multiarray.scalar",
-    "numpy._core.multiarray.scalar",
-    "numpy.core.multiarray._reconstruct",
-    "numpy._core.multiarray._reconstruct",
-    "numpy.ndarray",
-    "numpy.dtype",
-    "numpy.dtypes.",
+  # Old Lightning keys ckpt['callbacks'] by the callback class.
+  "pytorch_lightning.callbacks.",
+  "lightning.pytorch.callbacks.",
+  # Hyper-parameters: omegaconf containers and Lightning's AttributeDict.
+  "omegaconf.",
+  "typing.Any",
+  "pytorch_lightning.utilities.parsing.AttributeDict",
+  "lightning.pytorch.utilities.parsing.AttributeDict",
+  "lightning.fabric.utilities.data.AttributeDict",
+  "argparse.Namespace",
+  "pathlib.PosixPath",
+  "pathlib.WindowsPath",
+  # numpy scalars and arrays in callback states (e.g. a best score).
+  "numpy.core.multiarray.scalar",
+  "numpy._core.multiarray.scalar",
+  "numpy.core.multiarray._reconstruct",
+  "numpy._core.multiarray._reconstruct",
+  "numpy.ndarray",
+  "numpy.dtype",
+  "numpy.dtypes.",
 )
 
 TRUSTED_EXTRACT = (
-    "python -c \"import torch; ckpt = torch.load('IN', map_location='cpu', weights_only=False); "
-    "torch.save(ckpt.get('state_dict', ckpt), 'state_dict.pt')\"")
+  "python -c \"import torch; ckpt = torch.load('IN', map_location='cpu', weights_only=False); "
+  "torch.save(ckpt.get('state_dict', ckpt), 'state_dict.pt')\""
+)
 
 
 class UnsafeCheckpointError(ValueError):
@@ -110,7 +111,7 @@ def _unsafe_globals(path: str, error: Exception) -> list[str]:
 
   try:
     return sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)))
-  except Exception:  # noqa: BLE001  (legacy files cannot be scanned; use the message)
+  except Exception:
     return _GLOBAL_IN_MESSAGE.findall(str(error))[:1]
 
 
@@ -145,8 +146,10 @@ def load_torch_file(path: str) -> Any:
   try:
     import torch  # noqa: PLC0415, F401
   except ImportError as e:
-    raise SystemExit("reading PyTorch checkpoints needs PyTorch (CPU is enough): "
-                     "`pip install torch`. Training and evaluation do not.") from e
+    raise SystemExit(
+      "reading PyTorch checkpoints needs PyTorch (CPU is enough): "
+      "`pip install torch`. Training and evaluation do not."
+    ) from e
   if not os.path.isfile(path):
     raise CheckpointReadError(f"no such file: {path}")
   stand_ins: list[tuple[type, str]] = []
@@ -160,12 +163,13 @@ def load_torch_file(path: str) -> Any:
       if refused or not names:
         detail = ", ".join(refused) if refused else _unpickler_message(e)
         raise UnsafeCheckpointError(
-            f"refusing to load {path}: unpickling it would import and call Python objects "
-            f"that are not tensors or checkpoint metadata ({detail}). This converter reads "
-            "tensors only and never runs code from a checkpoint. A whole pickled model "
-            "(torch.save(model)) is refused too: save model.state_dict() instead. If you "
-            "trust the file, extract its state_dict in a trusted environment and convert "
-            f"that:\n  {TRUSTED_EXTRACT.replace('IN', path)}") from None
+          f"refusing to load {path}: unpickling it would import and call Python objects "
+          f"that are not tensors or checkpoint metadata ({detail}). This converter reads "
+          "tensors only and never runs code from a checkpoint. A whole pickled model "
+          "(torch.save(model)) is refused too: save model.state_dict() instead. If you "
+          "trust the file, extract its state_dict in a trusted environment and convert "
+          f"that:\n  {TRUSTED_EXTRACT.replace('IN', path)}"
+        ) from None
       admitted.update(names)
       stand_ins += _stand_ins(names)
     except (RuntimeError, EOFError, OSError, ValueError) as e:
@@ -193,8 +197,7 @@ def _to_numpy(key: str, value: Any) -> np.ndarray:
   import torch  # noqa: PLC0415
 
   if not isinstance(value, torch.Tensor):
-    raise CheckpointReadError(
-        f"state_dict entry {key!r} is a {type(value).__name__}, not a tensor")
+    raise CheckpointReadError(f"state_dict entry {key!r} is a {type(value).__name__}, not a tensor")
   value = value.detach()
   if value.is_floating_point() and value.dtype != torch.float32:
     value = value.float()  # fp16 / bf16 / fp64 checkpoints: parameters are float32 here
@@ -204,8 +207,12 @@ def _to_numpy(key: str, value: Any) -> np.ndarray:
 def _is_state_dict(obj: Any) -> bool:
   import torch  # noqa: PLC0415
 
-  return (isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) for k in obj)
-          and any(isinstance(v, torch.Tensor) for v in obj.values()))
+  return (
+    isinstance(obj, dict)
+    and bool(obj)
+    and all(isinstance(k, str) for k in obj)
+    and any(isinstance(v, torch.Tensor) for v in obj.values())
+  )
 
 
 def read_checkpoint(path: str) -> TorchCheckpoint:
@@ -217,12 +224,20 @@ def read_checkpoint(path: str) -> TorchCheckpoint:
       raise CheckpointReadError(f"{path}: ckpt['state_dict'] holds no tensors")
     step = obj.get("global_step")
     state = {k: _to_numpy(k, v) for k, v in obj["state_dict"].items()}
-    return TorchCheckpoint(state=state, global_step=int(step) if isinstance(step, int) else None,
-                           format="lightning",
-                           metadata=sorted(str(k) for k in obj if k != "state_dict"))
+    return TorchCheckpoint(
+      state=state,
+      global_step=int(step) if isinstance(step, int) else None,
+      format="lightning",
+      metadata=sorted(str(k) for k in obj if k != "state_dict"),
+    )
   if _is_state_dict(obj):
-    return TorchCheckpoint(state={k: _to_numpy(k, v) for k, v in obj.items()},
-                           global_step=None, format="state_dict", metadata=[])
+    return TorchCheckpoint(
+      state={k: _to_numpy(k, v) for k, v in obj.items()},
+      global_step=None,
+      format="state_dict",
+      metadata=[],
+    )
   raise CheckpointReadError(
-      f"{path} holds a {type(obj).__name__} that is neither a state_dict (a dict of tensors) "
-      "nor a Lightning checkpoint (a dict with 'state_dict')")
+    f"{path} holds a {type(obj).__name__} that is neither a state_dict (a dict of tensors) "
+    "nor a Lightning checkpoint (a dict with 'state_dict')"
+  )

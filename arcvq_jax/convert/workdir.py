@@ -46,8 +46,9 @@ def _init_fn(config: ml_collections.ConfigDict, image_shape: tuple[int, int, int
   def init_fn(key):  # as gan_steps.create_state_and_steps
     gen_key, disc_key = jax.random.split(key)
     return GANTrainState(
-        gen=init_train_state(gen_key, model=model, tx=tx, image_shape=image_shape),
-        disc=init_disc_state(disc_key, model=disc_model, tx=disc_tx, image_shape=image_shape))
+      gen=init_train_state(gen_key, model=model, tx=tx, image_shape=image_shape),
+      disc=init_disc_state(disc_key, model=disc_model, tx=disc_tx, image_shape=image_shape),
+    )
 
   return init_fn
 
@@ -59,8 +60,13 @@ def abstract_state(config: ml_collections.ConfigDict, image_shape: tuple[int, in
 
 
 def build_state(
-    config: ml_collections.ConfigDict, image_shape: tuple[int, int, int], params: Any, *,
-    step: int, disc_params: Any = None, disc_batch_stats: Any = None,
+  config: ml_collections.ConfigDict,
+  image_shape: tuple[int, int, int],
+  params: Any,
+  *,
+  step: int,
+  disc_params: Any = None,
+  disc_batch_stats: Any = None,
 ) -> Any:
   """The train state of `config` with these weights, structured exactly as `main`'s own.
 
@@ -77,25 +83,30 @@ def build_state(
   params = to_jax(params)
   codebook = params["codebook"]
   gen = TrainState(
-      step=jnp.asarray(step, jnp.int32),
-      params=params,
-      opt_state=make_optimizer(config).init(params),
-      ema=quantization.EMAState(cluster_size=jnp.ones((codebook.shape[0],), jnp.float32),
-                                embed_sum=codebook),
-      usage=jnp.zeros((codebook.shape[0],), jnp.float32),
-      rng=rng,
+    step=jnp.asarray(step, jnp.int32),
+    params=params,
+    opt_state=make_optimizer(config).init(params),
+    ema=quantization.EMAState(
+      cluster_size=jnp.ones((codebook.shape[0],), jnp.float32), embed_sum=codebook
+    ),
+    usage=jnp.zeros((codebook.shape[0],), jnp.float32),
+    rng=rng,
   )
   if not is_gan:
     state = gen
   else:
     if disc_params is None:
       disc_model = gan_steps.discriminator_from_config(config)
-      disc = init_disc_state(disc_key, model=disc_model, tx=make_disc_optimizer(config),
-                             image_shape=image_shape)
+      disc = init_disc_state(
+        disc_key, model=disc_model, tx=make_disc_optimizer(config), image_shape=image_shape
+      )
     else:
       disc_params = to_jax(disc_params)
-      disc = DiscState(params=disc_params, batch_stats=to_jax(disc_batch_stats),
-                       opt_state=make_disc_optimizer(config).init(disc_params))
+      disc = DiscState(
+        params=disc_params,
+        batch_stats=to_jax(disc_batch_stats),
+        opt_state=make_disc_optimizer(config).init(disc_params),
+      )
     state = GANTrainState(gen=gen, disc=disc)
   check_matches(state, abstract_state(config, image_shape))
   return state
@@ -113,13 +124,21 @@ def check_matches(state: Any, abstract: Any) -> None:
   problems += [f"unexpected {k} {got[k]}" for k in got if k not in want]
   problems += [f"{k}: {got[k]} != {want[k]}" for k in want if k in got and got[k] != want[k]]
   if problems:
-    raise WorkdirError("the converted state does not match the state this config trains:\n  "
-                       + "\n  ".join(problems))
+    raise WorkdirError(
+      "the converted state does not match the state this config trains:\n  " + "\n  ".join(problems)
+    )
 
 
-def write_workdir(workdir: str, config: ml_collections.ConfigDict,
-                  image_shape: tuple[int, int, int], params: Any, *, step: int,
-                  disc_params: Any = None, disc_batch_stats: Any = None) -> str:
+def write_workdir(
+  workdir: str,
+  config: ml_collections.ConfigDict,
+  image_shape: tuple[int, int, int],
+  params: Any,
+  *,
+  step: int,
+  disc_params: Any = None,
+  disc_batch_stats: Any = None,
+) -> str:
   """Writes workdir/config.json and workdir/checkpoints/<step>; returns the checkpoint dir.
 
   Without a discriminator this is `api.write_workdir`. With one (a VQGAN checkpoint that
@@ -134,10 +153,18 @@ def write_workdir(workdir: str, config: ml_collections.ConfigDict,
   checkpointer = ckpt_lib.Checkpointer(directory)
   try:
     if checkpointer.latest_step() is not None:
-      raise WorkdirError(f"{directory} already has checkpoints ({checkpointer.all_steps()}); "
-                         "write into an empty --workdir so no run is overwritten.")
-    state = build_state(config, image_shape, params, step=step, disc_params=disc_params,
-                        disc_batch_stats=disc_batch_stats)
+      raise WorkdirError(
+        f"{directory} already has checkpoints ({checkpointer.all_steps()}); "
+        "write into an empty --workdir so no run is overwritten."
+      )
+    state = build_state(
+      config,
+      image_shape,
+      params,
+      step=step,
+      disc_params=disc_params,
+      disc_batch_stats=disc_batch_stats,
+    )
     root = epath.Path(workdir)
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / (api.CONFIG_FILE + ".tmp")
@@ -150,8 +177,12 @@ def write_workdir(workdir: str, config: ml_collections.ConfigDict,
   return directory
 
 
-def restore_state(workdir: str, config: ml_collections.ConfigDict,
-                  image_shape: tuple[int, int, int], step: int | None = None) -> Any:
+def restore_state(
+  workdir: str,
+  config: ml_collections.ConfigDict,
+  image_shape: tuple[int, int, int],
+  step: int | None = None,
+) -> Any:
   """The train state saved in workdir (its latest step by default), as `main` restores it,
   on the default device. For tests and tools; training goes through `main`."""
   checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir))
@@ -160,10 +191,9 @@ def restore_state(workdir: str, config: ml_collections.ConfigDict,
     raise WorkdirError(f"no checkpoint in {workdir}")
   abstract = abstract_state(config, image_shape)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-                          abstract)
+  abstract = jax.tree.map(
+    lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract
+  )
   state = checkpointer.restore(step, abstract, None)
   checkpointer.close()
   return state
-
-

@@ -31,8 +31,8 @@ from PIL import Image
 
 from arcvq_jax.data.idx import DataError
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
-_SPLIT_NAMES = ('train', 'test', 'val', 'validation')
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+_SPLIT_NAMES = ("train", "test", "val", "validation")
 
 
 def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
@@ -58,8 +58,9 @@ def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
   return image.resize((new_w, new_h), Image.Resampling.BICUBIC)
 
 
-def crop_square(image: np.ndarray, size: int,
-                fraction: tuple[float, float] | np.ndarray | None = None) -> np.ndarray:
+def crop_square(
+  image: np.ndarray, size: int, fraction: tuple[float, float] | np.ndarray | None = None
+) -> np.ndarray:
   """Crops a (size, size) window: central, or at a given relative offset.
 
   Args:
@@ -79,7 +80,7 @@ def crop_square(image: np.ndarray, size: int,
     # min() guards f == 1.0 from rounding in callers.
     top = min(int(fraction[0] * (h - size + 1)), h - size)
     left = min(int(fraction[1] * (w - size + 1)), w - size)
-  return image[top:top + size, left:left + size]
+  return image[top : top + size, left : left + size]
 
 
 def _to_array(image: Image.Image) -> np.ndarray:
@@ -88,8 +89,9 @@ def _to_array(image: Image.Image) -> np.ndarray:
   return out[..., None] if out.ndim == 2 else out
 
 
-def resize_and_crop(image: np.ndarray, size: int,
-                    fraction: tuple[float, float] | np.ndarray | None = None) -> np.ndarray:
+def resize_and_crop(
+  image: np.ndarray, size: int, fraction: tuple[float, float] | np.ndarray | None = None
+) -> np.ndarray:
   """Resizes the shorter side to `size`, then crops a square (see `crop_square`).
 
   Args:
@@ -106,9 +108,14 @@ def resize_and_crop(image: np.ndarray, size: int,
   return crop_square(image, size, fraction)
 
 
-def decode_image(file: str | io.BytesIO, image_size: int | None, *, channels: int = 3,
-                 fraction: tuple[float, float] | np.ndarray | None = None,
-                 name: str | None = None) -> np.ndarray:
+def decode_image(
+  file: str | io.BytesIO,
+  image_size: int | None,
+  *,
+  channels: int = 3,
+  fraction: tuple[float, float] | np.ndarray | None = None,
+  name: str | None = None,
+) -> np.ndarray:
   """Decodes one image file with PIL, resized and cropped when asked.
 
   Every image is converted to RGB (or L for channels=1) first, so grayscale,
@@ -127,15 +134,15 @@ def decode_image(file: str | io.BytesIO, image_size: int | None, *, channels: in
   """
   try:
     with Image.open(file) as pil:
-      pil = pil.convert('L' if channels == 1 else 'RGB')
+      pil = pil.convert("L" if channels == 1 else "RGB")
       if image_size is not None:
         # Resizing the PIL image directly saves a copy to numpy and back.
         pil = resize_shorter_side(pil, image_size)
       image = _to_array(pil)
   except (OSError, ValueError, Image.DecompressionBombError) as e:
     raise DataError(
-        f'Image file {name or file!r} could not be decoded ({type(e).__name__}: {e}). '
-        'Delete or replace the file.'
+      f"Image file {name or file!r} could not be decoded ({type(e).__name__}: {e}). "
+      "Delete or replace the file."
     ) from e
   if image_size is not None:
     image = crop_square(image, image_size, fraction)
@@ -145,9 +152,9 @@ def decode_image(file: str | io.BytesIO, image_size: int | None, *, channels: in
 def _split_root(root: str, split: str) -> str:
   if not root or not os.path.isdir(root):
     raise DataError(
-        f'Image folder {root!r} (config.data.path) does not exist. Point '
-        'config.data.path at a folder of images (optionally with split '
-        'subfolders such as train/ and test/, and class subfolders below).'
+      f"Image folder {root!r} (config.data.path) does not exist. Point "
+      "config.data.path at a folder of images (optionally with split "
+      "subfolders such as train/ and test/, and class subfolders below)."
     )
   split_dir = os.path.join(root, split)
   if os.path.isdir(split_dir):
@@ -155,9 +162,9 @@ def _split_root(root: str, split: str) -> str:
   present = [s for s in _SPLIT_NAMES if os.path.isdir(os.path.join(root, s))]
   if present:
     raise DataError(
-        f'Image folder {root!r} has split folders {present} but no {split!r}. '
-        'Set config.data.train_split / config.data.eval_split to one of '
-        f'{present}, or create {split_dir!r}.'
+      f"Image folder {root!r} has split folders {present} but no {split!r}. "
+      "Set config.data.train_split / config.data.eval_split to one of "
+      f"{present}, or create {split_dir!r}."
     )
   return root
 
@@ -170,15 +177,10 @@ def _class_names(root: str, split_root: str) -> list[str]:
   """Sorted class folder names, the union over the split folders if any."""
   parents = [split_root]
   if split_root != root:
-    parents = [
-        os.path.join(root, s) for s in _SPLIT_NAMES
-        if os.path.isdir(os.path.join(root, s))
-    ]
+    parents = [os.path.join(root, s) for s in _SPLIT_NAMES if os.path.isdir(os.path.join(root, s))]
   names = set()
   for parent in parents:
-    names.update(
-        e.name for e in os.scandir(parent) if e.is_dir() and not e.name.startswith('.')
-    )
+    names.update(e.name for e in os.scandir(parent) if e.is_dir() and not e.name.startswith("."))
   return sorted(names)
 
 
@@ -197,14 +199,12 @@ def list_image_folder(root: str, split: str) -> tuple[list[str], np.ndarray, lis
   split_root = _split_root(root, split)
   classes = _class_names(root, split_root)
   paths, labels = [], []
-  loose = sorted(
-      e.path for e in os.scandir(split_root) if e.is_file() and _is_image(e.name)
-  )
+  loose = sorted(e.path for e in os.scandir(split_root) if e.is_file() and _is_image(e.name))
   if classes and loose:
     raise DataError(
-        f'Image folder {split_root!r} mixes image files (e.g. {loose[0]!r}) with '
-        f'class folders {classes[:5]}: move the loose images into a class folder '
-        'or the class folders away, so each image has one label.'
+      f"Image folder {split_root!r} mixes image files (e.g. {loose[0]!r}) with "
+      f"class folders {classes[:5]}: move the loose images into a class folder "
+      "or the class folders away, so each image has one label."
     )
   if not classes:
     for dirpath, dirnames, filenames in os.walk(split_root):
@@ -220,15 +220,16 @@ def list_image_folder(root: str, split: str) -> tuple[list[str], np.ndarray, lis
       labels += [label] * len(found)
   if not paths:
     raise DataError(
-        f'Image folder {split_root!r} (from config.data.path={root!r}, split '
-        f'{split!r}) holds no images with suffix {IMAGE_EXTENSIONS}. Check '
-        'config.data.path and that the images were copied there.'
+      f"Image folder {split_root!r} (from config.data.path={root!r}, split "
+      f"{split!r}) holds no images with suffix {IMAGE_EXTENSIONS}. Check "
+      "config.data.path and that the images were copied there."
     )
   return paths, np.asarray(labels, np.int64), classes
 
 
-def load_image(path: str, image_size: int | None,
-               fraction: tuple[float, float] | np.ndarray | None = None) -> np.ndarray:
+def load_image(
+  path: str, image_size: int | None, fraction: tuple[float, float] | np.ndarray | None = None
+) -> np.ndarray:
   """Decodes one image file to RGB, resized and cropped when asked.
 
   Args:
@@ -268,18 +269,19 @@ class ImageFolderSource:
     image = load_image(self.paths[index], self.image_size, fraction)
     if image.shape != self.image_shape:
       raise DataError(
-          f'Image file {self.paths[index]!r} is {image.shape}, but the first '
-          f'image {self.paths[0]!r} is {self.image_shape}: set '
-          'config.data.image_size to resize and centre-crop all images to one '
-          'size.'
+        f"Image file {self.paths[index]!r} is {image.shape}, but the first "
+        f"image {self.paths[0]!r} is {self.image_shape}: set "
+        "config.data.image_size to resize and centre-crop all images to one "
+        "size."
       )
     return image
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    return {'image': self._load(index), 'label': self.labels[index]}
+    return {"image": self._load(index), "label": self.labels[index]}
 
-  def read(self, indices: Sequence[int],
-           crop_fractions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+  def read(
+    self, indices: Sequence[int], crop_fractions: np.ndarray | None = None
+  ) -> tuple[np.ndarray, np.ndarray]:
     """Returns images (B, H, W, 3) uint8 and labels (B,) int64.
 
     Args:

@@ -22,7 +22,6 @@ import zlib
 import numpy as np
 
 
-
 class DataError(ValueError):
   """Missing, malformed or misconfigured data; the message says how to fix it.
 
@@ -30,45 +29,46 @@ class DataError(ValueError):
   it without import cycles; `arcvq_jax.data.pipeline.DataError` is this class.
   """
 
+
 # IDX dtype code -> big-endian numpy dtype.
 _IDX_DTYPES: dict[int, np.dtype] = {
-    0x08: np.dtype(np.uint8),
-    0x09: np.dtype(np.int8),
-    0x0B: np.dtype('>i2'),
-    0x0C: np.dtype('>i4'),
-    0x0D: np.dtype('>f4'),
-    0x0E: np.dtype('>f8'),
+  0x08: np.dtype(np.uint8),
+  0x09: np.dtype(np.int8),
+  0x0B: np.dtype(">i2"),
+  0x0C: np.dtype(">i4"),
+  0x0D: np.dtype(">f4"),
+  0x0E: np.dtype(">f8"),
 }
 
 # Split name -> file name prefix of the four MNIST-style files.
-_SPLIT_PREFIX = {'train': 'train', 'test': 't10k'}
+_SPLIT_PREFIX = {"train": "train", "test": "t10k"}
 
 INSTALL_HINT = (
-    'On Debian/Ubuntu: apt-get install dataset-fashion-mnist (files land in '
-    '/usr/share/datasets/fashion-mnist), or download the four IDX files of '
-    'MNIST (https://yann.lecun.com/exdb/mnist/ or a mirror) or Fashion-MNIST '
-    '(https://github.com/zalandoresearch/fashion-mnist), and set '
-    '--config.data.path=DIR (gzipped or not).'
+  "On Debian/Ubuntu: apt-get install dataset-fashion-mnist (files land in "
+  "/usr/share/datasets/fashion-mnist), or download the four IDX files of "
+  "MNIST (https://yann.lecun.com/exdb/mnist/ or a mirror) or Fashion-MNIST "
+  "(https://github.com/zalandoresearch/fashion-mnist), and set "
+  "--config.data.path=DIR (gzipped or not)."
 )
 
 
 def _read_bytes(path: str) -> bytes:
   """Returns the (decompressed) content of `path`, DataError when unreadable."""
   try:
-    if path.endswith('.gz'):
-      with gzip.open(path, 'rb') as f:
+    if path.endswith(".gz"):
+      with gzip.open(path, "rb") as f:
         return f.read()
-    with open(path, 'rb') as f:
+    with open(path, "rb") as f:
       return f.read()
   except FileNotFoundError as e:
-    raise DataError(f'IDX file {path!r} does not exist. {INSTALL_HINT}') from e
+    raise DataError(f"IDX file {path!r} does not exist. {INSTALL_HINT}") from e
   except (OSError, EOFError, zlib.error) as e:
     # gzip raises EOFError on a truncated archive, BadGzipFile (an OSError) on
     # a file that is not gzip at all.
     raise DataError(
-        f'IDX file {path!r} could not be read ({type(e).__name__}: {e}); it is '
-        'probably truncated or not gzip despite its name. Download it again. '
-        f'{INSTALL_HINT}'
+      f"IDX file {path!r} could not be read ({type(e).__name__}: {e}); it is "
+      "probably truncated or not gzip despite its name. Download it again. "
+      f"{INSTALL_HINT}"
     ) from e
 
 
@@ -84,24 +84,24 @@ def _parse_header(data: bytes, path: str) -> tuple[np.dtype, tuple[int, ...], in
   """
   if len(data) < 4:
     raise DataError(
-        f'IDX file {path!r} is {len(data)} bytes long, shorter than the 4-byte '
-        f'IDX magic number: it is truncated or not an IDX file. {INSTALL_HINT}'
+      f"IDX file {path!r} is {len(data)} bytes long, shorter than the 4-byte "
+      f"IDX magic number: it is truncated or not an IDX file. {INSTALL_HINT}"
     )
-  zero, code, ndim = struct.unpack('>HBB', data[:4])
+  zero, code, ndim = struct.unpack(">HBB", data[:4])
   if zero != 0 or code not in _IDX_DTYPES or ndim == 0:
     raise DataError(
-        f'IDX file {path!r} has a malformed header (magic bytes '
-        f'{data[:4].hex()}; expected 0000, a dtype code in '
-        f'{[hex(c) for c in _IDX_DTYPES]} and >= 1 dimensions): it is not an '
-        f'IDX file (a gzip file without the .gz suffix?). {INSTALL_HINT}'
+      f"IDX file {path!r} has a malformed header (magic bytes "
+      f"{data[:4].hex()}; expected 0000, a dtype code in "
+      f"{[hex(c) for c in _IDX_DTYPES]} and >= 1 dimensions): it is not an "
+      f"IDX file (a gzip file without the .gz suffix?). {INSTALL_HINT}"
     )
   offset = 4 + 4 * ndim
   if len(data) < offset:
     raise DataError(
-        f'IDX file {path!r} is truncated inside its header ({len(data)} bytes, '
-        f'header needs {offset}). Download it again. {INSTALL_HINT}'
+      f"IDX file {path!r} is truncated inside its header ({len(data)} bytes, "
+      f"header needs {offset}). Download it again. {INSTALL_HINT}"
     )
-  shape = struct.unpack(f'>{ndim}I', data[4:offset])
+  shape = struct.unpack(f">{ndim}I", data[4:offset])
   return _IDX_DTYPES[code], tuple(int(d) for d in shape), offset
 
 
@@ -115,17 +115,17 @@ def read_idx_header(path: str) -> tuple[np.dtype, tuple[int, ...]]:
     (dtype, shape) of the stored array.
   """
   try:
-    opener = gzip.open if path.endswith('.gz') else open
-    with opener(path, 'rb') as f:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
       head = f.read(4)
       if len(head) == 4:
         head += f.read(4 * head[3])
   except FileNotFoundError as e:
-    raise DataError(f'IDX file {path!r} does not exist. {INSTALL_HINT}') from e
+    raise DataError(f"IDX file {path!r} does not exist. {INSTALL_HINT}") from e
   except (OSError, EOFError, zlib.error) as e:
     raise DataError(
-        f'IDX file {path!r} could not be read ({type(e).__name__}: {e}). '
-        f'Download it again. {INSTALL_HINT}'
+      f"IDX file {path!r} could not be read ({type(e).__name__}: {e}). "
+      f"Download it again. {INSTALL_HINT}"
     ) from e
   dtype, shape, _ = _parse_header(head, path)
   return dtype, shape
@@ -149,13 +149,13 @@ def read_idx(path: str) -> np.ndarray:
   expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
   if len(data) - offset != expected:
     raise DataError(
-        f'IDX file {path!r} holds {len(data) - offset} data bytes but its '
-        f'header {shape} of {dtype} needs {expected}: the file is '
-        f'{"truncated" if len(data) - offset < expected else "corrupt"}. '
-        f'Download it again. {INSTALL_HINT}'
+      f"IDX file {path!r} holds {len(data) - offset} data bytes but its "
+      f"header {shape} of {dtype} needs {expected}: the file is "
+      f"{'truncated' if len(data) - offset < expected else 'corrupt'}. "
+      f"Download it again. {INSTALL_HINT}"
     )
   array = np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape)
-  return array.astype(dtype.newbyteorder('='), copy=False)
+  return array.astype(dtype.newbyteorder("="), copy=False)
 
 
 def idx_split_files(directory: str, split: str) -> tuple[str, str]:
@@ -170,29 +170,24 @@ def idx_split_files(directory: str, split: str) -> tuple[str, str]:
   """
   if split not in _SPLIT_PREFIX:
     raise DataError(
-        f'IDX data has the splits {sorted(_SPLIT_PREFIX)}, not {split!r}. Set '
-        "config.data.train_split='train' and config.data.eval_split='test'."
+      f"IDX data has the splits {sorted(_SPLIT_PREFIX)}, not {split!r}. Set "
+      "config.data.train_split='train' and config.data.eval_split='test'."
     )
   if not directory or not os.path.isdir(directory):
     raise DataError(
-        f'IDX data directory {directory!r} (config.data.path) does not exist. '
-        f'{INSTALL_HINT}'
+      f"IDX data directory {directory!r} (config.data.path) does not exist. {INSTALL_HINT}"
     )
   prefix = _SPLIT_PREFIX[split]
   found = []
-  for kind, ndim in (('images', 3), ('labels', 1)):
+  for kind, ndim in (("images", 3), ("labels", 1)):
     # Some MNIST mirrors write 'train-images.idx3-ubyte'.
-    names = [
-        f'{prefix}-{kind}{sep}idx{ndim}-ubyte{gz}'
-        for sep in ('-', '.')
-        for gz in ('', '.gz')
-    ]
+    names = [f"{prefix}-{kind}{sep}idx{ndim}-ubyte{gz}" for sep in ("-", ".") for gz in ("", ".gz")]
     paths = [os.path.join(directory, n) for n in names]
     existing = [p for p in paths if os.path.isfile(p)]
     if not existing:
       raise DataError(
-          f'IDX data directory {directory!r} (config.data.path) has no '
-          f'{names[0]} (nor {names[1]}, {names[2]}, ...). {INSTALL_HINT}'
+        f"IDX data directory {directory!r} (config.data.path) has no "
+        f"{names[0]} (nor {names[1]}, {names[2]}, ...). {INSTALL_HINT}"
       )
     found.append(existing[0])
   return found[0], found[1]
@@ -215,15 +210,15 @@ def load_idx_split(directory: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   labels = read_idx(labels_path)
   if images.ndim != 3 or images.dtype != np.uint8:
     raise DataError(
-        f'IDX file {images_path!r} holds a {images.dtype} array of shape '
-        f'{images.shape}; expected uint8 (N, H, W) images. Check that '
-        'config.data.path points at MNIST-style image files.'
+      f"IDX file {images_path!r} holds a {images.dtype} array of shape "
+      f"{images.shape}; expected uint8 (N, H, W) images. Check that "
+      "config.data.path points at MNIST-style image files."
     )
   if labels.ndim != 1 or len(labels) != len(images):
     raise DataError(
-        f'IDX label file {labels_path!r} has shape {labels.shape} but '
-        f'{images_path!r} holds {len(images)} images; the two files belong to '
-        'different data sets or one is corrupt. Download them again.'
+      f"IDX label file {labels_path!r} has shape {labels.shape} but "
+      f"{images_path!r} holds {len(images)} images; the two files belong to "
+      "different data sets or one is corrupt. Download them again."
     )
   return images[..., None], labels.astype(np.int64)
 
@@ -235,8 +230,8 @@ def idx_split_info(directory: str, split: str) -> tuple[int, tuple[int, int, int
   _, label_shape = read_idx_header(labels_path)
   if len(shape) != 3 or label_shape != shape[:1]:
     raise DataError(
-        f'IDX files {images_path!r} {shape} and {labels_path!r} {label_shape} '
-        'do not form an (N, H, W) image set with N labels. Check '
-        'config.data.path.'
+      f"IDX files {images_path!r} {shape} and {labels_path!r} {label_shape} "
+      "do not form an (N, H, W) image set with N labels. Check "
+      "config.data.path."
     )
   return shape[0], (shape[1], shape[2], 1)

@@ -37,52 +37,52 @@ IMAGE_SHAPE = (28, 28, 1)
 class IdxImages(tfds.core.GeneratorBasedBuilder):
   """MNIST-style IDX image files (train + t10k) from a manual folder."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      'Point manual_dir (tfds build --manual_dir=DIR, or '
-      'tfds.download.DownloadConfig(manual_dir=DIR), or config.data.path for '
-      'arcvq-jax) at a folder holding the four IDX files train-images-idx3-ubyte, '
-      'train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte '
-      '(each may be .gz). ' + idx.INSTALL_HINT
+    "Point manual_dir (tfds build --manual_dir=DIR, or "
+    "tfds.download.DownloadConfig(manual_dir=DIR), or config.data.path for "
+    "arcvq-jax) at a folder holding the four IDX files train-images-idx3-ubyte, "
+    "train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte "
+    "(each may be .gz). " + idx.INSTALL_HINT
   )
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Tensor(
-                shape=IMAGE_SHAPE, dtype=np.uint8, encoding='bytes'
-            ),
-            'label': tfds.features.Scalar(dtype=np.int64),
-        }),
-        supervised_keys=('image', 'label'),
-        description='Images and labels read from MNIST-style IDX files.',
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Tensor(shape=IMAGE_SHAPE, dtype=np.uint8, encoding="bytes"),
+          "label": tfds.features.Scalar(dtype=np.int64),
+        }
+      ),
+      supervised_keys=("image", "label"),
+      description="Images and labels read from MNIST-style IDX files.",
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     manual_dir = os.fspath(dl_manager.manual_dir)
     # Validate both splits before writing anything, so a missing file fails fast.
-    for split in ('train', 'test'):
+    for split in ("train", "test"):
       idx.idx_split_files(manual_dir, split)
     return {
-        'train': self._generate_examples(manual_dir, 'train'),
-        'test': self._generate_examples(manual_dir, 'test'),
+      "train": self._generate_examples(manual_dir, "train"),
+      "test": self._generate_examples(manual_dir, "test"),
     }
 
   def _generate_examples(self, manual_dir: str, split: str):
     images, labels = idx.load_idx_split(manual_dir, split)
     if images.shape[1:] != IMAGE_SHAPE:
       raise idx.DataError(
-          f'idx_images stores {IMAGE_SHAPE} images but the {split} IDX files in '
-          f'{manual_dir!r} hold {images.shape[1:]}. Read them directly with '
-          "config.data.source='idx' instead."
+        f"idx_images stores {IMAGE_SHAPE} images but the {split} IDX files in "
+        f"{manual_dir!r} hold {images.shape[1:]}. Read them directly with "
+        "config.data.source='idx' instead."
       )
     for i in range(len(images)):
-      yield i, {'image': images[i], 'label': labels[i]}
+      yield i, {"image": images[i], "label": labels[i]}
 
 
 def prepare_idx_tfds(
-    manual_dir: str, data_dir: str | None, file_format: str = 'array_record'
+  manual_dir: str, data_dir: str | None, file_format: str = "array_record"
 ) -> tfds.core.DatasetBuilder:
   """Prepares `idx_images` from the IDX files in `manual_dir`, offline.
 
@@ -95,14 +95,14 @@ def prepare_idx_tfds(
   Returns:
     The prepared builder (a no-op when it was prepared already).
   """
-  idx.idx_split_files(manual_dir, 'train')  # DataError with the fix if absent.
+  idx.idx_split_files(manual_dir, "train")  # DataError with the fix if absent.
   builder = IdxImages(data_dir=data_dir, file_format=file_format)
   builder.download_and_prepare(
-      file_format=file_format,
-      download_config=tfds.download.DownloadConfig(
-          manual_dir=manual_dir,
-          # Nothing is downloaded; skip the statistics pass over all examples.
-          compute_stats=tfds.download.ComputeStatsMode.SKIP,
-      ),
+    file_format=file_format,
+    download_config=tfds.download.DownloadConfig(
+      manual_dir=manual_dir,
+      # Nothing is downloaded; skip the statistics pass over all examples.
+      compute_stats=tfds.download.ComputeStatsMode.SKIP,
+    ),
   )
   return builder

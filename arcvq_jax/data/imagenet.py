@@ -26,8 +26,8 @@ from etils import epath
 
 from arcvq_jax.data.idx import DataError
 
-NAME = 'imagenet2012'
-MANUAL_FILES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
+NAME = "imagenet2012"
+MANUAL_FILES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 
 
 def check_manual_dir(manual_dir: str) -> None:
@@ -36,13 +36,13 @@ def check_manual_dir(manual_dir: str) -> None:
   missing = [f for f in MANUAL_FILES if not (root / f).exists()]
   if missing:
     raise DataError(
-        f'The ImageNet manual_dir {manual_dir!r} lacks {missing}: it must hold '
-        f'{" and ".join(MANUAL_FILES)} as downloaded (after registering) from '
-        'https://image-net.org/download-images, not extracted.'
+      f"The ImageNet manual_dir {manual_dir!r} lacks {missing}: it must hold "
+      f"{' and '.join(MANUAL_FILES)} as downloaded (after registering) from "
+      "https://image-net.org/download-images, not extracted."
     )
 
 
-def prepare(manual_dir: str, data_dir: str | None, file_format: str = 'array_record') -> Any:
+def prepare(manual_dir: str, data_dir: str | None, file_format: str = "array_record") -> Any:
   """Prepares imagenet2012 as ArrayRecord in data_dir (a no-op when prepared).
 
   Args:
@@ -61,28 +61,32 @@ def prepare(manual_dir: str, data_dir: str | None, file_format: str = 'array_rec
     return builder
   check_manual_dir(manual_dir)
   builder.download_and_prepare(
-      file_format=file_format,
-      download_config=tfds.download.DownloadConfig(
-          manual_dir=manual_dir,
-          # Everything comes from manual_dir: no copy on TFDS's public bucket.
-          try_download_gcs=False,
-          # The statistics pass would read all 1.3M images a second time.
-          compute_stats=tfds.download.ComputeStatsMode.SKIP,
-      ),
+    file_format=file_format,
+    download_config=tfds.download.DownloadConfig(
+      manual_dir=manual_dir,
+      # Everything comes from manual_dir: no copy on TFDS's public bucket.
+      try_download_gcs=False,
+      # The statistics pass would read all 1.3M images a second time.
+      compute_stats=tfds.download.ComputeStatsMode.SKIP,
+    ),
   )
   return builder
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
-  parser.add_argument('--manual_dir', required=True,
-                      help='folder with ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar')
-  parser.add_argument('--data_dir', default=None,
-                      help='TFDS data dir to write (default ~/tensorflow_datasets)')
+  parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+  parser.add_argument(
+    "--manual_dir",
+    required=True,
+    help="folder with ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar",
+  )
+  parser.add_argument(
+    "--data_dir", default=None, help="TFDS data dir to write (default ~/tensorflow_datasets)"
+  )
   args = parser.parse_args(argv)
   builder = prepare(args.manual_dir, args.data_dir)
-  print(f'{NAME} is prepared in {builder.data_dir}: {builder.info.splits}')
+  print(f"{NAME} is prepared in {builder.data_dir}: {builder.info.splits}")
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   main()

@@ -55,19 +55,19 @@ from arcvq_jax.data import idx as idx_lib
 from arcvq_jax.data.idx import DataError
 
 __all__ = [
-    'DataError',
-    'create_eval_iterator',
-    'create_train_iterator',
-    'dataset_info',
-    'train_image_variance',
+  "DataError",
+  "create_eval_iterator",
+  "create_train_iterator",
+  "dataset_info",
+  "train_image_variance",
 ]
 
-_SOURCES = ('idx', 'folder', 'tfds')
+_SOURCES = ("idx", "folder", "tfds")
 # Batches prefetched per iterator (at least); each holds B x H x W x C float32.
 _PREFETCH_BATCHES = 4
 # Threads reading batches: decoding (PIL, ArrayRecord, protobuf) releases the
 # GIL often enough to overlap; an in-memory gather needs little help.
-_READ_THREADS = {'idx': 2, 'folder': 8, 'tfds': 4}
+_READ_THREADS = {"idx": 2, "folder": 8, "tfds": 4}
 # Entropy word that keeps the augmentation draws, default_rng([seed,
 # _AUGMENT_STREAM, step]), apart from the epoch permutations, default_rng([seed,
 # epoch]).
@@ -82,11 +82,11 @@ class _Source(Protocol):
   # then cropped, so that the crop position is a choice (random_crop).
   resizes: bool
 
-  def __len__(self) -> int:
-    ...
+  def __len__(self) -> int: ...
 
-  def read(self, indices: Sequence[int],
-           crop_fractions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+  def read(
+    self, indices: Sequence[int], crop_fractions: np.ndarray | None = None
+  ) -> tuple[np.ndarray, np.ndarray]:
     """Returns images (B, H, W, C) uint8 and labels (B,) integers.
 
     crop_fractions: None for centre crops, else (B, 2) in [0, 1), where each
@@ -111,8 +111,9 @@ class _ArraySource:
   def __len__(self) -> int:
     return len(self.images)
 
-  def read(self, indices: Sequence[int],
-           crop_fractions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+  def read(
+    self, indices: Sequence[int], crop_fractions: np.ndarray | None = None
+  ) -> tuple[np.ndarray, np.ndarray]:
     del crop_fractions  # Native size: nothing to crop (create_train_iterator checks).
     indices = np.asarray(indices, np.int64)
     return self.images[indices], self.labels[indices]
@@ -132,32 +133,37 @@ class _TfdsSource:
 
   def __init__(self, builder: Any, split: str, image_size: int | None):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
     self.name = builder.info.name
     self.split = split
     self.image_shape, self.resize_to = _tfds_image_shape(builder, image_size)
     self.resizes = self.resize_to is not None
     features = builder.info.features
     self.decode_bytes = (
-        self.resizes and isinstance(features['image'], tfds.features.Image)
-        and self.image_shape[2] in (1, 3))
-    decoders = {'image': tfds.decode.SkipDecoding()} if self.decode_bytes else None
+      self.resizes
+      and isinstance(features["image"], tfds.features.Image)
+      and self.image_shape[2] in (1, 3)
+    )
+    decoders = {"image": tfds.decode.SkipDecoding()} if self.decode_bytes else None
     self.data_source = builder.as_data_source(
-        split=split, file_format='array_record', decoders=decoders)
-    self.has_label = 'label' in features
-    self.has_file_name = 'file_name' in features
+      split=split, file_format="array_record", decoders=decoders
+    )
+    self.has_label = "label" in features
+    self.has_file_name = "file_name" in features
 
   def __len__(self) -> int:
     return len(self.data_source)
 
   def _describe(self, index: int, record: dict[str, Any]) -> str:
     """Names a record in errors: split, index and file name (ImageNet has one)."""
-    name = record.get('file_name') if self.has_file_name else None
+    name = record.get("file_name") if self.has_file_name else None
     if isinstance(name, bytes):
-      name = name.decode('utf-8', 'replace')
-    return f'{self.name} {self.split}[{index}]' + (f' ({name})' if name else '')
+      name = name.decode("utf-8", "replace")
+    return f"{self.name} {self.split}[{index}]" + (f" ({name})" if name else "")
 
-  def read(self, indices: Sequence[int],
-           crop_fractions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+  def read(
+    self, indices: Sequence[int], crop_fractions: np.ndarray | None = None
+  ) -> tuple[np.ndarray, np.ndarray]:
     indices = [int(i) for i in indices]
     records = self.data_source.__getitems__(indices)
     images = np.empty((len(records), *self.image_shape), np.uint8)
@@ -165,49 +171,53 @@ class _TfdsSource:
       fraction = None if crop_fractions is None else crop_fractions[row]
       if self.decode_bytes:
         images[row] = folder_lib.decode_image(
-            io.BytesIO(record['image']), self.resize_to, channels=self.image_shape[2],
-            fraction=fraction, name=self._describe(indices[row], record))
+          io.BytesIO(record["image"]),
+          self.resize_to,
+          channels=self.image_shape[2],
+          fraction=fraction,
+          name=self._describe(indices[row], record),
+        )
         continue
-      image = np.asarray(record['image'])
+      image = np.asarray(record["image"])
       if image.ndim == 2:
         image = image[..., None]
       if self.resize_to is not None:
         image = folder_lib.resize_and_crop(image, self.resize_to, fraction)
       images[row] = image
     if self.has_label:
-      labels = np.asarray([r['label'] for r in records], np.int64)
+      labels = np.asarray([r["label"] for r in records], np.int64)
     else:  # Unlabelled data sets (e.g. celeb_a images only): label 0.
       labels = np.zeros(len(records), np.int64)
     return images, labels
 
 
 def _tfds_image_shape(
-    builder: Any, image_size: int | None
+  builder: Any, image_size: int | None
 ) -> tuple[tuple[int, int, int], int | None]:
   """Returns ((H, W, C) of the output, side to resize to or None)."""
   features = builder.info.features
-  if 'image' not in features:
+  if "image" not in features:
     raise DataError(
-        f'TFDS dataset {builder.info.name!r} has no "image" feature (features: '
-        f'{list(features.keys())}). Set config.data.name to an image dataset.'
+      f'TFDS dataset {builder.info.name!r} has no "image" feature (features: '
+      f"{list(features.keys())}). Set config.data.name to an image dataset."
     )
-  shape = tuple(features['image'].shape)
+  shape = tuple(features["image"].shape)
   if len(shape) == 2:
     shape = (*shape, 1)
   channels = shape[-1] if shape[-1] is not None else 3
   if None not in shape[:2]:
     if image_size is not None and (image_size, image_size) != shape[:2]:
       raise DataError(
-          f'TFDS dataset {builder.info.name!r} has {shape[:2]} images but '
-          f'config.data.image_size={image_size}: set config.data.image_size=None '
-          f'(or {shape[0]}) to use the native size.'
+        f"TFDS dataset {builder.info.name!r} has {shape[:2]} images but "
+        f"config.data.image_size={image_size}: set config.data.image_size=None "
+        f"(or {shape[0]}) to use the native size."
       )
     return (shape[0], shape[1], channels), None
   if image_size is None:
     raise DataError(
-        f'TFDS dataset {builder.info.name!r} has images of varying size '
-        f'{shape}: set config.data.image_size (e.g. 256) to resize the shorter '
-        'side and centre-crop.'
+      f"TFDS dataset {builder.info.name!r} has images of varying size "
+      f"{shape}: set config.data.image_size (e.g. 256) to resize the shorter "
+      "side and centre-crop."
     )
   return (image_size, image_size, channels), image_size
 
@@ -217,100 +227,102 @@ def _tfds_builder(data_cfg: Any) -> Any:
   # Imported here: only the TFDS source pays for TensorFlow Datasets.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  name = data_cfg.get('name')
-  data_dir = data_cfg.get('data_dir')
+  name = data_cfg.get("name")
+  data_dir = data_cfg.get("data_dir")
   if not name:
     raise DataError(
-        "config.data.source='tfds' needs config.data.name (e.g. 'mnist', "
-        "'fashion_mnist', 'cifar10', 'imagenet2012' or 'idx_images')."
+      "config.data.source='tfds' needs config.data.name (e.g. 'mnist', "
+      "'fashion_mnist', 'cifar10', 'imagenet2012' or 'idx_images')."
     )
-  build_cmd = f'tfds build {name} --data_dir={data_dir or "DIR"} --file_format=array_record'
+  build_cmd = f"tfds build {name} --data_dir={data_dir or 'DIR'} --file_format=array_record"
   # The tfds command line of TFDS 4.9.x imports apache_beam even to build or
   # convert without Beam.
-  cli_note = '(the tfds command needs `pip install apache-beam`)'
-  if name == 'idx_images':
+  cli_note = "(the tfds command needs `pip install apache-beam`)"
+  if name == "idx_images":
     # Registers the builder with TFDS.
     from arcvq_jax.data import idx_tfds  # pylint: disable=g-import-not-at-top
+
     build_cmd = (
-        f'tfds build idx_images --imports=arcvq_jax.data.idx_tfds '
-        f'--manual_dir=IDX_DIR --data_dir={data_dir or "DIR"} '
-        '--file_format=array_record (or set config.data.path=IDX_DIR to prepare '
-        'it automatically, or call arcvq_jax.data.idx_tfds.prepare_idx_tfds)'
+      f"tfds build idx_images --imports=arcvq_jax.data.idx_tfds "
+      f"--manual_dir=IDX_DIR --data_dir={data_dir or 'DIR'} "
+      "--file_format=array_record (or set config.data.path=IDX_DIR to prepare "
+      "it automatically, or call arcvq_jax.data.idx_tfds.prepare_idx_tfds)"
     )
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise DataError(
-        f'TFDS dataset {name!r} (config.data.name) is neither a known TFDS '
-        f'dataset nor prepared in config.data.data_dir={data_dir!r}. Check the '
-        f'name, or prepare it with: {build_cmd}'
+      f"TFDS dataset {name!r} (config.data.name) is neither a known TFDS "
+      f"dataset nor prepared in config.data.data_dir={data_dir!r}. Check the "
+      f"name, or prepare it with: {build_cmd}"
     ) from e
   if not builder.is_prepared():
-    if name == 'idx_images' and data_cfg.get('path'):
+    if name == "idx_images" and data_cfg.get("path"):
       builder = idx_tfds.prepare_idx_tfds(data_cfg.path, data_dir)
     else:
       raise DataError(
-          f'TFDS dataset {name!r} is not prepared in {builder.data_dir}. '
-          f'{_prepare_hint(builder, name, data_dir, build_cmd, cli_note)} Or set '
-          'config.data.data_dir to where it was prepared.'
+        f"TFDS dataset {name!r} is not prepared in {builder.data_dir}. "
+        f"{_prepare_hint(builder, name, data_dir, build_cmd, cli_note)} Or set "
+        "config.data.data_dir to where it was prepared."
       )
   formats = builder.info.available_file_formats()
   if tfds.core.file_adapters.FileFormat.ARRAY_RECORD not in formats:
-    found = ', '.join(sorted(f.value for f in formats)) or 'unknown'
+    found = ", ".join(sorted(f.value for f in formats)) or "unknown"
     raise DataError(
-        f'TFDS dataset {name!r} in {builder.data_dir} is stored as {found}; '
-        'grain needs random access (array_record). Convert it once with: '
-        f'tfds convert_format --dataset_version_dir={builder.data_dir} '
-        '--out_file_format=array_record  (the ArrayRecord files are written '
-        f'next to the {found} ones; {cli_note[1:-1]}), or prepare it again with '
-        f'{build_cmd} (download_and_prepare(file_format="array_record") from Python).'
+      f"TFDS dataset {name!r} in {builder.data_dir} is stored as {found}; "
+      "grain needs random access (array_record). Convert it once with: "
+      f"tfds convert_format --dataset_version_dir={builder.data_dir} "
+      "--out_file_format=array_record  (the ArrayRecord files are written "
+      f"next to the {found} ones; {cli_note[1:-1]}), or prepare it again with "
+      f'{build_cmd} (download_and_prepare(file_format="array_record") from Python).'
     )
   return builder
 
 
-def _prepare_hint(builder: Any, name: str, data_dir: str | None, build_cmd: str,
-                  cli_note: str) -> str:
+def _prepare_hint(
+  builder: Any, name: str, data_dir: str | None, build_cmd: str, cli_note: str
+) -> str:
   """How to prepare `name` once; names the manual download where TFDS needs one."""
-  instructions = getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None)
-  if name == 'idx_images' or not instructions:
-    return f'Prepare it once with: {build_cmd} {cli_note}.'
+  instructions = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
+  if name == "idx_images" or not instructions:
+    return f"Prepare it once with: {build_cmd} {cli_note}."
   # Datasets behind a registration (imagenet2012) are prepared from files the
   # user downloaded; TFDS's instructions say which.
-  data_dir = data_dir or 'DIR'
+  data_dir = data_dir or "DIR"
   hint = (
-      f'It is prepared from a manual download: {" ".join(instructions.split())} '
-      f'Prepare it once with: tfds build {name} --data_dir={data_dir} '
-      f'--manual_dir=MANUAL_DIR --file_format=array_record {cli_note}'
+    f"It is prepared from a manual download: {' '.join(instructions.split())} "
+    f"Prepare it once with: tfds build {name} --data_dir={data_dir} "
+    f"--manual_dir=MANUAL_DIR --file_format=array_record {cli_note}"
   )
-  if name == 'imagenet2012':
+  if name == "imagenet2012":
     hint += (
-        ', or without apache-beam: python -m arcvq_jax.data.imagenet '
-        f'--manual_dir=MANUAL_DIR --data_dir={data_dir}'
+      ", or without apache-beam: python -m arcvq_jax.data.imagenet "
+      f"--manual_dir=MANUAL_DIR --data_dir={data_dir}"
     )
-  return hint + '.'
+  return hint + "."
 
 
 def _open_source(data_cfg: Any, split: str) -> _Source:
   """Opens one split of the data set named by config.data."""
-  source = data_cfg.get('source')
-  image_size = data_cfg.get('image_size')
-  if source == 'idx':
-    images, labels = idx_lib.load_idx_split(data_cfg.get('path'), split)
+  source = data_cfg.get("source")
+  image_size = data_cfg.get("image_size")
+  if source == "idx":
+    images, labels = idx_lib.load_idx_split(data_cfg.get("path"), split)
     if image_size is not None and (image_size, image_size) != images.shape[1:3]:
       raise DataError(
-          f'IDX images in {data_cfg.path!r} are {images.shape[1:3]} but '
-          f'config.data.image_size={image_size}: set config.data.image_size='
-          f'None (or {images.shape[1]}); IDX data is not resized.'
+        f"IDX images in {data_cfg.path!r} are {images.shape[1:3]} but "
+        f"config.data.image_size={image_size}: set config.data.image_size="
+        f"None (or {images.shape[1]}); IDX data is not resized."
       )
     return _ArraySource(images, labels)
-  if source == 'folder':
-    return folder_lib.ImageFolderSource(data_cfg.get('path'), split, image_size)
-  if source == 'tfds':
+  if source == "folder":
+    return folder_lib.ImageFolderSource(data_cfg.get("path"), split, image_size)
+  if source == "tfds":
     return _TfdsSource(_tfds_builder(data_cfg), split, image_size)
   raise DataError(
-      f'config.data.source={source!r} is not one of {_SOURCES}: set it to '
-      "'idx' (IDX files in config.data.path), 'folder' (image folder in "
-      "config.data.path) or 'tfds' (config.data.name in config.data.data_dir)."
+    f"config.data.source={source!r} is not one of {_SOURCES}: set it to "
+    "'idx' (IDX files in config.data.path), 'folder' (image folder in "
+    "config.data.path) or 'tfds' (config.data.name in config.data.data_dir)."
   )
 
 
@@ -333,8 +345,14 @@ class _TrainIndices:
   `shuffle` + `slice` + `batch` cost ~16 ms per batch of 1024 in Python.
   """
 
-  def __init__(self, num_examples: int, global_batch_size: int, seed: int,
-               process_index: int, process_count: int):
+  def __init__(
+    self,
+    num_examples: int,
+    global_batch_size: int,
+    seed: int,
+    process_index: int,
+    process_count: int,
+  ):
     self.num_examples = num_examples
     self.global_batch_size = global_batch_size
     self.steps_per_epoch = num_examples // global_batch_size
@@ -351,20 +369,22 @@ class _TrainIndices:
     perm = self._permutations.get(epoch)
     if perm is None:
       perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
-      self._permutations = {epoch: perm, **{
-          e: p for e, p in self._permutations.items() if e == epoch - 1}}
+      self._permutations = {
+        epoch: perm,
+        **{e: p for e, p in self._permutations.items() if e == epoch - 1},
+      }
     return perm
 
   def __call__(self, step: int, unused_element: Any = None) -> np.ndarray:
     """(B_local,) int64 indices of step `step`, in global-batch positions p::P."""
     epoch, k = divmod(step, self.steps_per_epoch)
     start = k * self.global_batch_size
-    block = self.permutation(epoch)[start:start + self.global_batch_size]
-    return block[self.process_index::self.process_count]
+    block = self.permutation(epoch)[start : start + self.global_batch_size]
+    return block[self.process_index :: self.process_count]
 
   def __getstate__(self) -> dict[str, Any]:
     # Worker processes rebuild the memo instead of receiving a copy.
-    return {**self.__dict__, '_permutations': {}}
+    return {**self.__dict__, "_permutations": {}}
 
 
 class _TrainAugment:
@@ -379,8 +399,15 @@ class _TrainAugment:
   repeated exactly after `set_state`. One (G, 3) draw per step costs ~10-25 us.
   """
 
-  def __init__(self, seed: int, global_batch_size: int, process_index: int,
-               process_count: int, random_crop: bool, random_flip: bool):
+  def __init__(
+    self,
+    seed: int,
+    global_batch_size: int,
+    process_index: int,
+    process_count: int,
+    random_crop: bool,
+    random_flip: bool,
+  ):
     self.seed = seed
     self.global_batch_size = global_batch_size
     self.process_index = process_index
@@ -398,7 +425,7 @@ class _TrainAugment:
     # Both draws always happen, so turning one augmentation off leaves the
     # other's values unchanged.
     rng = np.random.default_rng([self.seed, _AUGMENT_STREAM, step])
-    draws = rng.random((self.global_batch_size, 3))[self.process_index::self.process_count]
+    draws = rng.random((self.global_batch_size, 3))[self.process_index :: self.process_count]
     crops = draws[:, :2] if self.random_crop else None
     flips = draws[:, 2] < 0.5 if self.random_flip else None
     return crops, flips
@@ -422,7 +449,7 @@ class _ReadTrainBatch:
     image = _to_float(images)
     if flips is not None:
       image[flips] = image[flips, :, ::-1]  # Fancy indexing copies: no aliasing.
-    return {'image': image, 'label': labels.astype(np.int32)}
+    return {"image": image, "label": labels.astype(np.int32)}
 
 
 class _ReadEvalBatch:
@@ -434,8 +461,9 @@ class _ReadEvalBatch:
   padding: zero images, label 0, mask False.
   """
 
-  def __init__(self, source: _Source, global_batch_size: int, process_index: int,
-               local_batch_size: int):
+  def __init__(
+    self, source: _Source, global_batch_size: int, process_index: int, local_batch_size: int
+  ):
     self.source = source
     self.offset = process_index * local_batch_size
     self.global_batch_size = global_batch_size
@@ -449,10 +477,9 @@ class _ReadEvalBatch:
     num_pad = self.local_batch_size - len(labels)
     image = _to_float(images)
     if num_pad:
-      image = np.concatenate(
-          [image, np.zeros((num_pad, *self.source.image_shape), np.float32)])
+      image = np.concatenate([image, np.zeros((num_pad, *self.source.image_shape), np.float32)])
       labels = np.concatenate([labels, np.zeros(num_pad, labels.dtype)])
-    return {'image': image, 'label': labels.astype(np.int32), 'mask': mask}
+    return {"image": image, "label": labels.astype(np.int32), "mask": mask}
 
 
 # ----------------------------------------------------------------------------
@@ -462,12 +489,13 @@ class _ReadEvalBatch:
 def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
+
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
     raise DataError(
-        f'process_index={process_index} is not in [0, process_count='
-        f'{process_count}): pass both, or neither to use jax.process_index().'
+      f"process_index={process_index} is not in [0, process_count="
+      f"{process_count}): pass both, or neither to use jax.process_index()."
     )
   return process_index, process_count
 
@@ -475,18 +503,19 @@ def _processes(process_index: int | None, process_count: int | None) -> tuple[in
 def _local_batch_size(global_batch_size: int, process_count: int) -> int:
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise DataError(
-        f'global batch size {global_batch_size} must be a positive multiple of '
-        f'the number of processes ({process_count}): change the batch size in '
-        'the config.'
+      f"global batch size {global_batch_size} must be a positive multiple of "
+      f"the number of processes ({process_count}): change the batch size in "
+      "the config."
     )
   return global_batch_size // process_count
 
 
 def _read_options(data_cfg: Any) -> grain.ReadOptions:
-  threads = _READ_THREADS.get(data_cfg.get('source'), 2)
+  threads = _READ_THREADS.get(data_cfg.get("source"), 2)
   # grain can keep at most prefetch_buffer_size threads busy.
   return grain.ReadOptions(
-      num_threads=threads, prefetch_buffer_size=max(threads, _PREFETCH_BATCHES))
+    num_threads=threads, prefetch_buffer_size=max(threads, _PREFETCH_BATCHES)
+  )
 
 
 def dataset_info(data_cfg: Any) -> dict[str, Any]:
@@ -499,30 +528,36 @@ def dataset_info(data_cfg: Any) -> dict[str, Any]:
     {'image_shape': (H, W, C), 'num_train': int, 'num_eval': int}; the shape is
     the one the iterators yield (after any resizing).
   """
-  train_split = data_cfg.get('train_split', 'train')
-  eval_split = data_cfg.get('eval_split', 'test')
-  if data_cfg.get('source') == 'idx':
+  train_split = data_cfg.get("train_split", "train")
+  eval_split = data_cfg.get("eval_split", "test")
+  if data_cfg.get("source") == "idx":
     # Headers only: no need to decompress 47 MB to learn three numbers.
-    num_train, shape = idx_lib.idx_split_info(data_cfg.get('path'), train_split)
-    num_eval, _ = idx_lib.idx_split_info(data_cfg.get('path'), eval_split)
-    size = data_cfg.get('image_size')
+    num_train, shape = idx_lib.idx_split_info(data_cfg.get("path"), train_split)
+    num_eval, _ = idx_lib.idx_split_info(data_cfg.get("path"), eval_split)
+    size = data_cfg.get("image_size")
     if size is not None and (size, size) != shape[:2]:
       raise DataError(
-          f'IDX images in {data_cfg.path!r} are {shape[:2]} but '
-          f'config.data.image_size={size}: set config.data.image_size=None '
-          f'(or {shape[0]}); IDX data is not resized.'
+        f"IDX images in {data_cfg.path!r} are {shape[:2]} but "
+        f"config.data.image_size={size}: set config.data.image_size=None "
+        f"(or {shape[0]}); IDX data is not resized."
       )
-    return {'image_shape': shape, 'num_train': num_train, 'num_eval': num_eval}
-  if data_cfg.get('source') == 'tfds':
+    return {"image_shape": shape, "num_train": num_train, "num_eval": num_eval}
+  if data_cfg.get("source") == "tfds":
     builder = _tfds_builder(data_cfg)
-    shape, _ = _tfds_image_shape(builder, data_cfg.get('image_size'))
+    shape, _ = _tfds_image_shape(builder, data_cfg.get("image_size"))
     splits = builder.info.splits
-    return {'image_shape': shape, 'num_train': splits[train_split].num_examples,
-            'num_eval': splits[eval_split].num_examples}
+    return {
+      "image_shape": shape,
+      "num_train": splits[train_split].num_examples,
+      "num_eval": splits[eval_split].num_examples,
+    }
   train = _open_source(data_cfg, train_split)
   evaluation = _open_source(data_cfg, eval_split)
-  return {'image_shape': tuple(train.image_shape), 'num_train': len(train),
-          'num_eval': len(evaluation)}
+  return {
+    "image_shape": tuple(train.image_shape),
+    "num_train": len(train),
+    "num_eval": len(evaluation),
+  }
 
 
 def train_image_variance(data_cfg: Any, chunk_size: int = 8192) -> float:
@@ -539,7 +574,7 @@ def train_image_variance(data_cfg: Any, chunk_size: int = 8192) -> float:
   Returns:
     var(x / 127.5 - 1) over every pixel and channel of the training split.
   """
-  source = _open_source(data_cfg, data_cfg.get('train_split', 'train'))
+  source = _open_source(data_cfg, data_cfg.get("train_split", "train"))
   total, total_sq, count = 0, 0, 0
   for start in range(0, len(source), chunk_size):
     images, _ = source.read(np.arange(start, min(start + chunk_size, len(source))))
@@ -553,12 +588,12 @@ def train_image_variance(data_cfg: Any, chunk_size: int = 8192) -> float:
 
 
 def create_train_iterator(
-    data_cfg: Any,
-    *,
-    global_batch_size: int,
-    seed: int,
-    process_index: int | None = None,
-    process_count: int | None = None,
+  data_cfg: Any,
+  *,
+  global_batch_size: int,
+  seed: int,
+  process_index: int | None = None,
+  process_count: int | None = None,
 ) -> grain.DatasetIterator:
   """An endless, checkpointable iterator of shuffled training batches.
 
@@ -593,55 +628,59 @@ def create_train_iterator(
   """
   process_index, process_count = _processes(process_index, process_count)
   _local_batch_size(global_batch_size, process_count)  # Fails early on a bad split.
-  source = _open_source(data_cfg, data_cfg.get('train_split', 'train'))
+  source = _open_source(data_cfg, data_cfg.get("train_split", "train"))
   steps_per_epoch = len(source) // global_batch_size
   if steps_per_epoch == 0:
     raise DataError(
-        f'The training split has {len(source)} images, fewer than one global '
-        f'batch of {global_batch_size}: lower the batch size in the config.'
+      f"The training split has {len(source)} images, fewer than one global "
+      f"batch of {global_batch_size}: lower the batch size in the config."
     )
   if not isinstance(seed, (int, np.integer)) or seed < 0:
-    raise DataError(f'seed must be a non-negative integer, got {seed!r} (config.seed).')
-  random_crop = bool(data_cfg.get('random_crop', False))
-  random_flip = bool(data_cfg.get('random_flip', False))
+    raise DataError(f"seed must be a non-negative integer, got {seed!r} (config.seed).")
+  random_crop = bool(data_cfg.get("random_crop", False))
+  random_flip = bool(data_cfg.get("random_flip", False))
   if random_crop and not source.resizes:
     raise DataError(
-        'config.data.random_crop=True crops a square at a random position after '
-        'resizing the shorter side, but these images are used at their native '
-        f'size {source.image_shape[:2]}: only variable-size TFDS datasets and '
-        "'folder' with config.data.image_size set are resized. Set "
-        'config.data.random_crop=False (or config.data.image_size for a folder).'
+      "config.data.random_crop=True crops a square at a random position after "
+      "resizing the shorter side, but these images are used at their native "
+      f"size {source.image_shape[:2]}: only variable-size TFDS datasets and "
+      "'folder' with config.data.image_size set are resized. Set "
+      "config.data.random_crop=False (or config.data.image_size for a folder)."
     )
-  indices = _TrainIndices(len(source), global_batch_size, int(seed),
-                          process_index, process_count)
-  augment = _TrainAugment(int(seed), global_batch_size, process_index, process_count,
-                          random_crop, random_flip)
+  indices = _TrainIndices(len(source), global_batch_size, int(seed), process_index, process_count)
+  augment = _TrainAugment(
+    int(seed), global_batch_size, process_index, process_count, random_crop, random_flip
+  )
   # Element k of this endless MapDataset is training step k's batch, so the
   # iterator state is just the next step number.
   dataset = (
-      grain.MapDataset.range(steps_per_epoch)
-      .repeat(None)
-      .map_with_index(_ReadTrainBatch(source, indices, augment))
-      .to_iter_dataset(_read_options(data_cfg))
+    grain.MapDataset.range(steps_per_epoch)
+    .repeat(None)
+    .map_with_index(_ReadTrainBatch(source, indices, augment))
+    .to_iter_dataset(_read_options(data_cfg))
   )
-  num_workers = int(data_cfg.get('num_workers', 0) or 0)
+  num_workers = int(data_cfg.get("num_workers", 0) or 0)
   if num_workers > 0:
     from absl import flags  # pylint: disable=g-import-not-at-top
+
     if not flags.FLAGS.is_parsed():
       # Starting grain workers reads absl flags, which raises outside absl.app
       # (pytest, notebooks); parsing no arguments keeps every default.
       flags.FLAGS.mark_as_parsed()
-    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=_PREFETCH_BATCHES))
+    dataset = dataset.mp_prefetch(
+      grain.MultiprocessingOptions(
+        num_workers=num_workers, per_worker_buffer_size=_PREFETCH_BATCHES
+      )
+    )
   return iter(dataset)
 
 
 def create_eval_iterator(
-    data_cfg: Any,
-    *,
-    global_batch_size: int,
-    process_index: int | None = None,
-    process_count: int | None = None,
+  data_cfg: Any,
+  *,
+  global_batch_size: int,
+  process_index: int | None = None,
+  process_count: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
   """One ordered pass over config.data.eval_split, padded to full batches.
 
@@ -660,8 +699,9 @@ def create_eval_iterator(
   """
   process_index, process_count = _processes(process_index, process_count)
   local_batch = _local_batch_size(global_batch_size, process_count)
-  source = _open_source(data_cfg, data_cfg.get('eval_split', 'test'))
+  source = _open_source(data_cfg, data_cfg.get("eval_split", "test"))
   num_batches = math.ceil(len(source) / global_batch_size)
   dataset = grain.MapDataset.range(num_batches).map(
-      _ReadEvalBatch(source, global_batch_size, process_index, local_batch))
+    _ReadEvalBatch(source, global_batch_size, process_index, local_batch)
+  )
   return iter(dataset.to_iter_dataset(_read_options(data_cfg)))

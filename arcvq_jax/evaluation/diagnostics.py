@@ -32,6 +32,7 @@ def _figure(width: float = 6.4, height: float = 4.8):
   # The object-oriented API with the Agg canvas: no pyplot state, no display needed.
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
   from matplotlib.figure import Figure  # noqa: PLC0415
+
   fig = Figure(figsize=(width, height), dpi=100)
   FigureCanvasAgg(fig)
   return fig
@@ -41,8 +42,9 @@ def _as_arrays(codebook: Any, counts: Any) -> tuple[np.ndarray, np.ndarray]:
   codebook = np.asarray(codebook, np.float64)
   counts = np.asarray(counts, np.float64)
   if codebook.ndim != 2 or counts.shape != codebook.shape[:1]:
-    raise ValueError(f"expected a codebook (K, D) and counts (K,), got {codebook.shape} and "
-                     f"{counts.shape}.")
+    raise ValueError(
+      f"expected a codebook (K, D) and counts (K,), got {codebook.shape} and {counts.shape}."
+    )
   return codebook, counts
 
 
@@ -66,8 +68,9 @@ def norm_vs_usage_figure(codebook: Any, counts: Any, title: str = ""):
   fig = _figure()
   ax = fig.add_subplot()
   ax.scatter(freq[used], norms[used], s=8, alpha=0.7, label=f"used ({used.sum()})")
-  ax.scatter(freq[~used], norms[~used], s=8, alpha=0.7, color="tab:red",
-             label=f"unused ({(~used).sum()})")
+  ax.scatter(
+    freq[~used], norms[~used], s=8, alpha=0.7, color="tab:red", label=f"unused ({(~used).sum()})"
+  )
   positive = freq[used]
   ax.set_xscale("symlog", linthresh=float(positive.min()) if positive.size else 1e-6)
   ax.set_xlabel("selection frequency (share of tokens)")
@@ -119,8 +122,11 @@ def usage_histogram_figure(counts: Any, title: str = ""):
   ax.set_xlabel("codebook rows, by decreasing usage")
   ax.set_ylabel("selection frequency (share of tokens)")
   used = int(np.sum(counts > 0))
-  ax.set_title(title or f"usage {100 * used / len(counts):.1f} % ({used} / {len(counts)}), "
-               f"perplexity {float(metrics.perplexity(counts)):.1f}")
+  ax.set_title(
+    title
+    or f"usage {100 * used / len(counts):.1f} % ({used} / {len(counts)}), "
+    f"perplexity {float(metrics.perplexity(counts)):.1f}"
+  )
   ax.grid(alpha=0.3, axis="y")
   fig.tight_layout()
   return fig
@@ -141,14 +147,23 @@ def to_rgb(fig) -> np.ndarray:
 def codebook_figures(codebook: Any, counts: Any) -> dict[str, Any]:
   """{'norm_vs_usage', 'distances', 'usage'} -> matplotlib figures."""
   codebook, counts = _as_arrays(codebook, counts)
-  return dict(norm_vs_usage=norm_vs_usage_figure(codebook, counts),
-              distances=distance_matrix_figure(codebook),
-              usage=usage_histogram_figure(counts))
+  return dict(
+    norm_vs_usage=norm_vs_usage_figure(codebook, counts),
+    distances=distance_matrix_figure(codebook),
+    usage=usage_histogram_figure(counts),
+  )
 
 
-def write_codebook_diagnostics(directory: str, codebook: Any, counts: Any, *, prefix: str = "",
-                               writer: Any = None, step: int = 0, tag: str = "codebook"
-                               ) -> dict[str, str]:
+def write_codebook_diagnostics(
+  directory: str,
+  codebook: Any,
+  counts: Any,
+  *,
+  prefix: str = "",
+  writer: Any = None,
+  step: int = 0,
+  tag: str = "codebook",
+) -> dict[str, str]:
   """Saves `{directory}/{prefix}codebook_{name}.png` for the three plots; with a clu
   `metric_writers` writer, also logs them as images '{tag}/{name}' at `step`.
 
@@ -164,6 +179,5 @@ def write_codebook_diagnostics(directory: str, codebook: Any, counts: Any, *, pr
       f.write(to_png(fig))
     paths[name] = path
   if writer is not None:
-    writer.write_images(step, {f"{tag}/{name}": to_rgb(fig)[None]
-                               for name, fig in figures.items()})
+    writer.write_images(step, {f"{tag}/{name}": to_rgb(fig)[None] for name, fig in figures.items()})
   return paths

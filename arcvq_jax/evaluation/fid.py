@@ -35,9 +35,11 @@ def warn_if_few(num_images: int, dim: int, what: str) -> None:
   biased high and not comparable with published values."""
   if num_images <= dim:
     warnings.warn(
-        f"{what}: {num_images} images for {dim}-dimensional Inception features; the covariance "
-        f"is singular and FID is not comparable with published values (use >= {dim + 1}, "
-        "the protocol uses 10k-50k).", stacklevel=2)
+      f"{what}: {num_images} images for {dim}-dimensional Inception features; the covariance "
+      f"is singular and FID is not comparable with published values (use >= {dim + 1}, "
+      "the protocol uses 10k-50k).",
+      stacklevel=2,
+    )
 
 
 # -------------------------------------------------------------------------- Frechet distance
@@ -50,8 +52,9 @@ def _sqrtm_psd(a: np.ndarray) -> np.ndarray:
   return (v * np.sqrt(np.maximum(w, 0.0))) @ v.T
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
-                     sigma2: np.ndarray) -> float:
+def frechet_distance(
+  mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
+) -> float:
   """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) between N(mu1, S1) and N(mu2, S2).
 
   Tr (S1 S2)^(1/2) = sum_i sqrt(lambda_i(A S2 A)) with A = S1^(1/2): A S2 A is symmetric
@@ -61,11 +64,15 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
   where that one converges. float64 throughout.
   """
   mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-  s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+  s1, s2 = (
+    np.atleast_2d(np.asarray(sigma1, np.float64)),
+    np.atleast_2d(np.asarray(sigma2, np.float64)),
+  )
   if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
     raise StatisticsError(
-        f"statistics of different dimensions: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} "
-        f"vs {s2.shape}; compare features of the same network layer.")
+      f"statistics of different dimensions: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} "
+      f"vs {s2.shape}; compare features of the same network layer."
+    )
   root1 = _sqrtm_psd(s1)
   eig = np.linalg.eigvalsh(root1 @ s2 @ root1)
   tr_covmean = np.sum(np.sqrt(np.maximum(eig, 0.0)))
@@ -101,8 +108,9 @@ class _ISSums:
 
   def __init__(self, total: int, splits: int):
     if total < splits:
-      raise StatisticsError(f"the Inception Score needs at least {splits} images (one per "
-                            f"split), got {total}.")
+      raise StatisticsError(
+        f"the Inception Score needs at least {splits} images (one per split), got {total}."
+      )
     self.total, self.splits, self.seen = total, splits, 0
     self.count = np.zeros(splits, np.int64)
     self.p_sum: np.ndarray | None = None
@@ -116,8 +124,9 @@ class _ISSums:
     i = np.arange(self.seen, self.seen + len(p))
     split = -(-(i + 1) * self.splits // self.total) - 1
     if len(p) and split[-1] >= self.splits:
-      raise StatisticsError(f"more than the {self.total} images announced for the Inception "
-                            "Score arrived.")
+      raise StatisticsError(
+        f"more than the {self.total} images announced for the Inception Score arrived."
+      )
     self.seen += len(p)
     ent = np.sum(p * np.log(np.maximum(p, 1e-300)), axis=1)
     np.add.at(self.count, split, 1)
@@ -138,8 +147,11 @@ class _ISSums:
 
 def _pairwise_sq(a: jax.Array, b: jax.Array) -> jax.Array:
   """(n, D), (m, D) -> (n, m) squared Euclidean distances (float32, >= 0)."""
-  d = (jnp.sum(a * a, 1)[:, None] - 2.0 * jnp.dot(a, b.T, precision=jax.lax.Precision.HIGHEST)
-       + jnp.sum(b * b, 1)[None, :])
+  d = (
+    jnp.sum(a * a, 1)[:, None]
+    - 2.0 * jnp.dot(a, b.T, precision=jax.lax.Precision.HIGHEST)
+    + jnp.sum(b * b, 1)[None, :]
+  )
   return jnp.maximum(d, 0.0)
 
 
@@ -160,7 +172,7 @@ def _blocks(x: np.ndarray, fn, *args) -> np.ndarray:
   """fn over fixed-size row blocks of x (the last one padded: one compile per shape)."""
   out = []
   for start in range(0, len(x), PR_BLOCK):
-    block = x[start:start + PR_BLOCK]
+    block = x[start : start + PR_BLOCK]
     n = len(block)
     if n < PR_BLOCK and len(x) > PR_BLOCK:
       block = np.concatenate([block, np.zeros((PR_BLOCK - n, x.shape[1]), x.dtype)])
@@ -173,14 +185,16 @@ def knn_radii(features: np.ndarray, k: int = PR_NEIGHBOURS) -> np.ndarray:
   if k < 1:
     raise ValueError(f"k must be >= 1, got {k}.")
   if len(features) <= k:
-    raise StatisticsError(f"precision/recall with k = {k} needs more than {k} points per set, "
-                          f"got {len(features)}.")
+    raise StatisticsError(
+      f"precision/recall with k = {k} needs more than {k} points per set, got {len(features)}."
+    )
   x = np.asarray(features, np.float32)
   return _blocks(x, functools.partial(_kth_block, k=k), jnp.asarray(x))
 
 
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = PR_NEIGHBOURS
-                     ) -> tuple[float, float]:
+def precision_recall(
+  real: np.ndarray, fake: np.ndarray, k: int = PR_NEIGHBOURS
+) -> tuple[float, float]:
   """Improved precision and recall (Kynkaanniemi et al. 2019).
 
   Each set's manifold is the union of balls around its points with radius the distance to
@@ -192,8 +206,9 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = PR_NEIGHBOURS
   """
   real, fake = np.asarray(real, np.float32), np.asarray(fake, np.float32)
   if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
-    raise StatisticsError(f"precision/recall needs (N, D) features of one D, got {real.shape} "
-                          f"and {fake.shape}.")
+    raise StatisticsError(
+      f"precision/recall needs (N, D) features of one D, got {real.shape} and {fake.shape}."
+    )
   r_real, r_fake = knn_radii(real, k), knn_radii(fake, k)
   precision = _blocks(fake, _covered_block, jnp.asarray(real), jnp.asarray(r_real)).mean()
   recall = _blocks(real, _covered_block, jnp.asarray(fake), jnp.asarray(r_fake)).mean()
@@ -217,8 +232,14 @@ class FeatureStats:
   cached reference statistics; pytorch-fid's statistics files (mu, sigma) load too (FID only).
   """
 
-  def __init__(self, dim: int = 2048, keep: int = 10000, total: int | None = None,
-               splits: int = IS_SPLITS, seed: int = 0):
+  def __init__(
+    self,
+    dim: int = 2048,
+    keep: int = 10000,
+    total: int | None = None,
+    splits: int = IS_SPLITS,
+    seed: int = 0,
+  ):
     self.dim, self.keep = dim, keep
     self.count = 0
     self._shift: np.ndarray | None = None
@@ -265,7 +286,7 @@ class FeatureStats:
       slots = (self._rng.random(rest.size) * (t[rest] + 1)).astype(np.int64)
       take = slots < self.keep
       # In stream order, so a later item overwrites an earlier one in the same slot.
-      for i, s in zip(rest[take], slots[take]):
+      for i, s in zip(rest[take], slots[take], strict=True):
         self._kept[s] = f[i]
 
   def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
@@ -282,7 +303,7 @@ class FeatureStats:
   @property
   def features(self) -> np.ndarray:
     """The kept (min(count, keep), dim) float32 features, in no particular order."""
-    return self._kept[:self._num_kept]
+    return self._kept[: self._num_kept]
 
   def inception_score(self) -> tuple[float, float]:
     if self._is is None:
@@ -304,8 +325,9 @@ class FeatureStats:
       raise FileNotFoundError(f"no statistics file at {path}.")
     data = npz_files.read_npz(path)
     if "mu" not in data or "sigma" not in data:
-      raise StatisticsError(f"{path} has no 'mu' and 'sigma': not a statistics file "
-                            f"(it holds {sorted(data)}).")
+      raise StatisticsError(
+        f"{path} has no 'mu' and 'sigma': not a statistics file (it holds {sorted(data)})."
+      )
     mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
     stats = cls(dim=mu.shape[0], keep=0)
     stats._mu, stats._sigma = mu, sigma
@@ -313,7 +335,7 @@ class FeatureStats:
     if "features" in data:
       stats._kept = np.asarray(data["features"], np.float32)
       stats._num_kept = len(stats._kept)
-    stats.info = {k[len("info_"):]: v.tolist() for k, v in data.items() if k.startswith("info_")}
+    stats.info = {k[len("info_") :]: v.tolist() for k, v in data.items() if k.startswith("info_")}
     return stats
 
 

@@ -11,7 +11,7 @@ Inputs may be jax or numpy arrays; they are copied to host memory.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -31,21 +31,20 @@ def _tile(images: np.ndarray, ncols: int, pad: int, pad_value: float) -> np.ndar
   """Lays out (N, H, W, C) in [0, 1] row-major with `pad` pixels around every image."""
   n, h, w, c = images.shape
   nrows = max(1, math.ceil(n / ncols))
-  grid = np.full(
-      (nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), pad_value, dtype=np.float32)
+  grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), pad_value, dtype=np.float32)
   for i in range(n):
     top = pad + (i // ncols) * (h + pad)
     left = pad + (i % ncols) * (w + pad)
-    grid[top:top + h, left:left + w] = images[i]
+    grid[top : top + h, left : left + w] = images[i]
   return grid
 
 
 def image_grid(
-    images: np.ndarray,
-    ncols: int = 8,
-    pad: int = 2,
-    pad_value: float = 1.0,
-    value_range: Sequence[float] = (0.0, 1.0),
+  images: np.ndarray,
+  ncols: int = 8,
+  pad: int = 2,
+  pad_value: float = 1.0,
+  value_range: Sequence[float] = (0.0, 1.0),
 ) -> np.ndarray:
   """Tiles a batch of images into one image, row-major (image i at row i // ncols).
 
@@ -72,13 +71,13 @@ def image_grid(
 
 
 def side_by_side(
-    originals: np.ndarray,
-    reconstructions: np.ndarray,
-    n: int = 8,
-    ncols: int = 8,
-    pad: int = 2,
-    pad_value: float = 1.0,
-    value_range: Sequence[float] = (0.0, 1.0),
+  originals: np.ndarray,
+  reconstructions: np.ndarray,
+  n: int = 8,
+  ncols: int = 8,
+  pad: int = 2,
+  pad_value: float = 1.0,
+  value_range: Sequence[float] = (0.0, 1.0),
 ) -> np.ndarray:
   """Grid comparing the first n originals with their reconstructions.
 
@@ -101,8 +100,9 @@ def side_by_side(
   reconstructions = _to_unit_float(reconstructions, value_range, "side_by_side")
   if originals.shape != reconstructions.shape:
     raise ValueError(
-        f"side_by_side: originals {originals.shape} and reconstructions "
-        f"{reconstructions.shape} differ in shape.")
+      f"side_by_side: originals {originals.shape} and reconstructions "
+      f"{reconstructions.shape} differ in shape."
+    )
   if ncols < 1 or pad < 0 or n < 1:
     raise ValueError(f"side_by_side: need n, ncols >= 1 and pad >= 0, got {n}, {ncols}, {pad}.")
   n = min(n, originals.shape[0])

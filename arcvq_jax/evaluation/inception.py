@@ -25,7 +25,7 @@ File format: one .npz with keys 'Conv2d_1a_3x3/kernel', 'Mixed_5b/branch1x1/bias
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -42,11 +42,15 @@ POOL_DIM = 2048
 NUM_LOGITS = 1008
 BN_EPS = 1e-3  # torchvision's BasicConv2d
 
-FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                   "pt_inception-2015-12-05-6726825d.pth")
+FID_WEIGHTS_URL = (
+  "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+  "pt_inception-2015-12-05-6726825d.pth"
+)
 DEFAULT_PATH = "~/.cache/arcvq_jax/pt_inception-2015-12-05.npz"
-CONVERT_COMMAND = ("python -m arcvq_jax.convert.inception_weights "
-                   "--pt=pt_inception-2015-12-05-6726825d.pth --out={out}")
+CONVERT_COMMAND = (
+  "python -m arcvq_jax.convert.inception_weights "
+  "--pt=pt_inception-2015-12-05-6726825d.pth --out={out}"
+)
 
 
 class InceptionWeightsError(ValueError):
@@ -57,80 +61,130 @@ class InceptionWeightsError(ValueError):
 # Each BasicConv2d: (name, Cout, kernel (kh, kw), stride, padding (ph, pw)). Cin follows from
 # the input; `layer_specs` lists them all with Cin for the file checks and the converter.
 
-def _c(name: str, cout: int, k: int | tuple[int, int] = 1, stride: int = 1,
-       pad: int | tuple[int, int] = 0) -> tuple[str, int, tuple[int, int], int, tuple[int, int]]:
+
+def _c(
+  name: str,
+  cout: int,
+  k: int | tuple[int, int] = 1,
+  stride: int = 1,
+  pad: int | tuple[int, int] = 0,
+) -> tuple[str, int, tuple[int, int], int, tuple[int, int]]:
   k = (k, k) if isinstance(k, int) else k
   pad = (pad, pad) if isinstance(pad, int) else pad
   return (name, cout, k, stride, pad)
 
 
-STEM = (_c("Conv2d_1a_3x3", 32, 3, 2), _c("Conv2d_2a_3x3", 32, 3), _c("Conv2d_2b_3x3", 64, 3, 1, 1),
-        "maxpool", _c("Conv2d_3b_1x1", 80), _c("Conv2d_4a_3x3", 192, 3), "maxpool")
+STEM = (
+  _c("Conv2d_1a_3x3", 32, 3, 2),
+  _c("Conv2d_2a_3x3", 32, 3),
+  _c("Conv2d_2b_3x3", 64, 3, 1, 1),
+  "maxpool",
+  _c("Conv2d_3b_1x1", 80),
+  _c("Conv2d_4a_3x3", 192, 3),
+  "maxpool",
+)
 
 
 def _block_a(pool_features: int) -> dict[str, tuple]:
   """FIDInceptionA: 1x1 | 1x1 -> 5x5 | 1x1 -> 3x3 -> 3x3 | avg pool (no pad count) -> 1x1."""
   return dict(
-      branch1x1=(_c("branch1x1", 64),),
-      branch5x5=(_c("branch5x5_1", 48), _c("branch5x5_2", 64, 5, 1, 2)),
-      branch3x3dbl=(_c("branch3x3dbl_1", 64), _c("branch3x3dbl_2", 96, 3, 1, 1),
-                    _c("branch3x3dbl_3", 96, 3, 1, 1)),
-      branch_pool=("avgpool", _c("branch_pool", pool_features)))
+    branch1x1=(_c("branch1x1", 64),),
+    branch5x5=(_c("branch5x5_1", 48), _c("branch5x5_2", 64, 5, 1, 2)),
+    branch3x3dbl=(
+      _c("branch3x3dbl_1", 64),
+      _c("branch3x3dbl_2", 96, 3, 1, 1),
+      _c("branch3x3dbl_3", 96, 3, 1, 1),
+    ),
+    branch_pool=("avgpool", _c("branch_pool", pool_features)),
+  )
 
 
 def _block_b() -> dict[str, tuple]:
   """InceptionB (Mixed_6a, 35 -> 17): 3x3 s2 | 1x1 -> 3x3 -> 3x3 s2 | max pool s2."""
   return dict(
-      branch3x3=(_c("branch3x3", 384, 3, 2),),
-      branch3x3dbl=(_c("branch3x3dbl_1", 64), _c("branch3x3dbl_2", 96, 3, 1, 1),
-                    _c("branch3x3dbl_3", 96, 3, 2)),
-      branch_pool=("maxpool",))
+    branch3x3=(_c("branch3x3", 384, 3, 2),),
+    branch3x3dbl=(
+      _c("branch3x3dbl_1", 64),
+      _c("branch3x3dbl_2", 96, 3, 1, 1),
+      _c("branch3x3dbl_3", 96, 3, 2),
+    ),
+    branch_pool=("maxpool",),
+  )
 
 
 def _block_c(c7: int) -> dict[str, tuple]:
   """FIDInceptionC: factorised 7x7 convolutions, avg pool without the padding."""
   return dict(
-      branch1x1=(_c("branch1x1", 192),),
-      branch7x7=(_c("branch7x7_1", c7), _c("branch7x7_2", c7, (1, 7), 1, (0, 3)),
-                 _c("branch7x7_3", 192, (7, 1), 1, (3, 0))),
-      branch7x7dbl=(_c("branch7x7dbl_1", c7), _c("branch7x7dbl_2", c7, (7, 1), 1, (3, 0)),
-                    _c("branch7x7dbl_3", c7, (1, 7), 1, (0, 3)),
-                    _c("branch7x7dbl_4", c7, (7, 1), 1, (3, 0)),
-                    _c("branch7x7dbl_5", 192, (1, 7), 1, (0, 3))),
-      branch_pool=("avgpool", _c("branch_pool", 192)))
+    branch1x1=(_c("branch1x1", 192),),
+    branch7x7=(
+      _c("branch7x7_1", c7),
+      _c("branch7x7_2", c7, (1, 7), 1, (0, 3)),
+      _c("branch7x7_3", 192, (7, 1), 1, (3, 0)),
+    ),
+    branch7x7dbl=(
+      _c("branch7x7dbl_1", c7),
+      _c("branch7x7dbl_2", c7, (7, 1), 1, (3, 0)),
+      _c("branch7x7dbl_3", c7, (1, 7), 1, (0, 3)),
+      _c("branch7x7dbl_4", c7, (7, 1), 1, (3, 0)),
+      _c("branch7x7dbl_5", 192, (1, 7), 1, (0, 3)),
+    ),
+    branch_pool=("avgpool", _c("branch_pool", 192)),
+  )
 
 
 def _block_d() -> dict[str, tuple]:
   """InceptionD (Mixed_7a, 17 -> 8)."""
   return dict(
-      branch3x3=(_c("branch3x3_1", 192), _c("branch3x3_2", 320, 3, 2)),
-      branch7x7x3=(_c("branch7x7x3_1", 192), _c("branch7x7x3_2", 192, (1, 7), 1, (0, 3)),
-                   _c("branch7x7x3_3", 192, (7, 1), 1, (3, 0)), _c("branch7x7x3_4", 192, 3, 2)),
-      branch_pool=("maxpool",))
+    branch3x3=(_c("branch3x3_1", 192), _c("branch3x3_2", 320, 3, 2)),
+    branch7x7x3=(
+      _c("branch7x7x3_1", 192),
+      _c("branch7x7x3_2", 192, (1, 7), 1, (0, 3)),
+      _c("branch7x7x3_3", 192, (7, 1), 1, (3, 0)),
+      _c("branch7x7x3_4", 192, 3, 2),
+    ),
+    branch_pool=("maxpool",),
+  )
 
 
 def _block_e(pool: str) -> dict[str, tuple]:
   """FIDInceptionE_1 (pool 'avgpool') / E_2 ('maxpool3s1'): the 3x3 branches split into a
   1x3 and a 3x1 conv whose outputs are concatenated ('split')."""
   return dict(
-      branch1x1=(_c("branch1x1", 320),),
-      branch3x3=(_c("branch3x3_1", 384),
-                 ("split", _c("branch3x3_2a", 384, (1, 3), 1, (0, 1)),
-                  _c("branch3x3_2b", 384, (3, 1), 1, (1, 0)))),
-      branch3x3dbl=(_c("branch3x3dbl_1", 448), _c("branch3x3dbl_2", 384, 3, 1, 1),
-                    ("split", _c("branch3x3dbl_3a", 384, (1, 3), 1, (0, 1)),
-                     _c("branch3x3dbl_3b", 384, (3, 1), 1, (1, 0)))),
-      branch_pool=(pool, _c("branch_pool", 192)))
+    branch1x1=(_c("branch1x1", 320),),
+    branch3x3=(
+      _c("branch3x3_1", 384),
+      (
+        "split",
+        _c("branch3x3_2a", 384, (1, 3), 1, (0, 1)),
+        _c("branch3x3_2b", 384, (3, 1), 1, (1, 0)),
+      ),
+    ),
+    branch3x3dbl=(
+      _c("branch3x3dbl_1", 448),
+      _c("branch3x3dbl_2", 384, 3, 1, 1),
+      (
+        "split",
+        _c("branch3x3dbl_3a", 384, (1, 3), 1, (0, 1)),
+        _c("branch3x3dbl_3b", 384, (3, 1), 1, (1, 0)),
+      ),
+    ),
+    branch_pool=(pool, _c("branch_pool", 192)),
+  )
 
 
 # The mixed blocks in order; each output is the channel concatenation of its branches.
 MIXED = (
-    ("Mixed_5b", _block_a(32)), ("Mixed_5c", _block_a(64)), ("Mixed_5d", _block_a(64)),
-    ("Mixed_6a", _block_b()),
-    ("Mixed_6b", _block_c(128)), ("Mixed_6c", _block_c(160)), ("Mixed_6d", _block_c(160)),
-    ("Mixed_6e", _block_c(192)),
-    ("Mixed_7a", _block_d()), ("Mixed_7b", _block_e("avgpool")),
-    ("Mixed_7c", _block_e("maxpool3s1")),  # pytorch-fid's FIDInceptionE_2 patch
+  ("Mixed_5b", _block_a(32)),
+  ("Mixed_5c", _block_a(64)),
+  ("Mixed_5d", _block_a(64)),
+  ("Mixed_6a", _block_b()),
+  ("Mixed_6b", _block_c(128)),
+  ("Mixed_6c", _block_c(160)),
+  ("Mixed_6d", _block_c(160)),
+  ("Mixed_6e", _block_c(192)),
+  ("Mixed_7a", _block_d()),
+  ("Mixed_7b", _block_e("avgpool")),
+  ("Mixed_7c", _block_e("maxpool3s1")),  # pytorch-fid's FIDInceptionE_2 patch
 )
 
 
@@ -140,8 +194,7 @@ def _pool(x: jax.Array, kind: str) -> jax.Array:
   if kind == "maxpool3s1":  # F.max_pool2d(x, 3, stride=1, padding=1)
     return nn.max_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)))
   # F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False): TF's average pool.
-  return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)),
-                     count_include_pad=False)
+  return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), count_include_pad=False)
 
 
 def _basic_conv(x: jax.Array, spec: tuple, conv_impl: str) -> jax.Array:
@@ -152,6 +205,7 @@ def _basic_conv(x: jax.Array, spec: tuple, conv_impl: str) -> jax.Array:
 
 class _Mixed(nn.Module):
   """One mixed block: its branches (see MIXED) side by side, concatenated over channels."""
+
   branches: tuple[tuple[Any, ...], ...]
   conv_impl: str
 
@@ -189,6 +243,7 @@ class FIDInceptionV3(nn.Module):
   conv_impl: `layers.Conv`'s implementation ('xla', 'gemm' or 'auto'); all give the same
   result up to float rounding.
   """
+
   conv_impl: str = "xla"
 
   @nn.compact
@@ -247,8 +302,10 @@ def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
   s = in/out, between its floor and floor + 1 (clamped to the last pixel). No antialiasing."""
   # In float32, as PyTorch's CPU kernel computes the positions and weights for float images.
   scale = np.float32(in_size / out_size)
-  src = np.maximum(scale * (np.arange(out_size, dtype=np.float32) + np.float32(0.5))
-                   - np.float32(0.5), np.float32(0.0))
+  src = np.maximum(
+    scale * (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5),
+    np.float32(0.0),
+  )
   i0 = np.minimum(src.astype(np.int64), in_size - 1)
   i1 = np.minimum(i0 + 1, in_size - 1)
   frac = src - i0.astype(np.float32)
@@ -287,8 +344,9 @@ def preprocess(images: jax.Array, quantize: bool = True) -> jax.Array:
   return 2.0 * x - 1.0
 
 
-def inception_apply(params: Any, images: jax.Array, quantize: bool = True,
-                    conv_impl: str = "xla") -> tuple[jax.Array, jax.Array]:
+def inception_apply(
+  params: Any, images: jax.Array, quantize: bool = True, conv_impl: str = "xla"
+) -> tuple[jax.Array, jax.Array]:
   """images (B, H, W, C) uint8 or float in [-1, 1] -> (pool (B, 2048), logits (B, 1008)),
   float32. Pure; jit it (or use `InceptionFeatures`)."""
   x = preprocess(images, quantize)
@@ -310,16 +368,24 @@ class InceptionFeatures:
   the CPU the features agree with pytorch-fid's to 7e-7 (tests/test_inception.py).
   """
 
-  def __init__(self, params: Any, batch_size: int = 100, mesh: jax.sharding.Mesh | None = None,
-               quantize: bool = True, conv_impl: str | None = None):
+  def __init__(
+    self,
+    params: Any,
+    batch_size: int = 100,
+    mesh: jax.sharding.Mesh | None = None,
+    quantize: bool = True,
+    conv_impl: str | None = None,
+  ):
     # im2col + GEMM is 1.4x XLA:CPU's own convolution here (bench/bench_inception.py); on
     # GPU/TPU the convolution kernels are the fast path and patches would only cost memory.
     self.conv_impl = conv_impl or ("gemm" if jax.default_backend() == "cpu" else "xla")
     self.mesh = mesh if mesh is not None else sharding_lib.make_mesh((-1,), ("data",))
     n_data = self.mesh.shape[sharding_lib.DATA_AXIS]
     if batch_size % n_data or batch_size % jax.process_count():
-      raise ValueError(f"the Inception batch size {batch_size} must be a multiple of the "
-                       f"{n_data} devices along 'data' and of the {jax.process_count()} processes.")
+      raise ValueError(
+        f"the Inception batch size {batch_size} must be a multiple of the "
+        f"{n_data} devices along 'data' and of the {jax.process_count()} processes."
+      )
     self.batch_size = batch_size
     self.local_batch_size = batch_size // jax.process_count()
     self._batch_sharding = sharding_lib.batch_sharding(self.mesh)
@@ -327,8 +393,10 @@ class InceptionFeatures:
     self.params = jax.device_put(params, replicated)
     self.fingerprint = fingerprint(params)
     self._fn = jax.jit(
-        lambda p, x: inception_apply(p, x, quantize=quantize, conv_impl=self.conv_impl),
-        in_shardings=(replicated, self._batch_sharding), out_shardings=replicated)
+      lambda p, x: inception_apply(p, x, quantize=quantize, conv_impl=self.conv_impl),
+      in_shardings=(replicated, self._batch_sharding),
+      out_shardings=replicated,
+    )
 
   def _global_batch(self, local: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     pad = self.local_batch_size - local.shape[0]
@@ -342,8 +410,9 @@ class InceptionFeatures:
       mask = np.asarray(multihost_utils.process_allgather(mask)).reshape(-1)
     return np.asarray(pool)[mask], np.asarray(logits)[mask]
 
-  def __call__(self, images: np.ndarray, mask: np.ndarray | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+  def __call__(
+    self, images: np.ndarray, mask: np.ndarray | None = None
+  ) -> tuple[np.ndarray, np.ndarray]:
     """This process's images (n, H, W, C), uint8 or float in [-1, 1], and optionally their
     (n,) bool mask (False: padding, dropped) -> pool features (m, 2048) and logits (m, 1008)
     float32 of the kept rows of all processes (on one host: the kept rows of `images`).
@@ -373,8 +442,14 @@ def to_flat(params: Any) -> dict[str, np.ndarray]:
 
 def check_params(flat: dict[str, np.ndarray], source: str) -> None:
   """Raises InceptionWeightsError naming the first missing or wrongly shaped array."""
-  npz_files.check_shapes(flat, expected_shapes(), source, InceptionWeightsError,
-                         "a FID Inception weights file", CONVERT_COMMAND.format(out=source))
+  npz_files.check_shapes(
+    flat,
+    expected_shapes(),
+    source,
+    InceptionWeightsError,
+    "a FID Inception weights file",
+    CONVERT_COMMAND.format(out=source),
+  )
 
 
 def from_flat(flat: dict[str, np.ndarray], source: str = "the weights") -> Any:
@@ -385,10 +460,14 @@ def from_flat(flat: dict[str, np.ndarray], source: str = "the weights") -> Any:
 def load_params(path: str) -> Any:
   """The Inception params of a file written by `save_params` (local path or gs://)."""
   flat = npz_files.read_weights(
-      path, InceptionWeightsError, "FID Inception weights",
-      "FID, IS and precision/recall need the Inception weights of pytorch-fid, which cannot "
-      f"be downloaded at run time: download {FID_WEIGHTS_URL} once, then convert it with: "
-      f"{CONVERT_COMMAND.format(out=path)}", CONVERT_COMMAND.format(out=path))
+    path,
+    InceptionWeightsError,
+    "FID Inception weights",
+    "FID, IS and precision/recall need the Inception weights of pytorch-fid, which cannot "
+    f"be downloaded at run time: download {FID_WEIGHTS_URL} once, then convert it with: "
+    f"{CONVERT_COMMAND.format(out=path)}",
+    CONVERT_COMMAND.format(out=path),
+  )
   return from_flat(flat, path)
 
 
@@ -409,6 +488,7 @@ def fingerprint(params: Any) -> str:
   """A short hash of the weights, stored with cached statistics so that features of
   different networks (e.g. random test weights) are never compared."""
   import hashlib  # noqa: PLC0415
+
   h = hashlib.sha256()
   for key, value in sorted(to_flat(params).items()):
     h.update(key.encode())

@@ -117,8 +117,9 @@ def ssim(x: Array, y: Array, data_range: float = 1.0, win_size: int = 11) -> Arr
   _, h, w, _ = x.shape
   if h < win_size or w < win_size:
     raise ValueError(
-        f"ssim: images of {h}x{w} are smaller than the {win_size}x{win_size} window; "
-        "pass a smaller odd win_size (skimage raises the same error).")
+      f"ssim: images of {h}x{w} are smaller than the {win_size}x{win_size} window; "
+      "pass a smaller odd win_size (skimage raises the same error)."
+    )
   x, y = _as_float(x), _as_float(y)
 
   # Variances come from E[x^2] - E[x]^2, which cancels catastrophically in float32 on
@@ -169,13 +170,14 @@ def code_counts(indices: Array, num_codes: int, mask: Array | None = None) -> Ar
     mask = jnp.asarray(mask)
     if mask.shape != indices.shape[:1]:
       raise ValueError(
-          f"code_counts: mask must have shape {indices.shape[:1]} (the leading axis of "
-          f"indices {indices.shape}), got {mask.shape}.")
+        f"code_counts: mask must have shape {indices.shape[:1]} (the leading axis of "
+        f"indices {indices.shape}), got {mask.shape}."
+      )
     weights = jnp.broadcast_to(
-        mask.astype(jnp.int32).reshape(mask.shape + (1,) * (indices.ndim - 1)), indices.shape)
+      mask.astype(jnp.int32).reshape(mask.shape + (1,) * (indices.ndim - 1)), indices.shape
+    )
   # segment_sum drops out-of-range ids (jnp.bincount would clip them into the edge bins).
-  return jax.ops.segment_sum(
-      weights.reshape(-1), indices.reshape(-1), num_segments=num_codes)
+  return jax.ops.segment_sum(weights.reshape(-1), indices.reshape(-1), num_segments=num_codes)
 
 
 def codebook_usage(counts: Array) -> Array:

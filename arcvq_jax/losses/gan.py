@@ -6,7 +6,7 @@ adaptive generator weight and the discriminator start switch f(t). Everything is
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +40,9 @@ def _global_norm(tree) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
 
 
-def adaptive_weight(rec_grad, g_grad, max_weight: float = MAX_WEIGHT,
-                    disc_weight: float = DISC_WEIGHT) -> jax.Array:
+def adaptive_weight(
+  rec_grad, g_grad, max_weight: float = MAX_WEIGHT, disc_weight: float = DISC_WEIGHT
+) -> jax.Array:
   """lambda = clip(||rec_grad|| / (||g_grad|| + 1e-4), 0, max_weight) * disc_weight.
 
   rec_grad: d L_rec / d W and g_grad: d g_loss / d W, with W the decoder's last conv kernel
@@ -55,11 +56,11 @@ def adaptive_weight(rec_grad, g_grad, max_weight: float = MAX_WEIGHT,
 
 
 def adaptive_weight_from_losses(
-    rec_loss_fn: Callable[[jax.Array], jax.Array],
-    g_loss_fn: Callable[[jax.Array], jax.Array],
-    last_kernel: jax.Array,
-    max_weight: float = MAX_WEIGHT,
-    disc_weight: float = DISC_WEIGHT,
+  rec_loss_fn: Callable[[jax.Array], jax.Array],
+  g_loss_fn: Callable[[jax.Array], jax.Array],
+  last_kernel: jax.Array,
+  max_weight: float = MAX_WEIGHT,
+  disc_weight: float = DISC_WEIGHT,
 ) -> jax.Array:
   """`adaptive_weight` of the gradients of two scalar losses w.r.t. the last-layer kernel.
 

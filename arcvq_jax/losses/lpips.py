@@ -36,21 +36,24 @@ NORM_EPS = 1e-10
 
 # VGG16's conv layers by block: (name, Cout); a 2x2 max-pool precedes blocks 2..5.
 VGG_BLOCKS = (
-    (("conv1_1", 64), ("conv1_2", 64)),
-    (("conv2_1", 128), ("conv2_2", 128)),
-    (("conv3_1", 256), ("conv3_2", 256), ("conv3_3", 256)),
-    (("conv4_1", 512), ("conv4_2", 512), ("conv4_3", 512)),
-    (("conv5_1", 512), ("conv5_2", 512), ("conv5_3", 512)),
+  (("conv1_1", 64), ("conv1_2", 64)),
+  (("conv2_1", 128), ("conv2_2", 128)),
+  (("conv3_1", 256), ("conv3_2", 256), ("conv3_3", 256)),
+  (("conv4_1", 512), ("conv4_2", 512), ("conv4_3", 512)),
+  (("conv5_1", 512), ("conv5_2", 512), ("conv5_3", 512)),
 )
 # Index of each conv in torchvision's `vgg16().features` (ReLUs and pools in between).
-VGG_CONV_INDICES = dict(zip(
+VGG_CONV_INDICES = dict(
+  zip(
     [name for block in VGG_BLOCKS for name, _ in block],
-    (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)))
+    (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28),
+    strict=True,
+  )
+)
 LIN_CHANNELS = tuple(block[-1][1] for block in VGG_BLOCKS)  # (64, 128, 256, 512, 512)
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
-CONVERT_COMMAND = ("python -m arcvq_jax.convert.lpips_weights --vgg16=vgg16-397923af.pth "
-                   "--out={out}")
+CONVERT_COMMAND = "python -m arcvq_jax.convert.lpips_weights --vgg16=vgg16-397923af.pth --out={out}"
 
 
 class LPIPSWeightsError(ValueError):
@@ -61,6 +64,7 @@ class VGG16Features(nn.Module):
   """torchvision's VGG16 `features` up to relu5_3: x (B, H, W, 3) (already scaled) ->
   the 5 feature maps after relu1_2 .. relu5_3, (B, H / 2^l, W / 2^l, C_l) for l = 0..4
   (max-pools floor odd sizes, as PyTorch's). Convs compute in `dtype`; params float32."""
+
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
@@ -71,8 +75,9 @@ class VGG16Features(nn.Module):
       if b:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
       for name, features in block:
-        x = nn.relu(Conv(features, 3, padding=1, dtype=self.dtype,
-                         param_dtype=self.param_dtype, name=name)(x))
+        x = nn.relu(
+          Conv(features, 3, padding=1, dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
+        )
       feats.append(x)
     return tuple(feats)
 
@@ -88,8 +93,9 @@ def _unit_normalize(f: jax.Array) -> jax.Array:
   return f / (norm + NORM_EPS)
 
 
-def lpips_distance(params: Any, x: jax.Array, y: jax.Array, dtype: Dtype | None = None
-                   ) -> jax.Array:
+def lpips_distance(
+  params: Any, x: jax.Array, y: jax.Array, dtype: Dtype | None = None
+) -> jax.Array:
   """LPIPS distances between image pairs: x, y (B, H, W, C) in [-1, 1], C in {1, 3} -> (B,)
   float32. Grey images (C = 1) are repeated to RGB. `dtype` is the convs' compute dtype
   (e.g. bfloat16); normalisation, differences and the sum run in float32. Differentiable
@@ -140,8 +146,14 @@ def to_flat(params: Any) -> dict[str, np.ndarray]:
 
 def check_params(flat: dict[str, np.ndarray], source: str) -> None:
   """Raises LPIPSWeightsError naming the first missing or wrongly shaped array."""
-  npz_files.check_shapes(flat, expected_shapes(), source, LPIPSWeightsError,
-                         "an LPIPS VGG16 weights file", CONVERT_COMMAND.format(out=source))
+  npz_files.check_shapes(
+    flat,
+    expected_shapes(),
+    source,
+    LPIPSWeightsError,
+    "an LPIPS VGG16 weights file",
+    CONVERT_COMMAND.format(out=source),
+  )
   if np.any(np.concatenate([flat[f"lin/lin{l}"] for l in range(len(LIN_CHANNELS))]) < 0):
     raise LPIPSWeightsError(f"{source}: the linear weights must be >= 0 (lpips v0.1).")
 
@@ -149,11 +161,14 @@ def check_params(flat: dict[str, np.ndarray], source: str) -> None:
 def load_params(path: str) -> Any:
   """The LPIPS params of a file written by `save_params` (local path or gs://)."""
   flat = npz_files.read_weights(
-      path, LPIPSWeightsError, "LPIPS weights",
-      "LPIPS needs ImageNet VGG16 weights, which cannot be downloaded at run time: download "
-      f"torchvision's {VGG16_URL} once, then convert it (with the lpips package's v0.1 "
-      f"linear weights) with: {CONVERT_COMMAND.format(out=path)}",
-      CONVERT_COMMAND.format(out=path))
+    path,
+    LPIPSWeightsError,
+    "LPIPS weights",
+    "LPIPS needs ImageNet VGG16 weights, which cannot be downloaded at run time: download "
+    f"torchvision's {VGG16_URL} once, then convert it (with the lpips package's v0.1 "
+    f"linear weights) with: {CONVERT_COMMAND.format(out=path)}",
+    CONVERT_COMMAND.format(out=path),
+  )
   check_params(flat, path)
   return from_flat({k: flat[k] for k in expected_shapes()})
 

@@ -52,6 +52,7 @@ class NLayerDiscriminator(nn.Module):
   `mutable=['batch_stats']`), running averages otherwise. BatchNorm runs in float32; the convs
   in `dtype`; the logits are float32.
   """
+
   ndf: int = 64
   n_layers: int = 3
   dtype: Dtype | None = None
@@ -59,16 +60,31 @@ class NLayerDiscriminator(nn.Module):
 
   def _conv(self, features: int, stride: int, use_bias: bool, index: int, cin: int) -> nn.Conv:
     fan_in = torch_fan_in((4, 4, cin, features))
-    return nn.Conv(features, (4, 4), strides=(stride, stride), padding=((1, 1), (1, 1)),
-                   use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                   kernel_init=nn.initializers.normal(0.02),
-                   bias_init=torch_bias_init(fan_in), name=f"main_{index}")
+    return nn.Conv(
+      features,
+      (4, 4),
+      strides=(stride, stride),
+      padding=((1, 1), (1, 1)),
+      use_bias=use_bias,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=nn.initializers.normal(0.02),
+      bias_init=torch_bias_init(fan_in),
+      name=f"main_{index}",
+    )
 
   def _bn(self, x: jax.Array, train: bool, index: int) -> jax.Array:
-    y = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                     dtype=jnp.float32, param_dtype=self.param_dtype,
-                     scale_init=_bn_scale_init, bias_init=nn.initializers.zeros,
-                     use_fast_variance=False, name=f"main_{index}")(x.astype(jnp.float32))
+    y = nn.BatchNorm(
+      use_running_average=not train,
+      momentum=0.9,
+      epsilon=1e-5,
+      dtype=jnp.float32,
+      param_dtype=self.param_dtype,
+      scale_init=_bn_scale_init,
+      bias_init=nn.initializers.zeros,
+      use_fast_variance=False,
+      name=f"main_{index}",
+    )(x.astype(jnp.float32))
     return y.astype(x.dtype)
 
   @nn.compact

@@ -21,7 +21,8 @@ Kernel layout and the PyTorch mapping (what a checkpoint importer needs):
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -37,12 +38,14 @@ _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 # PyTorch's kaiming_uniform_(a=sqrt(5)) on an HWIO kernel (fan_in = kh*kw*Cin).
 torch_conv_kernel_init: Initializer = nn.initializers.variance_scaling(
-    1.0 / 3.0, "fan_in", "uniform", in_axis=-2, out_axis=-1)
+  1.0 / 3.0, "fan_in", "uniform", in_axis=-2, out_axis=-1
+)
 
 # The same for a transposed-conv kernel stored (kh, kw, Cin, Cout): PyTorch takes fan_in from
 # its weight's dim 1, which is Cout, so fan_in = kh*kw*Cout (in_axis is the Cout axis here).
 torch_conv_transpose_kernel_init: Initializer = nn.initializers.variance_scaling(
-    1.0 / 3.0, "fan_in", "uniform", in_axis=-1, out_axis=-2)
+  1.0 / 3.0, "fan_in", "uniform", in_axis=-1, out_axis=-2
+)
 
 
 def torch_fan_in(kernel_shape: Sequence[int], transpose: bool = False) -> int:
@@ -73,8 +76,9 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
 def conv_xla(x: Array, kernel: Array, strides: tuple[int, int], padding: tuple[int, int]) -> Array:
   """Plain convolution: x (B, H, W, Cin), kernel (kh, kw, Cin, Cout), symmetric zero padding."""
   (ph, pw) = padding
-  return lax.conv_general_dilated(x, kernel, strides, ((ph, ph), (pw, pw)),
-                                  dimension_numbers=_DIMENSION_NUMBERS)
+  return lax.conv_general_dilated(
+    x, kernel, strides, ((ph, ph), (pw, pw)), dimension_numbers=_DIMENSION_NUMBERS
+  )
 
 
 def conv_gemm(x: Array, kernel: Array, strides: tuple[int, int], padding: tuple[int, int]) -> Array:
@@ -88,8 +92,13 @@ def conv_gemm(x: Array, kernel: Array, strides: tuple[int, int], padding: tuple[
   b, h, w, _ = x.shape
   xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
   ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-  taps = [lax.slice(xp, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, cin),
-                    (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
+  taps = [
+    lax.slice(
+      xp, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, cin), (1, sh, sw, 1)
+    )
+    for i in range(kh)
+    for j in range(kw)
+  ]
   patches = jnp.concatenate(taps, axis=-1)  # (B, H', W', kh*kw*Cin), tap-major like the kernel
   return (patches.reshape(-1, kh * kw * cin) @ kernel.reshape(-1, cout)).reshape(b, ho, wo, cout)
 
@@ -112,7 +121,7 @@ def choose_conv_impl(kernel_shape: Sequence[int], backend: str | None = None) ->
   kh, kw, cin, _ = kernel_shape
   if (backend or jax.default_backend()) != "cpu":
     return "xla"
-  return "gemm" if 1 < kh * kw and kh * kw * cin <= GEMM_MAX_PATCH else "xla"
+  return "gemm" if kh * kw > 1 and kh * kw * cin <= GEMM_MAX_PATCH else "xla"
 
 
 class Conv(nn.Module):
@@ -123,6 +132,7 @@ class Conv(nn.Module):
   impl: 'xla' (lax conv), 'gemm' (im2col + GEMM) or 'auto' (`choose_conv_impl`, by shape);
   all give the same result from the same params.
   """
+
   features: int
   kernel_size: int | Sequence[int] = 3
   strides: int | Sequence[int] = 1
@@ -138,8 +148,11 @@ class Conv(nn.Module):
     ph, pw = _pair(self.padding)
     shape = (kh, kw, x.shape[-1], self.features)
     kernel = self.param("kernel", torch_conv_kernel_init, shape, self.param_dtype)
-    bias = (self.param("bias", torch_bias_init(torch_fan_in(shape)), (self.features,),
-                       self.param_dtype) if self.use_bias else None)
+    bias = (
+      self.param("bias", torch_bias_init(torch_fan_in(shape)), (self.features,), self.param_dtype)
+      if self.use_bias
+      else None
+    )
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     impl = self.impl
     if impl == "auto":
@@ -163,6 +176,7 @@ class Conv(nn.Module):
 #   r = 1: d =  0 -> w[2],  d = +1 -> w[0]
 # ---------------------------------------------------------------------------------------------
 
+
 def conv_transpose_4x4s2_xla(x: Array, kernel: Array) -> Array:
   """Reference: XLA's transposed conv (lhs-dilated forward conv with the flipped kernel).
 
@@ -171,8 +185,13 @@ def conv_transpose_4x4s2_xla(x: Array, kernel: Array) -> Array:
   with the spatially flipped kernel (j = 3 - k in the formula above).
   """
   return lax.conv_general_dilated(
-      x, jnp.flip(kernel, (0, 1)), window_strides=(1, 1), padding=((2, 2), (2, 2)),
-      lhs_dilation=(2, 2), dimension_numbers=_DIMENSION_NUMBERS)
+    x,
+    jnp.flip(kernel, (0, 1)),
+    window_strides=(1, 1),
+    padding=((2, 2), (2, 2)),
+    lhs_dilation=(2, 2),
+    dimension_numbers=_DIMENSION_NUMBERS,
+  )
 
 
 # _SUBPIXEL_SELECT[t, r, k] = 1 iff 3x3-window tap t (offset d = t - 1) feeds phase r from w[k].
@@ -206,8 +225,9 @@ def conv_transpose_4x4s2_subpixel(x: Array, kernel: Array) -> Array:
   x: (B, H, W, Cin); kernel: (4, 4, Cin, Cout). Returns (B, 2H, 2W, Cout). Does 36/16 of
   the transposed conv's multiply-adds (the zero taps), but as one plain forward conv.
   """
-  y = lax.conv_general_dilated(x, subpixel_kernel(kernel), (1, 1), ((1, 1), (1, 1)),
-                               dimension_numbers=_DIMENSION_NUMBERS)
+  y = lax.conv_general_dilated(
+    x, subpixel_kernel(kernel), (1, 1), ((1, 1), (1, 1)), dimension_numbers=_DIMENSION_NUMBERS
+  )
   return _depth_to_space2(y, kernel.shape[-1])
 
 
@@ -229,8 +249,11 @@ def conv_transpose_4x4s2_phase(x: Array, kernel: Array) -> Array:
     for rx in (0, 1):
       kx, pad_x = _PHASE_TAPS[rx]
       k2 = kernel[np.array(ky)][:, np.array(kx)]  # (2, 2, Cin, Cout)
-      phases.append(lax.conv_general_dilated(x, k2, (1, 1), (pad_y, pad_x),
-                                             dimension_numbers=_DIMENSION_NUMBERS))
+      phases.append(
+        lax.conv_general_dilated(
+          x, k2, (1, 1), (pad_y, pad_x), dimension_numbers=_DIMENSION_NUMBERS
+        )
+      )
   y = jnp.stack(phases, axis=3).reshape(b, h, w, 2, 2, cout)
   return y.transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, cout)
 
@@ -267,16 +290,16 @@ def conv_transpose_4x4s2_matmul(x: Array, kernel: Array) -> Array:
   b, h, w, _ = x.shape
   cout = kernel.shape[-1]
   t = jnp.einsum("bhwi,klio->bhwklo", x, kernel)  # (B, H, W, ky, kx, Cout)
-  t = _overlap_add_axis(t, axis=1, tap_axis=3)    # (B, H, W, ry, kx, Cout)
-  t = _overlap_add_axis(t, axis=2, tap_axis=4)    # (B, H, W, ry, rx, Cout)
+  t = _overlap_add_axis(t, axis=1, tap_axis=3)  # (B, H, W, ry, kx, Cout)
+  t = _overlap_add_axis(t, axis=2, tap_axis=4)  # (B, H, W, ry, rx, Cout)
   return t.transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, cout)
 
 
 CONV_TRANSPOSE_4X4S2_IMPLS = {
-    "matmul": conv_transpose_4x4s2_matmul,
-    "xla": conv_transpose_4x4s2_xla,
-    "subpixel": conv_transpose_4x4s2_subpixel,
-    "phase": conv_transpose_4x4s2_phase,
+  "matmul": conv_transpose_4x4s2_matmul,
+  "xla": conv_transpose_4x4s2_xla,
+  "subpixel": conv_transpose_4x4s2_subpixel,
+  "phase": conv_transpose_4x4s2_phase,
 }
 
 
@@ -307,6 +330,7 @@ class ConvTranspose4x4S2(nn.Module):
     'matmul'   one GEMM to all 16 taps + overlap-add (col2im), PyTorch's CPU algorithm.
     'auto'     (default) `choose_conv_transpose_impl(features)`.
   """
+
   features: int
   use_bias: bool = True
   impl: str = "auto"
@@ -317,12 +341,21 @@ class ConvTranspose4x4S2(nn.Module):
   def __call__(self, x: Array) -> Array:
     impl = choose_conv_transpose_impl(self.features) if self.impl == "auto" else self.impl
     if impl not in CONV_TRANSPOSE_4X4S2_IMPLS:
-      raise ValueError(f"impl={self.impl!r}; expected 'auto' or one of "
-                       f"{sorted(CONV_TRANSPOSE_4X4S2_IMPLS)}")
+      raise ValueError(
+        f"impl={self.impl!r}; expected 'auto' or one of {sorted(CONV_TRANSPOSE_4X4S2_IMPLS)}"
+      )
     shape = (4, 4, x.shape[-1], self.features)
     kernel = self.param("kernel", torch_conv_transpose_kernel_init, shape, self.param_dtype)
-    bias = (self.param("bias", torch_bias_init(torch_fan_in(shape, transpose=True)),
-                       (self.features,), self.param_dtype) if self.use_bias else None)
+    bias = (
+      self.param(
+        "bias",
+        torch_bias_init(torch_fan_in(shape, transpose=True)),
+        (self.features,),
+        self.param_dtype,
+      )
+      if self.use_bias
+      else None
+    )
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     y = CONV_TRANSPOSE_4X4S2_IMPLS[impl](x, kernel)
     if bias is not None:

@@ -31,6 +31,7 @@ from arcvq_jax.models import layers
 class _Conv(nn.Module):
   """A (kh, kw) convolution with explicit (top, bottom, left, right) zero padding, PyTorch
   init, and an optional 0/1 kernel mask (kh, kw)."""
+
   features: int
   kernel: tuple[int, int]
   padding: tuple[int, int, int, int] = (0, 0, 0, 0)
@@ -40,13 +41,15 @@ class _Conv(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     shape = (*self.kernel, x.shape[-1], self.features)
     kernel = self.param("kernel", layers.torch_conv_kernel_init, shape, jnp.float32)
-    bias = self.param("bias", layers.torch_bias_init(layers.torch_fan_in(shape)),
-                      (self.features,), jnp.float32)
+    bias = self.param(
+      "bias", layers.torch_bias_init(layers.torch_fan_in(shape)), (self.features,), jnp.float32
+    )
     if self.mask is not None:
       kernel = kernel * jnp.asarray(self.mask, kernel.dtype)[:, :, None, None]
     t, b, l, r = self.padding
-    y = lax.conv_general_dilated(x, kernel, (1, 1), ((t, b), (l, r)),
-                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = lax.conv_general_dilated(
+      x, kernel, (1, 1), ((t, b), (l, r)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     return y + bias
 
 
@@ -61,6 +64,7 @@ class GatedMaskedConv2d(nn.Module):
 
   With num_classes > 0, class_cond_embedding(labels) (B, 2 dim) is added to both gates.
   """
+
   mask_type: str
   dim: int
   kernel: int
@@ -68,8 +72,9 @@ class GatedMaskedConv2d(nn.Module):
   num_classes: int = 0
 
   @nn.compact
-  def __call__(self, x_v: jax.Array, x_h: jax.Array, labels: jax.Array | None
-               ) -> tuple[jax.Array, jax.Array]:
+  def __call__(
+    self, x_v: jax.Array, x_h: jax.Array, labels: jax.Array | None
+  ) -> tuple[jax.Array, jax.Array]:
     k, half = self.kernel, self.kernel // 2
     vmask = hmask = None
     if self.mask_type == "A":
@@ -80,15 +85,19 @@ class GatedMaskedConv2d(nn.Module):
       vmask, hmask = tuple(map(tuple, vmask)), tuple(map(tuple, hmask))
     # Padding above (left) only: output row i sees rows i - k//2 .. i (the reference pads
     # both sides and keeps the first H rows, the same thing).
-    h_vert = _Conv(2 * self.dim, (half + 1, k), (half, 0, half, half), vmask,
-                   name="vert_stack")(x_v)
+    h_vert = _Conv(2 * self.dim, (half + 1, k), (half, 0, half, half), vmask, name="vert_stack")(
+      x_v
+    )
     cond = 0.0
     if self.num_classes:
-      cond = nn.Embed(self.num_classes, 2 * self.dim, embedding_init=nn.initializers.normal(1.0),
-                      name="class_cond_embedding")(labels)[:, None, None, :]
+      cond = nn.Embed(
+        self.num_classes,
+        2 * self.dim,
+        embedding_init=nn.initializers.normal(1.0),
+        name="class_cond_embedding",
+      )(labels)[:, None, None, :]
     out_v = gate(h_vert + cond)
-    h_horiz = _Conv(2 * self.dim, (1, half + 1), (0, 0, half, 0), hmask,
-                    name="horiz_stack")(x_h)
+    h_horiz = _Conv(2 * self.dim, (1, half + 1), (0, 0, half, 0), hmask, name="horiz_stack")(x_h)
     v2h = _Conv(2 * self.dim, (1, 1), name="vert_to_horiz")(h_vert)
     out = gate(v2h + h_horiz + cond)
     out_h = _Conv(self.dim, (1, 1), name="horiz_resid")(out)
@@ -100,6 +109,7 @@ class GatedMaskedConv2d(nn.Module):
 class GatedPixelCNN(nn.Module):
   """tokens (B, H, W) int32 in [0, num_codes), labels (B,) int32 (or None when num_classes
   is 0) -> logits (B, H, W, num_codes) float32 of each token given those before it."""
+
   num_codes: int
   dim: int = 64
   n_layers: int = 15
@@ -111,10 +121,16 @@ class GatedPixelCNN(nn.Module):
   def setup(self):
     self.embedding = nn.Embed(self.num_codes, self.dim, embedding_init=nn.initializers.normal(1.0))
     self.layers = [
-        GatedMaskedConv2d("A" if i == 0 else "B", self.dim,
-                          self.first_kernel if i == 0 else self.kernel, residual=i > 0,
-                          num_classes=self.num_classes, name=f"layers_{i}")
-        for i in range(self.n_layers)]
+      GatedMaskedConv2d(
+        "A" if i == 0 else "B",
+        self.dim,
+        self.first_kernel if i == 0 else self.kernel,
+        residual=i > 0,
+        num_classes=self.num_classes,
+        name=f"layers_{i}",
+      )
+      for i in range(self.n_layers)
+    ]
     self.output_conv_0 = _Conv(self.head_dim, (1, 1))
     self.output_conv_2 = _Conv(self.num_codes, (1, 1))
 
@@ -133,6 +149,12 @@ class GatedPixelCNN(nn.Module):
 
 def from_config(config, num_codes: int) -> GatedPixelCNN:
   p = config.pixelcnn
-  return GatedPixelCNN(num_codes=num_codes, dim=p.dim, n_layers=p.n_layers,
-                       num_classes=config.num_classes, first_kernel=p.first_kernel,
-                       kernel=p.kernel, head_dim=p.head_dim)
+  return GatedPixelCNN(
+    num_codes=num_codes,
+    dim=p.dim,
+    n_layers=p.n_layers,
+    num_classes=config.num_classes,
+    first_kernel=p.first_kernel,
+    kernel=p.kernel,
+    head_dim=p.head_dim,
+  )

@@ -67,6 +67,7 @@ class Conv2d(nn.Module):
   x (B, H, W, Cin) -> (B, H', W', features). The convolution itself is layers.py's (the GEMM
   form for narrow patches on CPU).
   """
+
   features: int
   kernel_size: int = 3
   strides: int = 1
@@ -90,21 +91,39 @@ class Conv2d(nn.Module):
     return conv(x, kernel, (self.strides,) * 2, (self.padding,) * 2) + bias
 
 
-def linear(features: int, in_features: int, name: str, dtype: Dtype | None = None,
-           use_bias: bool = True, zero_init: bool = False) -> nn.Dense:
+def linear(
+  features: int,
+  in_features: int,
+  name: str,
+  dtype: Dtype | None = None,
+  use_bias: bool = True,
+  zero_init: bool = False,
+) -> nn.Dense:
   """torch.nn.Linear's init (U(+-1/sqrt(fan_in)) for weight and bias) as a flax Dense."""
   if zero_init:
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name,
-                    kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros)
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name,
-                  kernel_init=nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
-                  bias_init=layers.torch_bias_init(in_features))
+    return nn.Dense(
+      features,
+      use_bias=use_bias,
+      dtype=dtype,
+      name=name,
+      kernel_init=nn.initializers.zeros,
+      bias_init=nn.initializers.zeros,
+    )
+  return nn.Dense(
+    features,
+    use_bias=use_bias,
+    dtype=dtype,
+    name=name,
+    kernel_init=nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
+    bias_init=layers.torch_bias_init(in_features),
+  )
 
 
 def group_norm(x: jax.Array, name: str) -> jax.Array:
   """LDM's `normalization`: GroupNorm32 (32 groups, eps 1e-5), computed in float32."""
-  y = nn.GroupNorm(num_groups=32, epsilon=1e-5, dtype=jnp.float32, use_fast_variance=False,
-                   name=name)(x.astype(jnp.float32))
+  y = nn.GroupNorm(
+    num_groups=32, epsilon=1e-5, dtype=jnp.float32, use_fast_variance=False, name=name
+  )(x.astype(jnp.float32))
   return y.astype(x.dtype)
 
 
@@ -133,6 +152,7 @@ class ResBlock(nn.Module):
   zero-init conv(dropout(silu(norm(h)))); out = skip(x) + h, skip a 1x1 conv if the width
   changes. x (B, H, W, Cin), emb (B, E) -> (B, H, W, out_channels).
   """
+
   out_channels: int
   dropout: float = 0.0
   use_scale_shift_norm: bool = False
@@ -143,8 +163,9 @@ class ResBlock(nn.Module):
     c = self.out_channels
     h = nn.silu(group_norm(x, "in_layers_0"))
     h = Conv2d(c, 3, padding=1, dtype=self.dtype, name="in_layers_2")(h)
-    e = linear(2 * c if self.use_scale_shift_norm else c, emb.shape[-1], "emb_layers_1",
-               self.dtype)(nn.silu(emb))
+    e = linear(
+      2 * c if self.use_scale_shift_norm else c, emb.shape[-1], "emb_layers_1", self.dtype
+    )(nn.silu(emb))
     e = e.astype(h.dtype)[:, None, None, :]
     if self.use_scale_shift_norm:
       scale, shift = jnp.split(e, 2, axis=-1)
@@ -164,6 +185,7 @@ class AttentionBlock(nn.Module):
   x + proj_out(attn(qkv(norm(x)))), qkv one 1x1 conv whose 3C outputs are ordered
   (head, [q, k, v], d) as QKVAttentionLegacy reads them. x (B, H, W, C) -> same.
   """
+
   num_heads: int
   dtype: Dtype | None = None
 
@@ -182,14 +204,16 @@ class CrossAttention(nn.Module):
 
   x (B, N, query_dim), context (B, M, context_dim) or None (self-attention) -> (B, N, query_dim).
   """
+
   heads: int
   dim_head: int
   dropout: float = 0.0
   dtype: Dtype | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, context: jax.Array | None = None,
-               train: bool = False) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, context: jax.Array | None = None, train: bool = False
+  ) -> jax.Array:
     inner = self.heads * self.dim_head
     context = x if context is None else context.astype(x.dtype)
     q = linear(inner, x.shape[-1], "to_q", self.dtype, use_bias=False)(x)
@@ -205,6 +229,7 @@ class BasicTransformerBlock(nn.Module):
 
   x (B, N, dim), context (B, M, context_dim) -> (B, N, dim).
   """
+
   heads: int
   dim_head: int
   dropout: float = 0.0
@@ -214,9 +239,11 @@ class BasicTransformerBlock(nn.Module):
   def __call__(self, x: jax.Array, context: jax.Array | None, train: bool = False) -> jax.Array:
     dim = x.shape[-1]
     norm = lambda name, h: nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, name=name)(
-        h.astype(jnp.float32)).astype(h.dtype)
-    attn = lambda name: CrossAttention(self.heads, self.dim_head, self.dropout,
-                                       self.dtype, name=name)
+      h.astype(jnp.float32)
+    ).astype(h.dtype)
+    attn = lambda name: CrossAttention(
+      self.heads, self.dim_head, self.dropout, self.dtype, name=name
+    )
     x = x + attn("attn1")(norm("norm1", x), None, train)
     x = x + attn("attn2")(norm("norm2", x), context, train)
     # FeedForward(dim, glu=True): GEGLU proj to 2 x 4 dim, x * gelu(gate), dropout, Linear.
@@ -233,6 +260,7 @@ class SpatialTransformer(nn.Module):
 
   x (B, H, W, C), context (B, M, context_dim) -> (B, H, W, C).
   """
+
   heads: int
   dim_head: int
   depth: int = 1
@@ -246,14 +274,16 @@ class SpatialTransformer(nn.Module):
     h = Conv2d(inner, 1, dtype=self.dtype, name="proj_in")(group_norm(x, "norm"))
     h = h.reshape(b, hh * ww, inner)
     for i in range(self.depth):
-      h = BasicTransformerBlock(self.heads, self.dim_head, self.dropout, self.dtype,
-                                name=f"transformer_blocks_{i}")(h, context, train)
+      h = BasicTransformerBlock(
+        self.heads, self.dim_head, self.dropout, self.dtype, name=f"transformer_blocks_{i}"
+      )(h, context, train)
     h = h.reshape(b, hh, ww, inner)
     return x + Conv2d(c, 1, zero_init=True, dtype=self.dtype, name="proj_out")(h)
 
 
 class Downsample(nn.Module):
   """3x3 conv, stride 2, padding 1 (openaimodel's Downsample with conv_resample)."""
+
   dtype: Dtype | None = None
 
   @nn.compact
@@ -263,6 +293,7 @@ class Downsample(nn.Module):
 
 class Upsample(nn.Module):
   """Nearest-neighbour x2, then a 3x3 conv (padding 1)."""
+
   dtype: Dtype | None = None
 
   @nn.compact
@@ -283,6 +314,7 @@ class UNetModel(nn.Module):
   context feeds the SpatialTransformers' cross-attention (use_spatial_transformer); y, with
   num_classes > 0, adds `label_emb(y)` to the timestep embedding (openaimodel's class path).
   """
+
   in_channels: int
   out_channels: int
   model_channels: int = 256
@@ -301,13 +333,20 @@ class UNetModel(nn.Module):
     c = h.shape[-1]
     heads = max(1, c // self.num_head_channels)
     if self.use_spatial_transformer:
-      return SpatialTransformer(heads, c // heads, self.transformer_depth, self.dropout,
-                                self.dtype, name=name)(h, context, train)
+      return SpatialTransformer(
+        heads, c // heads, self.transformer_depth, self.dropout, self.dtype, name=name
+      )(h, context, train)
     return AttentionBlock(heads, self.dtype, name=name)(h)
 
   @nn.compact
-  def __call__(self, x: jax.Array, timesteps: jax.Array, context: jax.Array | None = None,
-               y: jax.Array | None = None, train: bool = False) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    timesteps: jax.Array,
+    context: jax.Array | None = None,
+    y: jax.Array | None = None,
+    train: bool = False,
+  ) -> jax.Array:
     mc, dt = self.model_channels, self.dtype
     emb_dim = 4 * mc
     emb = linear(emb_dim, mc, "time_embed_0", dt)(timestep_embedding(timesteps, mc))
@@ -319,7 +358,8 @@ class UNetModel(nn.Module):
 
     def res(h, out_channels, name):
       return ResBlock(out_channels, self.dropout, self.use_scale_shift_norm, dt, name=name)(
-          h, emb, train)
+        h, emb, train
+      )
 
     h = x.astype(dt or jnp.float32)
     h = Conv2d(mc, 3, padding=1, dtype=dt, name="input_blocks_0_0")(h)
@@ -333,10 +373,12 @@ class UNetModel(nn.Module):
         block += 1
       if level != len(self.channel_mult) - 1:
         if h.shape[1] % 2 or h.shape[2] % 2:
-          raise ValueError(f"the UNet halves {h.shape[1]}x{h.shape[2]} features at level "
-                           f"{level}: latent sides must be divisible by "
-                           f"{2 ** (len(self.channel_mult) - 1)} for channel_mult "
-                           f"{tuple(self.channel_mult)}")
+          raise ValueError(
+            f"the UNet halves {h.shape[1]}x{h.shape[2]} features at level "
+            f"{level}: latent sides must be divisible by "
+            f"{2 ** (len(self.channel_mult) - 1)} for channel_mult "
+            f"{tuple(self.channel_mult)}"
+          )
         h = Downsample(dt, name=f"input_blocks_{block}_0")(h)
         skips.append(h)
         block += 1
@@ -359,8 +401,9 @@ class UNetModel(nn.Module):
         block += 1
 
     h = nn.silu(group_norm(h, "out_0"))
-    return Conv2d(self.out_channels, 3, padding=1, zero_init=True, dtype=dt,
-                  name="out_2")(h).astype(jnp.float32)
+    return Conv2d(self.out_channels, 3, padding=1, zero_init=True, dtype=dt, name="out_2")(
+      h
+    ).astype(jnp.float32)
 
 
 class ClassEmbedder(nn.Module):
@@ -369,13 +412,18 @@ class ClassEmbedder(nn.Module):
   num_classes + 1 rows: the last one is the null class of classifier-free guidance
   (LDM's cin samplers pass class 1000 as the unconditional label).
   """
+
   num_classes: int
   embed_dim: int = 512
 
   @nn.compact
   def __call__(self, y: jax.Array) -> jax.Array:
-    table = nn.Embed(self.num_classes + 1, self.embed_dim,
-                     embedding_init=nn.initializers.normal(1.0), name="embedding")
+    table = nn.Embed(
+      self.num_classes + 1,
+      self.embed_dim,
+      embedding_init=nn.initializers.normal(1.0),
+      name="embedding",
+    )
     return table(y)[:, None, :]
 
 
@@ -389,6 +437,7 @@ class LatentDiffusionUNet(nn.Module):
   embedding and cross-attention (LDM's cin-ldm-vq-f8); otherwise through label_emb added to
   the timestep embedding.
   """
+
   latent_channels: int
   num_classes: int = 0
   context_dim: int = 512
@@ -404,27 +453,35 @@ class LatentDiffusionUNet(nn.Module):
   dtype: Dtype | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None,
-               train: bool = False) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, train: bool = False
+  ) -> jax.Array:
     context, label_classes = None, 0
     if self.num_classes:
       if y is None:
-        raise ValueError("a class-conditional model needs labels y (the null class is "
-                         f"{self.num_classes})")
+        raise ValueError(
+          f"a class-conditional model needs labels y (the null class is {self.num_classes})"
+        )
       if self.use_spatial_transformer:
         context = ClassEmbedder(self.num_classes, self.context_dim, name="cond_stage_model")(y)
       else:
         label_classes = self.num_classes + 1
     unet = UNetModel(
-        in_channels=self.latent_channels, out_channels=self.latent_channels,
-        model_channels=self.model_channels, channel_mult=tuple(self.channel_mult),
-        num_res_blocks=self.num_res_blocks,
-        attention_resolutions=tuple(self.attention_resolutions),
-        num_head_channels=self.num_head_channels,
-        use_spatial_transformer=self.use_spatial_transformer,
-        transformer_depth=self.transformer_depth, num_classes=label_classes,
-        dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm, dtype=self.dtype,
-        name="diffusion_model")
+      in_channels=self.latent_channels,
+      out_channels=self.latent_channels,
+      model_channels=self.model_channels,
+      channel_mult=tuple(self.channel_mult),
+      num_res_blocks=self.num_res_blocks,
+      attention_resolutions=tuple(self.attention_resolutions),
+      num_head_channels=self.num_head_channels,
+      use_spatial_transformer=self.use_spatial_transformer,
+      transformer_depth=self.transformer_depth,
+      num_classes=label_classes,
+      dropout=self.dropout,
+      use_scale_shift_norm=self.use_scale_shift_norm,
+      dtype=self.dtype,
+      name="diffusion_model",
+    )
     return unet(x, t, context, y if label_classes else None, train)
 
 
@@ -432,11 +489,17 @@ def from_config(config, latent_channels: int) -> LatentDiffusionUNet:
   """The network config.unet describes, for latents with `latent_channels` channels."""
   u = config.unet
   return LatentDiffusionUNet(
-      latent_channels=latent_channels, num_classes=config.num_classes,
-      context_dim=u.context_dim, model_channels=u.model_channels,
-      channel_mult=tuple(u.channel_mult), num_res_blocks=u.num_res_blocks,
-      attention_resolutions=tuple(u.attention_resolutions),
-      num_head_channels=u.num_head_channels, use_spatial_transformer=u.use_spatial_transformer,
-      transformer_depth=u.transformer_depth, dropout=u.dropout,
-      use_scale_shift_norm=u.use_scale_shift_norm,
-      dtype=jnp.bfloat16 if u.dtype == "bfloat16" else None)
+    latent_channels=latent_channels,
+    num_classes=config.num_classes,
+    context_dim=u.context_dim,
+    model_channels=u.model_channels,
+    channel_mult=tuple(u.channel_mult),
+    num_res_blocks=u.num_res_blocks,
+    attention_resolutions=tuple(u.attention_resolutions),
+    num_head_channels=u.num_head_channels,
+    use_spatial_transformer=u.use_spatial_transformer,
+    transformer_depth=u.transformer_depth,
+    dropout=u.dropout,
+    use_scale_shift_norm=u.use_scale_shift_norm,
+    dtype=jnp.bfloat16 if u.dtype == "bfloat16" else None,
+  )

@@ -26,7 +26,8 @@ float32, and `encode` / `decode` return float32 (the quantiser and the losses wo
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -53,8 +54,14 @@ def normalize(x: jax.Array, name: str, param_dtype: Dtype = jnp.float32) -> jax.
   Params `name`/scale, `name`/bias (taming's `name`.weight, `name`.bias).
   """
   # Two-pass variance as PyTorch (the fast E[x^2] - E[x]^2 form loses digits in float32).
-  y = nn.GroupNorm(num_groups=32, epsilon=1e-6, dtype=jnp.float32, param_dtype=param_dtype,
-                   use_fast_variance=False, name=name)(x.astype(jnp.float32))
+  y = nn.GroupNorm(
+    num_groups=32,
+    epsilon=1e-6,
+    dtype=jnp.float32,
+    param_dtype=param_dtype,
+    use_fast_variance=False,
+    name=name,
+  )(x.astype(jnp.float32))
   return y.astype(x.dtype)
 
 
@@ -64,6 +71,7 @@ class ResnetBlock(nn.Module):
   x: (B, H, W, Cin) -> (B, H, W, out_channels). The shortcut is `nin_shortcut` (1x1 conv)
   when Cin != out_channels, else the identity (taming's conv_shortcut=False).
   """
+
   out_channels: int
   dropout: float = 0.0
   dtype: Dtype | None = None
@@ -71,8 +79,14 @@ class ResnetBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    conv = lambda k, name: Conv(self.out_channels, k, padding=k // 2, dtype=self.dtype,
-                                param_dtype=self.param_dtype, name=name)
+    conv = lambda k, name: Conv(
+      self.out_channels,
+      k,
+      padding=k // 2,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name=name,
+    )
     h = swish(normalize(x, "norm1", self.param_dtype))
     h = conv(3, "conv1")(h)
     h = swish(normalize(h, "norm2", self.param_dtype))
@@ -101,6 +115,7 @@ class AttnBlock(nn.Module):
 
   x: (B, H, W, C) -> (B, H, W, C).
   """
+
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
@@ -119,31 +134,42 @@ class Downsample(nn.Module):
   x: (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), C) (H/2 for even H), taming's
   `F.pad(x, (0, 1, 0, 1))` + `Conv2d(C, C, 3, stride=2, padding=0)`.
   """
+
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-    return Conv(x.shape[-1], 3, strides=2, padding=0, dtype=self.dtype,
-                param_dtype=self.param_dtype, name="conv")(x)
+    return Conv(
+      x.shape[-1],
+      3,
+      strides=2,
+      padding=0,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="conv",
+    )(x)
 
 
 class Upsample(nn.Module):
   """Nearest-neighbour x2, then a 3x3 conv (padding 1). (B, H, W, C) -> (B, 2H, 2W, C)."""
+
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    return Conv(x.shape[-1], 3, padding=1, dtype=self.dtype, param_dtype=self.param_dtype,
-                name="conv")(x)
+    return Conv(
+      x.shape[-1], 3, padding=1, dtype=self.dtype, param_dtype=self.param_dtype, name="conv"
+    )(x)
 
 
 class _Level(nn.Module):
   """One resolution level: `num_blocks` ResnetBlocks, each followed by an AttnBlock when
   `with_attn`, then `resample` ('down', 'up' or None). taming's `down[i]` / `up[i]`."""
+
   out_channels: int
   num_blocks: int
   with_attn: bool
@@ -168,6 +194,7 @@ class _Level(nn.Module):
 
 class _Mid(nn.Module):
   """taming's `mid`: block_1 -> attn_1 -> block_2, at constant width."""
+
   dropout: float = 0.0
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
@@ -189,6 +216,7 @@ class Encoder(nn.Module):
   (`resolution` / 2**level, from the config as in taming, not from the input) is in
   `attn_resolutions`, and sits in the middle block.
   """
+
   ch: int = 128
   ch_mult: Sequence[int] = (1, 1, 2, 2, 4)
   num_res_blocks: int = 2
@@ -208,8 +236,15 @@ class Encoder(nn.Module):
     res = self.resolution
     for i, mult in enumerate(self.ch_mult):
       last = i == n_levels - 1
-      h = _Level(self.ch * mult, self.num_res_blocks, res in self.attn_resolutions,
-                 None if last else "down", self.dropout, name=f"down_{i}", **kw)(h, train)
+      h = _Level(
+        self.ch * mult,
+        self.num_res_blocks,
+        res in self.attn_resolutions,
+        None if last else "down",
+        self.dropout,
+        name=f"down_{i}",
+        **kw,
+      )(h, train)
       if not last:
         res //= 2
     h = _Mid(self.dropout, name="mid", **kw)(h, train)
@@ -227,6 +262,7 @@ class Decoder(nn.Module):
   conv_out and returns its input (B, H, W, ch * ch_mult[0]): the adaptive GAN weight needs the
   loss as a function of conv_out's kernel alone (see `last_layer`).
   """
+
   ch: int = 128
   out_ch: int = 3
   ch_mult: Sequence[int] = (1, 1, 2, 2, 4)
@@ -245,8 +281,15 @@ class Decoder(nn.Module):
     h = Conv(self.ch * self.ch_mult[-1], 3, padding=1, name="conv_in", **kw)(z)
     h = _Mid(self.dropout, name="mid", **kw)(h, train)
     for i in reversed(range(n_levels)):
-      h = _Level(self.ch * self.ch_mult[i], self.num_res_blocks + 1, res in self.attn_resolutions,
-                 "up" if i != 0 else None, self.dropout, name=f"up_{i}", **kw)(h, train)
+      h = _Level(
+        self.ch * self.ch_mult[i],
+        self.num_res_blocks + 1,
+        res in self.attn_resolutions,
+        "up" if i != 0 else None,
+        self.dropout,
+        name=f"up_{i}",
+        **kw,
+      )(h, train)
       if i != 0:
         res *= 2
     h = swish(normalize(h, "norm_out", self.param_dtype))
@@ -255,8 +298,9 @@ class Decoder(nn.Module):
     return Conv(self.out_ch, 3, padding=1, name="conv_out", **kw)(h)
 
 
-def last_layer(h: jax.Array, kernel: jax.Array, bias: jax.Array, dtype: Dtype | None = None
-               ) -> jax.Array:
+def last_layer(
+  h: jax.Array, kernel: jax.Array, bias: jax.Array, dtype: Dtype | None = None
+) -> jax.Array:
   """The decoder's conv_out as a function of its params: (B, H, W, C) -> (B, H, W, out_ch).
 
   h: `VQGAN.decode_features` output; kernel: (3, 3, C, out_ch); bias: (out_ch,).
@@ -264,7 +308,8 @@ def last_layer(h: jax.Array, kernel: jax.Array, bias: jax.Array, dtype: Dtype | 
   (both float32).
   """
   y = Conv(kernel.shape[-1], 3, padding=1, dtype=dtype).apply(
-      {"params": {"kernel": kernel, "bias": bias}}, h)
+    {"params": {"kernel": kernel, "bias": bias}}, h
+  )
   return y.astype(jnp.float32)
 
 
@@ -290,6 +335,7 @@ class VQGAN(nn.Module):
   between `encode` and `decode` (through `apply(..., method=...)`); `__call__` exists to
   create all parameters at init. `channels` is the image channel count (in and out).
   """
+
   ch: int = 128
   ch_mult: Sequence[int] = (1, 1, 2, 2, 4)
   num_res_blocks: int = 2
@@ -306,17 +352,24 @@ class VQGAN(nn.Module):
 
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    arch = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
-                attn_resolutions=tuple(self.attn_resolutions), resolution=self.resolution,
-                dropout=self.dropout)
+    arch = dict(
+      ch=self.ch,
+      ch_mult=tuple(self.ch_mult),
+      num_res_blocks=self.num_res_blocks,
+      attn_resolutions=tuple(self.attn_resolutions),
+      resolution=self.resolution,
+      dropout=self.dropout,
+    )
     self.encoder = Encoder(z_channels=self.z_channels, double_z=False, **arch, **kw)
     self.quant_conv = Conv(self.embed_dim, 1, **kw)
     self.post_quant_conv = Conv(self.z_channels, 1, **kw)
     self.decoder = Decoder(out_ch=self.channels, **arch, **kw)
     self.codebook = self.param(
-        "codebook",
-        lambda key: quantization.init_codebook(key, self.num_codes, self.embed_dim,
-                                               self.codebook_init).astype(self.param_dtype))
+      "codebook",
+      lambda key: quantization.init_codebook(
+        key, self.num_codes, self.embed_dim, self.codebook_init
+      ).astype(self.param_dtype),
+    )
 
   @property
   def downsample_factor(self) -> int:
@@ -348,16 +401,16 @@ def from_config(config, channels: int) -> VQGAN:
   """
   m, q = config.model, config.quantizer
   return VQGAN(
-      ch=m.ch,
-      ch_mult=tuple(m.ch_mult),
-      num_res_blocks=m.num_res_blocks,
-      attn_resolutions=tuple(m.attn_resolutions),
-      resolution=m.resolution,
-      z_channels=m.z_channels,
-      num_codes=q.num_codes,
-      embed_dim=q.embed_dim,
-      channels=channels,
-      dropout=m.dropout,
-      codebook_init=q.init,
-      dtype=jnp.dtype(m.dtype),
+    ch=m.ch,
+    ch_mult=tuple(m.ch_mult),
+    num_res_blocks=m.num_res_blocks,
+    attn_resolutions=tuple(m.attn_resolutions),
+    resolution=m.resolution,
+    z_channels=m.z_channels,
+    num_codes=q.num_codes,
+    embed_dim=q.embed_dim,
+    channels=channels,
+    dropout=m.dropout,
+    codebook_init=q.init,
+    dtype=jnp.dtype(m.dtype),
   )

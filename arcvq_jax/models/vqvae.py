@@ -91,12 +91,15 @@ class VQVAE(nn.Module):
   def setup(self):
     self.encoder = Encoder(self.hidden, self.res_hidden, self.num_res_layers)
     self.quant_conv = Conv(self.embed_dim, 1)
-    self.decoder = Decoder(self.hidden, self.res_hidden, self.num_res_layers, self.channels,
-                           self.deconv_impl)
+    self.decoder = Decoder(
+      self.hidden, self.res_hidden, self.num_res_layers, self.channels, self.deconv_impl
+    )
     self.codebook = self.param(
-        "codebook",
-        lambda key: quantization.init_codebook(key, self.num_codes, self.embed_dim,
-                                               self.codebook_init))
+      "codebook",
+      lambda key: quantization.init_codebook(
+        key, self.num_codes, self.embed_dim, self.codebook_init
+      ),
+    )
 
   def encode(self, x: jax.Array) -> jax.Array:
     """x: (B, H, W, C) in [-1, 1] -> z: (B, H/4, W/4, D) pre-quantisation latents."""
@@ -113,12 +116,12 @@ class VQVAE(nn.Module):
 def from_config(config, channels: int) -> VQVAE:
   """The VQVAE that `config.model` / `config.quantizer` describe, for `channels` image channels."""
   return VQVAE(
-      hidden=config.model.hidden,
-      res_hidden=config.model.res_hidden,
-      num_res_layers=config.model.num_res_layers,
-      num_codes=config.quantizer.num_codes,
-      embed_dim=config.quantizer.embed_dim,
-      channels=channels,
-      codebook_init=config.quantizer.init,
-      deconv_impl=config.model.deconv_impl,
+    hidden=config.model.hidden,
+    res_hidden=config.model.res_hidden,
+    num_res_layers=config.model.num_res_layers,
+    num_codes=config.quantizer.num_codes,
+    embed_dim=config.quantizer.embed_dim,
+    channels=channels,
+    codebook_init=config.quantizer.init,
+    deconv_impl=config.model.deconv_impl,
   )

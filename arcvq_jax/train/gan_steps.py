@@ -19,7 +19,8 @@ taming, which recomputes them after the generator update).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +33,13 @@ from arcvq_jax.losses import lpips as lpips_lib
 from arcvq_jax.models import vqgan
 from arcvq_jax.models.discriminator import NLayerDiscriminator
 from arcvq_jax.train import tokenizer
-from arcvq_jax.train.state import (DiscState, GANTrainState, TrainState, init_disc_state,
-                                   init_train_state)
+from arcvq_jax.train.state import (
+  DiscState,
+  GANTrainState,
+  TrainState,
+  init_disc_state,
+  init_train_state,
+)
 
 sg = jax.lax.stop_gradient
 Batch = dict[str, jax.Array]
@@ -48,8 +54,12 @@ def _add_at(tree: dict, path: tuple[str, ...], value: jax.Array) -> dict:
 
 
 def reconstruction_loss(
-    x: jax.Array, x_hat: jax.Array, lpips_params: Any, *, perceptual_weight: float,
-    dtype: Any = None,
+  x: jax.Array,
+  x_hat: jax.Array,
+  lpips_params: Any,
+  *,
+  perceptual_weight: float,
+  dtype: Any = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """L_rec = mean|x - x_hat| + w_p mean_b LPIPS(x_b, x_hat_b), taming's nll_loss.
 
@@ -65,9 +75,17 @@ def reconstruction_loss(
 
 
 def generator_step(
-    state: TrainState, disc: DiscState, batch: Batch, lpips_params: Any, *,
-    model: vqgan.VQGAN, disc_model: NLayerDiscriminator, tx: optax.GradientTransformation,
-    config: ml_collections.ConfigDict, use_gan: bool, replicated: Any = None,
+  state: TrainState,
+  disc: DiscState,
+  batch: Batch,
+  lpips_params: Any,
+  *,
+  model: vqgan.VQGAN,
+  disc_model: NLayerDiscriminator,
+  tx: optax.GradientTransformation,
+  config: ml_collections.ConfigDict,
+  use_gan: bool,
+  replicated: Any = None,
 ) -> tuple[TrainState, dict[str, jax.Array], jax.Array]:
   """One autoencoder (and codebook) update; the discriminator is only read.
 
@@ -82,30 +100,47 @@ def generator_step(
 
   def autoencode(p):
     z, z_flat, quant = tokenizer.encode_and_quantize(
-        p, x, model=model, config=config, mesh=None if replicated is None else replicated.mesh)
-    terms = tokenizer.quantizer_losses(z_flat, quant, p["codebook"].astype(jnp.float32),
-                                       state.step, config=config, replicated=replicated)
-    h = model.apply({"params": p}, quant.z_ste.reshape(z.shape).astype(z.dtype),
-                    method="decode_features")
+      p, x, model=model, config=config, mesh=None if replicated is None else replicated.mesh
+    )
+    terms = tokenizer.quantizer_losses(
+      z_flat,
+      quant,
+      p["codebook"].astype(jnp.float32),
+      state.step,
+      config=config,
+      replicated=replicated,
+    )
+    h = model.apply(
+      {"params": p}, quant.z_ste.reshape(z.shape).astype(z.dtype), method="decode_features"
+    )
     loss_q = terms.pop("loss_q")
     return (h, loss_q), dict(terms, indices=quant.indices, z=z_flat)
 
   full = sharding.gather_params(params, replicated)
   (h, loss_q), autoencode_vjp, aux = jax.vjp(autoencode, full, has_aux=True)
   kernel, bias = vqgan.last_layer_params(full)
-  x_hat, last_vjp = jax.vjp(functools.partial(vqgan.last_layer, dtype=model.dtype),
-                            h, kernel, bias)
+  x_hat, last_vjp = jax.vjp(functools.partial(vqgan.last_layer, dtype=model.dtype), h, kernel, bias)
 
-  rec_fn = functools.partial(reconstruction_loss, x, lpips_params=lpips_params,
-                             perceptual_weight=config.loss.perceptual_weight, dtype=model.dtype)
+  rec_fn = functools.partial(
+    reconstruction_loss,
+    x,
+    lpips_params=lpips_params,
+    perceptual_weight=config.loss.perceptual_weight,
+    dtype=model.dtype,
+  )
   (loss_rec, rec_terms), d_rec = jax.value_and_grad(rec_fn, has_aux=True)(x_hat)
   aux.update(rec_terms, loss_rec=loss_rec)
   loss = loss_rec + loss_q
   d_x_hat = d_rec
   if use_gan:
+
     def g_loss_fn(xh):
-      logits, _ = disc_model.apply({"params": disc.params, "batch_stats": disc.batch_stats},
-                                   xh, train=True, mutable=["batch_stats"])
+      logits, _ = disc_model.apply(
+        {"params": disc.params, "batch_stats": disc.batch_stats},
+        xh,
+        train=True,
+        mutable=["batch_stats"],
+      )
       return gan.generator_loss(logits), jnp.mean(logits)
 
     (loss_g, logits_fake), d_g = jax.value_and_grad(g_loss_fn, has_aux=True)(x_hat)
@@ -123,13 +158,18 @@ def generator_step(
   grads = _add_at(grads, (*vqgan.LAST_LAYER, "bias"), d_bias)
   aux["loss"] = loss
   new_state, metrics = tokenizer.apply_tokenizer_update(
-      state, params, grads, aux, radius, tx=tx, q=config.quantizer)
+    state, params, grads, aux, radius, tx=tx, q=config.quantizer
+  )
   return new_state, metrics, x_hat
 
 
 def discriminator_step(
-    disc: DiscState, batch: Batch, x_hat: jax.Array, *, disc_model: NLayerDiscriminator,
-    tx: optax.GradientTransformation,
+  disc: DiscState,
+  batch: Batch,
+  x_hat: jax.Array,
+  *,
+  disc_model: NLayerDiscriminator,
+  tx: optax.GradientTransformation,
 ) -> tuple[DiscState, dict[str, jax.Array]]:
   """One PatchGAN update with the hinge loss on real images and the generator's x_hat.
 
@@ -141,20 +181,31 @@ def discriminator_step(
 
   def loss_fn(params):
     logits_real, updated = disc_model.apply(
-        {"params": params, "batch_stats": disc.batch_stats}, x, train=True,
-        mutable=["batch_stats"])
+      {"params": params, "batch_stats": disc.batch_stats}, x, train=True, mutable=["batch_stats"]
+    )
     logits_fake, updated = disc_model.apply(
-        {"params": params, "batch_stats": updated["batch_stats"]}, sg(x_hat), train=True,
-        mutable=["batch_stats"])
+      {"params": params, "batch_stats": updated["batch_stats"]},
+      sg(x_hat),
+      train=True,
+      mutable=["batch_stats"],
+    )
     return gan.hinge_d_loss(logits_real, logits_fake), (
-        updated["batch_stats"], jnp.mean(logits_real), jnp.mean(logits_fake))
+      updated["batch_stats"],
+      jnp.mean(logits_real),
+      jnp.mean(logits_fake),
+    )
 
-  (d_loss, (stats, logits_real, logits_fake)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(disc.params)
+  (d_loss, (stats, logits_real, logits_fake)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    disc.params
+  )
   updates, opt_state = tx.update(grads, disc.opt_state, disc.params)
   params = optax.apply_updates(disc.params, updates)
-  metrics = dict(d_loss=d_loss, logits_real=logits_real, logits_fake=logits_fake,
-                 d_grad_norm=optax.tree.norm(grads))
+  metrics = dict(
+    d_loss=d_loss,
+    logits_real=logits_real,
+    logits_fake=logits_fake,
+    d_grad_norm=optax.tree.norm(grads),
+  )
   return DiscState(params=params, batch_stats=stats, opt_state=opt_state), metrics
 
 
@@ -166,18 +217,25 @@ class GANSteps:
   step on its reconstructions. Each jitted function compiles on first use.
   """
 
-  def __init__(self, generator: dict[bool, Callable], discriminator: Callable,
-               lpips_params: Any, config: ml_collections.ConfigDict):
+  def __init__(
+    self,
+    generator: dict[bool, Callable],
+    discriminator: Callable,
+    lpips_params: Any,
+    config: ml_collections.ConfigDict,
+  ):
     self.generator = generator
     self.discriminator = discriminator
     self.lpips_params = lpips_params
     self.disc_start = config.gan.disc_start
     self.disc_train_start = disc_train_start(config)
 
-  def __call__(self, state: GANTrainState, batch: Batch, t: int
-               ) -> tuple[GANTrainState, dict[str, jax.Array]]:
+  def __call__(
+    self, state: GANTrainState, batch: Batch, t: int
+  ) -> tuple[GANTrainState, dict[str, jax.Array]]:
     gen, metrics, x_hat = self.generator[t >= self.disc_start](
-        state.gen, state.disc, batch, self.lpips_params)
+      state.gen, state.disc, batch, self.lpips_params
+    )
     disc = state.disc
     if t >= self.disc_train_start:
       disc, disc_metrics = self.discriminator(disc, batch, x_hat)
@@ -192,14 +250,19 @@ def disc_train_start(config: ml_collections.ConfigDict) -> int:
 
 
 def discriminator_from_config(config: ml_collections.ConfigDict) -> NLayerDiscriminator:
-  return NLayerDiscriminator(ndf=config.gan.ndf, n_layers=config.gan.n_layers,
-                             dtype=jnp.dtype(config.model.dtype))
+  return NLayerDiscriminator(
+    ndf=config.gan.ndf, n_layers=config.gan.n_layers, dtype=jnp.dtype(config.model.dtype)
+  )
 
 
 def abstract_state_and_shardings(
-    config: ml_collections.ConfigDict, model: vqgan.VQGAN, disc_model: NLayerDiscriminator,
-    tx: optax.GradientTransformation, disc_tx: optax.GradientTransformation,
-    mesh: jax.sharding.Mesh, image_shape: tuple[int, int, int],
+  config: ml_collections.ConfigDict,
+  model: vqgan.VQGAN,
+  disc_model: NLayerDiscriminator,
+  tx: optax.GradientTransformation,
+  disc_tx: optax.GradientTransformation,
+  mesh: jax.sharding.Mesh,
+  image_shape: tuple[int, int, int],
 ) -> tuple[Callable, tuple[jax.Array, jax.Array], Any, Any]:
   """(init_fn, its keys, the state's ShapeDtypeStructs, their shardings): nothing allocated."""
   key = jax.random.PRNGKey(config.seed)
@@ -207,40 +270,61 @@ def abstract_state_and_shardings(
 
   def init_fn(gen_key, disc_key):
     return GANTrainState(
-        gen=init_train_state(gen_key, model=model, tx=tx, image_shape=image_shape),
-        disc=init_disc_state(disc_key, model=disc_model, tx=disc_tx, image_shape=image_shape))
+      gen=init_train_state(gen_key, model=model, tx=tx, image_shape=image_shape),
+      disc=init_disc_state(disc_key, model=disc_model, tx=disc_tx, image_shape=image_shape),
+    )
 
   abstract = jax.eval_shape(init_fn, *keys)
   return init_fn, keys, abstract, sharding.state_shardings(abstract, mesh, config.sharding)
 
 
 def make_steps(
-    config: ml_collections.ConfigDict, model: vqgan.VQGAN, disc_model: NLayerDiscriminator,
-    tx: optax.GradientTransformation, disc_tx: optax.GradientTransformation,
-    mesh: jax.sharding.Mesh, state_sharding: Any, lpips_params: Any,
+  config: ml_collections.ConfigDict,
+  model: vqgan.VQGAN,
+  disc_model: NLayerDiscriminator,
+  tx: optax.GradientTransformation,
+  disc_tx: optax.GradientTransformation,
+  mesh: jax.sharding.Mesh,
+  state_sharding: Any,
+  lpips_params: Any,
 ) -> GANSteps:
   """The jitted generator and discriminator steps for a state laid out by `state_sharding`."""
   batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   generator = {
-      use_gan: jax.jit(
-          functools.partial(generator_step, model=model, disc_model=disc_model, tx=tx,
-                            config=config, use_gan=use_gan, replicated=replicated),
-          in_shardings=(state_sharding.gen, state_sharding.disc, batch_sharding, replicated),
-          out_shardings=(state_sharding.gen, replicated, batch_sharding),
-          donate_argnums=(0,))
-      for use_gan in (False, True)}
+    use_gan: jax.jit(
+      functools.partial(
+        generator_step,
+        model=model,
+        disc_model=disc_model,
+        tx=tx,
+        config=config,
+        use_gan=use_gan,
+        replicated=replicated,
+      ),
+      in_shardings=(state_sharding.gen, state_sharding.disc, batch_sharding, replicated),
+      out_shardings=(state_sharding.gen, replicated, batch_sharding),
+      donate_argnums=(0,),
+    )
+    for use_gan in (False, True)
+  }
   discriminator = jax.jit(
-      functools.partial(discriminator_step, disc_model=disc_model, tx=disc_tx),
-      in_shardings=(state_sharding.disc, batch_sharding, batch_sharding),
-      out_shardings=(state_sharding.disc, replicated),
-      donate_argnums=(0,))
+    functools.partial(discriminator_step, disc_model=disc_model, tx=disc_tx),
+    in_shardings=(state_sharding.disc, batch_sharding, batch_sharding),
+    out_shardings=(state_sharding.disc, replicated),
+    donate_argnums=(0,),
+  )
   return GANSteps(generator, discriminator, lpips_params, config)
 
 
 def create_state_and_steps(
-    config: ml_collections.ConfigDict, model: vqgan.VQGAN, disc_model: NLayerDiscriminator,
-    tx: optax.GradientTransformation, disc_tx: optax.GradientTransformation,
-    mesh: jax.sharding.Mesh, image_shape: tuple[int, int, int], lpips_params: Any,
+  config: ml_collections.ConfigDict,
+  model: vqgan.VQGAN,
+  disc_model: NLayerDiscriminator,
+  tx: optax.GradientTransformation,
+  disc_tx: optax.GradientTransformation,
+  mesh: jax.sharding.Mesh,
+  image_shape: tuple[int, int, int],
+  lpips_params: Any,
 ) -> tuple[GANTrainState, Any, GANSteps]:
   """A fresh GANTrainState laid out by its shardings, the shardings, and the steps.
 
@@ -250,7 +334,8 @@ def create_state_and_steps(
   lpips_params: replicated LPIPS weights (or None with loss.perceptual_weight = 0).
   """
   init_fn, keys, _, state_sharding = abstract_state_and_shardings(
-      config, model, disc_model, tx, disc_tx, mesh, image_shape)
+    config, model, disc_model, tx, disc_tx, mesh, image_shape
+  )
   state = jax.jit(init_fn, out_shardings=state_sharding)(*keys)
   steps = make_steps(config, model, disc_model, tx, disc_tx, mesh, state_sharding, lpips_params)
   return state, state_sharding, steps

@@ -59,8 +59,9 @@ def data_config(config: ml_collections.ConfigDict, tok: api.Tokenizer) -> ml_col
   return data
 
 
-def load_tokenizer(config: ml_collections.ConfigDict, workdir: str
-                   ) -> tuple[api.Tokenizer, dict[str, Any]]:
+def load_tokenizer(
+  config: ml_collections.ConfigDict, workdir: str
+) -> tuple[api.Tokenizer, dict[str, Any]]:
   """The frozen tokenizer of config.tokenizer_workdir, checked against the config, and its
   record {workdir, step, num_codes, latent_shape, image_shape}.
 
@@ -85,30 +86,39 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: str
     tok = api.Tokenizer(tok_config, params)
   except api.TokenizerLoadError as e:
     raise PriorSetupError(
-        f"config.tokenizer_workdir={config.tokenizer_workdir!r} gives no tokenizer: {e}") from e
+      f"config.tokenizer_workdir={config.tokenizer_workdir!r} gives no tokenizer: {e}"
+    ) from e
   if pinned is not None:  # no need to reach the data (sampling may run without it)
     h, w, c = pinned["image_shape"]
   else:
     h, w, c = pipeline.dataset_info(data_config(config, tok))["image_shape"]
   f = tok.downsample_factor
   if c != tok.channels:
-    raise PriorSetupError(f"the data has {c}-channel images but the tokenizer at "
-                          f"{config.tokenizer_workdir} encodes {tok.channels}-channel ones; "
-                          "check config.data.")
-  record = dict(workdir=os.path.abspath(config.tokenizer_workdir), step=int(tok_step),
-                num_codes=tok.num_codes, latent_shape=[h // f, w // f, tok.embed_dim],
-                image_shape=[h, w, c])
+    raise PriorSetupError(
+      f"the data has {c}-channel images but the tokenizer at "
+      f"{config.tokenizer_workdir} encodes {tok.channels}-channel ones; "
+      "check config.data."
+    )
+  record = dict(
+    workdir=os.path.abspath(config.tokenizer_workdir),
+    step=int(tok_step),
+    num_codes=tok.num_codes,
+    latent_shape=[h // f, w // f, tok.embed_dim],
+    image_shape=[h, w, c],
+  )
   where = f"{config.tokenizer_workdir} (step {tok_step})"
-  prior_config.validate_against_tokenizer(config, tok.num_codes, tuple(record["latent_shape"]),
-                                          where)
+  prior_config.validate_against_tokenizer(
+    config, tok.num_codes, tuple(record["latent_shape"]), where
+  )
   if pinned is not None:
     for key in ("num_codes", "latent_shape", "step"):
       if pinned[key] != record[key]:
         raise PriorSetupError(
-            f"this prior ({workdir}) was trained on the tokenizer {pinned['workdir']} at step "
-            f"{pinned['step']} ({key} = {pinned[key]}), but config.tokenizer_workdir / "
-            f"tokenizer_step now give {key} = {record[key]} ({where}). Use the tokenizer it "
-            "was trained on, or train the prior afresh in a new --workdir.")
+          f"this prior ({workdir}) was trained on the tokenizer {pinned['workdir']} at step "
+          f"{pinned['step']} ({key} = {pinned[key]}), but config.tokenizer_workdir / "
+          f"tokenizer_step now give {key} = {record[key]} ({where}). Use the tokenizer it "
+          "was trained on, or train the prior afresh in a new --workdir."
+        )
   elif jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(record_path, "w") as f:
@@ -123,17 +133,24 @@ def latents_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   base = config.latents.dir or os.path.join(workdir, "latents")
   if "://" in base:
     raise ValueError(
-        f"config.latents.dir: the stored latents are memory-mapped, so they need a local path, "
-        f"got {base!r} (the default is WORKDIR/latents). Set --config.latents.dir=/local/disk/"
-        "latents.")
+      f"config.latents.dir: the stored latents are memory-mapped, so they need a local path, "
+      f"got {base!r} (the default is WORKDIR/latents). Set --config.latents.dir=/local/disk/"
+      "latents."
+    )
   if jax.process_count() > 1:  # Each host keeps its own copy (local disks or a shared one).
     base = os.path.join(base, f"process_{jax.process_index()}")
   return base
 
 
-def precompute(tok: api.Tokenizer, data_cfg: ml_collections.ConfigDict, out_dir: str,
-               kind: str, record: dict[str, Any], batch_size: int, num_classes: int
-               ) -> dict[str, np.ndarray]:
+def precompute(
+  tok: api.Tokenizer,
+  data_cfg: ml_collections.ConfigDict,
+  out_dir: str,
+  kind: str,
+  record: dict[str, Any],
+  batch_size: int,
+  num_classes: int,
+) -> dict[str, np.ndarray]:
   """One ordered pass of the tokenizer over the training split, stored in `out_dir`.
 
   kind 'latents': pre-quantisation latents float32 (N, h, w, D) (the LDM's data); 'tokens':
@@ -151,8 +168,12 @@ def precompute(tok: api.Tokenizer, data_cfg: ml_collections.ConfigDict, out_dir:
     if meta["source"] == source:
       logging.info("Using the stored %s of %d images in %s", kind, meta["count"], out_dir)
       return _load_arrays(names, num_classes)
-    logging.info("Stored %s in %s are of another tokenizer or split (%s): recomputing.", kind,
-                 out_dir, meta["source"])
+    logging.info(
+      "Stored %s in %s are of another tokenizer or split (%s): recomputing.",
+      kind,
+      out_dir,
+      meta["source"],
+    )
     meta_path.unlink()
   out.mkdir(parents=True, exist_ok=True)
 
@@ -167,14 +188,15 @@ def precompute(tok: api.Tokenizer, data_cfg: ml_collections.ConfigDict, out_dir:
   labels_out = np.lib.format.open_memmap(tmp["label"], "w+", np.int32, (n,))
   logging.info("Encoding the %d training images with the frozen tokenizer into %s", n, out_dir)
   pos, total, total_sq = 0, 0.0, 0.0
-  batches = pipeline.create_eval_iterator(pass_cfg, global_batch_size=batch_size,
-                                          process_index=0, process_count=1)
+  batches = pipeline.create_eval_iterator(
+    pass_cfg, global_batch_size=batch_size, process_index=0, process_count=1
+  )
   for batch in batches:
     count = int(batch["mask"].sum())
     z = tok.encode_latents(batch["image"])
     values = np.asarray(z if kind == "latents" else tok.quantize(z))[:count]
-    x_out[pos:pos + count] = values
-    labels_out[pos:pos + count] = batch["label"][:count]
+    x_out[pos : pos + count] = values
+    labels_out[pos : pos + count] = batch["label"][:count]
     if kind == "latents":
       total += float(np.sum(values, dtype=np.float64))
       total_sq += float(np.sum(np.square(values, dtype=np.float64)))
@@ -202,9 +224,10 @@ def _load_arrays(names: dict[str, epath.Path], num_classes: int) -> dict[str, np
   labels = np.asarray(arrays["label"])
   if num_classes and (labels.min() < 0 or labels.max() >= num_classes):
     raise ValueError(
-        f"config.num_classes: is {num_classes}, but the training labels span "
-        f"[{labels.min()}, {labels.max()}]. Set it to {int(labels.max()) + 1} (or 0 for an "
-        "unconditional prior).")
+      f"config.num_classes: is {num_classes}, but the training labels span "
+      f"[{labels.min()}, {labels.max()}]. Set it to {int(labels.max()) + 1} (or 0 for an "
+      "unconditional prior)."
+    )
   return arrays
 
 
@@ -224,8 +247,14 @@ class _ReadArrayBatch:
   N mod G rows of each permutation are dropped; process p keeps positions p::P.
   """
 
-  def __init__(self, arrays: dict[str, np.ndarray], global_batch_size: int, seed: int,
-               process_index: int, process_count: int):
+  def __init__(
+    self,
+    arrays: dict[str, np.ndarray],
+    global_batch_size: int,
+    seed: int,
+    process_index: int,
+    process_count: int,
+  ):
     self.arrays = arrays
     self.n = len(next(iter(arrays.values())))
     self.g = global_batch_size
@@ -239,7 +268,7 @@ class _ReadArrayBatch:
     if memo is None or memo[0] != epoch:
       memo = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
       self._perm = memo
-    rows = memo[1][k * self.g:(k + 1) * self.g][self.p::self.num_p]
+    rows = memo[1][k * self.g : (k + 1) * self.g][self.p :: self.num_p]
     order = np.argsort(rows)  # memory maps read faster in order; put the rows back after
     out = {}
     for name, array in self.arrays.items():
@@ -248,18 +277,25 @@ class _ReadArrayBatch:
     return out
 
 
-def create_array_iterator(arrays: dict[str, np.ndarray], global_batch_size: int, seed: int
-                          ) -> grain.DatasetIterator:
+def create_array_iterator(
+  arrays: dict[str, np.ndarray], global_batch_size: int, seed: int
+) -> grain.DatasetIterator:
   """An endless, checkpointable iterator of shuffled batches {name: (B_local, ...)}."""
   n = len(next(iter(arrays.values())))
   if n < global_batch_size:
-    raise ValueError(f"config.batch_size: {global_batch_size} is more than the {n} stored "
-                     "training examples. Lower it.")
-  reader = _ReadArrayBatch(arrays, global_batch_size, seed, jax.process_index(),
-                           jax.process_count())
-  dataset = (grain.MapDataset.range(reader.steps_per_epoch).repeat(None)
-             .map_with_index(reader)
-             .to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
+    raise ValueError(
+      f"config.batch_size: {global_batch_size} is more than the {n} stored "
+      "training examples. Lower it."
+    )
+  reader = _ReadArrayBatch(
+    arrays, global_batch_size, seed, jax.process_index(), jax.process_count()
+  )
+  dataset = (
+    grain.MapDataset.range(reader.steps_per_epoch)
+    .repeat(None)
+    .map_with_index(reader)
+    .to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+  )
   return iter(dataset)
 
 
@@ -292,17 +328,19 @@ def ema_update(ema: Any, params: Any, decay: jax.Array) -> Any:
   return jax.tree.map(lambda e, p: e - (1.0 - decay) * (e - p), ema, params)
 
 
-def check_finite(history: list[dict[str, jax.Array]], step: int, checkpointer: Any,
-                 name: str) -> None:
+def check_finite(
+  history: list[dict[str, jax.Array]], step: int, checkpointer: Any, name: str
+) -> None:
   """Raises NonFiniteLossError if a loss since the last log is NaN or Inf (nothing is saved)."""
   losses = np.asarray(jax.device_get([m["loss"] for m in history]))
   if losses.size and not np.all(np.isfinite(losses)):
     checkpointer.wait()  # an async save of an earlier, good step finishes first
     raise NonFiniteLossError(
-        f"the {name} loss became {losses[~np.isfinite(losses)][0]} by step {step}; the last "
-        f"good checkpoint is step {checkpointer.latest_step()} in {checkpointer.directory}. "
-        "Lower config.optimizer.lr or set config.optimizer.grad_clip_norm, then run the same "
-        "command again to resume from it.")
+      f"the {name} loss became {losses[~np.isfinite(losses)][0]} by step {step}; the last "
+      f"good checkpoint is step {checkpointer.latest_step()} in {checkpointer.directory}. "
+      "Lower config.optimizer.lr or set config.optimizer.grad_clip_norm, then run the same "
+      "command again to resume from it."
+    )
 
 
 def mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:

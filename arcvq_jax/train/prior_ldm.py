@@ -26,8 +26,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 
 from arcvq_jax import checkpoint as ckpt_lib
-from arcvq_jax import distributed
-from arcvq_jax import diffusion, prior_config, sharding
+from arcvq_jax import diffusion, distributed, prior_config, sharding
 from arcvq_jax.evaluation import images as image_lib
 from arcvq_jax.models import unet
 from arcvq_jax.train import prior_common as common
@@ -56,24 +55,43 @@ def _dummy_labels(config: ml_collections.ConfigDict, batch: int) -> jax.Array | 
   return jnp.zeros((batch,), jnp.int32) if config.num_classes else None
 
 
-def init_state(key: jax.Array, *, model: nn.Module, tx: optax.GradientTransformation,
-               config: ml_collections.ConfigDict, latent_shape: tuple[int, int, int],
-               scale_factor: float) -> LDMTrainState:
+def init_state(
+  key: jax.Array,
+  *,
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  config: ml_collections.ConfigDict,
+  latent_shape: tuple[int, int, int],
+  scale_factor: float,
+) -> LDMTrainState:
   """A fresh state; pure, so `jax.jit(..., out_shardings=...)` builds it in place."""
   init_key, rng = jax.random.split(key)
-  params = model.init(init_key, jnp.zeros((1, *latent_shape), jnp.float32),
-                      jnp.zeros((1,), jnp.int32), _dummy_labels(config, 1))["params"]
+  params = model.init(
+    init_key,
+    jnp.zeros((1, *latent_shape), jnp.float32),
+    jnp.zeros((1,), jnp.int32),
+    _dummy_labels(config, 1),
+  )["params"]
   return LDMTrainState(
-      step=jnp.zeros((), jnp.int32), params=params,
-      ema_params=params if config.ema.decay > 0 else None,
-      opt_state=tx.init(params), rng=rng,
-      scale_factor=jnp.asarray(scale_factor, jnp.float32))
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    ema_params=params if config.ema.decay > 0 else None,
+    opt_state=tx.init(params),
+    rng=rng,
+    scale_factor=jnp.asarray(scale_factor, jnp.float32),
+  )
 
 
-def train_step(state: LDMTrainState, batch: dict[str, jax.Array], *, model: nn.Module,
-               tx: optax.GradientTransformation, schedule: diffusion.Schedule,
-               config: ml_collections.ConfigDict, replicated: Any = None,
-               ) -> tuple[LDMTrainState, dict[str, jax.Array]]:
+def train_step(
+  state: LDMTrainState,
+  batch: dict[str, jax.Array],
+  *,
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  schedule: diffusion.Schedule,
+  config: ml_collections.ConfigDict,
+  replicated: Any = None,
+) -> tuple[LDMTrainState, dict[str, jax.Array]]:
   """One Adam step on LDM's eps loss. batch: 'latent' (B, h, w, D) float32 (unscaled,
   pre-quantisation), 'label' (B,) int32, both split along the batch axes. replicated: the
   mesh's replicated sharding (FSDP gathers the parameters whole for the passes), or None."""
@@ -83,13 +101,22 @@ def train_step(state: LDMTrainState, batch: dict[str, jax.Array], *, model: nn.M
   labels = batch["label"] if config.num_classes else None
 
   def loss_fn(params):
-    eps_fn = lambda x, t, y: model.apply({"params": params}, x, t, y, train=True,
-                                         rngs={"dropout": dropout_key})
-    return diffusion.eps_loss(loss_key, eps_fn, x0, labels, schedule,
-                              config.diffusion.cond_drop_prob, null_class=config.num_classes)
+    eps_fn = lambda x, t, y: model.apply(
+      {"params": params}, x, t, y, train=True, rngs={"dropout": dropout_key}
+    )
+    return diffusion.eps_loss(
+      loss_key,
+      eps_fn,
+      x0,
+      labels,
+      schedule,
+      config.diffusion.cond_drop_prob,
+      null_class=config.num_classes,
+    )
 
   (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      sharding.gather_params(state.params, replicated))
+    sharding.gather_params(state.params, replicated)
+  )
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads))
@@ -98,28 +125,46 @@ def train_step(state: LDMTrainState, batch: dict[str, jax.Array], *, model: nn.M
     decay = common.ema_decay(state.step, config.ema.decay, config.ema.warmup)
     ema_params = common.ema_update(ema_params, params, decay)
     metrics["ema_decay"] = decay
-  new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
-                            opt_state=opt_state)
+  new_state = state.replace(
+    step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state
+  )
   return new_state, metrics
 
 
 def create_state_and_step(
-    config: ml_collections.ConfigDict, model: nn.Module, tx: optax.GradientTransformation,
-    mesh: jax.sharding.Mesh, latent_shape: tuple[int, int, int], scale_factor: float,
+  config: ml_collections.ConfigDict,
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  mesh: jax.sharding.Mesh,
+  latent_shape: tuple[int, int, int],
+  scale_factor: float,
 ) -> tuple[LDMTrainState, Any, Callable]:
   """A fresh state laid out by its shardings, the shardings, and the jitted train step
   (state donated, batch split along 'data', metrics replicated)."""
-  init_fn = functools.partial(init_state, model=model, tx=tx, config=config,
-                              latent_shape=latent_shape, scale_factor=scale_factor)
+  init_fn = functools.partial(
+    init_state,
+    model=model,
+    tx=tx,
+    config=config,
+    latent_shape=latent_shape,
+    scale_factor=scale_factor,
+  )
   key = jax.random.PRNGKey(config.seed)
   state_sharding = sharding.state_shardings(jax.eval_shape(init_fn, key), mesh, config.sharding)
   state = jax.jit(init_fn, out_shardings=state_sharding)(key)
   step_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, schedule=schedule_from_config(config),
-                        config=config, replicated=sharding.replicated(mesh)),
-      in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-      out_shardings=(state_sharding, sharding.replicated(mesh)),
-      donate_argnums=(0,))
+    functools.partial(
+      train_step,
+      model=model,
+      tx=tx,
+      schedule=schedule_from_config(config),
+      config=config,
+      replicated=sharding.replicated(mesh),
+    ),
+    in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+    out_shardings=(state_sharding, sharding.replicated(mesh)),
+    donate_argnums=(0,),
+  )
   return state, state_sharding, step_fn
 
 
@@ -132,9 +177,15 @@ def initial_noise(key: jax.Array, indices: jax.Array, latent_shape: tuple[int, .
   return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), latent_shape))(indices)
 
 
-def make_sample_fn(model: nn.Module, config: ml_collections.ConfigDict, *,
-                   num_steps: int | None = None, guidance_scale: float | None = None,
-                   eta: float | None = None, mesh: jax.sharding.Mesh | None = None) -> Callable:
+def make_sample_fn(
+  model: nn.Module,
+  config: ml_collections.ConfigDict,
+  *,
+  num_steps: int | None = None,
+  guidance_scale: float | None = None,
+  eta: float | None = None,
+  mesh: jax.sharding.Mesh | None = None,
+) -> Callable:
   """jitted (params, x_T (B, h, w, D), labels (B,) int32, key) -> latents (B, h, w, D),
   unscaled (divide by the state's scale_factor before decoding). Defaults: config.sampling.
   With `mesh`, the batch is split along 'data' and the params replicated."""
@@ -147,9 +198,17 @@ def make_sample_fn(model: nn.Module, config: ml_collections.ConfigDict, *,
   def sample(params, x_T, labels, key):
     eps_fn = lambda x, t, y: model.apply({"params": params}, x, t, y)
     return diffusion.ddim_sample(
-        eps_fn, x_T, labels if config.num_classes else None, schedule, num_steps=num_steps,
-        guidance_scale=float(guidance_scale), null_class=config.num_classes, eta=float(eta),
-        final_alpha_one=s.final_alpha_one, key=key)
+      eps_fn,
+      x_T,
+      labels if config.num_classes else None,
+      schedule,
+      num_steps=num_steps,
+      guidance_scale=float(guidance_scale),
+      null_class=config.num_classes,
+      eta=float(eta),
+      final_alpha_one=s.final_alpha_one,
+      key=key,
+    )
 
   if mesh is None:
     return jax.jit(sample)
@@ -171,30 +230,51 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tok, record = common.load_tokenizer(config, workdir)
   latent_shape = tuple(record["latent_shape"])
   out_dir = common.latents_dir(config, workdir)
-  arrays = common.precompute(tok, common.data_config(config, tok), out_dir, "latents", record,
-                             config.latents.encode_batch_size, config.num_classes)
+  arrays = common.precompute(
+    tok,
+    common.data_config(config, tok),
+    out_dir,
+    "latents",
+    record,
+    config.latents.encode_batch_size,
+    config.num_classes,
+  )
   stats = common.latent_stats(out_dir)
   scale_factor = config.diffusion.scale_factor or 1.0 / max(stats["std"], 1e-8)
-  logging.info("Latents %s: mean %.4f, std %.4f; scale_factor %.5f for a new run",
-               latent_shape, stats["mean"], stats["std"], scale_factor)
+  logging.info(
+    "Latents %s: mean %.4f, std %.4f; scale_factor %.5f for a new run",
+    latent_shape,
+    stats["mean"],
+    stats["std"],
+    scale_factor,
+  )
 
   mesh = sharding.make_mesh(config.sharding.mesh_shape, config.sharding.mesh_axes)
   batch_sharding = sharding.batch_sharding(mesh)
   model = unet.from_config(config, latent_channels=latent_shape[-1])
   tx = common.make_optimizer(config)
   state, _, step_fn = create_state_and_step(config, model, tx, mesh, latent_shape, scale_factor)
-  train_iter = common.create_array_iterator({"latent": arrays["x"], "label": arrays["label"]},
-                                            config.batch_size, config.seed)
-  checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), config.keep_checkpoints,
-                                      async_save=config.get("checkpoint_async", False))
+  train_iter = common.create_array_iterator(
+    {"latent": arrays["x"], "label": arrays["label"]}, config.batch_size, config.seed
+  )
+  checkpointer = ckpt_lib.Checkpointer(
+    ckpt_lib.checkpoint_dir(workdir),
+    config.keep_checkpoints,
+    async_save=config.get("checkpoint_async", False),
+  )
   start = checkpointer.latest_step()
   if start is not None:
     logging.info("Resuming from checkpoint step %d in %s", start, checkpointer.directory)
     state = checkpointer.restore(start, ckpt_lib.abstract_like(state), train_iter)
   start = int(jax.device_get(state.step))
   total = config.num_train_steps
-  logging.info("LDM: %d params, %d training latents, steps %d -> %d",
-               sum(x.size for x in jax.tree.leaves(state.params)), len(arrays["x"]), start, total)
+  logging.info(
+    "LDM: %d params, %d training latents, steps %d -> %d",
+    sum(x.size for x in jax.tree.leaves(state.params)),
+    len(arrays["x"]),
+    start,
+    total,
+  )
 
   is_main = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
@@ -203,9 +283,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   n_preview = 8
   # Replicated on the mesh like the params, so the jitted sampler sees one device set.
   preview_labels, preview_noise, preview_key = jax.device_put(
-      (jnp.arange(n_preview, dtype=jnp.int32) % max(config.num_classes, 1),
-       initial_noise(jax.random.PRNGKey(config.seed + 1), jnp.arange(n_preview), latent_shape),
-       jax.random.PRNGKey(0)), sharding.replicated(mesh))
+    (
+      jnp.arange(n_preview, dtype=jnp.int32) % max(config.num_classes, 1),
+      initial_noise(jax.random.PRNGKey(config.seed + 1), jnp.arange(n_preview), latent_shape),
+      jax.random.PRNGKey(0),
+    ),
+    sharding.replicated(mesh),
+  )
 
   history: list[dict[str, jax.Array]] = []
   last: dict[str, float] = {}
@@ -224,14 +308,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.write_scalars(step, {f"train/{k}": v for k, v in last.items()})
         history = []
       if preview_fn is not None and (step % config.sample_every_steps == 0 or is_last):
-        z = preview_fn(sample_params(state, config.sampling.use_ema), preview_noise,
-                       preview_labels, preview_key)
+        z = preview_fn(
+          sample_params(state, config.sampling.use_ema), preview_noise, preview_labels, preview_key
+        )
         z = np.asarray(z.addressable_data(0))  # replicated: every process has all of it
         images = tok.decode_latents(z / float(state.scale_factor.addressable_data(0)))
         grid = image_lib.image_grid(np.asarray(images), ncols=n_preview, value_range=(-1, 1))
         writer.write_images(step, {"samples": grid[None]})
-      saved = (config.checkpoint_every_steps
-               and step % config.checkpoint_every_steps == 0) or is_last
+      saved = (
+        config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
+      ) or is_last
       if saved:
         common.check_finite(history, step, checkpointer, "LDM")
         checkpointer.save(step, state, train_iter)
@@ -244,8 +330,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         checkpointer.wait()
         checkpointer.close()
         writer.flush()
-        logging.warning("Preempted (SIGTERM) at step %d of %d: checkpoint saved in %s; run "
-                        "the same command to resume.", step, total, checkpointer.directory)
+        logging.warning(
+          "Preempted (SIGTERM) at step %d of %d: checkpoint saved in %s; run "
+          "the same command to resume.",
+          step,
+          total,
+          checkpointer.directory,
+        )
         return dict(preempted_at_step=step)
   finally:
     preemption.restore()

@@ -26,8 +26,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 
 from arcvq_jax import checkpoint as ckpt_lib
-from arcvq_jax import distributed
-from arcvq_jax import prior_config, sharding
+from arcvq_jax import distributed, prior_config, sharding
 from arcvq_jax.evaluation import images as image_lib
 from arcvq_jax.models import pixelcnn
 from arcvq_jax.train import prior_common as common
@@ -44,14 +43,24 @@ class PixelCNNTrainState:
   rng: jax.Array
 
 
-def init_state(key: jax.Array, *, model: nn.Module, tx: optax.GradientTransformation,
-               config: ml_collections.ConfigDict, grid: tuple[int, int]) -> PixelCNNTrainState:
+def init_state(
+  key: jax.Array,
+  *,
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  config: ml_collections.ConfigDict,
+  grid: tuple[int, int],
+) -> PixelCNNTrainState:
   init_key, rng = jax.random.split(key)
   labels = jnp.zeros((1,), jnp.int32) if config.num_classes else None
   params = model.init(init_key, jnp.zeros((1, *grid), jnp.int32), labels)["params"]
-  return PixelCNNTrainState(step=jnp.zeros((), jnp.int32), params=params,
-                            ema_params=params if config.ema.decay > 0 else None,
-                            opt_state=tx.init(params), rng=rng)
+  return PixelCNNTrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    ema_params=params if config.ema.decay > 0 else None,
+    opt_state=tx.init(params),
+    rng=rng,
+  )
 
 
 def nll(logits: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -59,9 +68,15 @@ def nll(logits: jax.Array, tokens: jax.Array) -> jax.Array:
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, tokens))
 
 
-def train_step(state: PixelCNNTrainState, batch: dict[str, jax.Array], *, model: nn.Module,
-               tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
-               replicated: Any = None) -> tuple[PixelCNNTrainState, dict[str, jax.Array]]:
+def train_step(
+  state: PixelCNNTrainState,
+  batch: dict[str, jax.Array],
+  *,
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  config: ml_collections.ConfigDict,
+  replicated: Any = None,
+) -> tuple[PixelCNNTrainState, dict[str, jax.Array]]:
   """One step on batch 'tokens' (B, H, W) int32, 'label' (B,) int32, split along the batch
   axes. replicated: as in prior_ldm.train_step."""
   labels = batch["label"] if config.num_classes else None
@@ -72,19 +87,22 @@ def train_step(state: PixelCNNTrainState, batch: dict[str, jax.Array], *, model:
   loss, grads = jax.value_and_grad(loss_fn)(sharding.gather_params(state.params, replicated))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(loss=loss, bits_per_token=loss / math.log(2.0),
-                 grad_norm=optax.tree.norm(grads))
+  metrics = dict(loss=loss, bits_per_token=loss / math.log(2.0), grad_norm=optax.tree.norm(grads))
   ema_params = state.ema_params
   if ema_params is not None:
     decay = common.ema_decay(state.step, config.ema.decay, config.ema.warmup)
     ema_params = common.ema_update(ema_params, params, decay)
-  return state.replace(step=state.step + 1, params=params, ema_params=ema_params,
-                       opt_state=opt_state), metrics
+  return state.replace(
+    step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state
+  ), metrics
 
 
 def create_state_and_step(
-    config: ml_collections.ConfigDict, model: nn.Module, tx: optax.GradientTransformation,
-    mesh: jax.sharding.Mesh, grid: tuple[int, int],
+  config: ml_collections.ConfigDict,
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  mesh: jax.sharding.Mesh,
+  grid: tuple[int, int],
 ) -> tuple[PixelCNNTrainState, Any, Callable]:
   """A fresh state laid out by its shardings, the shardings, and the jitted step."""
   init_fn = functools.partial(init_state, model=model, tx=tx, config=config, grid=grid)
@@ -92,11 +110,13 @@ def create_state_and_step(
   state_sharding = sharding.state_shardings(jax.eval_shape(init_fn, key), mesh, config.sharding)
   state = jax.jit(init_fn, out_shardings=state_sharding)(key)
   step_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, config=config,
-                        replicated=sharding.replicated(mesh)),
-      in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-      out_shardings=(state_sharding, sharding.replicated(mesh)),
-      donate_argnums=(0,))
+    functools.partial(
+      train_step, model=model, tx=tx, config=config, replicated=sharding.replicated(mesh)
+    ),
+    in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+    out_shardings=(state_sharding, sharding.replicated(mesh)),
+    donate_argnums=(0,),
+  )
   return state, state_sharding, step_fn
 
 
@@ -108,8 +128,13 @@ def sample_keys(key: jax.Array, indices: jax.Array) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
 
 
-def sample_tokens(apply_fn: Callable, labels: jax.Array | None, keys: jax.Array,
-                  grid: tuple[int, int], temperature: float = 1.0) -> jax.Array:
+def sample_tokens(
+  apply_fn: Callable,
+  labels: jax.Array | None,
+  keys: jax.Array,
+  grid: tuple[int, int],
+  temperature: float = 1.0,
+) -> jax.Array:
   """Ancestral sampling in raster order: (B,) keys -> tokens (B, H, W) int32.
 
   apply_fn(tokens (B, H, W), labels) -> logits (B, H, W, K). One forward pass per position
@@ -129,16 +154,22 @@ def sample_tokens(apply_fn: Callable, labels: jax.Array | None, keys: jax.Array,
   return jax.lax.fori_loop(0, h * w, body, jnp.zeros((b, h, w), jnp.int32))
 
 
-def make_sample_fn(model: nn.Module, config: ml_collections.ConfigDict, grid: tuple[int, int],
-                   *, temperature: float | None = None,
-                   mesh: jax.sharding.Mesh | None = None) -> Callable:
+def make_sample_fn(
+  model: nn.Module,
+  config: ml_collections.ConfigDict,
+  grid: tuple[int, int],
+  *,
+  temperature: float | None = None,
+  mesh: jax.sharding.Mesh | None = None,
+) -> Callable:
   """jitted (params, labels (B,) int32, keys (B, 2)) -> tokens (B, H, W) int32."""
   temperature = config.sampling.temperature if temperature is None else temperature
 
   def sample(params, labels, keys):
     apply_fn = lambda t, y: model.apply({"params": params}, t, y)
-    return sample_tokens(apply_fn, labels if config.num_classes else None, keys, grid,
-                         float(temperature))
+    return sample_tokens(
+      apply_fn, labels if config.num_classes else None, keys, grid, float(temperature)
+    )
 
   if mesh is None:
     return jax.jit(sample)
@@ -159,28 +190,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   common.write_config(config, workdir)
   tok, record = common.load_tokenizer(config, workdir)
   grid = tuple(record["latent_shape"][:2])
-  arrays = common.precompute(tok, common.data_config(config, tok),
-                             common.latents_dir(config, workdir), "tokens", record,
-                             config.latents.encode_batch_size, config.num_classes)
+  arrays = common.precompute(
+    tok,
+    common.data_config(config, tok),
+    common.latents_dir(config, workdir),
+    "tokens",
+    record,
+    config.latents.encode_batch_size,
+    config.num_classes,
+  )
 
   mesh = sharding.make_mesh(config.sharding.mesh_shape, config.sharding.mesh_axes)
   batch_sharding = sharding.batch_sharding(mesh)
   model = pixelcnn.from_config(config, num_codes=record["num_codes"])
   tx = common.make_optimizer(config)
   state, _, step_fn = create_state_and_step(config, model, tx, mesh, grid)
-  train_iter = common.create_array_iterator({"tokens": arrays["x"], "label": arrays["label"]},
-                                            config.batch_size, config.seed)
-  checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), config.keep_checkpoints,
-                                      async_save=config.get("checkpoint_async", False))
+  train_iter = common.create_array_iterator(
+    {"tokens": arrays["x"], "label": arrays["label"]}, config.batch_size, config.seed
+  )
+  checkpointer = ckpt_lib.Checkpointer(
+    ckpt_lib.checkpoint_dir(workdir),
+    config.keep_checkpoints,
+    async_save=config.get("checkpoint_async", False),
+  )
   start = checkpointer.latest_step()
   if start is not None:
     logging.info("Resuming from checkpoint step %d in %s", start, checkpointer.directory)
     state = checkpointer.restore(start, ckpt_lib.abstract_like(state), train_iter)
   start = int(jax.device_get(state.step))
   total = config.num_train_steps
-  logging.info("PixelCNN: %d params, %d training grids of %s, steps %d -> %d",
-               sum(x.size for x in jax.tree.leaves(state.params)), len(arrays["x"]), grid,
-               start, total)
+  logging.info(
+    "PixelCNN: %d params, %d training grids of %s, steps %d -> %d",
+    sum(x.size for x in jax.tree.leaves(state.params)),
+    len(arrays["x"]),
+    grid,
+    start,
+    total,
+  )
 
   is_main = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
@@ -189,9 +235,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   n_preview = 8
   # Replicated on the mesh like the params, so the jitted sampler sees one device set.
   preview_labels, preview_keys = jax.device_put(
-      (jnp.arange(n_preview, dtype=jnp.int32) % max(config.num_classes, 1),
-       sample_keys(jax.random.PRNGKey(config.seed + 1), jnp.arange(n_preview))),
-      sharding.replicated(mesh))
+    (
+      jnp.arange(n_preview, dtype=jnp.int32) % max(config.num_classes, 1),
+      sample_keys(jax.random.PRNGKey(config.seed + 1), jnp.arange(n_preview)),
+    ),
+    sharding.replicated(mesh),
+  )
 
   history: list[dict[str, jax.Array]] = []
   last: dict[str, float] = {}
@@ -210,13 +259,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.write_scalars(step, {f"train/{k}": v for k, v in last.items()})
         history = []
       if preview_fn is not None and (step % config.sample_every_steps == 0 or is_last):
-        tokens = preview_fn(sample_params(state, config.sampling.use_ema), preview_labels,
-                            preview_keys)
+        tokens = preview_fn(
+          sample_params(state, config.sampling.use_ema), preview_labels, preview_keys
+        )
         images = tok.decode(np.asarray(tokens.addressable_data(0)))  # replicated
         grid_image = image_lib.image_grid(np.asarray(images), ncols=n_preview, value_range=(-1, 1))
         writer.write_images(step, {"samples": grid_image[None]})
-      saved = (config.checkpoint_every_steps
-               and step % config.checkpoint_every_steps == 0) or is_last
+      saved = (
+        config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
+      ) or is_last
       if saved:
         common.check_finite(history, step, checkpointer, "PixelCNN")
         checkpointer.save(step, state, train_iter)
@@ -229,8 +280,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         checkpointer.wait()
         checkpointer.close()
         writer.flush()
-        logging.warning("Preempted (SIGTERM) at step %d of %d: checkpoint saved in %s; run "
-                        "the same command to resume.", step, total, checkpointer.directory)
+        logging.warning(
+          "Preempted (SIGTERM) at step %d of %d: checkpoint saved in %s; run "
+          "the same command to resume.",
+          step,
+          total,
+          checkpointer.directory,
+        )
         return dict(preempted_at_step=step)
   finally:
     preemption.restore()

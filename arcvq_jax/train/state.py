@@ -105,8 +105,10 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 
 def init_train_state(
-    key: jax.Array, model: flax.linen.Module, tx: optax.GradientTransformation,
-    image_shape: tuple[int, int, int],
+  key: jax.Array,
+  model: flax.linen.Module,
+  tx: optax.GradientTransformation,
+  image_shape: tuple[int, int, int],
 ) -> TrainState:
   """A fresh state; pure, so `jax.jit(..., out_shardings=...)` can build it in place."""
   init_key, rng = jax.random.split(key)
@@ -114,25 +116,30 @@ def init_train_state(
   codebook = params["codebook"]
   num_codes = codebook.shape[0]
   return TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=params,
-      opt_state=tx.init(params),
-      ema=quantization.EMAState(
-          # Counts of one and sums equal to the rows make the EMA codebook start at
-          # the initial codebook (and keep the Laplace-smoothed division finite).
-          cluster_size=jnp.ones((num_codes,), jnp.float32),
-          embed_sum=codebook,
-      ),
-      usage=jnp.zeros((num_codes,), jnp.float32),
-      rng=rng,
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=tx.init(params),
+    ema=quantization.EMAState(
+      # Counts of one and sums equal to the rows make the EMA codebook start at
+      # the initial codebook (and keep the Laplace-smoothed division finite).
+      cluster_size=jnp.ones((num_codes,), jnp.float32),
+      embed_sum=codebook,
+    ),
+    usage=jnp.zeros((num_codes,), jnp.float32),
+    rng=rng,
   )
 
 
 def init_disc_state(
-    key: jax.Array, model: flax.linen.Module, tx: optax.GradientTransformation,
-    image_shape: tuple[int, int, int],
+  key: jax.Array,
+  model: flax.linen.Module,
+  tx: optax.GradientTransformation,
+  image_shape: tuple[int, int, int],
 ) -> DiscState:
   """A fresh discriminator state; pure, like `init_train_state`."""
   variables = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
-  return DiscState(params=variables["params"], batch_stats=variables["batch_stats"],
-                   opt_state=tx.init(variables["params"]))
+  return DiscState(
+    params=variables["params"],
+    batch_stats=variables["batch_stats"],
+    opt_state=tx.init(variables["params"]),
+  )

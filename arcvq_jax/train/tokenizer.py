@@ -10,7 +10,8 @@ import functools
 import json
 import os
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -24,18 +25,20 @@ from jax.experimental import multihost_utils
 
 from arcvq_jax import checkpoint as ckpt_lib
 from arcvq_jax import config as config_lib
-from arcvq_jax import distributed
+from arcvq_jax import distributed, sharding, streaming
 from arcvq_jax import quantization as vq
-from arcvq_jax import sharding
-from arcvq_jax import streaming
 from arcvq_jax.data import pipeline
-from arcvq_jax.evaluation import diagnostics
+from arcvq_jax.evaluation import diagnostics, metrics
 from arcvq_jax.evaluation import images as image_lib
-from arcvq_jax.evaluation import metrics
 from arcvq_jax.losses import lpips as lpips_lib
 from arcvq_jax.models import vqgan, vqvae
-from arcvq_jax.train.state import (TrainState, init_train_state, learning_rate,
-                                   make_disc_optimizer, make_optimizer)
+from arcvq_jax.train.state import (
+  TrainState,
+  init_train_state,
+  learning_rate,
+  make_disc_optimizer,
+  make_optimizer,
+)
 
 Batch = dict[str, jax.Array]
 
@@ -52,8 +55,9 @@ def use_streamed(impl: str, num_codes: int, num_tokens: int) -> bool:
   return impl == "streamed"
 
 
-def nearest_code(z: jax.Array, codebook: jax.Array, q: ml_collections.ConfigDict,
-                 mesh: Any = None) -> jax.Array:
+def nearest_code(
+  z: jax.Array, codebook: jax.Array, q: ml_collections.ConfigDict, mesh: Any = None
+) -> jax.Array:
   """quantization.nearest_code, streamed over blocks when `q.search_impl` says so.
 
   z: (N, D) float32, the global batch; codebook: (K, D) -> (N,) int32. mesh: the step's
@@ -72,8 +76,9 @@ def nearest_code(z: jax.Array, codebook: jax.Array, q: ml_collections.ConfigDict
     batch_axes = sharding.batch_sharding(mesh).spec[0]
     names = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
     if z.shape[0] % int(np.prod([mesh.shape[a] for a in names])) == 0:
-      return streaming.nearest_code_sharded(z, codebook, q.distance, mesh=mesh,
-                                            batch_axes=batch_axes, codebook_axis=axis)
+      return streaming.nearest_code_sharded(
+        z, codebook, q.distance, mesh=mesh, batch_axes=batch_axes, codebook_axis=axis
+      )
   if streamed:
     return streaming.nearest_code_streamed(z, codebook, q.distance)
   return vq.nearest_code(z, codebook, q.distance)
@@ -87,8 +92,12 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def encode_and_quantize(
-    params: Any, x: jax.Array, *, model: nn.Module, config: ml_collections.ConfigDict,
-    mesh: Any = None,
+  params: Any,
+  x: jax.Array,
+  *,
+  model: nn.Module,
+  config: ml_collections.ConfigDict,
+  mesh: Any = None,
 ) -> tuple[jax.Array, jax.Array, vq.Quantized]:
   """x (B, H, W, C) -> (z (B, h, w, D), z_flat (N, D) float32, its quantisation).
 
@@ -104,8 +113,13 @@ def encode_and_quantize(
 
 
 def quantizer_losses(
-    z_flat: jax.Array, quant: vq.Quantized, codebook: jax.Array, step: jax.Array, *,
-    config: ml_collections.ConfigDict, replicated: Any = None,
+  z_flat: jax.Array,
+  quant: vq.Quantized,
+  codebook: jax.Array,
+  step: jax.Array,
+  *,
+  config: ml_collections.ConfigDict,
+  replicated: Any = None,
 ) -> dict[str, jax.Array]:
   """L_vq (Eq. 3), L_arc (Eq. 10-12) and gamma(t) (Eq. 13), float32 scalars.
 
@@ -114,8 +128,9 @@ def quantizer_losses(
   Returns loss_vq, loss_arc, arc_weight and loss_q = loss_vq + arc_weight * loss_arc.
   """
   q, arc = config.quantizer, config.arc
-  loss_vq = vq.vq_loss(z_flat, quant.z_q, q.beta, legacy=q.legacy_beta,
-                       codebook_term=q.codebook_update == "loss")
+  loss_vq = vq.vq_loss(
+    z_flat, quant.z_q, q.beta, legacy=q.legacy_beta, codebook_term=q.codebook_update == "loss"
+  )
   if arc.enabled:
     mesh = None if replicated is None else replicated.mesh
     if not use_streamed(arc.impl, q.num_codes, z_flat.shape[0]):
@@ -126,19 +141,32 @@ def quantizer_losses(
       # The rows of the loss split over the devices (the codebook's shard along
       # q.codebook_axis, if set), the tokens gathered: explicit collectives in a shard_map.
       loss_arc = streaming.arc_loss_sharded(
-          z_flat, codebook, arc.s, arc.m, arc.top_k, mesh=mesh,
-          batch_axes=sharding.batch_sharding(mesh).spec[0],
-          codebook_axis=q.get("codebook_axis") or None)
+        z_flat,
+        codebook,
+        arc.s,
+        arc.m,
+        arc.top_k,
+        mesh=mesh,
+        batch_axes=sharding.batch_sharding(mesh).spec[0],
+        codebook_axis=q.get("codebook_axis") or None,
+      )
     arc_w = vq.arc_weight(step, arc.gamma0, arc.decay)
   else:
     loss_arc = arc_w = jnp.zeros((), jnp.float32)
-  return dict(loss_vq=loss_vq, loss_arc=loss_arc, arc_weight=arc_w,
-              loss_q=loss_vq + arc_w * loss_arc)
+  return dict(
+    loss_vq=loss_vq, loss_arc=loss_arc, arc_weight=arc_w, loss_q=loss_vq + arc_w * loss_arc
+  )
 
 
 def tokenizer_loss(
-    params: Any, x: jax.Array, step: jax.Array, *, model: nn.Module,
-    config: ml_collections.ConfigDict, data_variance: float, replicated: Any = None,
+  params: Any,
+  x: jax.Array,
+  step: jax.Array,
+  *,
+  model: nn.Module,
+  config: ml_collections.ConfigDict,
+  data_variance: float,
+  replicated: Any = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """mse(x_hat, x) / var(x_train) + L_vq + gamma(t) L_arc (SPEC.md section 2).
 
@@ -146,12 +174,20 @@ def tokenizer_loss(
   None off a mesh). Returns the scalar loss and aux values:
   the terms, the code indices (N,) and the latents z (N, D) for codebook updates.
   """
-  z, z_flat, quant = encode_and_quantize(params, x, model=model, config=config,
-                                         mesh=None if replicated is None else replicated.mesh)
-  terms = quantizer_losses(z_flat, quant, params["codebook"].astype(jnp.float32), step,
-                           config=config, replicated=replicated)
-  x_hat = model.apply({"params": params}, quant.z_ste.reshape(z.shape).astype(z.dtype),
-                      method="decode")
+  z, z_flat, quant = encode_and_quantize(
+    params, x, model=model, config=config, mesh=None if replicated is None else replicated.mesh
+  )
+  terms = quantizer_losses(
+    z_flat,
+    quant,
+    params["codebook"].astype(jnp.float32),
+    step,
+    config=config,
+    replicated=replicated,
+  )
+  x_hat = model.apply(
+    {"params": params}, quant.z_ste.reshape(z.shape).astype(z.dtype), method="decode"
+  )
   loss_rec = jnp.mean((x_hat.astype(jnp.float32) - x) ** 2) / data_variance
   loss = loss_rec + terms.pop("loss_q")
   aux = dict(loss=loss, loss_rec=loss_rec, **terms, indices=quant.indices, z=z_flat)
@@ -172,8 +208,14 @@ def project_codebook(state: TrainState, q: ml_collections.ConfigDict) -> tuple[A
 
 
 def apply_tokenizer_update(
-    state: TrainState, params: Any, grads: Any, aux: dict[str, jax.Array], radius: jax.Array, *,
-    tx: optax.GradientTransformation, q: ml_collections.ConfigDict,
+  state: TrainState,
+  params: Any,
+  grads: Any,
+  aux: dict[str, jax.Array],
+  radius: jax.Array,
+  *,
+  tx: optax.GradientTransformation,
+  q: ml_collections.ConfigDict,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """The optimizer update, then the codebook's own updates (EMA, usage, dead-code restart).
 
@@ -188,32 +230,44 @@ def apply_tokenizer_update(
   counts = vq.code_histogram(aux["indices"], q.num_codes)
   ema = state.ema
   if q.codebook_update == "ema":
-    ema, params["codebook"] = vq.ema_codebook_update(ema, aux["z"], aux["indices"],
-                                                     q.ema_decay, q.ema_eps)
+    ema, params["codebook"] = vq.ema_codebook_update(
+      ema, aux["z"], aux["indices"], q.ema_decay, q.ema_eps
+    )
   usage = q.usage_decay * state.usage + (1.0 - q.usage_decay) * counts
   num_restarted = jnp.zeros((), jnp.int32)
   if q.restart_threshold > 0:
     params["codebook"], usage, dead = vq.restart_dead_codes(
-        restart_key, params["codebook"], usage, aux["z"], q.restart_threshold)
+      restart_key, params["codebook"], usage, aux["z"], q.restart_threshold
+    )
     num_restarted = jnp.sum(dead).astype(jnp.int32)
 
   norms = jnp.linalg.norm(params["codebook"], axis=-1)
   out = {k: v for k, v in aux.items() if k not in ("indices", "z")}
   out.update(
-      codebook_norm_mean=jnp.mean(norms), codebook_norm_max=jnp.max(norms),
-      batch_usage=metrics.codebook_usage(counts), batch_perplexity=metrics.perplexity(counts),
-      grad_norm=optax.tree.norm(grads), codes_restarted=num_restarted,
+    codebook_norm_mean=jnp.mean(norms),
+    codebook_norm_max=jnp.max(norms),
+    batch_usage=metrics.codebook_usage(counts),
+    batch_perplexity=metrics.perplexity(counts),
+    grad_norm=optax.tree.norm(grads),
+    codes_restarted=num_restarted,
   )
   if q.bbnr != "off":  # M(t) = inf otherwise: nothing to plot
     out["bbnr_radius"] = radius
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
-                            usage=usage, rng=rng)
+  new_state = state.replace(
+    step=state.step + 1, params=params, opt_state=opt_state, ema=ema, usage=usage, rng=rng
+  )
   return new_state, out
 
 
 def train_step(
-    state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.GradientTransformation,
-    config: ml_collections.ConfigDict, data_variance: float, replicated: Any = None,
+  state: TrainState,
+  batch: Batch,
+  *,
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  config: ml_collections.ConfigDict,
+  data_variance: float,
+  replicated: Any = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step. batch['image']: (B, H, W, C) in [-1, 1], sharded along 'data'.
 
@@ -221,16 +275,18 @@ def train_step(
   """
   params, radius = project_codebook(state, config.quantizer)
   grad_fn = jax.value_and_grad(
-      functools.partial(tokenizer_loss, model=model, config=config, data_variance=data_variance,
-                        replicated=replicated),
-      has_aux=True)
-  (_, aux), grads = grad_fn(sharding.gather_params(params, replicated), batch["image"],
-                           state.step)
+    functools.partial(
+      tokenizer_loss, model=model, config=config, data_variance=data_variance, replicated=replicated
+    ),
+    has_aux=True,
+  )
+  (_, aux), grads = grad_fn(sharding.gather_params(params, replicated), batch["image"], state.step)
   return apply_tokenizer_update(state, params, grads, aux, radius, tx=tx, q=config.quantizer)
 
 
-def reconstruct(params: Any, x: jax.Array, *, model: nn.Module,
-                config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
+def reconstruct(
+  params: Any, x: jax.Array, *, model: nn.Module, config: ml_collections.ConfigDict
+) -> tuple[jax.Array, jax.Array]:
   """Encode, quantise, decode: x (B, H, W, C) -> (x_hat (B, H, W, C), indices (B, h, w))."""
   z, _, quant = encode_and_quantize(params, x, model=model, config=config)
   z_q = quant.z_q.reshape(z.shape).astype(z.dtype)
@@ -238,9 +294,15 @@ def reconstruct(params: Any, x: jax.Array, *, model: nn.Module,
   return x_hat.astype(jnp.float32), quant.indices.reshape(z.shape[:-1])
 
 
-def eval_step(params: Any, batch: Batch, lpips_params: Any = None, *, model: nn.Module,
-              config: ml_collections.ConfigDict, with_reconstructions: bool = False
-              ) -> dict[str, jax.Array]:
+def eval_step(
+  params: Any,
+  batch: Batch,
+  lpips_params: Any = None,
+  *,
+  model: nn.Module,
+  config: ml_collections.ConfigDict,
+  with_reconstructions: bool = False,
+) -> dict[str, jax.Array]:
   """Sums over the real (mask == 1) images of a batch; the caller adds them up.
 
   MSE is on [0, 1] images; PSNR, SSIM and (with lpips_params) LPIPS follow SPEC.md section 5.
@@ -251,11 +313,11 @@ def eval_step(params: Any, batch: Batch, lpips_params: Any = None, *, model: nn.
   x01, y01 = metrics.to_unit_range(x), metrics.to_unit_range(x_hat)
   mse = jnp.mean((x01 - y01) ** 2, axis=(1, 2, 3))
   out = dict(
-      count=jnp.sum(mask),
-      mse=jnp.sum(mask * mse),
-      psnr=jnp.sum(mask * metrics.psnr(x01, y01)),
-      ssim=jnp.sum(mask * metrics.ssim(x01, y01)),
-      code_counts=metrics.code_counts(indices, config.quantizer.num_codes, mask),
+    count=jnp.sum(mask),
+    mse=jnp.sum(mask * mse),
+    psnr=jnp.sum(mask * metrics.psnr(x01, y01)),
+    ssim=jnp.sum(mask * metrics.ssim(x01, y01)),
+    code_counts=metrics.code_counts(indices, config.quantizer.num_codes, mask),
   )
   if lpips_params is not None:
     out["lpips"] = jnp.sum(mask * lpips_lib.lpips_distance(lpips_params, x, x_hat))
@@ -264,14 +326,20 @@ def eval_step(params: Any, batch: Batch, lpips_params: Any = None, *, model: nn.
   return out
 
 
-def evaluate(eval_fn: Callable, params: Any, batches: Iterator[dict[str, np.ndarray]],
-             batch_sharding, lpips_params: Any = None) -> dict[str, float]:
+def evaluate(
+  eval_fn: Callable,
+  params: Any,
+  batches: Iterator[dict[str, np.ndarray]],
+  batch_sharding,
+  lpips_params: Any = None,
+) -> dict[str, float]:
   """Runs `eval_fn` over all batches; returns MSE, PSNR, SSIM, codebook usage, perplexity
   (and LPIPS with lpips_params)."""
   totals: dict[str, np.ndarray] = {}
   for local in batches:
     out = jax.device_get(
-        eval_fn(params, sharding.global_batch(local, batch_sharding), lpips_params))
+      eval_fn(params, sharding.global_batch(local, batch_sharding), lpips_params)
+    )
     for k, v in out.items():
       totals[k] = totals.get(k, 0) + np.asarray(v, np.float64)
   if not totals or totals["count"] == 0:
@@ -279,12 +347,12 @@ def evaluate(eval_fn: Callable, params: Any, batches: Iterator[dict[str, np.ndar
   n = float(totals["count"])
   counts = totals["code_counts"]
   results = dict(
-      num_images=int(n),
-      mse=float(totals["mse"] / n),
-      psnr=float(totals["psnr"] / n),
-      ssim=float(totals["ssim"] / n),
-      codebook_usage=float(metrics.codebook_usage(counts)),
-      perplexity=float(metrics.perplexity(counts)),
+    num_images=int(n),
+    mse=float(totals["mse"] / n),
+    psnr=float(totals["psnr"] / n),
+    ssim=float(totals["ssim"] / n),
+    codebook_usage=float(metrics.codebook_usage(counts)),
+    perplexity=float(metrics.perplexity(counts)),
   )
   if "lpips" in totals:
     results["lpips"] = float(totals["lpips"] / n)
@@ -314,15 +382,20 @@ def _check_finite(history: list[dict[str, jax.Array]], first_step: int, checkpoi
     step = first_step + int(bad[0])
     checkpointer.wait()  # an asynchronous save of the last good step finishes first
     raise NonFiniteLossError(
-        f"the loss became {losses[bad[0]]} at step {step}. Nothing after the last good "
-        f"checkpoint (step {checkpointer.latest_step()}, in {checkpointer.directory}) was "
-        "saved. Lower config.optimizer.lr or set config.optimizer.grad_clip_norm, then run "
-        "the same command again to resume from that checkpoint.")
+      f"the loss became {losses[bad[0]]} at step {step}. Nothing after the last good "
+      f"checkpoint (step {checkpointer.latest_step()}, in {checkpointer.directory}) was "
+      "saved. Lower config.optimizer.lr or set config.optimizer.grad_clip_norm, then run "
+      "the same command again to resume from that checkpoint."
+    )
 
 
 def create_state_and_step(
-    config: ml_collections.ConfigDict, model: nn.Module, tx: optax.GradientTransformation,
-    mesh: jax.sharding.Mesh, image_shape: tuple[int, int, int], data_variance: float,
+  config: ml_collections.ConfigDict,
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  mesh: jax.sharding.Mesh,
+  image_shape: tuple[int, int, int],
+  data_variance: float,
 ) -> tuple[TrainState, Any, Callable]:
   """A fresh state laid out by its shardings, the shardings, and the jitted train step.
 
@@ -334,11 +407,18 @@ def create_state_and_step(
   state_sharding = sharding.state_shardings(jax.eval_shape(init_fn, key), mesh, config.sharding)
   state = jax.jit(init_fn, out_shardings=state_sharding)(key)
   step_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, config=config,
-                        data_variance=data_variance, replicated=sharding.replicated(mesh)),
-      in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-      out_shardings=(state_sharding, sharding.replicated(mesh)),
-      donate_argnums=(0,))
+    functools.partial(
+      train_step,
+      model=model,
+      tx=tx,
+      config=config,
+      data_variance=data_variance,
+      replicated=sharding.replicated(mesh),
+    ),
+    in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+    out_shardings=(state_sharding, sharding.replicated(mesh)),
+    donate_argnums=(0,),
+  )
   return state, state_sharding, step_fn
 
 
@@ -388,43 +468,61 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     lpips_params = jax.device_put(lpips_params, replicated)
   model = build_model(config, channels=image_shape[-1])
   tx = make_optimizer(config)
-  logging.info("Training images: %d, steps: %d, learning rate %.3g", info["num_train"],
-               total_steps, learning_rate(config))
+  logging.info(
+    "Training images: %d, steps: %d, learning rate %.3g",
+    info["num_train"],
+    total_steps,
+    learning_rate(config),
+  )
 
   if config.model.name == "vqgan":
     # Imported here: gan_steps builds on this module's step pieces.
     from arcvq_jax.train import gan_steps  # noqa: PLC0415
+
     disc_model = gan_steps.discriminator_from_config(config)
     state, state_sharding, step_fn = gan_steps.create_state_and_steps(
-        config, model, disc_model, tx, make_disc_optimizer(config), mesh, image_shape,
-        lpips_params)
+      config, model, disc_model, tx, make_disc_optimizer(config), mesh, image_shape, lpips_params
+    )
   else:
     data_variance = pipeline.train_image_variance(config.data)
     logging.info("Training image variance in [-1, 1]: %.5f", data_variance)
     state, state_sharding, vqvae_step = create_state_and_step(
-        config, model, tx, mesh, image_shape, data_variance)
+      config, model, tx, mesh, image_shape, data_variance
+    )
     step_fn = lambda state, batch, t: vqvae_step(state, batch)  # noqa: E731
 
   train_iter = pipeline.create_train_iterator(
-      config.data, global_batch_size=config.batch_size, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), config.keep_checkpoints,
-                                      async_save=config.get("checkpoint_async", False))
+    config.data,
+    global_batch_size=config.batch_size,
+    seed=config.seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  checkpointer = ckpt_lib.Checkpointer(
+    ckpt_lib.checkpoint_dir(workdir),
+    config.keep_checkpoints,
+    async_save=config.get("checkpoint_async", False),
+  )
   start = checkpointer.latest_step()
   if start is not None:
     logging.info("Resuming from checkpoint step %d in %s", start, checkpointer.directory)
     state = checkpointer.restore(start, ckpt_lib.abstract_like(state), train_iter)
   start = int(jax.device_get(state.step))
 
-  eval_fn = jax.jit(functools.partial(eval_step, model=model, config=config),
-                    in_shardings=(state_sharding.params, batch_sharding, replicated),
-                    out_shardings=replicated)
+  eval_fn = jax.jit(
+    functools.partial(eval_step, model=model, config=config),
+    in_shardings=(state_sharding.params, batch_sharding, replicated),
+    out_shardings=replicated,
+  )
   recon_fn = jax.jit(functools.partial(reconstruct, model=model, config=config))
 
   def eval_batches():
     return pipeline.create_eval_iterator(
-        config.data, global_batch_size=config.eval_batch_size,
-        process_index=jax.process_index(), process_count=jax.process_count())
+      config.data,
+      global_batch_size=config.eval_batch_size,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
 
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
   report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
@@ -467,7 +565,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         x_hat, _ = recon_fn(state.params, preview)
         grid = image_lib.side_by_side(np.asarray(preview), np.asarray(x_hat), value_range=(-1, 1))
         writer.write_images(step, {"reconstructions": grid[None]})
-      saved = (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0) or is_last
+      saved = (
+        config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
+      ) or is_last
       if saved:
         _check_finite(history, history_start + 1, checkpointer)
         checkpointer.save(step, state, train_iter)
@@ -480,8 +580,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         checkpointer.wait()
         checkpointer.close()
         writer.flush()
-        logging.warning("Preempted (SIGTERM) at step %d of %d: checkpoint saved in %s; run "
-                        "the same command to resume.", step, total_steps, checkpointer.directory)
+        logging.warning(
+          "Preempted (SIGTERM) at step %d of %d: checkpoint saved in %s; run "
+          "the same command to resume.",
+          step,
+          total_steps,
+          checkpointer.directory,
+        )
         return dict(preempted_at_step=step)
       if config.eval_every_steps and step % config.eval_every_steps == 0 and not is_last:
         run_eval(step)
@@ -493,11 +598,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # The paper's Fig. 2-3, from the training-time (EMA) usage of the rows. Every process
   # takes part in gathering a codebook that the 'fsdp' axis may have split across hosts.
   codebook, usage = multihost_utils.process_allgather(
-      (state.params["codebook"], state.usage), tiled=True)
+    (state.params["codebook"], state.usage), tiled=True
+  )
   if is_main:
     diagnostics.write_codebook_diagnostics(
-        os.path.join(workdir, "diagnostics"), np.asarray(codebook), np.asarray(usage),
-        prefix=f"step_{total_steps}_", writer=writer, step=total_steps)
+      os.path.join(workdir, "diagnostics"),
+      np.asarray(codebook),
+      np.asarray(usage),
+      prefix=f"step_{total_steps}_",
+      writer=writer,
+      step=total_steps,
+    )
   checkpointer.wait()
   checkpointer.close()
   writer.flush()
