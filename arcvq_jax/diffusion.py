@@ -1,5 +1,5 @@
 """Denoising diffusion as pure functions: LDM's beta schedule, q(x_t | x_0), the eps loss,
-class-label dropout, classifier-free guidance and the DDIM sampler (SPEC.md section 4).
+class-label dropout, classifier-free guidance and the DDIM sampler (docs/math.md, eq. 28-33).
 
 Notation as in DDPM / DDIM: `alphas_cumprod[t]` is abar_t = prod_{s <= t} (1 - beta_s) for
 t = 0 .. T-1; x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps. The network predicts eps.

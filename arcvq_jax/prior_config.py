@@ -1,4 +1,4 @@
-"""Config pieces of the generative priors (SPEC.md section 4): the latent-diffusion and the
+"""Config pieces of the generative priors (docs/math.md, section 11): the latent-diffusion and the
 PixelCNN defaults, and their validation.
 
 A prior trains on a frozen tokenizer: `config.tokenizer_workdir` is the --workdir of a

@@ -1,4 +1,4 @@
-"""The quantisation math against straightforward numpy versions of SPEC.md section 1."""
+"""The quantisation math against straightforward numpy versions of docs/math.md, sections 1-8."""
 
 import jax
 import jax.numpy as jnp

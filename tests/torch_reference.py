@@ -1,8 +1,8 @@
 """PyTorch reference networks for the checkpoint-import parity tests.
 
 * `ArcVQVAEModel`: the VQ-VAE of the official ArcVQ-VAE code (goals4292/ArcVQ-VAE,
-  ArcVQ-VAE/modules.py + quantise.py), written here from SPEC.md section 2 with the
-  official module attribute names, so its `state_dict()` has the keys and shapes of the
+  ArcVQ-VAE/modules.py + quantise.py), written here from docs/architecture.md (Networks) with
+  the official module attribute names, so its `state_dict()` has the keys and shapes of the
   official `best.pt` (tests/test_convert_torch.py checks them against the list
   OFFICIAL_VQVAE_KEYS transcribed from that code). Forward: encoder -> _pre_vq_conv ->
   cosine quantiser (argmin of the distance between unit vectors) -> decoder; losses as the
@@ -89,7 +89,7 @@ class _CosineQuantiser(nn.Module):
     super().__init__()
     self.beta = beta
     self.embedding = nn.Embedding(num_codes, embed_dim)
-    with torch.no_grad():  # spherical init (SPEC Eq. 4, the official U(-1/K, 1/K) + normalise)
+    with torch.no_grad():  # spherical init (docs/math.md eq. 2; official U(-1/K, 1/K) + normalise)
       w = torch.empty(num_codes, embed_dim).uniform_(-1.0 / num_codes, 1.0 / num_codes)
       self.embedding.weight.copy_(F.normalize(w, dim=1))
 
@@ -107,7 +107,7 @@ class _CosineQuantiser(nn.Module):
 
 
 def arc_loss(z, codebook, s: float, m: float, top_k: int):
-  """ArcLoss of SPEC.md Eq. 10-12 over all B*h*w latents of z (B, D, h, w) (official form:
+  """ArcLoss of docs/math.md eq. 8-10 over all B*h*w latents of z (B, D, h, w) (official form:
   exp then divide, fine at s <= 10)."""
   flat = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]), dim=1)
   cos = F.normalize(codebook.detach(), dim=1) @ flat.t()  # (K, N)
@@ -146,7 +146,7 @@ class ArcVQVAEModel(nn.Module):
     self.bbnr_alpha = bbnr_alpha
 
   def clip_codebook_norms(self, step: int) -> None:
-    """BBNR (SPEC Eq. 5-7): rows outside the ball of radius exp(alpha * step) scaled onto it."""
+    """BBNR (docs/math.md, eq. 3-4): rows outside the ball of radius exp(alpha t) scaled onto it."""
     with torch.no_grad():
       w = self._vq_vae.embedding.weight
       radius = math.exp(self.bbnr_alpha * step)

@@ -563,7 +563,7 @@ def dataset_info(data_cfg: Any) -> dict[str, Any]:
 def train_image_variance(data_cfg: Any, chunk_size: int = 8192) -> float:
   """Variance of all training pixels after mapping to [-1, 1].
 
-  The VQ-VAE reconstruction loss divides by it (SPEC section 2). Streams over
+  The VQ-VAE reconstruction loss divides by it (docs/math.md, eq. 21). Streams over
   the split in chunks, summing the uint8 values and their squares exactly in
   int64, so the result does not depend on the chunking.
 

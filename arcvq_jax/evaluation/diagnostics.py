@@ -1,4 +1,4 @@
-"""The paper's codebook diagnostics as images (SPEC section 5), drawn with matplotlib:
+"""The paper's codebook diagnostics as images (docs/math.md, section 12), drawn with matplotlib:
 
   norm_vs_usage   each codebook row's L2 norm against how often it was selected (Fig. 2: with
                   vanilla VQ the used rows grow long and the unused ones stay near the origin)

@@ -1,5 +1,5 @@
-"""Distribution metrics on Inception features (SPEC section 5): Frechet distance (FID, rFID),
-Inception Score, precision and recall (Kynkaanniemi et al. 2019, k = 3).
+"""Distribution metrics on Inception features (docs/math.md, eq. 39-41): Frechet distance (FID,
+rFID), Inception Score, precision and recall (Kynkaanniemi et al. 2019, k = 3).
 
 Statistics are accumulated while streaming over a data set (`FeatureStats`): running float64
 sums of the pool features and of their outer products, Inception Score sums per split, and a

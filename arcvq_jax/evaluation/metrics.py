@@ -1,4 +1,4 @@
-"""Reconstruction and codebook metrics (SPEC section 5), as pure jax.numpy functions.
+"""Reconstruction and codebook metrics (docs/math.md, eq. 36-37, 42-43), pure jax.numpy functions.
 
 Every function here is side-effect free and works under `jax.jit`. Image metrics take a
 batch `(B, H, W, C)` of images already in [0, 1] (use `to_unit_range` on model outputs in

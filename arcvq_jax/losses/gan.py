@@ -1,4 +1,4 @@
-"""GAN losses of the VQGAN tokenizer (SPEC.md section 3), as pure functions.
+"""GAN losses of the VQGAN tokenizer (docs/math.md, eq. 23-27), as pure functions.
 
 Hinge discriminator loss, the generator loss -mean(D(x_hat)), taming's
 adaptive generator weight and the discriminator start switch f(t). Everything is jit-safe.

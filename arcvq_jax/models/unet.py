@@ -1,5 +1,5 @@
 """The latent-diffusion UNet (ldm/modules/diffusionmodules/openaimodel.py, the subset the
-class-conditional LDM uses: SPEC.md section 4, paper Table 8), NHWC Flax linen.
+class-conditional LDM uses: docs/architecture.md, Networks; paper Table 8), NHWC Flax linen.
 
 Names follow latent-diffusion's state_dict: an index joins the name before it with `_`
 (`input_blocks.1.0.in_layers.2.weight` -> `diffusion_model/input_blocks_1_0/in_layers_2/kernel`),
@@ -23,7 +23,7 @@ Linear kernels torch_w.T, GroupNorm/LayerNorm weight -> scale. The parts:
   label_emb                           class embedding on the time embedding (no transformer)
   cond_stage_model/embedding          LDM's ClassEmbedder (cond_stage_model.embedding)
 
-Resolutions: `attention_resolutions` are latent sides (SPEC: "attention at 32, 16 and 8"),
+Resolutions: `attention_resolutions` are latent sides (32, 16 and 8 in paper Table 8),
 compared with the actual feature map; LDM's yaml writes the same set as downsampling factors
 (4, 2, 1) of the 32x32 latent. Every level's side must stay even until the last level.
 

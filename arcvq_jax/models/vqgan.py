@@ -1,4 +1,4 @@
-"""The VQGAN tokenizer of taming-transformers (SPEC.md section 3), NHWC Flax linen.
+"""The VQGAN tokenizer of taming-transformers (docs/architecture.md, Networks), NHWC Flax linen.
 
 Encoder and decoder follow `taming/modules/diffusionmodules/model.py` part by part, and the
 parameter tree keeps taming's names, with `.i.` list indices written `_i`:
@@ -38,7 +38,7 @@ from arcvq_jax.models.layers import Conv
 
 Dtype = Any
 
-# Where the adaptive GAN weight's "last layer" W lives in the params tree (SPEC.md section 3).
+# Where the adaptive GAN weight's "last layer" W lives in the params tree (docs/math.md, eq. 24).
 LAST_LAYER = ("decoder", "conv_out")
 
 
