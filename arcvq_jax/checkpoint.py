@@ -2,7 +2,9 @@
 
 Orbax writes every checkpoint into a temporary directory and renames it into place only
 once all of it is on disk, so a save killed half-way leaves the previous checkpoint as
-the latest one (tests/test_checkpoint.py kills a save to check that).
+the latest one (tests/test_checkpoint.py kills a save to check that). A step damaged later
+(a truncated array file, a garbled metadata file) is moved aside by `restore_latest`, which
+resumes from the newest readable one (checkpoint_files.py).
 """
 
 from __future__ import annotations
@@ -14,10 +16,18 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
+from arcvq_jax import checkpoint_files
+from arcvq_jax.checkpoint_files import CheckpointError, DamagedCheckpointError
 
-class CheckpointError(RuntimeError):
-  """A checkpoint that cannot be restored into the current run."""
+__all__ = [
+  "CheckpointError",
+  "Checkpointer",
+  "DamagedCheckpointError",
+  "abstract_like",
+  "checkpoint_dir",
+]
 
 
 class Checkpointer:
@@ -28,7 +38,12 @@ class Checkpointer:
 
   def __init__(self, directory: str, keep: int = 3, async_save: bool = False):
     self.directory = epath.Path(directory)
-    self._manager = ocp.CheckpointManager(
+    self._keep, self._async_save = keep, async_save
+    self._manager = self._make_manager()
+
+  def _make_manager(self) -> ocp.CheckpointManager:
+    keep, async_save = self._keep, self._async_save
+    return ocp.CheckpointManager(
       self.directory,
       item_names=("state", "data"),
       item_handlers={
@@ -70,11 +85,36 @@ class Checkpointer:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
       raise CheckpointError(
-        f"checkpoint {self.directory / str(step)} does not match this run's config "
-        f"(model size, quantiser or optimizer changed?) or is damaged: {e}. Resume with "
-        "the config it was written with, or start a fresh run in a new --workdir."
+        checkpoint_files.mismatch_message(str(self.directory), step, str(e))
       ) from e
     return restored["state"]
+
+  def restore_latest(self, abstract_state: Any, data_iter: Any | None) -> Any | None:
+    """The newest readable checkpoint, restored as `restore` does; None where there is none.
+
+    A damaged step (files that cannot be read: a truncated array file, a garbled metadata
+    file) is moved aside, never deleted (`checkpoint_files.set_aside`: a warning names it),
+    and the step before it is tried. A readable step that does not fit `abstract_state`
+    (another config) raises CheckpointError and moves nothing.
+    """
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        return self.restore(step, abstract_state, data_iter)
+      except Exception as e:  # orbax raises a bare Exception for unreadable array files
+        reason = checkpoint_files.diagnose(str(self.directory), step, abstract_state)
+        if reason is None:
+          if isinstance(e, CheckpointError):
+            raise
+          raise CheckpointError(
+            checkpoint_files.mismatch_message(str(self.directory), step, str(e))
+          ) from e
+      if jax.process_index() == 0:
+        checkpoint_files.set_aside(str(self.directory), step, reason)
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"checkpoint_set_aside_{step}")
+      self._manager.close()  # its step list still names the moved step
+      self._manager = self._make_manager()
+    return None
 
   def close(self) -> None:
     self._manager.close()

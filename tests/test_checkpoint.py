@@ -1,13 +1,20 @@
-"""Checkpoints are atomic: a save killed half-way never hides the last good checkpoint."""
+"""Checkpoints are atomic: a save killed half-way never hides the last good checkpoint; a
+checkpoint damaged afterwards is set aside (not deleted) and the one before it restored."""
 
+import glob
+import logging
 import os
 import signal
 import subprocess
 import sys
 
+import grain
+import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from arcvq_jax.checkpoint import Checkpointer
+from arcvq_jax import checkpoint_files
+from arcvq_jax.checkpoint import Checkpointer, CheckpointError, abstract_like
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,3 +37,109 @@ def test_killed_save_leaves_previous_checkpoint_latest_and_restorable(tmp_path):
   state = ckpt.restore(1, None, None)
   np.testing.assert_array_equal(state["w"], np.arange(1000, dtype=np.float32))
   assert int(state["step"]) == 1
+
+
+# ------------------------------------------------------------------- damaged checkpoints
+
+
+def _two_checkpoints(directory: str, data_iter=None) -> None:
+  """Steps 1 and 2 of a small state (and of `data_iter`'s position, 5 and 8 elements in)."""
+  ckpt = Checkpointer(directory)
+  for step, consumed in ((1, 5), (2, 3)):
+    if data_iter is not None:
+      for _ in range(consumed):
+        next(data_iter)
+    state = {"w": jnp.arange(1000, dtype=jnp.float32) * step, "step": jnp.asarray(step)}
+    ckpt.save(step, state, data_iter)
+  ckpt.wait()
+  ckpt.close()
+
+
+def _truncate_array_file(directory: str, step: int) -> None:
+  files = glob.glob(os.path.join(directory, str(step), "state", "ocdbt.process_0", "d", "*"))
+  with open(max(files, key=os.path.getsize), "r+b") as f:
+    f.truncate(100)
+
+
+def _garble_metadata(directory: str, step: int) -> None:
+  with open(os.path.join(directory, str(step), "state", "_METADATA"), "w") as f:
+    f.write('{"tree_metadata": ')
+
+
+ABSTRACT = abstract_like({"w": jnp.zeros(1000, jnp.float32), "step": jnp.asarray(0)})
+
+
+@pytest.mark.parametrize("damage", [_truncate_array_file, _garble_metadata])
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_older_one_restored(
+  tmp_path, caplog, damage
+):
+  directory = str(tmp_path / "checkpoints")
+  it = iter(grain.MapDataset.range(100).to_iter_dataset())
+  _two_checkpoints(directory, it)
+  damage(directory, 2)
+  ckpt = Checkpointer(directory)
+  resumed = iter(grain.MapDataset.range(100).to_iter_dataset())
+  with caplog.at_level(logging.WARNING):
+    state = ckpt.restore_latest(ABSTRACT, resumed)
+  assert int(state["step"]) == 1
+  np.testing.assert_array_equal(state["w"], np.arange(1000, dtype=np.float32))
+  assert next(resumed) == 5  # the iterator is at step 1's position
+  assert ckpt.all_steps() == [1] and ckpt.latest_step() == 1
+  # Moved, not deleted: all of step 2 is under damaged/, with a note of why.
+  (moved,) = glob.glob(os.path.join(directory, checkpoint_files.DAMAGED_DIR, "2-*"))
+  assert os.path.isdir(os.path.join(moved, "state"))
+  with open(os.path.join(moved, checkpoint_files.REASON_FILE)) as f:
+    assert "could not be read" in f.read()
+  (warning,) = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+  assert "Checkpoint step 2 is damaged" in warning and moved in warning
+  # The next save at step 2 goes where the damaged one was, and orbax lists it.
+  ckpt.save(2, {"w": jnp.zeros(1000, jnp.float32), "step": jnp.asarray(2)}, None)
+  ckpt.wait()
+  assert ckpt.all_steps() == [1, 2]
+  ckpt.close()
+
+
+def test_no_readable_checkpoint_gives_none(tmp_path):
+  directory = str(tmp_path / "checkpoints")
+  assert Checkpointer(directory).restore_latest(ABSTRACT, None) is None  # none at all
+  _two_checkpoints(directory)
+  _truncate_array_file(directory, 1)
+  _garble_metadata(directory, 2)
+  assert Checkpointer(directory).restore_latest(ABSTRACT, None) is None
+  assert len(os.listdir(os.path.join(directory, checkpoint_files.DAMAGED_DIR))) == 2
+
+
+def test_a_checkpoint_of_another_config_is_an_error_and_stays(tmp_path):
+  directory = str(tmp_path / "checkpoints")
+  _two_checkpoints(directory)
+  other = abstract_like({"w": jnp.zeros(999, jnp.float32), "step": jnp.asarray(0)})
+  with pytest.raises(CheckpointError, match="does not match this run's config"):
+    Checkpointer(directory).restore_latest(other, None)
+  assert Checkpointer(directory).all_steps() == [1, 2]
+  assert not os.path.exists(os.path.join(directory, checkpoint_files.DAMAGED_DIR))
+
+
+def test_read_only_restore_skips_damaged_steps_and_moves_nothing(tmp_path, caplog):
+  directory = str(tmp_path / "checkpoints")
+  _two_checkpoints(directory)
+  _truncate_array_file(directory, 2)
+  with caplog.at_level(logging.WARNING):
+    state, step = checkpoint_files.restore_newest_state(directory)
+  assert step == 1 and int(state["step"]) == 1
+  assert any("step 2" in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)
+  assert checkpoint_files.checkpoint_steps(directory) == [1, 2]  # nothing moved
+  with pytest.raises(checkpoint_files.DamagedCheckpointError, match=r"step 2 is damaged.*\(1\)"):
+    checkpoint_files.restore_newest_state(directory, step=2)
+  state, step = checkpoint_files.restore_newest_state(directory, step=1, abstract_state=ABSTRACT)
+  assert step == 1
+  path = checkpoint_files.set_aside(directory, 2, "test")
+  assert checkpoint_files.checkpoint_steps(directory) == [1] and os.path.isdir(path)
+
+
+def test_checkpoint_files_imports_no_grain():
+  code = (
+    "import sys; from arcvq_jax import checkpoint_files; "
+    "bad = {'grain', 'clu', 'tensorflow'} & set(sys.modules); assert not bad, bad"
+  )
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-2000:]
