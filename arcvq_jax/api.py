@@ -15,7 +15,7 @@ checkpoint) in a fresh train state and writes a workdir that `main` resumes from
 `Tokenizer.from_workdir` loads.
 
 The methods are jitted once per input shape; the quantiser is the run's own (cosine or
-Euclidean search, streamed for large codebooks), so tokens equal the training run's.
+Euclidean search, blocked for large codebooks), so tokens equal the training run's.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import functools
 import json
 from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -32,11 +31,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from arcvq_jax import checkpoint as ckpt_lib
 from arcvq_jax import config as config_lib
-from arcvq_jax import quantization as vq
-from arcvq_jax.train import tokenizer as tokenizer_lib
-from arcvq_jax.train.state import init_train_state, make_optimizer
+from arcvq_jax.train import state as state_lib
+from arcvq_jax.train import tokenizer_steps
 
 CONFIG_FILE = "config.json"
 
@@ -83,20 +80,23 @@ def _params_of(state: dict[str, Any]) -> Any:
   return state["params"]
 
 
+def checkpoint_dir(workdir: str) -> epath.Path:
+  """Where a run keeps its orbax checkpoints: one folder per step, each with a 'state' item
+  (and, from training, a 'data' item: the input iterator's position, which the API never
+  reads, so it needs no grain)."""
+  return epath.Path(workdir) / "checkpoints"
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The steps of a run's finished checkpoints, in increasing order."""
+  directory = checkpoint_dir(workdir)
+  return sorted(ocp.utils.checkpoint_steps(directory)) if directory.exists() else []
+
+
 def restore_params(workdir: str, step: int | None = None) -> tuple[Any, int]:
   """(params, step) of checkpoint `step` (default: the latest) of a run, on the first device."""
-  directory = epath.Path(ckpt_lib.checkpoint_dir(workdir))
-  manager = ocp.CheckpointManager(
-    directory,
-    # 'data' (the grain iterator's position) is named only so that orbax knows the item;
-    # it is never restored here.
-    item_handlers={
-      "state": ocp.StandardCheckpointHandler(),
-      "data": grain.checkpoint.CheckpointHandler(),
-    },
-    options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-  )
-  steps = sorted(manager.all_steps())
+  directory = checkpoint_dir(workdir)
+  steps = checkpoint_steps(workdir)
   if not steps:
     raise TokenizerLoadError(
       f"no checkpoint in {directory}: train first (python -m arcvq_jax.main "
@@ -107,19 +107,19 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[Any, int]:
     raise TokenizerLoadError(f"no checkpoint of step {step} in {directory}; it has {steps}.")
   # Restored onto one device whatever mesh wrote it: inference needs no sharding.
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  item = directory / str(step) / "state"
+  checkpointer = ocp.StandardCheckpointer()
   try:
-    metadata = manager.item_metadata(step)["state"]
-    tree = getattr(metadata, "tree", None)
+    tree = getattr(checkpointer.metadata(item), "item_metadata", None)
+    tree = getattr(tree, "tree", tree)
     if tree is None:
       raise ValueError("it has no train state (written by another stage or damaged)")
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-    state = manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-    )["state"]
+    state = checkpointer.restore(item, abstract)
   except (ValueError, KeyError, TypeError, FileNotFoundError, AttributeError) as e:
     raise TokenizerLoadError(f"checkpoint {directory / str(step)} cannot be read: {e}") from e
   finally:
-    manager.close()
+    checkpointer.close()
   return _params_of(state), step
 
 
@@ -152,13 +152,13 @@ class Tokenizer:
     self.config = config
     self.params = params
     self.channels = _channels(params)
-    self.model = tokenizer_lib.build_model(config, channels=self.channels)
+    self.model = state_lib.build_model(config, channels=self.channels)
     self.num_codes, self.embed_dim = (int(s) for s in params["codebook"].shape)
     self.downsample_factor = config_lib.downsample_factor(config)
     q = config.quantizer
     self._encode = jax.jit(functools.partial(self._encode_latents_fn, model=self.model))
     self._decode_z = jax.jit(functools.partial(self._decode_fn, model=self.model))
-    self._search = jax.jit(functools.partial(tokenizer_lib.nearest_code, q=q))
+    self._search = jax.jit(functools.partial(tokenizer_steps.nearest_code, q=q))
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None) -> Tokenizer:
@@ -251,60 +251,53 @@ def write_workdir(
   starts at the beginning. A VQGAN's discriminator starts from its initialisation. Returns
   the checkpoint directory. Refuses a workdir that already has checkpoints.
   """
-  # Imported here: gan_steps builds on the tokenizer module, which this module imports.
-  from arcvq_jax.train import gan_steps  # noqa: PLC0415
-  from arcvq_jax.train.state import GANTrainState, init_disc_state, make_disc_optimizer  # noqa: PLC0415
-
-  model = tokenizer_lib.build_model(config, channels=image_shape[-1])
-  tx = make_optimizer(config)
-  key = jax.random.PRNGKey(config.seed)
-  if config.model.name == "vqgan":
-    # The keys of gan_steps.create_state_and_steps, so D starts as a fresh run's would.
-    key, disc_key = jax.random.split(key)
-  fresh = jax.eval_shape(
-    functools.partial(init_train_state, model=model, tx=tx, image_shape=image_shape), key
-  )
+  fresh = jax.eval_shape(state_lib.init_fn(config, image_shape), jax.random.PRNGKey(config.seed))
+  want = fresh.gen.params if isinstance(fresh, state_lib.GANTrainState) else fresh.params
   got = jax.tree.structure(params)
-  if got != jax.tree.structure(fresh.params):
+  if got != jax.tree.structure(want):
     raise TokenizerLoadError(
       "the params do not have the tree of the model this config builds; expected "
-      f"{jax.tree.structure(fresh.params)}, got {got}."
+      f"{jax.tree.structure(want)}, got {got}."
     )
-  for (path, want), have in zip(
-    jax.tree_util.tree_leaves_with_path(fresh.params), jax.tree.leaves(params), strict=True
+  for (path, w), have in zip(
+    jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(params), strict=True
   ):
-    if tuple(want.shape) != tuple(np.shape(have)):
+    if tuple(w.shape) != tuple(np.shape(have)):
       raise TokenizerLoadError(
         f"param {jax.tree_util.keystr(path)} has shape {np.shape(have)}, the config's "
-        f"model wants {want.shape}."
+        f"model wants {w.shape}."
       )
-  params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
-  state = init_train_state(key, model, tx, image_shape)
-  state = state.replace(
-    step=jnp.asarray(step, jnp.int32),
-    params=params,
-    opt_state=tx.init(params),
-    ema=vq.EMAState(cluster_size=state.ema.cluster_size, embed_sum=params["codebook"]),
-  )
-  if config.model.name == "vqgan":
-    disc_model = gan_steps.discriminator_from_config(config)
-    disc = init_disc_state(disc_key, disc_model, make_disc_optimizer(config), image_shape)
-    state = GANTrainState(gen=state, disc=disc)
+  refuse_nonempty(workdir)
+  state = state_lib.state_from_params(config, image_shape, params, step=step)
+  return save_state(workdir, config, state, step)
 
-  directory = ckpt_lib.checkpoint_dir(workdir)
-  checkpointer = ckpt_lib.Checkpointer(directory)
-  if checkpointer.latest_step() is not None:
-    checkpointer.close()
+
+def refuse_nonempty(workdir: str) -> None:
+  """Raises TokenizerLoadError if `workdir` already holds checkpoints (so none is overwritten)."""
+  steps = checkpoint_steps(workdir)
+  if steps:
     raise TokenizerLoadError(
-      f"{directory} already has checkpoints ({checkpointer.all_steps()}); write into an "
-      "empty --workdir so no run is overwritten."
+      f"{checkpoint_dir(workdir)} already has checkpoints ({steps}); write into an empty "
+      "--workdir so no run is overwritten."
     )
+
+
+def save_state(workdir: str, config: ml_collections.ConfigDict, state: Any, step: int) -> str:
+  """workdir/config.json and workdir/checkpoints/<step> holding the train state `state`, in
+  the layout training writes (without a data position: `main` then starts the data stream
+  from its beginning). Both are written atomically. Returns the checkpoint directory."""
   root = epath.Path(workdir)
   root.mkdir(parents=True, exist_ok=True)
   tmp = root / (CONFIG_FILE + ".tmp")
   tmp.write_text(config.to_json_best_effort(indent=2))
   tmp.rename(root / CONFIG_FILE)
-  checkpointer.save(step, state, None)
-  checkpointer.wait()
-  checkpointer.close()
-  return directory
+  directory = checkpoint_dir(workdir)
+  manager = ocp.CheckpointManager(
+    directory, item_names=("state",), options=ocp.CheckpointManagerOptions(create=True)
+  )
+  try:
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
+    manager.wait_until_finished()
+  finally:
+    manager.close()
+  return str(directory)

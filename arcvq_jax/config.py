@@ -52,7 +52,7 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collect
 
 
 def vqvae_config() -> ml_collections.ConfigDict:
-  """Defaults of the VQ-VAE runs (SPEC.md section 2, paper Table 7 for MNIST/CIFAR-10)."""
+  """Defaults of the VQ-VAE runs (docs/math.md, section 13; paper Table 7 for MNIST/CIFAR-10)."""
   c = ml_collections.ConfigDict()
   c.stage = "tokenizer"
   c.variant = "arcvq"
@@ -85,9 +85,9 @@ def vqvae_config() -> ml_collections.ConfigDict:
       bbnr_alpha=3e-4,
       restart_threshold=0.0,  # > 0 turns dead-code restart on (EMA usage per step)
       usage_decay=0.99,
-      search_impl="auto",  # nearest-code search: 'naive' | 'streamed' | 'auto', as arc.impl
+      search_impl="auto",  # nearest-code search: 'naive' | 'blocked' | 'auto', as arc.impl
       # A mesh axis (e.g. 'data', 'fsdp', 'model') to split the codebook's K rows over in the
-      # streamed ArcLoss and search (each device its slice, then a global combine); '' keeps
+      # blocked ArcLoss and search (each device its slice, then a global combine); '' keeps
       # it whole on every device (the ArcLoss rows are split over the devices either way).
       # Where the codebook is stored is sharding.param_rules' business, e.g.
       # ('codebook$', ('model', None)); a different layout is resharded, not wrong.
@@ -102,9 +102,9 @@ def vqvae_config() -> ml_collections.ConfigDict:
       top_k=3,
       gamma0=1.0,
       decay=5e-4,
-      # 'naive' holds the K x N logits; 'streamed' goes through blocks and never does
+      # 'naive' holds the K x N logits; 'blocked' goes through blocks and never does
       # (same value and gradient; on a mesh of several devices each takes a share of the
-      # rows, streaming.arc_loss_sharded); 'auto' streams once K x N exceeds one block.
+      # rows, blockwise.arc_loss_sharded); 'auto' takes the blocked form once K x N exceeds one block.
       impl="auto",
     )
   )
@@ -169,7 +169,7 @@ def vqvae_config() -> ml_collections.ConfigDict:
 
 
 def vqgan_config() -> ml_collections.ConfigDict:
-  """Defaults of the VQGAN tokenizer on ImageNet (SPEC.md section 3, paper Table 7).
+  """Defaults of the VQGAN tokenizer on ImageNet (docs/math.md, sections 10.2, 13; paper Table 7).
 
   taming-transformers' architecture (f8 here: ch_mult (1, 2, 2, 4), 32x32 tokens), K 1024,
   D 16, L1 + LPIPS + PatchGAN hinge loss with the adaptive weight, taming's quantiser loss
@@ -328,8 +328,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
   _check_choice(c, "quantizer.codebook_update", ("loss", "ema"))
   _check_choice(c, "optimizer.name", ("adam", "adamw"))
   _check_choice(c, "data.source", ("idx", "folder", "tfds"))
-  _check_choice(c, "arc.impl", ("auto", "naive", "streamed"))
-  _check_choice(c, "quantizer.search_impl", ("auto", "naive", "streamed"))
+  # "streamed": the name of the blocked form before 0.2 (configs saved in older workdirs).
+  _check_choice(c, "arc.impl", ("auto", "naive", "blocked", "streamed"))
+  _check_choice(c, "quantizer.search_impl", ("auto", "naive", "blocked", "streamed"))
 
   for key in (
     "quantizer.num_codes",

@@ -1,4 +1,4 @@
-"""Vector-quantisation math of ArcVQ-VAE (SPEC.md section 1), as pure functions.
+"""Vector-quantisation math of ArcVQ-VAE (docs/math.md, sections 1-8), as pure functions.
 
 Nothing here holds state: the codebook `E` (K, D) and the latents `z` (N, D) come in as
 arrays, and every function is safe under `jax.jit`. Under a `Mesh` the arrays are global,
@@ -19,7 +19,7 @@ sg = jax.lax.stop_gradient
 
 # Same guard as torch.nn.functional.normalize: x / max(||x||, eps).
 NORM_EPS = 1e-12
-# ArcLoss clips cosines into the open interval before arccos (SPEC.md Eq. 11).
+# ArcLoss clips cosines into the open interval before arccos (docs/math.md, eq. 9).
 ARCCOS_CLIP = 1e-7
 
 DISTANCES = ("cosine", "euclidean")
@@ -93,7 +93,7 @@ def quantize(z: jax.Array, codebook: jax.Array, distance: str) -> Quantized:
 
 
 def quantize_with_indices(z: jax.Array, codebook: jax.Array, indices: jax.Array) -> Quantized:
-  """`quantize` with the nearest-code indices (N,) already found (e.g. by a streamed search)."""
+  """`quantize` with the nearest-code indices (N,) already found (e.g. by a blocked search)."""
   z_q = jnp.take(codebook, indices, axis=0)
   return Quantized(z_q=z_q, z_ste=z + sg(z_q - z), indices=indices)
 

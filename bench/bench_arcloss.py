@@ -1,19 +1,19 @@
-"""ArcLoss and nearest-code search: the naive K x N form against the streamed one.
+"""ArcLoss and nearest-code search: the naive K x N form against the blocked one.
 
   python bench/bench_arcloss.py                 # the default cases below, markdown table
   python bench/bench_arcloss.py --cases 512,64,50176 --runs 20
-  python bench/bench_arcloss.py --sweep         # streamed time against block shape
+  python bench/bench_arcloss.py --sweep         # blocked time against block shape
   python bench/bench_arcloss.py --nearest       # also quantization.nearest_code
 
 Each case is K,D,N. Timed: jax.jit(jax.value_and_grad(loss)) w.r.t. z (forward+backward)
 and jax.jit(loss) (forward), median of --runs calls after --warmup, each waited for with
-block_until_ready, in two rounds (naive, streamed, naive, streamed) so that load from other
+block_until_ready, in two rounds (naive, blocked, naive, blocked) so that load from other
 processes hits both alike. Memory: XLA's temporaries of the compiled forward+backward
 (memory_analysis().temp_size_in_bytes). The naive form is skipped where those would exceed
 --max-naive-gb. Both forms are checked to agree before they are timed.
 
 Block-shape sweep (--sweep --runs 6) on the 2-core CPU this was written on (AMD EPYC, 2 MB L2
-per core, 32 MB L3, other jobs running now and then), streamed fwd+bwd ms, s=10, m=0.1,
+per core, 32 MB L3, other jobs running now and then), blocked fwd+bwd ms, s=10, m=0.1,
 top_k=3; rows: codes per block, columns: tokens per chunk:
 
 | K | D | N | codes per block | C=1024 | C=2048 | C=4096 | C=8192 |
@@ -29,7 +29,7 @@ top_k=3; rows: codes per block, columns: tokens per chunk:
 | 16384 | 16 | 32768 | 512 | 556.3 | 516.7 | 508.2 | 521.9 |
 | 16384 | 16 | 32768 | 1024 | 601.4 | 518.8 | 527.9 | 609.7 |
 
-512 codes x 4096 tokens (8 MB, streaming.ARC_CODE_CHUNK x BLOCK_ELEMENTS / ARC_CODE_CHUNK) is
+512 codes x 4096 tokens (8 MB, blockwise.ARC_CODE_CHUNK x BLOCK_ELEMENTS / ARC_CODE_CHUNK) is
 the best or within about 10 % of it in every case, and is the default.
 """
 
@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arcvq_jax import quantization as vq
-from arcvq_jax import streaming
+from arcvq_jax import blockwise
 
 DEFAULT_CASES = ["512,64,6272", "512,64,50176", "1024,16,32768", "16384,16,32768"]
 
@@ -99,17 +99,17 @@ def arc_row(k_rows, d, n, args):
   s, m, top_k = args.s, args.m, args.top_k
   z, e = make_data(k_rows, d, n)
   naive = lambda a, b: vq.arc_loss(a, b, s, m, top_k)  # noqa: E731
-  streamed = lambda a, b: streaming.arc_loss_streamed(  # noqa: E731
+  blocked = lambda a, b: blockwise.arc_loss_blocked(  # noqa: E731
     a, b, s, m, top_k, args.chunk, args.code_chunk
   )
-  forms = [("naive", naive), ("streamed", streamed)]
+  forms = [("naive", naive), ("blocked", blocked)]
   fb = {name: jax.jit(jax.value_and_grad(f)) for name, f in forms}
   fw = {name: jax.jit(f) for name, f in forms}
   mem = {name: temp_bytes(f, z, e) for name, f in fb.items()}
   use_naive = mem["naive"] <= args.max_naive_gb * 2**30
-  names = ["naive", "streamed"] if use_naive else ["streamed"]
+  names = ["naive", "blocked"] if use_naive else ["blocked"]
   if use_naive:
-    (v0, g0), (v1, g1) = fb["naive"](z, e), fb["streamed"](z, e)
+    (v0, g0), (v1, g1) = fb["naive"](z, e), fb["blocked"](z, e)
     np.testing.assert_allclose(v1, v0, rtol=1e-5)
     np.testing.assert_allclose(g1, g0, rtol=1e-3, atol=1e-4 * float(jnp.abs(g0).max()))
   t_fb = dict(
@@ -118,21 +118,21 @@ def arc_row(k_rows, d, n, args):
   t_fw = dict(
     zip(names, time_each([fw[x] for x in names], (z, e), args.runs, args.warmup), strict=True)
   )
-  rows = min(k_rows, args.code_chunk or streaming.ARC_CODE_CHUNK)
-  chunk = min(n, args.chunk or streaming.auto_chunk_size(rows))
-  speed = f"{t_fb['naive'] / t_fb['streamed']:.1f}x" if use_naive else "-"
+  rows = min(k_rows, args.code_chunk or blockwise.ARC_CODE_CHUNK)
+  chunk = min(n, args.chunk or blockwise.auto_chunk_size(rows))
+  speed = f"{t_fb['naive'] / t_fb['blocked']:.1f}x" if use_naive else "-"
   cells = [
     k_rows,
     d,
     n,
     f"{rows} x {chunk}",
     fmt_ms(t_fw.get("naive")),
-    fmt_ms(t_fw["streamed"]),
+    fmt_ms(t_fw["blocked"]),
     fmt_ms(t_fb.get("naive")),
-    fmt_ms(t_fb["streamed"]),
+    fmt_ms(t_fb["blocked"]),
     speed,
     fmt_bytes(mem["naive"]),
-    fmt_bytes(mem["streamed"]),
+    fmt_bytes(mem["blocked"]),
   ]
   return "| " + " | ".join(str(c) for c in cells) + " |"
 
@@ -142,12 +142,12 @@ def nearest_row(k_rows, d, n, args):
   out = []
   for distance in ("cosine", "euclidean"):
     naive = jax.jit(functools.partial(vq.nearest_code, distance=distance))
-    streamed = jax.jit(functools.partial(streaming.nearest_code_streamed, distance=distance))
-    mem = [temp_bytes(naive, z, e), temp_bytes(streamed, z, e)]
+    blocked = jax.jit(functools.partial(blockwise.nearest_code_blocked, distance=distance))
+    mem = [temp_bytes(naive, z, e), temp_bytes(blocked, z, e)]
     use_naive = mem[0] <= args.max_naive_gb * 2**30
-    fns = [naive, streamed] if use_naive else [streamed]
+    fns = [naive, blocked] if use_naive else [blocked]
     if use_naive:
-      np.testing.assert_array_equal(naive(z, e), streamed(z, e))
+      np.testing.assert_array_equal(naive(z, e), blocked(z, e))
     ts = time_each(fns, (z, e), args.runs, args.warmup)
     t_naive = ts[0] if use_naive else None
     out.append(
@@ -158,7 +158,7 @@ def nearest_row(k_rows, d, n, args):
 
 
 def sweep(args):
-  """Streamed fwd+bwd ms for each block shape (codes per block x tokens per chunk)."""
+  """Blocked fwd+bwd ms for each block shape (codes per block x tokens per chunk)."""
   chunks = (1024, 2048, 4096, 8192)
   print("| K | D | N | codes per block | " + " | ".join(f"C={c}" for c in chunks) + " |")
   print("|---" * (4 + len(chunks)) + "|")
@@ -170,7 +170,7 @@ def sweep(args):
       jax.jit(
         jax.value_and_grad(
           functools.partial(
-            streaming.arc_loss_streamed,
+            blockwise.arc_loss_blocked,
             s=args.s,
             m=args.m,
             top_k=args.top_k,
@@ -204,7 +204,7 @@ def main():
     "--code-chunk",
     type=int,
     default=None,
-    help="codes per ArcLoss block (default: streaming.ARC_CODE_CHUNK)",
+    help="codes per ArcLoss block (default: blockwise.ARC_CODE_CHUNK)",
   )
   parser.add_argument(
     "--max-naive-gb",
@@ -213,7 +213,7 @@ def main():
     help="skip the naive form where its temporaries exceed this",
   )
   parser.add_argument(
-    "--sweep", action="store_true", help="streamed fwd+bwd time per block shape instead"
+    "--sweep", action="store_true", help="blocked fwd+bwd time per block shape instead"
   )
   parser.add_argument("--nearest", action="store_true", help="also time nearest-code search")
   args = parser.parse_args()
@@ -226,14 +226,14 @@ def main():
     sweep(args)
     return
   print(
-    "| K | D | N | block (codes x tokens) | fwd naive | fwd streamed | fwd+bwd naive "
-    "| fwd+bwd streamed | speed-up (fwd+bwd) | temp naive | temp streamed |"
+    "| K | D | N | block (codes x tokens) | fwd naive | fwd blocked | fwd+bwd naive "
+    "| fwd+bwd blocked | speed-up (fwd+bwd) | temp naive | temp blocked |"
   )
   print("|---" * 11 + "|")
   for case in args.cases:
     print(arc_row(*parse_case(case), args), flush=True)
   if args.nearest:
-    print("\n| K | D | N | distance | naive | streamed | temp naive | temp streamed |")
+    print("\n| K | D | N | distance | naive | blocked | temp naive | temp blocked |")
     print("|---" * 8 + "|")
     for case in args.cases:
       for row in nearest_row(*parse_case(case), args):

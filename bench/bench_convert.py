@@ -106,7 +106,8 @@ def parity(model: torch.nn.Module, workdir: str) -> dict:
 
   from arcvq_jax.convert import torch_checkpoint as tc  # noqa: PLC0415
   from arcvq_jax.convert import workdir as workdir_lib  # noqa: PLC0415
-  from arcvq_jax.train import tokenizer  # noqa: PLC0415
+  from arcvq_jax.train import state as state_lib  # noqa: PLC0415
+  from arcvq_jax.train import tokenizer_steps  # noqa: PLC0415
 
   x = resize(skdata.astronaut(), (256, 256), anti_aliasing=True).astype(np.float32)[None] * 2 - 1
   with torch.no_grad():
@@ -114,8 +115,8 @@ def parity(model: torch.nn.Module, workdir: str) -> dict:
   x_hat_ref = x_hat_ref.numpy().transpose(0, 2, 3, 1)
   config = tc.load_config_file(os.path.join(workdir, "config.py"))
   state = workdir_lib.restore_state(workdir, config, x.shape[1:])
-  net = tokenizer.build_model(config, channels=3)
-  x_hat, indices = jax.jit(lambda p, x: tokenizer.reconstruct(p, x, model=net, config=config))(
+  net = state_lib.build_model(config, channels=3)
+  x_hat, indices = jax.jit(lambda p, x: tokenizer_steps.reconstruct(p, x, model=net, config=config))(
     state.gen.params, x
   )
   return dict(

@@ -34,8 +34,9 @@ import numpy as np
 from model_fixtures import random_lpips_params
 
 from arcvq_jax import sharding
-from arcvq_jax.models import unet
-from arcvq_jax.train import gan_steps, prior_common, prior_ldm, tokenizer
+from arcvq_jax.models import discriminator, unet
+from arcvq_jax.train import gan_steps, prior_common, prior_ldm
+from arcvq_jax.train import state as state_lib
 from arcvq_jax.train.state import make_disc_optimizer, make_optimizer
 
 MIB = 2**20
@@ -127,8 +128,8 @@ def bench(name: str, data: int, fsdp: int, batch: int) -> dict:
   c.batch_size = batch
   mesh = make_mesh(data, fsdp)
   shape = (c.data.image_size, c.data.image_size, 3)
-  model = tokenizer.build_model(c, channels=3)
-  disc_model = gan_steps.discriminator_from_config(c)
+  model = state_lib.build_model(c, channels=3)
+  disc_model = discriminator.from_config(c)
   tx, disc_tx = make_optimizer(c), make_disc_optimizer(c)
   _, _, abstract, state_sharding = gan_steps.abstract_state_and_shardings(
     c, model, disc_model, tx, disc_tx, mesh, shape

@@ -1,14 +1,14 @@
-"""Large codebooks: peak memory and time of ArcLoss and the nearest-code search, naive vs streamed.
+"""Large codebooks: peak memory and time of ArcLoss and the nearest-code search, naive vs blocked.
 
   python bench/bench_large_codebook.py                       # N 32768, K 1024/16384/100000, D 16/64
   python bench/bench_large_codebook.py --ks 16384 --ds 16 --runs 6
 
 For each (K, D) at N tokens:
 - ArcLoss, forward + backward: jax.jit(jax.value_and_grad(loss)) w.r.t. z (N, D), naive
-  (quantization.arc_loss, K x N logits) against streamed (streaming.arc_loss_streamed);
+  (quantization.arc_loss, K x N logits) against blocked (blockwise.arc_loss_blocked);
 - the nearest-code search (cosine; --distance euclidean for the other): jax.jit(search),
-  naive (quantization.nearest_code, N x K scores) against streamed
-  (streaming.nearest_code_streamed). The search has no backward pass: its indices carry no
+  naive (quantization.nearest_code, N x K scores) against blocked
+  (blockwise.nearest_code_blocked). The search has no backward pass: its indices carry no
   gradient (the straight-through estimator goes around it), so only its forward is timed.
 
 Peak memory is XLA's account of the compiled program: arguments + outputs + temporaries
@@ -16,7 +16,7 @@ Peak memory is XLA's account of the compiled program: arguments + outputs + temp
 form, also where the naive one is too large to run: that form is then compiled but not run
 (its time reads 'skipped') when its peak exceeds --max-naive-gb (default 6.5 GiB, on a
 23 GiB machine shared with other jobs). Time: median of --runs calls after a warm-up, in two
-rounds (naive, streamed, naive, streamed) so that load from other processes hits both alike
+rounds (naive, blocked, naive, blocked) so that load from other processes hits both alike
 (bench_arcloss.time_each). Where both run, they are first checked to agree (value and
 gradient to float32 round-off; indices exactly).
 
@@ -24,7 +24,7 @@ gradient to float32 round-off; indices exactly).
 
 --mesh-devices P instead compiles (without running: simulated CPU devices share the cores,
 so their times mean nothing) the sharded forms on P simulated devices, batch and codebook
-both split over 'data' (streaming.arc_loss_sharded / nearest_code_sharded with
+both split over 'data' (blockwise.arc_loss_sharded / nearest_code_sharded with
 codebook_axis='data'), and prints XLA's peak per device.
 """
 
@@ -53,7 +53,7 @@ from jax.sharding import PartitionSpec as P
 from arcvq_jax import quantization as vq
 from arcvq_jax import (
   sharding,
-  streaming,
+  blockwise,
 )
 
 
@@ -63,13 +63,13 @@ def peak_bytes(fn, *args) -> int:
   return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
 
 
-def measure(naive, streamed, z, e, args, check):
-  """(times ms [naive or None, streamed], peaks [naive, streamed]) of two jitted forms."""
-  peaks = [peak_bytes(naive, z, e), peak_bytes(streamed, z, e)]
+def measure(naive, blocked, z, e, args, check):
+  """(times ms [naive or None, blocked], peaks [naive, blocked]) of two jitted forms."""
+  peaks = [peak_bytes(naive, z, e), peak_bytes(blocked, z, e)]
   run_naive = peaks[0] <= args.max_naive_gb * 2**30
   if run_naive:
-    check(naive(z, e), streamed(z, e))
-  fns = [naive, streamed] if run_naive else [streamed]
+    check(naive(z, e), blocked(z, e))
+  fns = [naive, blocked] if run_naive else [blocked]
   times = time_each(fns, (z, e), args.runs, args.warmup)
   return ([times[0], times[1]] if run_naive else [None, times[0]]), peaks
 
@@ -102,22 +102,22 @@ def mesh_memory(args):
       z1, e1 = jax.ShapeDtypeStruct(z.shape, z.dtype), jax.ShapeDtypeStruct(e.shape, e.dtype)
       arc = jax.jit(
         jax.value_and_grad(
-          lambda a, b: streaming.arc_loss_sharded(
+          lambda a, b: blockwise.arc_loss_sharded(
             a, b, args.s, args.m, args.top_k, mesh=mesh, codebook_axis="data"
           )
         )
       )
       arc1 = jax.jit(
         jax.value_and_grad(
-          lambda a, b: streaming.arc_loss_streamed(a, b, args.s, args.m, args.top_k)
+          lambda a, b: blockwise.arc_loss_blocked(a, b, args.s, args.m, args.top_k)
         )
       )
       search = jax.jit(
-        lambda a, b: streaming.nearest_code_sharded(
+        lambda a, b: blockwise.nearest_code_sharded(
           a, b, args.distance, mesh=mesh, codebook_axis="data"
         )
       )
-      search1 = jax.jit(functools.partial(streaming.nearest_code_streamed, distance=args.distance))
+      search1 = jax.jit(functools.partial(blockwise.nearest_code_blocked, distance=args.distance))
       print(
         f"| {k_rows} | {d} | {fmt_bytes(peak_bytes(arc1, z1, e1))} | "
         f"{fmt_bytes(peak_bytes(arc, z, e))} | {fmt_bytes(peak_bytes(search1, z1, e1))} | "
@@ -179,10 +179,10 @@ def main():
       z, e = make_data(k_rows, d, args.n)
       if not args.skip_arc:
         naive = jax.jit(jax.value_and_grad(lambda a, b: vq.arc_loss(a, b, s, m, top_k)))
-        streamed = jax.jit(
-          jax.value_and_grad(lambda a, b: streaming.arc_loss_streamed(a, b, s, m, top_k))
+        blocked = jax.jit(
+          jax.value_and_grad(lambda a, b: blockwise.arc_loss_blocked(a, b, s, m, top_k))
         )
-        (tn, ts), (pn, ps) = measure(naive, streamed, z, e, args, check_arc)
+        (tn, ts), (pn, ps) = measure(naive, blocked, z, e, args, check_arc)
         arc_rows.append(
           f"| {k_rows} | {d} | {fmt_ms(tn)} | {fmt_ms(ts)} | "
           f"{ratio(ts, tn, '{:.2f}x')} | {fmt_bytes(pn)} | {fmt_bytes(ps)} | "
@@ -191,10 +191,10 @@ def main():
         print(arc_rows[-1], flush=True)
       if not args.skip_search:
         naive = jax.jit(functools.partial(vq.nearest_code, distance=args.distance))
-        streamed = jax.jit(
-          functools.partial(streaming.nearest_code_streamed, distance=args.distance)
+        blocked = jax.jit(
+          functools.partial(blockwise.nearest_code_blocked, distance=args.distance)
         )
-        (tn, ts), (pn, ps) = measure(naive, streamed, z, e, args, check_search)
+        (tn, ts), (pn, ps) = measure(naive, blocked, z, e, args, check_search)
         search_rows.append(
           f"| {k_rows} | {d} | {fmt_ms(tn)} | {fmt_ms(ts)} | "
           f"{ratio(ts, tn, '{:.2f}x')} | {fmt_bytes(pn)} | {fmt_bytes(ps)} | "
@@ -204,16 +204,16 @@ def main():
   if arc_rows:
     print("\nArcLoss forward + backward\n")
     print(
-      "| K | D | naive ms | streamed ms | time streamed / naive | peak naive | peak streamed "
-      "| memory naive / streamed |"
+      "| K | D | naive ms | blocked ms | time blocked / naive | peak naive | peak blocked "
+      "| memory naive / blocked |"
     )
     print("|---" * 8 + "|")
     print("\n".join(arc_rows))
   if search_rows:
     print(f"\nNearest-code search ({args.distance}), forward\n")
     print(
-      "| K | D | naive ms | streamed ms | time streamed / naive | peak naive | peak streamed "
-      "| memory naive / streamed |"
+      "| K | D | naive ms | blocked ms | time blocked / naive | peak naive | peak blocked "
+      "| memory naive / blocked |"
     )
     print("|---" * 8 + "|")
     print("\n".join(search_rows))

@@ -36,7 +36,8 @@ import optax
 
 from arcvq_jax import diffusion, sharding
 from arcvq_jax.models import unet
-from arcvq_jax.train import prior_common, prior_ldm, tokenizer
+from arcvq_jax.train import prior_common, prior_ldm
+from arcvq_jax.train import state as state_lib
 
 LATENT = (32, 32, 16)
 
@@ -200,7 +201,7 @@ def bench_encoder(batch: int, warmup: int, steps: int) -> tuple[float, float]:
   from configs import imagenet
 
   tc = imagenet.get_config()
-  model = tokenizer.build_model(tc, channels=3)
+  model = state_lib.build_model(tc, channels=3)
   x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (batch, 256, 256, 3)), jnp.float32)
   params = jax.jit(model.init)(jax.random.PRNGKey(0), x[:1])["params"]
   enc = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode"))

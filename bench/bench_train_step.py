@@ -3,7 +3,7 @@
   python bench/bench_train_step.py                      # batch 128 and 1024, Fashion-MNIST shapes
   python bench/bench_train_step.py --batch 128 --variant vanilla
   python bench/bench_train_step.py --arcloss            # ArcLoss at N=50176, K=512, D=64,
-                                                        # naive and streamed
+                                                        # naive and blocked
 
 Times are the median of --steps calls after --warmup calls, each waited for with
 block_until_ready. Memory: XLA's own accounting of the compiled step (arguments, outputs,
@@ -24,13 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arcvq_jax import quantization as vq
 from arcvq_jax import (
+  blockwise,
   sharding,
-  streaming,
 )
+from arcvq_jax import quantization as vq
 from arcvq_jax.models import vqvae
-from arcvq_jax.train import tokenizer
+from arcvq_jax.train import tokenizer_steps
 from arcvq_jax.train.state import make_optimizer
 
 
@@ -53,7 +53,7 @@ def bench_step(batch: int, variant: str, deconv: str, warmup: int, steps: int) -
   c.model.deconv_impl = deconv
   mesh = sharding.make_mesh((-1,), ("data",))
   model = vqvae.from_config(c, channels=1)
-  state, _, step_fn = tokenizer.create_state_and_step(
+  state, _, step_fn = tokenizer_steps.create_state_and_step(
     c, model, make_optimizer(c), mesh, (28, 28, 1), data_variance=0.5
   )
   x = np.random.default_rng(0).uniform(-1, 1, (batch, 28, 28, 1)).astype(np.float32)
@@ -119,7 +119,7 @@ def main() -> None:
     f"jax {jax.__version__}, devices: {jax.devices()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
   )
   if args.arcloss:
-    for name, fn in (("naive", vq.arc_loss), ("streamed", streaming.arc_loss_streamed)):
+    for name, fn in (("naive", vq.arc_loss), ("blocked", blockwise.arc_loss_blocked)):
       r = bench_arcloss(50176, 512, 64, args.warmup, args.steps, fn)
       print(
         f"ArcLoss ({name}) fwd+bwd N={r['n']} K={r['k']} D={r['d']}: {r['median_ms']:.1f} ms "

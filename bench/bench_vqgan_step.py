@@ -33,7 +33,9 @@ from bench_train_step import timeit
 from model_fixtures import random_lpips_params
 
 from arcvq_jax import sharding
-from arcvq_jax.train import gan_steps, tokenizer
+from arcvq_jax.models import discriminator
+from arcvq_jax.train import gan_steps, tokenizer_steps
+from arcvq_jax.train import state as state_lib
 from arcvq_jax.train.state import make_disc_optimizer, make_optimizer
 
 
@@ -65,8 +67,8 @@ def bench(name: str, dtype: str, batch: int, warmup: int, steps: int) -> dict:
   c = get_config(name, dtype, batch)
   shape = (c.data.image_size, c.data.image_size, 3)
   mesh = sharding.make_mesh((-1,), ("data",))
-  model = tokenizer.build_model(c, channels=3)
-  disc_model = gan_steps.discriminator_from_config(c)
+  model = state_lib.build_model(c, channels=3)
+  disc_model = discriminator.from_config(c)
   lpips_params = jax.device_put(random_lpips_params(), sharding.replicated(mesh))
   state, _, steps_fn = gan_steps.create_state_and_steps(
     c, model, disc_model, make_optimizer(c), make_disc_optimizer(c), mesh, shape, lpips_params
@@ -77,7 +79,7 @@ def bench(name: str, dtype: str, batch: int, warmup: int, steps: int) -> dict:
   gen_fn, disc_fn = steps_fn.generator[True], steps_fn.discriminator
   gen_c = gen_fn.lower(state.gen, state.disc, batch_arr, lpips_params).compile()
   disc_c = disc_fn.lower(state.disc, batch_arr, batch_arr["image"]).compile()
-  recon = jax.jit(functools.partial(tokenizer.reconstruct, model=model, config=c))
+  recon = jax.jit(functools.partial(tokenizer_steps.reconstruct, model=model, config=c))
   forward_flops = flops(recon.lower(state.params, batch_arr["image"]).compile())
 
   holder = {"gen": state.gen, "disc": state.disc, "x_hat": batch_arr["image"]}

@@ -3,8 +3,8 @@
 configs/tiny_vqgan.py's network (taming's blocks at width 32, f4: 28x28 Fashion-MNIST images
 -> 7x7 tokens, a 2-layer PatchGAN from step 0), with 100,000 codes of dimension 8. Even the
 392 tokens of a batch of 8 make a K x N matrix of 39M floats (157 MB, several of them with
-its gradient): the nearest-code search and ArcLoss take the streamed forms
-(arcvq_jax/streaming.py), which never hold it. On a mesh of several devices each device
+its gradient): the nearest-code search and ArcLoss take the blocked forms
+(arcvq_jax/blockwise.py), which never hold it. On a mesh of several devices each device
 takes a share of the ArcLoss rows, and the codebook is split along K over the 'data' axis
 (`quantizer.codebook_axis`, with sharding.param_rules storing it there).
 
@@ -26,8 +26,8 @@ def get_config(variant: str = "arcvq"):
   )
   c.quantizer.num_codes, c.quantizer.embed_dim = 100_000, 8
   # 'auto' would pick these at this size; named here since nothing else could run.
-  c.quantizer.search_impl = "streamed"
-  c.arc.impl = "streamed"
+  c.quantizer.search_impl = "blocked"
+  c.arc.impl = "blocked"
   c.loss.perceptual_weight = 0.0
   c.lpips_path = ""
   c.gan.update(dict(disc_start=0, ndf=16, n_layers=2))

@@ -12,8 +12,9 @@ import numpy as np
 
 from arcvq_jax import config as config_lib
 from arcvq_jax import sharding
-from arcvq_jax.models import vqvae
-from arcvq_jax.train import gan_steps, tokenizer
+from arcvq_jax.models import discriminator, vqvae
+from arcvq_jax.train import gan_steps, tokenizer_steps
+from arcvq_jax.train import state as state_lib
 from arcvq_jax.train.state import make_disc_optimizer, make_optimizer
 
 
@@ -46,11 +47,11 @@ def run_vqgan(devices, steps: int = 3, fsdp: bool = False):
   c.optimizer.update(dict(lr=1e-5, scale_lr=False))
   c.loss.perceptual_weight = 0.0
   mesh = make_mesh(devices, c, fsdp)
-  model = tokenizer.build_model(c, channels=3)
+  model = state_lib.build_model(c, channels=3)
   state, _, steps_fn = gan_steps.create_state_and_steps(
     c,
     model,
-    gan_steps.discriminator_from_config(c),
+    discriminator.from_config(c),
     make_optimizer(c),
     make_disc_optimizer(c),
     mesh,
@@ -79,19 +80,19 @@ def run(devices, variant: str, steps: int = 3):
   variant = variant.removesuffix("_fsdp")
   if variant == "vqgan":
     return run_vqgan(devices, steps, fsdp)
-  streamed = variant.endswith("_streamed")
-  c = config_lib.apply_variant(config_lib.vqvae_config(), variant.removesuffix("_streamed"))
-  if streamed:  # ArcLoss and the search through blocks, as large codebooks do: on 8 devices
-    # they run in shard_map with the codebook split along 'data' (streaming.*_sharded)
+  blocked = variant.endswith("_blocked")
+  c = config_lib.apply_variant(config_lib.vqvae_config(), variant.removesuffix("_blocked"))
+  if blocked:  # ArcLoss and the search through blocks, as large codebooks do: on 8 devices
+    # they run in shard_map with the codebook split along 'data' (blockwise.*_sharded)
     c.quantizer.codebook_axis = "data"
-    c.arc.impl = c.quantizer.search_impl = "streamed"
+    c.arc.impl = c.quantizer.search_impl = "blocked"
   c.model.hidden, c.model.res_hidden, c.model.num_res_layers = 32, 8, 1
   c.quantizer.num_codes, c.quantizer.embed_dim = 64, 16
   if variant == "restart":
     c.quantizer.restart_threshold = 0.5
   mesh = make_mesh(devices, c, fsdp)
   model = vqvae.from_config(c, channels=1)
-  state, _, step_fn = tokenizer.create_state_and_step(
+  state, _, step_fn = tokenizer_steps.create_state_and_step(
     c, model, make_optimizer(c), mesh, (28, 28, 1), data_variance=0.3
   )
   sharded = num_fsdp_sharded(state)

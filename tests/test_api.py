@@ -21,6 +21,8 @@ pytestmark = pytest.mark.skipif(
   not os.path.exists(os.path.join(FASHION, "train-images-idx3-ubyte.gz")),
   reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)",
 )
+from arcvq_jax.train import state as state_lib
+from arcvq_jax.train import tokenizer_steps
 
 
 def tiny_config(**overrides):
@@ -47,8 +49,8 @@ def run(tmp_path_factory):
 def restored_train_params(workdir):
   """The params as the training code restores them (full state, its own structure)."""
   config = api.load_config(workdir)
-  model = tokenizer.build_model(config, channels=1)
-  tx = tokenizer.make_optimizer(config)
+  model = state_lib.build_model(config, channels=1)
+  tx = state_lib.make_optimizer(config)
   abstract = jax.eval_shape(
     functools.partial(init_train_state, model=model, tx=tx, image_shape=(28, 28, 1)),
     jax.random.PRNGKey(0),
@@ -63,7 +65,7 @@ def test_reconstruct_equals_the_training_code(run):
   tok = api.Tokenizer.from_workdir(run)
   config, model, params = restored_train_params(run)
   x = fashion_images()
-  want_x, want_idx = tokenizer.reconstruct(params, jnp.asarray(x), model=model, config=config)
+  want_x, want_idx = tokenizer_steps.reconstruct(params, jnp.asarray(x), model=model, config=config)
   x_hat, tokens = tok.reconstruct(x)
   assert tokens.shape == (6, 7, 7) and tokens.dtype == jnp.int32
   np.testing.assert_array_equal(np.asarray(tokens), np.asarray(want_idx))
@@ -134,12 +136,12 @@ def test_vqgan_workdir_loads(tmp_path):
   c = tiny_vqgan.get_config()
   c.loss.perceptual_weight = 0.0
   c.lpips_path = ""
-  model = tokenizer.build_model(c, channels=1)
+  model = state_lib.build_model(c, channels=1)
   params = model.init(jax.random.PRNGKey(3), jnp.zeros((1, 28, 28, 1)))["params"]
   api.write_workdir(str(tmp_path), c, params, image_shape=(28, 28, 1), step=5)
   tok = api.Tokenizer.from_workdir(str(tmp_path))
   x = fashion_images(2)
-  want_x, want_idx = tokenizer.reconstruct(params, jnp.asarray(x), model=model, config=c)
+  want_x, want_idx = tokenizer_steps.reconstruct(params, jnp.asarray(x), model=model, config=c)
   x_hat, tokens = tok.reconstruct(x)
   np.testing.assert_array_equal(np.asarray(tokens), np.asarray(want_idx))
   np.testing.assert_allclose(np.asarray(x_hat), np.asarray(want_x), rtol=1e-5, atol=1e-5)

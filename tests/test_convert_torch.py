@@ -42,7 +42,7 @@ from arcvq_jax.data import idx, pipeline
 from arcvq_jax.losses import gan
 from arcvq_jax.losses import lpips as lpips_lib
 from arcvq_jax.models.discriminator import NLayerDiscriminator
-from arcvq_jax.train import gan_steps, tokenizer
+from arcvq_jax.train import tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION = "/usr/share/datasets/fashion-mnist"
@@ -50,6 +50,10 @@ needs_fashion = pytest.mark.skipif(
   not os.path.exists(os.path.join(FASHION, "train-images-idx3-ubyte.gz")),
   reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)",
 )
+from arcvq_jax.models import discriminator
+from arcvq_jax.train import state as state_lib
+from arcvq_jax.train import tokenizer_steps
+
 try:
   import taming.modules.diffusionmodules.model
 
@@ -210,7 +214,7 @@ def test_vqvae_matches_the_reference_on_fashion_mnist(vqvae):
   x = fashion_test_images(256)
   state = workdir_lib.restore_state(workdir, config, x.shape[1:])
   assert int(state.step) == step
-  net = tokenizer.build_model(config, channels=1)
+  net = state_lib.build_model(config, channels=1)
   variance = pipeline.train_image_variance(config.data)
 
   with torch.no_grad():
@@ -223,9 +227,9 @@ def test_vqvae_matches_the_reference_on_fashion_mnist(vqvae):
   np.testing.assert_array_equal(np.asarray(tokens).reshape(-1), idx_ref.numpy())
   assert relative_error(x_hat, to_nhwc(x_hat_ref)) < RTOL
 
-  params, _ = tokenizer.project_codebook(state, config.quantizer)  # BBNR at `step`: a no-op
+  params, _ = tokenizer_steps.project_codebook(state, config.quantizer)  # BBNR at `step`: a no-op
   loss, aux = jax.jit(
-    functools.partial(tokenizer.tokenizer_loss, model=net, config=config, data_variance=variance)
+    functools.partial(tokenizer_steps.tokenizer_loss, model=net, config=config, data_variance=variance)
   )(params, x, state.step)
   for ours, theirs in (
     (aux["loss_vq"], vq_ref.item()),
@@ -377,7 +381,7 @@ def test_taming_matches_the_reference_on_photos(taming):
   config = run_config(workdir)
   x = photos(64)
   state = workdir_lib.restore_state(workdir, config, x.shape[1:])
-  net = tokenizer.build_model(config, channels=3)
+  net = state_lib.build_model(config, channels=3)
 
   with torch.no_grad():
     x_hat_ref, qloss_ref, idx_ref, z_ref = forward(model, to_nchw(x))
@@ -405,7 +409,7 @@ def test_taming_matches_the_reference_on_photos(taming):
   lpips_params = lpips_lib.load_params(config.lpips_path)
   assert relative_error(lpips_lib.lpips_distance(lpips_params, x, x_hat), lpips_ref) < RTOL
 
-  d = gan_steps.discriminator_from_config(config)
+  d = discriminator.from_config(config)
   variables = {"params": state.disc.params, "batch_stats": state.disc.batch_stats}
   real = d.apply(variables, x, train=False)
   fake = d.apply(variables, x_hat, train=False)

@@ -17,8 +17,9 @@ from model_fixtures import random_lpips_params
 from arcvq_jax import config as config_lib
 from arcvq_jax import sharding
 from arcvq_jax.losses import gan
-from arcvq_jax.models import vqgan
-from arcvq_jax.train import gan_steps, tokenizer
+from arcvq_jax.models import discriminator, vqgan
+from arcvq_jax.train import gan_steps, tokenizer_steps
+from arcvq_jax.train import state as state_lib
 from arcvq_jax.train.state import make_disc_optimizer, make_optimizer
 
 IMAGE_SHAPE = (16, 16, 3)
@@ -54,8 +55,8 @@ def capture_grads() -> optax.GradientTransformation:
 def setup():
   c = small_config()
   mesh = sharding.make_mesh((-1,), ("data",))
-  model = tokenizer.build_model(c, channels=3)
-  disc_model = gan_steps.discriminator_from_config(c)
+  model = state_lib.build_model(c, channels=3)
+  disc_model = discriminator.from_config(c)
   lpips_params = random_lpips_params()
   state, _, steps = gan_steps.create_state_and_steps(
     c, model, disc_model, make_optimizer(c), make_disc_optimizer(c), mesh, IMAGE_SHAPE, lpips_params
@@ -96,7 +97,7 @@ def test_generator_gradient_equals_grad_of_the_total_loss(setup):
 
   def decode_with_kernel(p, w):
     p = dict(p, decoder=dict(p["decoder"], conv_out=dict(p["decoder"]["conv_out"], kernel=w)))
-    z, z_flat, quant = tokenizer.encode_and_quantize(p, x, model=model, config=c)
+    z, z_flat, quant = tokenizer_steps.encode_and_quantize(p, x, model=model, config=c)
     x_hat = model.apply({"params": p}, quant.z_ste.reshape(z.shape), method="decode")
     return x_hat, z_flat, quant, p
 
@@ -114,7 +115,7 @@ def test_generator_gradient_equals_grad_of_the_total_loss(setup):
 
   def total(p):
     xh, z_flat, quant, p = decode_with_kernel(p, vqgan.last_layer_kernel(p))
-    terms = tokenizer.quantizer_losses(z_flat, quant, p["codebook"], gen.step, config=c)
+    terms = tokenizer_steps.quantizer_losses(z_flat, quant, p["codebook"], gen.step, config=c)
     rec = gan_steps.reconstruction_loss(x, xh, lpips_params, perceptual_weight=1.0)[0]
     logits, _ = disc_model.apply(d_vars, xh, train=True, mutable=["batch_stats"])
     return rec + lam * gan.generator_loss(logits) + terms["loss_q"]
@@ -240,8 +241,8 @@ def test_bfloat16_generator_step_keeps_float32_state_and_is_close(setup):
   for dtype in ("float32", "bfloat16"):
     cd = c.copy_and_resolve_references()
     cd.model.dtype = dtype
-    model = tokenizer.build_model(cd, channels=3)
-    disc_bf = gan_steps.discriminator_from_config(cd)
+    model = state_lib.build_model(cd, channels=3)
+    disc_bf = discriminator.from_config(cd)
     step = jax.jit(
       functools.partial(
         gan_steps.generator_step,

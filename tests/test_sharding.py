@@ -28,7 +28,7 @@ def results():
       sys.executable,
       os.path.join(ROOT, "tests", "multidevice_script.py"),
       "arcvq",
-      "arcvq_streamed",
+      "arcvq_blocked",
       "ema",
       "restart",
       "vqgan",
@@ -46,7 +46,7 @@ def results():
 
 
 @pytest.mark.parametrize(
-  "variant", ["arcvq", "arcvq_streamed", "ema", "restart", "vqgan", "arcvq_fsdp", "vqgan_fsdp"]
+  "variant", ["arcvq", "arcvq_blocked", "ema", "restart", "vqgan", "arcvq_fsdp", "vqgan_fsdp"]
 )
 def test_one_and_eight_devices_agree(results, variant):
   """*_fsdp: the 8 devices form a 2 x 4 ('data', 'fsdp') mesh with the parameters and their
@@ -68,7 +68,7 @@ def test_one_and_eight_devices_agree(results, variant):
       np.testing.assert_allclose(a[key], b[key], rtol=2e-4, atol=1e-6, err_msg=key)
   if variant.startswith("arcvq"):
     assert one_losses[0]["loss_arc"] > 0
-  if variant == "arcvq_streamed":  # the streamed forms give the naive run's losses
+  if variant == "arcvq_blocked":  # the blocked forms give the naive run's losses
     for a, b in zip(results["arcvq"]["one"][0], one_losses, strict=True):
       np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4)
   if variant == "restart":

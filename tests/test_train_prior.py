@@ -16,7 +16,7 @@ from run_helpers import override, read_scalars
 from arcvq_jax import api, prior_config, sample, sharding
 from arcvq_jax import checkpoint as ckpt_lib
 from arcvq_jax.models import unet
-from arcvq_jax.train import prior_common, prior_ldm, prior_pixelcnn, tokenizer
+from arcvq_jax.train import prior_common, prior_ldm, prior_pixelcnn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION = "/usr/share/datasets/fashion-mnist"
@@ -24,6 +24,8 @@ needs_fashion = pytest.mark.skipif(
   not os.path.exists(os.path.join(FASHION, "train-images-idx3-ubyte.gz")),
   reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)",
 )
+from arcvq_jax.train import loop
+from arcvq_jax.train import state as state_lib
 
 STAGES = {"ldm": prior_ldm.train_and_evaluate, "pixelcnn": prior_pixelcnn.train_and_evaluate}
 
@@ -34,7 +36,7 @@ def write_tokenizer(workdir, seed=3, **overrides):
   from configs import tiny
 
   c = override(tiny.get_config(), **overrides)
-  model = tokenizer.build_model(c, channels=1)
+  model = state_lib.build_model(c, channels=1)
   params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 28, 28, 1)))["params"]
   api.write_workdir(str(workdir), c, params, image_shape=(28, 28, 1), step=0)
   return str(workdir)
@@ -140,8 +142,8 @@ def test_missing_and_incompatible_tokenizers_are_refused(tok_dir, tmp_path):
   assert not os.path.exists(tmp_path / "h")  # nothing written
   # A diverging run stops before saving: the last good checkpoint stays the latest.
   with pytest.raises(
-    tokenizer.NonFiniteLossError,
-    match="loss became nan by step 3; the last good checkpoint is step 2",
+    loop.NonFiniteLossError,
+    match="loss became nan by step 3; the last good checkpoint is step 2 ",
   ):
     prior_pixelcnn.train_and_evaluate(
       prior("pixelcnn", tok_dir, num_train_steps=3, **{"optimizer.lr": 1e30}), run

@@ -13,6 +13,7 @@ import pytest
 
 from arcvq_jax.losses import gan
 from arcvq_jax.models import discriminator, vqgan
+from arcvq_jax.train import state as state_lib
 
 F16 = dict(ch_mult=(1, 1, 2, 2, 4), attn_resolutions=(4,))  # 64 / 16 = 4: taming's (16,) at 256
 F8 = dict(ch_mult=(1, 2, 2, 4), attn_resolutions=(8,))  # 64 / 8 = 8: taming's (32,) at 256
@@ -374,10 +375,9 @@ def test_imagenet_configs_build_taming_f8_and_f16(name, tokens, attn_level):
   at resolution 32 / 16 sits in taming's down[attn_level] and up[attn_level] levels."""
   import importlib
 
-  from arcvq_jax.train import gan_steps, tokenizer
 
   c = importlib.import_module(f"configs.{name}").get_config()
-  model = tokenizer.build_model(c, channels=3)
+  model = state_lib.build_model(c, channels=3)
   x = jax.ShapeDtypeStruct((2, 256, 256, 3), jnp.float32)
   params = jax.eval_shape(model.init, key(), x)["params"]
   z = jax.eval_shape(lambda p, x: model.apply({"params": p}, x, method="encode"), params, x)
@@ -393,6 +393,6 @@ def test_imagenet_configs_build_taming_f8_and_f16(name, tokens, attn_level):
     assert has_attn == (i == attn_level), i
     assert len([k for k in params["decoder"][f"up_{i}"] if k.startswith("block")]) == 3
   assert "attn_1" in params["encoder"]["mid"] and "attn_1" in params["decoder"]["mid"]
-  disc = gan_steps.discriminator_from_config(c)
+  disc = discriminator.from_config(c)
   logits = jax.eval_shape(lambda x: disc.init_with_output(key(), x)[0], x)
   assert logits.shape == (2, 30, 30, 1)

@@ -12,51 +12,21 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-from etils import epath
 
-from arcvq_jax import api, quantization
+from arcvq_jax import api
 from arcvq_jax import checkpoint as ckpt_lib
-from arcvq_jax.train import gan_steps, tokenizer
-from arcvq_jax.train.state import (
-  DiscState,
-  GANTrainState,
-  TrainState,
-  init_disc_state,
-  init_train_state,
-  make_disc_optimizer,
-  make_optimizer,
-)
+from arcvq_jax.train import state as state_lib
 
 
 class WorkdirError(ValueError):
   """The workdir cannot take a converted checkpoint (e.g. it already holds a run)."""
 
 
-def _init_fn(config: ml_collections.ConfigDict, image_shape: tuple[int, int, int]):
-  """main's state initialiser: a function of the seed's key."""
-  model = tokenizer.build_model(config, channels=image_shape[-1])
-  tx = make_optimizer(config)
-  if config.model.name != "vqgan":
-    return lambda key: init_train_state(key, model=model, tx=tx, image_shape=image_shape)
-  disc_model = gan_steps.discriminator_from_config(config)
-  disc_tx = make_disc_optimizer(config)
-
-  def init_fn(key):  # as gan_steps.create_state_and_steps
-    gen_key, disc_key = jax.random.split(key)
-    return GANTrainState(
-      gen=init_train_state(gen_key, model=model, tx=tx, image_shape=image_shape),
-      disc=init_disc_state(disc_key, model=disc_model, tx=disc_tx, image_shape=image_shape),
-    )
-
-  return init_fn
-
-
 def abstract_state(config: ml_collections.ConfigDict, image_shape: tuple[int, int, int]) -> Any:
   """Shapes and dtypes (jax.ShapeDtypeStruct) of the state `main` builds for this config:
   what a checkpoint must match to be restored. Traces the initialiser, computes nothing."""
-  return jax.eval_shape(_init_fn(config, image_shape), jax.random.PRNGKey(config.seed))
+  return jax.eval_shape(state_lib.init_fn(config, image_shape), jax.random.PRNGKey(config.seed))
 
 
 def build_state(
@@ -68,46 +38,16 @@ def build_state(
   disc_params: Any = None,
   disc_batch_stats: Any = None,
 ) -> Any:
-  """The train state of `config` with these weights, structured exactly as `main`'s own.
-
-  params: the autoencoder's 'params' tree (numpy or jax arrays); disc_params /
-  disc_batch_stats: the PatchGAN's (a VQGAN only; None: a fresh discriminator, initialised
-  as a new run's). Optimizer states are fresh (zeros); the EMA codebook statistics start at
-  the codebook (counts of one), the usage at zero, as a new run's.
-  """
-  to_jax = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)
-  key = jax.random.PRNGKey(config.seed)
-  is_gan = config.model.name == "vqgan"
-  gen_key, disc_key = jax.random.split(key) if is_gan else (key, None)
-  _, rng = jax.random.split(gen_key)  # as init_train_state
-  params = to_jax(params)
-  codebook = params["codebook"]
-  gen = TrainState(
-    step=jnp.asarray(step, jnp.int32),
-    params=params,
-    opt_state=make_optimizer(config).init(params),
-    ema=quantization.EMAState(
-      cluster_size=jnp.ones((codebook.shape[0],), jnp.float32), embed_sum=codebook
-    ),
-    usage=jnp.zeros((codebook.shape[0],), jnp.float32),
-    rng=rng,
+  """state.state_from_params, checked leaf by leaf against the state `main` builds for the
+  config (WorkdirError naming every leaf that differs)."""
+  state = state_lib.state_from_params(
+    config,
+    image_shape,
+    params,
+    step=step,
+    disc_params=disc_params,
+    disc_batch_stats=disc_batch_stats,
   )
-  if not is_gan:
-    state = gen
-  else:
-    if disc_params is None:
-      disc_model = gan_steps.discriminator_from_config(config)
-      disc = init_disc_state(
-        disc_key, model=disc_model, tx=make_disc_optimizer(config), image_shape=image_shape
-      )
-    else:
-      disc_params = to_jax(disc_params)
-      disc = DiscState(
-        params=disc_params,
-        batch_stats=to_jax(disc_batch_stats),
-        opt_state=make_disc_optimizer(config).init(disc_params),
-      )
-    state = GANTrainState(gen=gen, disc=disc)
   check_matches(state, abstract_state(config, image_shape))
   return state
 
@@ -141,40 +81,23 @@ def write_workdir(
 ) -> str:
   """Writes workdir/config.json and workdir/checkpoints/<step>; returns the checkpoint dir.
 
-  Without a discriminator this is `api.write_workdir`. With one (a VQGAN checkpoint that
-  carries its PatchGAN), the same state with the converted discriminator in place of a fresh
-  one: api.write_workdir has no argument for it. Either way the checkpoint has no data
-  position, so `main` starts the data stream afresh, and a workdir that already holds
-  checkpoints is refused.
+  The state of `build_state` (the converted discriminator, if given, in place of a fresh
+  one), written as `api.write_workdir` writes: no data position, so `main` starts the data
+  stream afresh; a workdir that already holds checkpoints is refused.
   """
-  if disc_params is None:
-    return api.write_workdir(workdir, config, params, image_shape, step=step)
-  directory = ckpt_lib.checkpoint_dir(workdir)
-  checkpointer = ckpt_lib.Checkpointer(directory)
   try:
-    if checkpointer.latest_step() is not None:
-      raise WorkdirError(
-        f"{directory} already has checkpoints ({checkpointer.all_steps()}); "
-        "write into an empty --workdir so no run is overwritten."
-      )
-    state = build_state(
-      config,
-      image_shape,
-      params,
-      step=step,
-      disc_params=disc_params,
-      disc_batch_stats=disc_batch_stats,
-    )
-    root = epath.Path(workdir)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / (api.CONFIG_FILE + ".tmp")
-    tmp.write_text(config.to_json_best_effort(indent=2))
-    tmp.rename(root / api.CONFIG_FILE)
-    checkpointer.save(step, state, None)
-    checkpointer.wait()
-  finally:
-    checkpointer.close()
-  return directory
+    api.refuse_nonempty(workdir)
+  except api.TokenizerLoadError as e:
+    raise WorkdirError(str(e)) from e
+  state = build_state(
+    config,
+    image_shape,
+    params,
+    step=step,
+    disc_params=disc_params,
+    disc_batch_stats=disc_batch_stats,
+  )
+  return api.save_state(workdir, config, state, step)
 
 
 def restore_state(

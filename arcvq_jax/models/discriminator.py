@@ -6,7 +6,8 @@ With n_layers = 3 and ndf = 64 (taming's defaults), taming's `main` Sequential i
   0      Conv2d(C, 64, 4, stride 2, pad 1)       main_0 / kernel, bias
   1      LeakyReLU(0.2)
   2      Conv2d(64, 128, 4, s2, p1, bias=False)  main_2 / kernel
-  3      BatchNorm2d(128)                        main_3 / scale, bias; batch_stats main_3 / mean, var
+  3      BatchNorm2d(128)                        main_3 / scale, bias; batch_stats main_3 / mean,
+                                                 var
   4      LeakyReLU(0.2)
   5, 6, 7  the same to 256 channels              main_5, main_6
   8, 9, 10 the same to 512 channels, stride 1    main_8, main_9
@@ -104,3 +105,10 @@ class NLayerDiscriminator(nn.Module):
       index += 3
     h = self._conv(1, 1, True, index, self.ndf * mult)(h)
     return h.astype(jnp.float32)
+
+
+def from_config(config: Any) -> NLayerDiscriminator:
+  """The PatchGAN that config.gan describes, computing in config.model.dtype."""
+  return NLayerDiscriminator(
+    ndf=config.gan.ndf, n_layers=config.gan.n_layers, dtype=jnp.dtype(config.model.dtype)
+  )

@@ -32,14 +32,9 @@ from arcvq_jax.losses import gan
 from arcvq_jax.losses import lpips as lpips_lib
 from arcvq_jax.models import vqgan
 from arcvq_jax.models.discriminator import NLayerDiscriminator
-from arcvq_jax.train import tokenizer
-from arcvq_jax.train.state import (
-  DiscState,
-  GANTrainState,
-  TrainState,
-  init_disc_state,
-  init_train_state,
-)
+from arcvq_jax.train import state as state_lib
+from arcvq_jax.train import tokenizer_steps
+from arcvq_jax.train.state import DiscState, GANTrainState, TrainState
 
 sg = jax.lax.stop_gradient
 Batch = dict[str, jax.Array]
@@ -96,13 +91,13 @@ def generator_step(
   Returns (state, metrics, x_hat (B, H, W, C) float32, for the discriminator step).
   """
   x = batch["image"]
-  params, radius = tokenizer.project_codebook(state, config.quantizer)
+  params, radius = tokenizer_steps.project_codebook(state, config.quantizer)
 
   def autoencode(p):
-    z, z_flat, quant = tokenizer.encode_and_quantize(
+    z, z_flat, quant = tokenizer_steps.encode_and_quantize(
       p, x, model=model, config=config, mesh=None if replicated is None else replicated.mesh
     )
-    terms = tokenizer.quantizer_losses(
+    terms = tokenizer_steps.quantizer_losses(
       z_flat,
       quant,
       p["codebook"].astype(jnp.float32),
@@ -157,7 +152,7 @@ def generator_step(
   grads = _add_at(grads, (*vqgan.LAST_LAYER, "kernel"), d_kernel)
   grads = _add_at(grads, (*vqgan.LAST_LAYER, "bias"), d_bias)
   aux["loss"] = loss
-  new_state, metrics = tokenizer.apply_tokenizer_update(
+  new_state, metrics = tokenizer_steps.apply_tokenizer_update(
     state, params, grads, aux, radius, tx=tx, q=config.quantizer
   )
   return new_state, metrics, x_hat
@@ -249,12 +244,6 @@ def disc_train_start(config: ml_collections.ConfigDict) -> int:
   return config.gan.disc_start if start < 0 else start
 
 
-def discriminator_from_config(config: ml_collections.ConfigDict) -> NLayerDiscriminator:
-  return NLayerDiscriminator(
-    ndf=config.gan.ndf, n_layers=config.gan.n_layers, dtype=jnp.dtype(config.model.dtype)
-  )
-
-
 def abstract_state_and_shardings(
   config: ml_collections.ConfigDict,
   model: vqgan.VQGAN,
@@ -263,19 +252,19 @@ def abstract_state_and_shardings(
   disc_tx: optax.GradientTransformation,
   mesh: jax.sharding.Mesh,
   image_shape: tuple[int, int, int],
-) -> tuple[Callable, tuple[jax.Array, jax.Array], Any, Any]:
-  """(init_fn, its keys, the state's ShapeDtypeStructs, their shardings): nothing allocated."""
+) -> tuple[Callable, jax.Array, Any, Any]:
+  """(init_fn, its key, the state's ShapeDtypeStructs, their shardings): nothing allocated."""
+  init_fn = functools.partial(
+    state_lib.init_gan_state,
+    model=model,
+    tx=tx,
+    disc_model=disc_model,
+    disc_tx=disc_tx,
+    image_shape=image_shape,
+  )
   key = jax.random.PRNGKey(config.seed)
-  keys = tuple(jax.random.split(key))
-
-  def init_fn(gen_key, disc_key):
-    return GANTrainState(
-      gen=init_train_state(gen_key, model=model, tx=tx, image_shape=image_shape),
-      disc=init_disc_state(disc_key, model=disc_model, tx=disc_tx, image_shape=image_shape),
-    )
-
-  abstract = jax.eval_shape(init_fn, *keys)
-  return init_fn, keys, abstract, sharding.state_shardings(abstract, mesh, config.sharding)
+  abstract = jax.eval_shape(init_fn, key)
+  return init_fn, key, abstract, sharding.state_shardings(abstract, mesh, config.sharding)
 
 
 def make_steps(
@@ -333,9 +322,9 @@ def create_state_and_steps(
   axis) like the VQ-VAE's.
   lpips_params: replicated LPIPS weights (or None with loss.perceptual_weight = 0).
   """
-  init_fn, keys, _, state_sharding = abstract_state_and_shardings(
+  init_fn, key, _, state_sharding = abstract_state_and_shardings(
     config, model, disc_model, tx, disc_tx, mesh, image_shape
   )
-  state = jax.jit(init_fn, out_shardings=state_sharding)(*keys)
+  state = jax.jit(init_fn, out_shardings=state_sharding)(key)
   steps = make_steps(config, model, disc_model, tx, disc_tx, mesh, state_sharding, lpips_params)
   return state, state_sharding, steps

@@ -30,7 +30,6 @@ from etils import epath
 
 from arcvq_jax import api, prior_config
 from arcvq_jax.data import pipeline
-from arcvq_jax.train.tokenizer import NonFiniteLossError
 
 TOKENIZER_RECORD = "tokenizer.json"
 
@@ -40,14 +39,6 @@ class PriorSetupError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- the tokenizer
-
-
-def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """workdir/config.json (process 0), as the tokenizer stage writes it."""
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, api.CONFIG_FILE), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
 
 
 def data_config(config: ml_collections.ConfigDict, tok: api.Tokenizer) -> ml_collections.ConfigDict:
@@ -326,26 +317,6 @@ def ema_decay(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
 def ema_update(ema: Any, params: Any, decay: jax.Array) -> Any:
   """ema <- ema - (1 - decay) (ema - params), leaf by leaf (LitEma's forward)."""
   return jax.tree.map(lambda e, p: e - (1.0 - decay) * (e - p), ema, params)
-
-
-def check_finite(
-  history: list[dict[str, jax.Array]], step: int, checkpointer: Any, name: str
-) -> None:
-  """Raises NonFiniteLossError if a loss since the last log is NaN or Inf (nothing is saved)."""
-  losses = np.asarray(jax.device_get([m["loss"] for m in history]))
-  if losses.size and not np.all(np.isfinite(losses)):
-    checkpointer.wait()  # an async save of an earlier, good step finishes first
-    raise NonFiniteLossError(
-      f"the {name} loss became {losses[~np.isfinite(losses)][0]} by step {step}; the last "
-      f"good checkpoint is step {checkpointer.latest_step()} in {checkpointer.directory}. "
-      "Lower config.optimizer.lr or set config.optimizer.grad_clip_norm, then run the same "
-      "command again to resume from it."
-    )
-
-
-def mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
-  stacked = jax.device_get(history)
-  return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

@@ -11,7 +11,6 @@ here for the grids and by `python -m arcvq_jax.sample`.
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,12 +22,11 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, periodic_actions
 
-from arcvq_jax import checkpoint as ckpt_lib
-from arcvq_jax import diffusion, distributed, prior_config, sharding
+from arcvq_jax import diffusion, prior_config, sharding
 from arcvq_jax.evaluation import images as image_lib
 from arcvq_jax.models import unet
+from arcvq_jax.train import loop
 from arcvq_jax.train import prior_common as common
 
 
@@ -223,10 +221,41 @@ def sample_params(state: LDMTrainState, use_ema: bool) -> Any:
 # --------------------------------------------------------------------------- the loop
 
 
+def sample_grid(
+  config: ml_collections.ConfigDict,
+  model: nn.Module,
+  tok: Any,
+  mesh: jax.sharding.Mesh,
+  latent_shape: tuple[int, int, int],
+  writer: Any,
+) -> Callable[[int, LDMTrainState], None]:
+  """A periodic action: 8 DDIM samples (one per class, fixed noise), decoded, as an image."""
+  sample_fn = make_sample_fn(model, config)
+  n = 8
+  # Replicated on the mesh like the params, so the jitted sampler sees one device set.
+  labels, noise, key = jax.device_put(
+    (
+      jnp.arange(n, dtype=jnp.int32) % max(config.num_classes, 1),
+      initial_noise(jax.random.PRNGKey(config.seed + 1), jnp.arange(n), latent_shape),
+      jax.random.PRNGKey(0),
+    ),
+    sharding.replicated(mesh),
+  )
+
+  def write(step: int, state: LDMTrainState) -> None:
+    z = sample_fn(sample_params(state, config.sampling.use_ema), noise, labels, key)
+    z = np.asarray(z.addressable_data(0))  # replicated: every process has all of it
+    images = tok.decode_latents(z / float(state.scale_factor.addressable_data(0)))
+    grid = image_lib.image_grid(np.asarray(images), ncols=n, value_range=(-1, 1))
+    writer.write_images(step, {"samples": grid[None]})
+
+  return write
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) the LDM in `workdir`; returns the last logged train metrics."""
   prior_config.validate_ldm(config, jax.device_count(), jax.process_count())
-  common.write_config(config, workdir)
+  loop.write_config(config, workdir)
   tok, record = common.load_tokenizer(config, workdir)
   latent_shape = tuple(record["latent_shape"])
   out_dir = common.latents_dir(config, workdir)
@@ -250,97 +279,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   )
 
   mesh = sharding.make_mesh(config.sharding.mesh_shape, config.sharding.mesh_axes)
-  batch_sharding = sharding.batch_sharding(mesh)
   model = unet.from_config(config, latent_channels=latent_shape[-1])
   tx = common.make_optimizer(config)
-  state, _, step_fn = create_state_and_step(config, model, tx, mesh, latent_shape, scale_factor)
+  state, _, step = create_state_and_step(config, model, tx, mesh, latent_shape, scale_factor)
   train_iter = common.create_array_iterator(
     {"latent": arrays["x"], "label": arrays["label"]}, config.batch_size, config.seed
   )
-  checkpointer = ckpt_lib.Checkpointer(
-    ckpt_lib.checkpoint_dir(workdir),
-    config.keep_checkpoints,
-    async_save=config.get("checkpoint_async", False),
-  )
-  start = checkpointer.latest_step()
-  if start is not None:
-    logging.info("Resuming from checkpoint step %d in %s", start, checkpointer.directory)
-    state = checkpointer.restore(start, ckpt_lib.abstract_like(state), train_iter)
-  start = int(jax.device_get(state.step))
-  total = config.num_train_steps
+  checkpointer = loop.open_checkpointer(config, workdir)
+  state = loop.restore(checkpointer, state, train_iter)
   logging.info(
     "LDM: %d params, %d training latents, steps %d -> %d",
     sum(x.size for x in jax.tree.leaves(state.params)),
     len(arrays["x"]),
-    start,
-    total,
+    int(jax.device_get(state.step)),
+    config.num_train_steps,
   )
 
-  is_main = jax.process_index() == 0
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
-  report_progress = periodic_actions.ReportProgress(num_train_steps=total, writer=writer)
-  preview_fn = make_sample_fn(model, config) if config.sample_every_steps else None
-  n_preview = 8
-  # Replicated on the mesh like the params, so the jitted sampler sees one device set.
-  preview_labels, preview_noise, preview_key = jax.device_put(
-    (
-      jnp.arange(n_preview, dtype=jnp.int32) % max(config.num_classes, 1),
-      initial_noise(jax.random.PRNGKey(config.seed + 1), jnp.arange(n_preview), latent_shape),
-      jax.random.PRNGKey(0),
-    ),
-    sharding.replicated(mesh),
+  writer = loop.create_writer(workdir)
+  actions = []
+  if config.sample_every_steps:
+    grid = sample_grid(config, model, tok, mesh, latent_shape, writer)
+    actions.append(loop.Periodic(config.sample_every_steps, grid))
+  outcome = loop.run(
+    state,
+    lambda state, batch, t: step(state, batch),
+    train_iter=train_iter,
+    batch_sharding=sharding.batch_sharding(mesh),
+    total_steps=config.num_train_steps,
+    checkpointer=checkpointer,
+    writer=writer,
+    log_every=config.log_every_steps,
+    checkpoint_every=config.checkpoint_every_steps,
+    actions=actions,
+    name="LDM",
   )
-
-  history: list[dict[str, jax.Array]] = []
-  last: dict[str, float] = {}
-  preemption = distributed.PreemptionWatcher().install()
-  try:
-    for step in range(start + 1, total + 1):
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        batch = sharding.global_batch(next(train_iter), batch_sharding)
-        state, metrics = step_fn(state, batch)
-      history.append(metrics)
-      report_progress(step, time.time())
-      is_last = step == total
-      if step % config.log_every_steps == 0 or is_last:
-        common.check_finite(history, step, checkpointer, "LDM")
-        last = common.mean_metrics(history)
-        writer.write_scalars(step, {f"train/{k}": v for k, v in last.items()})
-        history = []
-      if preview_fn is not None and (step % config.sample_every_steps == 0 or is_last):
-        z = preview_fn(
-          sample_params(state, config.sampling.use_ema), preview_noise, preview_labels, preview_key
-        )
-        z = np.asarray(z.addressable_data(0))  # replicated: every process has all of it
-        images = tok.decode_latents(z / float(state.scale_factor.addressable_data(0)))
-        grid = image_lib.image_grid(np.asarray(images), ncols=n_preview, value_range=(-1, 1))
-        writer.write_images(step, {"samples": grid[None]})
-      saved = (
-        config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
-      ) or is_last
-      if saved:
-        common.check_finite(history, step, checkpointer, "LDM")
-        checkpointer.save(step, state, train_iter)
-      if not is_last and preemption.should_stop(step):
-        # SIGTERM (preemption, scancel): save this step, wait for the write, leave; the
-        # same command resumes here.
-        if not saved:
-          common.check_finite(history, step, checkpointer, "LDM")
-          checkpointer.save(step, state, train_iter)
-        checkpointer.wait()
-        checkpointer.close()
-        writer.flush()
-        logging.warning(
-          "Preempted (SIGTERM) at step %d of %d: checkpoint saved in %s; run "
-          "the same command to resume.",
-          step,
-          total,
-          checkpointer.directory,
-        )
-        return dict(preempted_at_step=step)
-  finally:
-    preemption.restore()
-  checkpointer.wait()
-  checkpointer.close()
-  writer.flush()
-  return last
+  loop.finish(checkpointer, writer)
+  if outcome.preempted_at is not None:
+    return dict(preempted_at_step=outcome.preempted_at)
+  return outcome.metrics

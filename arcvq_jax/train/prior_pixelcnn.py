@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,12 +22,11 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, periodic_actions
 
-from arcvq_jax import checkpoint as ckpt_lib
-from arcvq_jax import distributed, prior_config, sharding
+from arcvq_jax import prior_config, sharding
 from arcvq_jax.evaluation import images as image_lib
 from arcvq_jax.models import pixelcnn
+from arcvq_jax.train import loop
 from arcvq_jax.train import prior_common as common
 
 
@@ -181,13 +179,42 @@ def sample_params(state: PixelCNNTrainState, use_ema: bool) -> Any:
   return state.ema_params if use_ema and state.ema_params is not None else state.params
 
 
-# --------------------------------------------------------------------------- the loop
+# --------------------------------------------------------------------------- the stage
+
+
+def sample_grid(
+  config: ml_collections.ConfigDict,
+  model: nn.Module,
+  tok: Any,
+  mesh: jax.sharding.Mesh,
+  grid: tuple[int, int],
+  writer: Any,
+) -> Callable[[int, PixelCNNTrainState], None]:
+  """A periodic action: 8 samples (one per class, fixed keys), decoded, as an image."""
+  sample_fn = make_sample_fn(model, config, grid)
+  n = 8
+  # Replicated on the mesh like the params, so the jitted sampler sees one device set.
+  labels, keys = jax.device_put(
+    (
+      jnp.arange(n, dtype=jnp.int32) % max(config.num_classes, 1),
+      sample_keys(jax.random.PRNGKey(config.seed + 1), jnp.arange(n)),
+    ),
+    sharding.replicated(mesh),
+  )
+
+  def write(step: int, state: PixelCNNTrainState) -> None:
+    tokens = sample_fn(sample_params(state, config.sampling.use_ema), labels, keys)
+    images = tok.decode(np.asarray(tokens.addressable_data(0)))  # replicated
+    image = image_lib.image_grid(np.asarray(images), ncols=n, value_range=(-1, 1))
+    writer.write_images(step, {"samples": image[None]})
+
+  return write
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) the PixelCNN in `workdir`; returns the last logged train metrics."""
   prior_config.validate_pixelcnn(config, jax.device_count(), jax.process_count())
-  common.write_config(config, workdir)
+  loop.write_config(config, workdir)
   tok, record = common.load_tokenizer(config, workdir)
   grid = tuple(record["latent_shape"][:2])
   arrays = common.precompute(
@@ -201,96 +228,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   )
 
   mesh = sharding.make_mesh(config.sharding.mesh_shape, config.sharding.mesh_axes)
-  batch_sharding = sharding.batch_sharding(mesh)
   model = pixelcnn.from_config(config, num_codes=record["num_codes"])
   tx = common.make_optimizer(config)
-  state, _, step_fn = create_state_and_step(config, model, tx, mesh, grid)
+  state, _, step = create_state_and_step(config, model, tx, mesh, grid)
   train_iter = common.create_array_iterator(
     {"tokens": arrays["x"], "label": arrays["label"]}, config.batch_size, config.seed
   )
-  checkpointer = ckpt_lib.Checkpointer(
-    ckpt_lib.checkpoint_dir(workdir),
-    config.keep_checkpoints,
-    async_save=config.get("checkpoint_async", False),
-  )
-  start = checkpointer.latest_step()
-  if start is not None:
-    logging.info("Resuming from checkpoint step %d in %s", start, checkpointer.directory)
-    state = checkpointer.restore(start, ckpt_lib.abstract_like(state), train_iter)
-  start = int(jax.device_get(state.step))
-  total = config.num_train_steps
+  checkpointer = loop.open_checkpointer(config, workdir)
+  state = loop.restore(checkpointer, state, train_iter)
   logging.info(
     "PixelCNN: %d params, %d training grids of %s, steps %d -> %d",
     sum(x.size for x in jax.tree.leaves(state.params)),
     len(arrays["x"]),
     grid,
-    start,
-    total,
+    int(jax.device_get(state.step)),
+    config.num_train_steps,
   )
 
-  is_main = jax.process_index() == 0
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
-  report_progress = periodic_actions.ReportProgress(num_train_steps=total, writer=writer)
-  preview_fn = make_sample_fn(model, config, grid) if config.sample_every_steps else None
-  n_preview = 8
-  # Replicated on the mesh like the params, so the jitted sampler sees one device set.
-  preview_labels, preview_keys = jax.device_put(
-    (
-      jnp.arange(n_preview, dtype=jnp.int32) % max(config.num_classes, 1),
-      sample_keys(jax.random.PRNGKey(config.seed + 1), jnp.arange(n_preview)),
-    ),
-    sharding.replicated(mesh),
+  writer = loop.create_writer(workdir)
+  actions = []
+  if config.sample_every_steps:
+    preview = sample_grid(config, model, tok, mesh, grid, writer)
+    actions.append(loop.Periodic(config.sample_every_steps, preview))
+  outcome = loop.run(
+    state,
+    lambda state, batch, t: step(state, batch),
+    train_iter=train_iter,
+    batch_sharding=sharding.batch_sharding(mesh),
+    total_steps=config.num_train_steps,
+    checkpointer=checkpointer,
+    writer=writer,
+    log_every=config.log_every_steps,
+    checkpoint_every=config.checkpoint_every_steps,
+    actions=actions,
+    name="PixelCNN",
   )
-
-  history: list[dict[str, jax.Array]] = []
-  last: dict[str, float] = {}
-  preemption = distributed.PreemptionWatcher().install()
-  try:
-    for step in range(start + 1, total + 1):
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        batch = sharding.global_batch(next(train_iter), batch_sharding)
-        state, metrics = step_fn(state, batch)
-      history.append(metrics)
-      report_progress(step, time.time())
-      is_last = step == total
-      if step % config.log_every_steps == 0 or is_last:
-        common.check_finite(history, step, checkpointer, "PixelCNN")
-        last = common.mean_metrics(history)
-        writer.write_scalars(step, {f"train/{k}": v for k, v in last.items()})
-        history = []
-      if preview_fn is not None and (step % config.sample_every_steps == 0 or is_last):
-        tokens = preview_fn(
-          sample_params(state, config.sampling.use_ema), preview_labels, preview_keys
-        )
-        images = tok.decode(np.asarray(tokens.addressable_data(0)))  # replicated
-        grid_image = image_lib.image_grid(np.asarray(images), ncols=n_preview, value_range=(-1, 1))
-        writer.write_images(step, {"samples": grid_image[None]})
-      saved = (
-        config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
-      ) or is_last
-      if saved:
-        common.check_finite(history, step, checkpointer, "PixelCNN")
-        checkpointer.save(step, state, train_iter)
-      if not is_last and preemption.should_stop(step):
-        # SIGTERM (preemption, scancel): save this step, wait for the write, leave; the
-        # same command resumes here.
-        if not saved:
-          common.check_finite(history, step, checkpointer, "PixelCNN")
-          checkpointer.save(step, state, train_iter)
-        checkpointer.wait()
-        checkpointer.close()
-        writer.flush()
-        logging.warning(
-          "Preempted (SIGTERM) at step %d of %d: checkpoint saved in %s; run "
-          "the same command to resume.",
-          step,
-          total,
-          checkpointer.directory,
-        )
-        return dict(preempted_at_step=step)
-  finally:
-    preemption.restore()
-  checkpointer.wait()
-  checkpointer.close()
-  writer.flush()
-  return last
+  loop.finish(checkpointer, writer)
+  if outcome.preempted_at is not None:
+    return dict(preempted_at_step=outcome.preempted_at)
+  return outcome.metrics

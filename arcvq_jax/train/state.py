@@ -3,6 +3,8 @@ optimizers that update them."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -12,6 +14,7 @@ import ml_collections
 import optax
 
 from arcvq_jax import quantization
+from arcvq_jax.models import discriminator, vqgan, vqvae
 
 
 @flax.struct.dataclass
@@ -143,3 +146,108 @@ def init_disc_state(
     batch_stats=variables["batch_stats"],
     opt_state=tx.init(variables["params"]),
   )
+
+
+def init_gan_state(
+  key: jax.Array,
+  model: flax.linen.Module,
+  tx: optax.GradientTransformation,
+  disc_model: flax.linen.Module,
+  disc_tx: optax.GradientTransformation,
+  image_shape: tuple[int, int, int],
+) -> GANTrainState:
+  """A fresh VQGAN state: the key split into the autoencoder's and the discriminator's."""
+  gen_key, disc_key = jax.random.split(key)
+  return GANTrainState(
+    gen=init_train_state(gen_key, model=model, tx=tx, image_shape=image_shape),
+    disc=init_disc_state(disc_key, model=disc_model, tx=disc_tx, image_shape=image_shape),
+  )
+
+
+# --------------------------------------------------------------------------- building states
+
+
+def build_model(config: ml_collections.ConfigDict, channels: int) -> flax.linen.Module:
+  """The autoencoder config.model.name names ('vqvae' or 'vqgan'), for `channels` channels."""
+  if config.model.name == "vqgan":
+    return vqgan.from_config(config, channels=channels)
+  return vqvae.from_config(config, channels=channels)
+
+
+def init_fn(
+  config: ml_collections.ConfigDict, image_shape: tuple[int, int, int]
+) -> Callable[[jax.Array], TrainState | GANTrainState]:
+  """The initialiser of a tokenizer run's state: key -> a fresh TrainState (VQ-VAE) or
+  GANTrainState (VQGAN: the key split into the autoencoder's and the discriminator's).
+
+  Pure, so `jax.eval_shape` gives the state's shapes and `jax.jit(..., out_shardings=...)`
+  builds it in place. The train step, the converters and `api.write_workdir` all start from
+  it, so a state they write is the one a fresh `main` would restore into.
+  """
+  model = build_model(config, channels=image_shape[-1])
+  tx = make_optimizer(config)
+  if config.model.name != "vqgan":
+    return lambda key: init_train_state(key, model=model, tx=tx, image_shape=image_shape)
+  return functools.partial(
+    init_gan_state,
+    model=model,
+    tx=tx,
+    disc_model=discriminator.from_config(config),
+    disc_tx=make_disc_optimizer(config),
+    image_shape=image_shape,
+  )
+
+
+def state_from_params(
+  config: ml_collections.ConfigDict,
+  image_shape: tuple[int, int, int],
+  params: Any,
+  *,
+  step: int,
+  disc_params: Any = None,
+  disc_batch_stats: Any = None,
+) -> TrainState | GANTrainState:
+  """The train state of a fresh run of `config`, holding the given weights at `step`.
+
+  params: the autoencoder's 'params' tree (numpy or jax arrays, cast to float32);
+  disc_params / disc_batch_stats: a VQGAN's PatchGAN (None: a fresh discriminator, as a new
+  run's). Optimizer states are fresh (zeros); the EMA codebook statistics start at the
+  codebook (counts of one), the usage at zero, the rng as a new run's. What `api.write_workdir`
+  and the checkpoint converters save.
+  """
+  to_f32 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)
+  # The keys of init_gan_state and init_train_state, without initialising the autoencoder (for a
+  # converted f16 VQGAN that is seconds of work whose result would be thrown away).
+  key = jax.random.PRNGKey(config.seed)
+  is_gan = config.model.name == "vqgan"
+  gen_key, disc_key = jax.random.split(key) if is_gan else (key, None)
+  _, rng = jax.random.split(gen_key)
+  params = to_f32(params)
+  num_codes = params["codebook"].shape[0]
+  gen = TrainState(
+    step=jnp.asarray(step, jnp.int32),
+    params=params,
+    opt_state=make_optimizer(config).init(params),
+    ema=quantization.EMAState(
+      cluster_size=jnp.ones((num_codes,), jnp.float32), embed_sum=params["codebook"]
+    ),
+    usage=jnp.zeros((num_codes,), jnp.float32),
+    rng=rng,
+  )
+  if not is_gan:
+    return gen
+  if disc_params is None:
+    disc = init_disc_state(
+      disc_key,
+      model=discriminator.from_config(config),
+      tx=make_disc_optimizer(config),
+      image_shape=image_shape,
+    )
+  else:
+    disc_params = to_f32(disc_params)
+    disc = DiscState(
+      params=disc_params,
+      batch_stats=to_f32(disc_batch_stats),
+      opt_state=make_disc_optimizer(config).init(disc_params),
+    )
+  return GANTrainState(gen=gen, disc=disc)

@@ -1,4 +1,4 @@
-"""The streamed ArcLoss and nearest-code search against the naive forms in quantization.py.
+"""The blocked ArcLoss and nearest-code search against the naive forms in quantization.py.
 
 quantization.arc_loss / nearest_code are checked against numpy in test_quantization.py; here
 they are the truth that the chunked versions must reproduce: the same value, the same
@@ -15,31 +15,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from streaming_fixtures import exact_units, random_data
+from blockwise_fixtures import exact_units, random_data
 
+from arcvq_jax import blockwise as st
 from arcvq_jax import config as config_lib
 from arcvq_jax import quantization as vq
-from arcvq_jax import streaming as st
-from arcvq_jax.train import tokenizer
+from arcvq_jax.models import discriminator
+from arcvq_jax.train import state as state_lib
+from arcvq_jax.train import tokenizer_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def naive_and_streamed(z, e, s, m, k, chunk, code_chunk=None):
+def naive_and_blocked(z, e, s, m, k, chunk, code_chunk=None):
   """(value, dL/dz) of both forms, jitted."""
   naive = jax.jit(jax.value_and_grad(lambda a: vq.arc_loss(a, jnp.asarray(e), s, m, k)))
-  streamed = jax.jit(
+  blocked = jax.jit(
     jax.value_and_grad(
-      lambda a: st.arc_loss_streamed(
+      lambda a: st.arc_loss_blocked(
         a, jnp.asarray(e), s, m, k, chunk_size=chunk, code_chunk_size=code_chunk
       )
     )
   )
-  return naive(jnp.asarray(z)), streamed(jnp.asarray(z))
+  return naive(jnp.asarray(z)), blocked(jnp.asarray(z))
 
 
-def assert_same(naive, streamed, rtol=1e-5, grad_rtol=1e-4):
-  (v0, g0), (v1, g1) = naive, streamed
+def assert_same(naive, blocked, rtol=1e-5, grad_rtol=1e-4):
+  (v0, g0), (v1, g1) = naive, blocked
   # The loss is a difference of log-sum-exps of size ~s: its round-off is ~1e-6 absolute.
   np.testing.assert_allclose(v1, v0, rtol=rtol, atol=2e-6)
   g0, g1 = np.asarray(g0), np.asarray(g1)
@@ -68,13 +70,13 @@ CASES = [
 @pytest.mark.parametrize("n,k_rows,d,chunk,code_chunk,s,m,top_k", CASES)
 def test_value_and_gradient_match_naive(n, k_rows, d, chunk, code_chunk, s, m, top_k):
   z, e = random_data(n + k_rows, n, k_rows, d)
-  assert_same(*naive_and_streamed(z, e, s, m, top_k, chunk, code_chunk))
+  assert_same(*naive_and_blocked(z, e, s, m, top_k, chunk, code_chunk))
 
 
 def test_default_block_sizes_match_naive():
   # N = 9000 is two 4096-token chunks and a tail; K = 1100 is two 512-code blocks and a tail.
   z, e = random_data(11, 9000, 1100, 8)
-  assert_same(*naive_and_streamed(z, e, 10.0, 0.1, 3, None))
+  assert_same(*naive_and_blocked(z, e, 10.0, 0.1, 3, None))
 
 
 @pytest.mark.parametrize(
@@ -86,8 +88,8 @@ def test_ties_between_duplicated_latents_resolve_like_top_k(n, chunk, top_k):
   rng = np.random.default_rng(n)
   z = exact_units(1, 12)[rng.integers(0, 12, n)]
   e = exact_units(2, 20)
-  naive, streamed = naive_and_streamed(z, e, 10.0, 0.1, top_k, chunk)
-  assert_same(naive, streamed)
+  naive, blocked = naive_and_blocked(z, e, 10.0, 0.1, top_k, chunk)
+  assert_same(naive, blocked)
   # The data does make ties at the boundary (else this test would prove nothing).
   cos = np.asarray(vq.l2_normalize(jnp.asarray(e)) @ vq.l2_normalize(jnp.asarray(z)).T)
   kth = np.sort(cos, axis=1)[:, -top_k]
@@ -102,8 +104,8 @@ def test_ties_across_groups_of_one_block():
   z = np.tile(-e, (256, 1))  # cosine -1
   z[165] = e  # cosine 1
   z[[70, 170]] = 0.5  # cosine 0.5, exactly
-  naive, streamed = naive_and_streamed(z, e, 10.0, 0.1, 2, 256)
-  assert_same(naive, streamed)
+  naive, blocked = naive_and_blocked(z, e, 10.0, 0.1, 2, 256)
+  assert_same(naive, blocked)
   assert np.abs(np.asarray(naive[1])[70]).sum() > 0
 
 
@@ -129,7 +131,7 @@ def test_zero_vectors_in_latents_and_codebook():
   zero = np.zeros(len(z), bool)
   zero[::7] = True
   for chunk in (64, 700):
-    (v0, g0), (v1, g1) = naive_and_streamed(z, e, 10.0, 0.1, 3, chunk)
+    (v0, g0), (v1, g1) = naive_and_blocked(z, e, 10.0, 0.1, 3, chunk)
     # The guard makes the gradient at a zero latent finite but ~1/eps: compare the two kinds
     # of rows apart, each to its own scale.
     assert_same((v0, g0[zero]), (v1, g1[zero]))
@@ -139,15 +141,15 @@ def test_zero_vectors_in_latents_and_codebook():
 def test_large_scale_is_stable():
   # s = 1000: exp without the running shifts would overflow (or underflow to log 0).
   z, e = random_data(4, 400, 6, 4)
-  naive, streamed = naive_and_streamed(z, e, 1000.0, 0.1, 3, 64)
-  assert np.isfinite(streamed[0])
-  assert_same(naive, streamed, rtol=1e-5, grad_rtol=1e-3)
+  naive, blocked = naive_and_blocked(z, e, 1000.0, 0.1, 3, 64)
+  assert np.isfinite(blocked[0])
+  assert_same(naive, blocked, rtol=1e-5, grad_rtol=1e-3)
 
 
 def test_top_k_equal_to_n():
   # Every token is in P: the loss is 0 (the naive form's is round-off around it).
   z, e = random_data(5, 5, 3, 4)
-  (v0, g0), (v1, g1) = naive_and_streamed(z, e, 10.0, 0.1, 5, 2)
+  (v0, g0), (v1, g1) = naive_and_blocked(z, e, 10.0, 0.1, 5, 2)
   np.testing.assert_allclose([v1, v0], 0.0, atol=1e-6)
   np.testing.assert_allclose(g1, g0, atol=1e-6)
 
@@ -155,7 +157,7 @@ def test_top_k_equal_to_n():
 def test_codebook_gets_zero_gradient_under_jit():
   z, e = random_data(6, 300, 12, 8)
   z, e = jnp.asarray(z), jnp.asarray(e)
-  loss = functools.partial(st.arc_loss_streamed, s=10.0, m=0.1, top_k=3, chunk_size=64)
+  loss = functools.partial(st.arc_loss_blocked, s=10.0, m=0.1, top_k=3, chunk_size=64)
   # Weighted, as in the training loss: the incoming cotangent is not 1.
   g_z, g_e = jax.jit(jax.grad(lambda a, b: 0.37 * loss(a, b), argnums=(0, 1)))(z, e)
   assert np.all(np.asarray(g_e) == 0)
@@ -167,12 +169,12 @@ def test_codebook_gets_zero_gradient_under_jit():
 def test_bfloat16_inputs_are_computed_in_float32():
   z, e = random_data(10, 300, 12, 8)
   z16, e16 = jnp.asarray(z, jnp.bfloat16), jnp.asarray(e, jnp.bfloat16)
-  loss = functools.partial(st.arc_loss_streamed, s=10.0, m=0.1, top_k=3, chunk_size=64)
+  loss = functools.partial(st.arc_loss_blocked, s=10.0, m=0.1, top_k=3, chunk_size=64)
   value, grad = jax.jit(jax.value_and_grad(loss))(z16, e16)
   want = vq.arc_loss(z16.astype(jnp.float32), e16.astype(jnp.float32), 10.0, 0.1, 3)
   assert value.dtype == jnp.float32 and grad.dtype == jnp.bfloat16
   np.testing.assert_allclose(value, want, rtol=1e-5)
-  idx = jax.jit(st.nearest_code_streamed, static_argnums=(2, 3))(z16, e16, "cosine", 64)
+  idx = jax.jit(st.nearest_code_blocked, static_argnums=(2, 3))(z16, e16, "cosine", 64)
   np.testing.assert_array_equal(
     idx, vq.nearest_code(z16.astype(jnp.float32), e16.astype(jnp.float32), "cosine")
   )
@@ -180,7 +182,7 @@ def test_bfloat16_inputs_are_computed_in_float32():
 
 def test_never_builds_the_k_by_n_matrix():
   # XLA's own account of the temporaries of forward + backward: the naive form needs several
-  # (K, N) buffers, the streamed one a few (K, chunk) blocks and O(N * D).
+  # (K, N) buffers, the blocked one a few (K, chunk) blocks and O(N * D).
   n, k_rows, d, chunk = 16384, 256, 8, 512
   z = jax.ShapeDtypeStruct((n, d), jnp.float32)
   e = jax.ShapeDtypeStruct((k_rows, d), jnp.float32)
@@ -190,19 +192,19 @@ def test_never_builds_the_k_by_n_matrix():
 
   matrix = 4 * k_rows * n
   naive = temp_bytes(lambda a, b: vq.arc_loss(a, b, 10.0, 0.1, 3))
-  streamed = temp_bytes(lambda a, b: st.arc_loss_streamed(a, b, 10.0, 0.1, 3, chunk_size=chunk))
+  blocked = temp_bytes(lambda a, b: st.arc_loss_blocked(a, b, 10.0, 0.1, 3, chunk_size=chunk))
   assert naive >= matrix  # the check can tell
-  assert streamed < matrix / 4, (streamed, matrix)
+  assert blocked < matrix / 4, (blocked, matrix)
 
 
 def test_rejects_bad_arguments():
   z, e = jnp.ones((4, 3)), jnp.ones((2, 3))
   with pytest.raises(ValueError, match="top_k"):
-    st.arc_loss_streamed(z, e, 10.0, 0.1, 5)
+    st.arc_loss_blocked(z, e, 10.0, 0.1, 5)
   with pytest.raises(ValueError, match="s="):
-    st.arc_loss_streamed(z, e, -1.0, 0.1, 3)
+    st.arc_loss_blocked(z, e, -1.0, 0.1, 3)
   with pytest.raises(ValueError, match="distance"):
-    st.nearest_code_streamed(z, e, "manhattan")
+    st.nearest_code_blocked(z, e, "manhattan")
 
 
 def test_auto_chunk_size():
@@ -223,7 +225,7 @@ def test_nearest_code_matches_naive(distance, chunk, code_chunk):
   want = vq.nearest_code(jnp.asarray(z), jnp.asarray(e), distance)
   got = jax.jit(
     functools.partial(
-      st.nearest_code_streamed, distance=distance, chunk_size=chunk, code_chunk_size=code_chunk
+      st.nearest_code_blocked, distance=distance, chunk_size=chunk, code_chunk_size=code_chunk
     )
   )(jnp.asarray(z), jnp.asarray(e))
   assert got.dtype == jnp.int32 and got.shape == (203,)
@@ -248,7 +250,7 @@ def test_nearest_code_ties_go_to_the_lowest_index(distance):
   for chunk, code_chunk in [(None, 8192), (4, 8), (35, 4)]:
     got = jax.jit(
       functools.partial(
-        st.nearest_code_streamed, distance=distance, chunk_size=chunk, code_chunk_size=code_chunk
+        st.nearest_code_blocked, distance=distance, chunk_size=chunk, code_chunk_size=code_chunk
       )
     )(jnp.asarray(z), jnp.asarray(e))
     np.testing.assert_array_equal(got, want)
@@ -260,7 +262,7 @@ def test_nearest_code_nan_like_argmax():
   e[6, 1] = np.nan  # every latent scores NaN against code 6
   for distance in ("cosine", "euclidean"):
     want = vq.nearest_code(jnp.asarray(z), jnp.asarray(e), distance)
-    got = jax.jit(st.nearest_code_streamed, static_argnums=(2, 3, 4))(
+    got = jax.jit(st.nearest_code_blocked, static_argnums=(2, 3, 4))(
       jnp.asarray(z), jnp.asarray(e), distance, 8, 4
     )
     np.testing.assert_array_equal(got, want)
@@ -271,7 +273,7 @@ def test_nearest_code_nan_like_argmax():
 
 @pytest.fixture(scope="module")
 def multidevice():
-  """tests/streaming_multidevice_script.py on 8 simulated CPU devices: {case: errors}."""
+  """tests/blockwise_multidevice_script.py on 8 simulated CPU devices: {case: errors}."""
   env = dict(
     os.environ,
     XLA_FLAGS="--xla_force_host_platform_device_count=8",
@@ -279,7 +281,7 @@ def multidevice():
     PYTHONPATH=ROOT,
   )
   proc = subprocess.run(
-    [sys.executable, os.path.join(ROOT, "tests", "streaming_multidevice_script.py")],
+    [sys.executable, os.path.join(ROOT, "tests", "blockwise_multidevice_script.py")],
     env=env,
     capture_output=True,
     text=True,
@@ -311,7 +313,7 @@ def test_sharded_search_equals_single_device(multidevice):
 
 
 def test_codebook_sharded_train_step_equals_one_device(multidevice):
-  # A VQ-VAE step on 8 devices, streamed ArcLoss and search with the codebook stored and
+  # A VQ-VAE step on 8 devices, blocked ArcLoss and search with the codebook stored and
   # searched split along K, against the naive step on one device.
   cases = {k: v for k, v in multidevice.items() if k.startswith("train/")}
   assert set(cases) == {"train/4x2:data,model/cb=model", "train/2x4:data,fsdp/cb=data"}
@@ -359,11 +361,11 @@ def test_sharded_forms_on_one_device_match():
 
 
 def test_auto_keeps_the_naive_form_for_small_problems():
-  assert not tokenizer.use_streamed("auto", 64, 784)  # the tiny configs: one small matrix
-  assert tokenizer.use_streamed("auto", 100_000, 64)
-  assert tokenizer.use_streamed("auto", 1024, 32768)
-  assert tokenizer.use_streamed("streamed", 8, 8)
-  assert not tokenizer.use_streamed("naive", 10**5, 10**5)
+  assert not tokenizer_steps.use_blocked("auto", 64, 784)  # the tiny configs: one small matrix
+  assert tokenizer_steps.use_blocked("auto", 100_000, 64)
+  assert tokenizer_steps.use_blocked("auto", 1024, 32768)
+  assert tokenizer_steps.use_blocked("blocked", 8, 8)
+  assert not tokenizer_steps.use_blocked("naive", 10**5, 10**5)
 
 
 @pytest.mark.parametrize(
@@ -389,7 +391,7 @@ def test_codebook_axis_is_validated(axis, shape, axes, devices, match):
 
 def test_streamed_arc_loss_is_allowed_on_several_devices():
   c = config_lib.vqvae_config()
-  c.arc.impl = "streamed"
+  c.arc.impl = "blocked"
   config_lib.validate(c, num_devices=8)
 
 
@@ -406,13 +408,13 @@ def test_large_codebook_config_trains_a_few_steps():
   config_lib.validate_against_data(c, (28, 28, 1))
   assert c.quantizer.num_codes == 100_000
   tokens = c.batch_size * 7 * 7
-  assert tokenizer.use_streamed("auto", c.quantizer.num_codes, tokens)
+  assert tokenizer_steps.use_blocked("auto", c.quantizer.num_codes, tokens)
   mesh = sharding.make_mesh((-1,), ("data",), devices=jax.devices()[:1])
-  model = tokenizer.build_model(c, channels=1)
+  model = state_lib.build_model(c, channels=1)
   state, _, steps_fn = gan_steps.create_state_and_steps(
     c,
     model,
-    gan_steps.discriminator_from_config(c),
+    discriminator.from_config(c),
     make_optimizer(c),
     make_disc_optimizer(c),
     mesh,

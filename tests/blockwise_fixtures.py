@@ -1,5 +1,5 @@
-"""Latents and codebooks for the streamed ArcLoss / search tests (test_streaming.py and
-streaming_multidevice_script.py, which runs in a subprocess)."""
+"""Latents and codebooks for the blocked ArcLoss / search tests (test_blockwise.py and
+blockwise_multidevice_script.py, which runs in a subprocess)."""
 
 import numpy as np
 

@@ -1,7 +1,7 @@
-"""Run by tests/test_streaming.py in a subprocess with 8 simulated CPU devices.
+"""Run by tests/test_blockwise.py in a subprocess with 8 simulated CPU devices.
 
-The streamed ArcLoss and nearest-code search on a device mesh (streaming.arc_loss_sharded,
-streaming.nearest_code_sharded), batch split over the batch axes and the codebook split
+The blocked ArcLoss and nearest-code search on a device mesh (blockwise.arc_loss_sharded,
+blockwise.nearest_code_sharded), batch split over the batch axes and the codebook split
 along K over each choice of axis, against the single-device forms; then a few train steps of
 a small ArcVQ-VAE with the codebook sharded along K, on 1 and on 8 devices. Prints one line
 'RESULT {json}': per case the value / gradient errors relative to the single-device answer
@@ -14,16 +14,16 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+from blockwise_fixtures import exact_units, random_data
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from streaming_fixtures import exact_units, random_data
 
+from arcvq_jax import blockwise as st
 from arcvq_jax import config as config_lib
 from arcvq_jax import quantization as vq
 from arcvq_jax import sharding
-from arcvq_jax import streaming as st
 from arcvq_jax.models import vqvae
-from arcvq_jax.train import tokenizer
+from arcvq_jax.train import tokenizer_steps
 from arcvq_jax.train.state import make_optimizer
 
 # (mesh shape, mesh axes, batch axes, codebook axes to try)
@@ -64,7 +64,7 @@ def arc_cases(data):
   for name, (z, e) in data.items():
     if name.startswith("nan"):
       continue
-    # The single-device truth: the naive form (and the streamed one, which equals it).
+    # The single-device truth: the naive form (and the blocked one, which equals it).
     want_v, want_g = jax.jit(jax.value_and_grad(lambda a, b: vq.arc_loss(a, b, s, m, top_k)))(z, e)
     for shape, axes, batch_axes, codebook_axes in MESHES:
       mesh = sharding.make_mesh(shape, axes)
@@ -153,7 +153,7 @@ def train_run(devices, shape, axes, impl, codebook_axis, steps=3):
   config_lib.validate(c, num_devices=len(devices))
   mesh = sharding.make_mesh(shape, axes, devices=devices)
   model = vqvae.from_config(c, channels=1)
-  state, _, step_fn = tokenizer.create_state_and_step(
+  state, _, step_fn = tokenizer_steps.create_state_and_step(
     c, model, make_optimizer(c), mesh, (28, 28, 1), data_variance=0.3
   )
   rng = np.random.default_rng(0)
@@ -161,23 +161,23 @@ def train_run(devices, shape, axes, impl, codebook_axis, steps=3):
   for _ in range(steps):
     x = rng.uniform(-1, 1, size=(16, 28, 28, 1)).astype(np.float32)
     batch = sharding.global_batch({"image": x}, sharding.batch_sharding(mesh))
-    # Under jax.set_mesh the step's search finds the mesh too (tokenizer.nearest_code).
+    # Under jax.set_mesh the step's search finds the mesh too (tokenizer_steps.nearest_code).
     with jax.set_mesh(mesh):
       state, metrics = step_fn(state, batch)
     losses.append({k: float(v) for k, v in metrics.items()})
   codebook = state.params["codebook"]
   # Which search the step took: on several devices the per-device one (a shard_map).
   with jax.set_mesh(mesh):
-    jaxpr = jax.make_jaxpr(lambda z, e: tokenizer.nearest_code(z, e, c.quantizer))(
+    jaxpr = jax.make_jaxpr(lambda z, e: tokenizer_steps.nearest_code(z, e, c.quantizer))(
       jnp.zeros((16 * 49, 16)), codebook
     )
   return losses, np.asarray(codebook), str(codebook.sharding.spec), "shard_map" in str(jaxpr)
 
 
 def train_cases():
-  """The streamed, codebook-sharded step on 8 devices against the naive one on 1 device.
+  """The blocked, codebook-sharded step on 8 devices against the naive one on 1 device.
 
-  (8 devices with the codebook whole is tests/test_sharding.py's 'arcvq_streamed'.)
+  (8 devices with the codebook whole is tests/test_sharding.py's 'arcvq_blocked'.)
   """
   keys = ("loss", "loss_rec", "loss_vq", "loss_arc", "batch_usage", "batch_perplexity")
   want, want_cb, _, _ = train_run(jax.devices()[:1], (1,), ("data",), "naive", "")
@@ -186,7 +186,7 @@ def train_cases():
     ((4, 2), ("data", "model"), "model"),
     ((2, 4), ("data", "fsdp"), "data"),
   ]:
-    got, cb, spec, sharded_search = train_run(jax.devices(), shape, axes, "streamed", cb_axis)
+    got, cb, spec, sharded_search = train_run(jax.devices(), shape, axes, "blocked", cb_axis)
     key = f"train/{'x'.join(map(str, shape))}:{','.join(axes)}/cb={cb_axis}"
     results[key] = dict(
       losses={k: max(rel_err(g[k], w[k]) for g, w in zip(got, want, strict=True)) for k in keys},

@@ -1,4 +1,4 @@
-"""ArcLoss and nearest-code search streamed over blocks (SPEC.md section 1, "Precision and memory").
+"""ArcLoss and nearest-code search blocked over blocks (SPEC.md section 1, "Precision and memory").
 
 `quantization.arc_loss` and `quantization.nearest_code` build the whole K x N (N x K)
 similarity matrix: 100 MB at K=512, N=50176, 2 GB at K=16384, N=32768. The functions here
@@ -31,7 +31,7 @@ wins only when strictly better, so ties go to the lowest index as in jnp.argmax.
 On a device mesh (`arc_loss_sharded`, `nearest_code_sharded`), inside jax.shard_map with
 explicit collectives. ArcLoss: the normalised tokens of the global batch are gathered
 (N x D) and the codebook ROWS are split over the devices (a codebook split along K keeps its
-shards), each device streaming its rows over all N tokens; a psum makes the mean. Search:
+shards), each device going through its rows in blocks over all N tokens; a psum makes the mean. Search:
 each device searches its tokens against its slice of the codebook, and a global arg-max
 (pmax of the scores, pmin of the indices that hold it) combines the slices.
 """
@@ -172,7 +172,7 @@ def _any_equal(iota_len: int, idx: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------- ArcLoss
 
 
-def arc_loss_streamed(
+def arc_loss_blocked(
   z: jax.Array,
   codebook: jax.Array,
   s: float,
@@ -192,14 +192,14 @@ def arc_loss_streamed(
   """
   n, k_rows = z.shape[0], codebook.shape[0]
   if not 1 <= top_k <= n:
-    raise ValueError(f"arc_loss_streamed: top_k={top_k} must be in [1, N={n}]")
+    raise ValueError(f"arc_loss_blocked: top_k={top_k} must be in [1, N={n}]")
   if not s > 0:
-    raise ValueError(f"arc_loss_streamed: s={s} must be positive")
+    raise ValueError(f"arc_loss_blocked: s={s} must be positive")
   rows = min(k_rows, ARC_CODE_CHUNK if code_chunk_size is None else int(code_chunk_size))
   chunk = auto_chunk_size(rows) if chunk_size is None else int(chunk_size)
   if chunk < 1 or rows < 1:
     raise ValueError(
-      f"arc_loss_streamed: chunk sizes must be positive, got {chunk_size}, {code_chunk_size}"
+      f"arc_loss_blocked: chunk sizes must be positive, got {chunk_size}, {code_chunk_size}"
     )
   # float32 whatever the networks compute in (SPEC.md "Precision and memory").
   z = z.astype(jnp.float32)
@@ -407,7 +407,7 @@ _arc_rows.defvjp(_arc_rows_fwd, _arc_rows_bwd)
 # --------------------------------------------------------------------------- search
 
 
-def nearest_code_streamed(
+def nearest_code_blocked(
   z: jax.Array,
   codebook: jax.Array,
   distance: str,
@@ -426,7 +426,7 @@ def nearest_code_streamed(
 
 
 def _nearest_best(z, codebook, distance, chunk_size=None, code_chunk_size=CODE_CHUNK):
-  """(best score (N,) float32, its index (N,) int32) of `nearest_code_streamed`; the score is
+  """(best score (N,) float32, its index (N,) int32) of `nearest_code_blocked`; the score is
   maximised: the cosine, or -(||e||^2 - 2 <z, e>) for Euclidean distance."""
   if distance not in DISTANCES:
     raise ValueError(f"unknown distance {distance!r}; expected one of {DISTANCES}")
@@ -498,7 +498,7 @@ def _merge_best(best, idx, b, i):
 #
 # Both functions below run inside jax.shard_map, so every collective is explicit and XLA's
 # SPMD partitioner never sees the block loops (on a batch partitioned by jit alone, XLA's TopK
-# decomposer crashed on the streamed ArcLoss in jax 0.10).
+# decomposer crashed on the blocked ArcLoss in jax 0.10).
 #
 # The batch (N tokens) is split over `batch_axes`; the codebook is split along K over
 # `codebook_axis` (a mesh axis, possibly one of the batch axes) or replicated (None).
@@ -542,7 +542,7 @@ def arc_loss_sharded(
   chunk_size: int | None = None,
   code_chunk_size: int | None = None,
 ) -> jax.Array:
-  """`arc_loss_streamed` of the global batch on a device mesh: the same value and gradient.
+  """`arc_loss_blocked` of the global batch on a device mesh: the same value and gradient.
 
   z: (N, D) split over `batch_axes` (N divisible by their size); codebook: (K, D) split along
   K over `codebook_axis` (K divisible by its size) or replicated (None); mesh: a Mesh (or the
@@ -602,7 +602,7 @@ def nearest_code_sharded(
   chunk_size: int | None = None,
   code_chunk_size: int = CODE_CHUNK,
 ) -> jax.Array:
-  """`nearest_code_streamed` on a device mesh: the same indices, (N,) int32 split like z.
+  """`nearest_code_blocked` on a device mesh: the same indices, (N,) int32 split like z.
 
   z: (N, D) split over `batch_axes`; codebook (K, D) split along K over `codebook_axis`, or
   replicated (None: every device searches its own tokens against the whole codebook, no
