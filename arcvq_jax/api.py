@@ -31,6 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from arcvq_jax import checkpoint_files
 from arcvq_jax import config as config_lib
 from arcvq_jax.train import state as state_lib
 from arcvq_jax.train import tokenizer_steps
@@ -87,39 +88,25 @@ def checkpoint_dir(workdir: str) -> epath.Path:
   return epath.Path(workdir) / "checkpoints"
 
 
-def checkpoint_steps(workdir: str) -> list[int]:
-  """The steps of a run's finished checkpoints, in increasing order."""
-  directory = checkpoint_dir(workdir)
-  return sorted(ocp.utils.checkpoint_steps(directory)) if directory.exists() else []
-
-
 def restore_params(workdir: str, step: int | None = None) -> tuple[Any, int]:
-  """(params, step) of checkpoint `step` (default: the latest) of a run, on the first device."""
-  directory = checkpoint_dir(workdir)
-  steps = checkpoint_steps(workdir)
-  if not steps:
-    raise TokenizerLoadError(
-      f"no checkpoint in {directory}: train first (python -m arcvq_jax.main "
-      f"--config=... --workdir={workdir}) or convert one (python -m arcvq_jax.convert ...)."
-    )
-  step = steps[-1] if step is None else step
-  if step not in steps:
-    raise TokenizerLoadError(f"no checkpoint of step {step} in {directory}; it has {steps}.")
-  # Restored onto one device whatever mesh wrote it: inference needs no sharding.
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  item = directory / str(step) / "state"
-  checkpointer = ocp.StandardCheckpointer()
+  """(params, step) of checkpoint `step` (default: the newest readable one) of a run, on
+  the first device. A damaged newest step is skipped with a warning (read-only: the next
+  training run in the workdir moves it aside)."""
+  directory = str(checkpoint_dir(workdir))
   try:
-    tree = getattr(checkpointer.metadata(item), "item_metadata", None)
-    tree = getattr(tree, "tree", tree)
-    if tree is None:
-      raise ValueError("it has no train state (written by another stage or damaged)")
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-    state = checkpointer.restore(item, abstract)
-  except (ValueError, KeyError, TypeError, FileNotFoundError, AttributeError) as e:
-    raise TokenizerLoadError(f"checkpoint {directory / str(step)} cannot be read: {e}") from e
-  finally:
-    checkpointer.close()
+    # Onto one device whatever mesh wrote it: inference needs no sharding.
+    found = checkpoint_files.restore_newest_state(directory, step=step)
+  except checkpoint_files.CheckpointError as e:
+    raise TokenizerLoadError(str(e)) from e
+  if found is None:
+    damaged = checkpoint_files.checkpoint_steps(directory)
+    raise TokenizerLoadError(
+      f"no readable checkpoint in {directory}"
+      + (f" (steps {damaged} are damaged)" if damaged else "")
+      + f": train first (python -m arcvq_jax.main --config=... --workdir={workdir}) or "
+      "convert one (python -m arcvq_jax.convert.torch_checkpoint ...)."
+    )
+  state, step = found
   return _params_of(state), step
 
 
@@ -274,7 +261,7 @@ def write_workdir(
 
 def refuse_nonempty(workdir: str) -> None:
   """Raises TokenizerLoadError if `workdir` already holds checkpoints (so none is overwritten)."""
-  steps = checkpoint_steps(workdir)
+  steps = checkpoint_files.checkpoint_steps(str(checkpoint_dir(workdir)))
   if steps:
     raise TokenizerLoadError(
       f"{checkpoint_dir(workdir)} already has checkpoints ({steps}); write into an empty "

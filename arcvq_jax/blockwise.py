@@ -1,4 +1,4 @@
-"""ArcLoss and nearest-code search blocked over blocks (SPEC.md section 1, "Precision and memory").
+"""ArcLoss and nearest-code search computed in blocks (docs/math.md, section 9).
 
 `quantization.arc_loss` and `quantization.nearest_code` build the whole K x N (N x K)
 similarity matrix: 100 MB at K=512, N=50176, 2 GB at K=16384, N=32768. The functions here
@@ -31,7 +31,8 @@ wins only when strictly better, so ties go to the lowest index as in jnp.argmax.
 On a device mesh (`arc_loss_sharded`, `nearest_code_sharded`), inside jax.shard_map with
 explicit collectives. ArcLoss: the normalised tokens of the global batch are gathered
 (N x D) and the codebook ROWS are split over the devices (a codebook split along K keeps its
-shards), each device going through its rows in blocks over all N tokens; a psum makes the mean. Search:
+shards), each device going through its rows in blocks over all N tokens; a psum makes the
+mean. Search:
 each device searches its tokens against its slice of the codebook, and a global arg-max
 (pmax of the scores, pmin of the indices that hold it) combines the slices.
 """
@@ -201,7 +202,7 @@ def arc_loss_blocked(
     raise ValueError(
       f"arc_loss_blocked: chunk sizes must be positive, got {chunk_size}, {code_chunk_size}"
     )
-  # float32 whatever the networks compute in (SPEC.md "Precision and memory").
+  # float32 whatever the networks compute in (docs/math.md, section 1).
   z = z.astype(jnp.float32)
   e_hat = l2_normalize(sg(codebook).astype(jnp.float32))
   return jnp.mean(

@@ -1,7 +1,7 @@
 """The same VQ-VAE train step in PyTorch, for a same-machine ratio against bench_train_step.py.
 
-Written from SPEC.md section 2 (not copied): the public ArcVQ-VAE network (conv 4x4 s2,
-conv 4x4 s2, conv 3x3, 2 residual layers; decoder with two ConvTranspose2d(4, 2, 1)),
+Written from docs/architecture.md, "Networks" (not copied): the public ArcVQ-VAE network
+(conv 4x4 s2, conv 4x4 s2, conv 3x3, 2 residual layers; decoder with two ConvTranspose2d(4, 2, 1)),
 cosine quantisation with the raw-row straight-through estimator, VQ loss, ArcLoss with the
 (K, N) logit matrix as the reference computes it, the BBNR projection, Adam.
 

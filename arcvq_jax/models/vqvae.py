@@ -1,4 +1,4 @@
-"""The VQ-VAE of the public ArcVQ-VAE / CVQ-VAE code (SPEC.md section 2), NHWC.
+"""The VQ-VAE of the public ArcVQ-VAE / CVQ-VAE code (docs/architecture.md, "Networks"), NHWC.
 
 The module holds the encoder, the decoder and the codebook parameter; the quantisation
 itself is `arcvq_jax.quantization`, called by the train step between `encode` and `decode`,

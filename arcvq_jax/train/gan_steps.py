@@ -1,4 +1,5 @@
-"""The two jitted steps of a VQGAN tokenizer run (SPEC.md section 3): autoencoder and PatchGAN.
+"""The two jitted steps of a VQGAN tokenizer run: autoencoder and PatchGAN (docs/math.md,
+eq. 22-27).
 
 The generator step minimises
     L = |x - x_hat|_1 + w_p LPIPS(x, x_hat) + lambda_adapt f(t) g_loss + L_vq + gamma(t) L_arc,

@@ -91,13 +91,18 @@ def open_checkpointer(config: ml_collections.ConfigDict, workdir: str) -> ckpt_l
 
 
 def restore(checkpointer: ckpt_lib.Checkpointer, state: Any, data_iter: Any) -> Any:
-  """The newest checkpoint restored into the layout of the fresh `state` (and `data_iter`
-  moved to its position), or `state` itself when the run is new."""
-  start = checkpointer.latest_step()
-  if start is None:
+  """The newest readable checkpoint restored into the layout of the fresh `state` (and
+  `data_iter` moved to its position), or `state` itself when the run is new. Damaged steps
+  are set aside with a warning (Checkpointer.restore_latest)."""
+  restored = checkpointer.restore_latest(ckpt_lib.abstract_like(state), data_iter)
+  if restored is None:
     return state
-  logging.info("Resuming from checkpoint step %d in %s", start, checkpointer.directory)
-  return checkpointer.restore(start, ckpt_lib.abstract_like(state), data_iter)
+  logging.info(
+    "Resuming from checkpoint step %d in %s",
+    int(jax.device_get(restored.step)),
+    checkpointer.directory,
+  )
+  return restored
 
 
 def mean_metrics(history: Sequence[Metrics]) -> dict[str, float]:

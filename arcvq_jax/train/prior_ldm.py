@@ -1,11 +1,11 @@
-"""The latent diffusion prior (SPEC.md section 4, paper Table 8): a second training stage on
-the pre-quantisation latents of a frozen tokenizer, one loop.
+"""The latent diffusion prior (docs/math.md, section 11.1; paper Table 8): a second training
+stage on the pre-quantisation latents of a frozen tokenizer.
 
 Read top to bottom: validate -> frozen tokenizer (checked against the config) -> latents of
 the training split (precompute pass, train/prior_common.py) -> mesh -> UNet, optimizer,
-schedule -> state (fresh or restored) -> jitted sharded step -> loop with logging, sample
-grids and checkpoints. Sampling (DDIM + classifier-free guidance) is `make_sample_fn`, used
-here for the grids and by `python -m arcvq_jax.sample`.
+schedule -> state (fresh or restored) -> jitted sharded step -> the shared loop
+(train/loop.py) with sample grids as its periodic action. Sampling (DDIM + classifier-free
+guidance) is `make_sample_fn`, used here for the grids and by `python -m arcvq_jax.sample`.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""The PixelCNN prior over the token grids of a frozen tokenizer (paper App. D.5), one loop.
+"""The PixelCNN prior over the token grids of a frozen tokenizer (paper App. D.5).
 
 Read top to bottom: validate -> frozen tokenizer (checked against the config) -> token grids
 of the training split (precompute pass, train/prior_common.py) -> mesh -> gated PixelCNN,
 optimizer -> state (fresh or restored) -> jitted sharded step (cross-entropy of every token
-given those before it) -> loop with logging, sample grids and checkpoints. Ancestral
+given those before it) -> the shared loop (train/loop.py) with sample grids as its periodic
+action. Ancestral
 sampling in raster order is `make_sample_fn`, used here and by `python -m arcvq_jax.sample`.
 """
 

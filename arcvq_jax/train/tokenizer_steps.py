@@ -152,7 +152,7 @@ def tokenizer_loss(
   data_variance: float,
   replicated: Any = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """mse(x_hat, x) / var(x_train) + L_vq + gamma(t) L_arc (SPEC.md section 2).
+  """mse(x_hat, x) / var(x_train) + L_vq + gamma(t) L_arc (docs/math.md, eq. 21).
 
   x: (B, H, W, C) float32 in [-1, 1]; replicated: the mesh's replicated NamedSharding (or
   None off a mesh). Returns the scalar loss and aux values:
@@ -289,7 +289,7 @@ def eval_step(
 ) -> dict[str, jax.Array]:
   """Sums over the real (mask == 1) images of a batch; the caller adds them up.
 
-  MSE is on [0, 1] images; PSNR, SSIM and (with lpips_params) LPIPS follow SPEC.md section 5.
+  MSE is on [0, 1] images; PSNR, SSIM and (with lpips_params) LPIPS follow docs/math.md, eq. 36-38.
   with_reconstructions: also return the batch's x_hat (B, H, W, C) as 'reconstructions'.
   """
   x, mask = batch["image"], batch["mask"].astype(jnp.float32)
