@@ -25,10 +25,9 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers
 
 from arcvq_jax import checkpoint as ckpt_lib
-from arcvq_jax import distributed, sharding
+from arcvq_jax import distributed, metric_writer, sharding
 
 Metrics = dict[str, jax.Array]
 # (state, global batch, t) -> (state, metrics); t is the 0-based index of the step taken
@@ -77,9 +76,9 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     os.replace(tmp, os.path.join(workdir, "config.json"))
 
 
-def create_writer(workdir: str) -> metric_writers.MetricWriter:
+def create_writer(workdir: str) -> metric_writer.MetricWriter:
   """TensorBoard events in workdir and log lines (process 0); log lines only elsewhere."""
-  return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() != 0)
+  return metric_writer.create_writer(workdir, just_logging=jax.process_index() != 0)
 
 
 def open_checkpointer(config: ml_collections.ConfigDict, workdir: str) -> ckpt_lib.Checkpointer:
@@ -181,14 +180,13 @@ class _Progress:
     return (step - self.start - 1) / (time.perf_counter() - self.first_done)
 
   def log(self, step: int, metrics: dict[str, float], rate: float | None) -> None:
-    shown = ", ".join(f"{k} {v:.4g}" for k, v in list(metrics.items())[:6])
-    speed = ""
+    """One progress line (the metrics themselves go through the writer)."""
+    line = f"{self.name}: step {step}/{self.total} ({100 * step / max(self.total, 1):.0f} %)"
     if rate:
-      speed = f" | {rate:.2f} steps/s, ETA {_format_duration((self.total - step) / rate)}"
-    line = f"{self.name} step {step}/{self.total}: {shown}{speed}"
+      eta = _format_duration((self.total - step) / rate)
+      line += f", {rate:.2f} steps/s, ETA {eta}"
     if self.bar is not None:
       self.bar.set_postfix_str(f"loss {metrics.get('loss', float('nan')):.4g}", refresh=False)
-      self.bar.write(line, file=sys.stderr)
     logging.info("%s", line)
 
   def close(self) -> None:
@@ -204,7 +202,7 @@ def run(
   batch_sharding: jax.sharding.Sharding,
   total_steps: int,
   checkpointer: ckpt_lib.Checkpointer,
-  writer: metric_writers.MetricWriter,
+  writer: metric_writer.MetricWriter,
   log_every: int,
   checkpoint_every: int,
   actions: Sequence[Periodic] = (),
@@ -286,8 +284,8 @@ def _first(progress: _Progress) -> float | None:
   return None if progress.first_done is None else progress.first_done - progress.t0
 
 
-def finish(checkpointer: ckpt_lib.Checkpointer, writer: metric_writers.MetricWriter) -> None:
-  """Waits for the last checkpoint write, then closes the checkpointer and flushes the logs."""
+def finish(checkpointer: ckpt_lib.Checkpointer, writer: metric_writer.MetricWriter) -> None:
+  """Waits for the last checkpoint write, then closes the checkpointer and the writer."""
   checkpointer.wait()
   checkpointer.close()
-  writer.flush()
+  writer.close()

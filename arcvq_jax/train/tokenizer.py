@@ -19,11 +19,10 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers
 from jax.experimental import multihost_utils
 
 from arcvq_jax import config as config_lib
-from arcvq_jax import sharding
+from arcvq_jax import metric_writer, sharding
 from arcvq_jax.data import pipeline
 from arcvq_jax.evaluation import diagnostics
 from arcvq_jax.evaluation import images as image_lib
@@ -93,7 +92,7 @@ class Evaluation:
     mesh: jax.sharding.Mesh,
     params_sharding: Any,
     lpips_params: Any,
-    writer: metric_writers.MetricWriter,
+    writer: metric_writer.MetricWriter,
   ):
     self.config, self.workdir, self.writer, self.lpips_params = (
       config,
@@ -135,7 +134,7 @@ def reconstruction_grid(
   config: ml_collections.ConfigDict,
   model: nn.Module,
   evaluation: Evaluation,
-  writer: metric_writers.MetricWriter,
+  writer: metric_writer.MetricWriter,
 ) -> Callable[[int, Any], None]:
   """A periodic action: 8 fixed test images beside their reconstructions, as an image."""
   # Process 0's images, on every process: the jitted call takes host arrays as the same

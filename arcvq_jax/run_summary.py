@@ -1,0 +1,110 @@
+"""The lines a finished `python -m arcvq_jax.main` run ends on: what it measured, what it
+wrote where, and the commands that come next (evaluate, sample, tokenise, resume)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shlex
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+# (key, label, format) of the metrics shown, in this order; other keys are not shown.
+METRICS = (
+  ("psnr", "PSNR (dB)", ".2f"),
+  ("ssim", "SSIM", ".4f"),
+  ("lpips", "LPIPS", ".4f"),
+  ("mse", "MSE", ".5f"),
+  ("codebook_usage", "codebook usage on the eval split", ".1%"),
+  ("perplexity", "perplexity on the eval split", ".1f"),
+  ("loss", "train loss (last logged steps)", ".4f"),
+  ("bits_per_token", "bits per token (train)", ".3f"),
+)
+
+
+def _table(rows: Sequence[tuple[str, str]]) -> list[str]:
+  width = max(len(label) for label, _ in rows)
+  return [f"  {label:<{width}}  {value}" for label, value in rows]
+
+
+def _duration(seconds: float) -> str:
+  seconds = round(seconds)
+  m, s = divmod(seconds, 60)
+  h, m = divmod(m, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def summary_lines(
+  *,
+  stage: str,
+  workdir: str,
+  results: Mapping[str, Any],
+  config_arg: str,
+  overrides: Sequence[str] = (),
+  seconds: float | None = None,
+) -> list[str]:
+  """The closing lines of a run of `stage` in `workdir` that returned `results`.
+
+  config_arg: the --config value the run was started with (for the resume command);
+  overrides: its --config.x=y flags.
+  """
+  q = shlex.quote
+  rerun = " ".join(
+    [
+      "python -m arcvq_jax.main",
+      f"--config={q(config_arg)}",
+      f"--workdir={q(workdir)}",
+      *map(q, overrides),
+    ]
+  )
+  lines: list[str] = []
+  if "preempted_at_step" in results:
+    return [
+      f"Stopped by SIGTERM at step {results['preempted_at_step']}; the checkpoint of that step "
+      f"is in {os.path.join(workdir, 'checkpoints')}.",
+      f"Resume: {rerun}",
+    ]
+  took = f" in {_duration(seconds)}" if seconds is not None else ""
+  lines.append(f"Finished the {stage} run{took}.")
+  rows = [(label, format(results[key], fmt)) for key, label, fmt in METRICS if key in results]
+  if "num_images" in results:
+    rows.insert(0, ("images evaluated", str(results["num_images"])))
+  if rows:
+    lines += ["", *_table(rows)]
+
+  made = []
+  steps = (
+    sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    if os.path.isdir(os.path.join(workdir, "checkpoints"))
+    else []
+  )
+  if steps:
+    made.append(("checkpoints/", f"orbax checkpoints, steps {', '.join(map(str, steps))}"))
+  if os.path.exists(os.path.join(workdir, "eval_results.json")):
+    made.append(("eval_results.json", "the metrics above (eval/step_N.json: one per evaluation)"))
+  plots = sorted(glob.glob(os.path.join(workdir, "diagnostics", "*.png")))
+  if plots:
+    made.append(("diagnostics/", f"{len(plots)} codebook plots (norms, usage, distances)"))
+  if glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
+    made.append(("events.out.tfevents.*", f"TensorBoard logs: tensorboard --logdir {q(workdir)}"))
+  if made:
+    lines += ["", f"Written in {workdir}:", *_table(made)]
+
+  nxt = []
+  if stage == "tokenizer":
+    nxt.append(("evaluate (+LPIPS, rFID)", f"python -m arcvq_jax.evaluate --workdir={q(workdir)}"))
+    nxt.append(("tokens in Python", f"arcvq_jax.api.Tokenizer.from_workdir({workdir!r})"))
+    nxt.append(
+      (
+        "a prior on its tokens",
+        "python -m arcvq_jax.main --config=configs/tiny_pixelcnn.py --workdir=PRIOR_DIR "
+        f"--config.tokenizer_workdir={q(workdir)}",
+      )
+    )
+  else:
+    nxt.append(("sample", f"python -m arcvq_jax.sample --workdir={q(workdir)} --num_samples=64"))
+  nxt.append(("train on (more steps)", f"{rerun} --config.num_train_steps=N"))
+  lines += ["", "Next:"]
+  for label, command in nxt:
+    lines += [f"  {label}:", f"    {command}"]
+  return lines
