@@ -57,6 +57,7 @@ from ml_collections import config_flags
 from PIL import Image
 from tqdm.auto import tqdm
 
+from arcvq_jax import cli
 from arcvq_jax.data import pipeline
 from arcvq_jax.evaluation import fid as fid_lib
 from arcvq_jax.evaluation import inception as inception_lib
@@ -461,4 +462,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -7,13 +7,11 @@ command (see launch/ and README "Running at scale").
 
 from __future__ import annotations
 
-import logging as logging_std
-
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from arcvq_jax import distributed
+from arcvq_jax import cli, distributed
 from arcvq_jax.train import prior_ldm, prior_pixelcnn, tokenizer
 
 FLAGS = flags.FLAGS
@@ -45,18 +43,11 @@ STAGES = {
 }
 
 
-class _QuietLibraries(logging_std.Filter):
-  """Drops the INFO chatter of orbax (several lines per checkpoint); keeps its warnings."""
-
-  def filter(self, record: logging_std.LogRecord) -> bool:
-    return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
   config = FLAGS.config
+  cli.check_workdir(FLAGS.workdir)
   # Before anything touches a device: afterwards jax.devices() spans every process.
   try:
     distributed.initialize(
@@ -65,11 +56,11 @@ def main(argv: list[str]) -> None:
   except distributed.DistributedSetupError as e:
     raise app.UsageError(str(e)) from e
   logging.info(
-    "JAX %s: %d process(es), %d device(s): %s",
+    "JAX %s: %d process(es), %d device(s) (%s)",
     jax.__version__,
     jax.process_count(),
     jax.device_count(),
-    jax.devices(),
+    jax.devices()[0].device_kind,
   )
   stage = config.get("stage", "tokenizer")
   if stage not in STAGES:
@@ -78,4 +69,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

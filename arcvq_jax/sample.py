@@ -31,7 +31,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from PIL import Image
 
-from arcvq_jax import api, prior_config, sharding
+from arcvq_jax import api, cli, prior_config, sharding
 from arcvq_jax import checkpoint as ckpt_lib
 from arcvq_jax.evaluation import images as image_lib
 from arcvq_jax.train import prior_common as common
@@ -369,4 +369,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

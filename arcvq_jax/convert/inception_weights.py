@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
+from arcvq_jax import cli
 from arcvq_jax.convert.torch_state import load_torch_state
 from arcvq_jax.evaluation import inception as inception_lib
 
@@ -88,4 +89,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

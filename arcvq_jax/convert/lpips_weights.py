@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
+from arcvq_jax import cli
 from arcvq_jax.convert.torch_state import load_torch_state
 from arcvq_jax.losses import lpips as lpips_lib
 
@@ -107,4 +108,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

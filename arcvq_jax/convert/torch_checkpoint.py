@@ -76,7 +76,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from arcvq_jax import api, quantization
+from arcvq_jax import api, cli, quantization
 from arcvq_jax import checkpoint as ckpt_lib
 from arcvq_jax import config as config_lib
 from arcvq_jax.convert import torch_load
@@ -758,4 +758,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)
