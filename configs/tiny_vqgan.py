@@ -1,8 +1,10 @@
 """A tiny VQGAN on Fashion-MNIST IDX files that runs the whole GAN stage on CPU in seconds.
 
 taming's blocks at width 32, f4 (28x28 -> 7x7 tokens), a 2-layer PatchGAN switched on from
-step 0 (disc_start = 0), L1 + LPIPS (grey images repeated to RGB), the full ArcVQ quantiser.
-Set --config.lpips_path to converted LPIPS weights (or loss.perceptual_weight=0).
+step 0 (disc_start = 0), the full ArcVQ quantiser. L1 only by default, so that it runs
+offline: the LPIPS weights cannot be downloaded at run time. With converted weights (README,
+"VQGAN on ImageNet"), --config.loss.perceptual_weight=1 --config.lpips_path=PATH adds LPIPS
+(grey images repeated to RGB), as taming.
 """
 
 from arcvq_jax import config as config_lib
@@ -16,6 +18,8 @@ def get_config(variant: str = "arcvq"):
     )
   )
   c.quantizer.num_codes, c.quantizer.embed_dim = 64, 8
+  c.loss.perceptual_weight = 0.0
+  c.lpips_path = ""
   c.gan.update(dict(disc_start=0, ndf=16, n_layers=2))
   c.optimizer.update(dict(lr=1e-4, scale_lr=False))
   c.data.update(

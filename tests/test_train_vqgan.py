@@ -59,6 +59,7 @@ def vqgan_config(data_dir, lpips_path, **overrides):
   c.model.attn_resolutions = (8,)
   c.batch_size = 4
   c.eval_batch_size = 4
+  c.loss.perceptual_weight = 1.0  # off in the tiny config (offline); the full loss here
   c.lpips_path = lpips_path
   return override(c, **overrides)
 

@@ -53,6 +53,12 @@ CONVERT_COMMAND = (
 )
 
 
+def provide_command(path: str) -> str:
+  """The one shell command that makes the weights file at `path` (needs the internet once,
+  and torch for the conversion only)."""
+  return f"pip install torch && wget -nc {FID_WEIGHTS_URL} && {CONVERT_COMMAND.format(out=path)}"
+
+
 class InceptionWeightsError(ValueError):
   """An Inception weights file that is missing, damaged or of another network."""
 

@@ -18,12 +18,15 @@ File format: one .npz with keys 'vgg/conv1_1/kernel', ..., 'lin/lin0', ... (`sav
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
+from etils import epath
 
 from arcvq_jax import npz_files
 from arcvq_jax.models.layers import Conv
@@ -54,6 +57,7 @@ LIN_CHANNELS = tuple(block[-1][1] for block in VGG_BLOCKS)  # (64, 128, 256, 512
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 CONVERT_COMMAND = "python -m arcvq_jax.convert.lpips_weights --vgg16=vgg16-397923af.pth --out={out}"
+DEFAULT_PATH = "~/.cache/arcvq_jax/lpips_vgg16.npz"
 
 
 class LPIPSWeightsError(ValueError):
@@ -171,6 +175,36 @@ def load_params(path: str) -> Any:
   )
   check_params(flat, path)
   return from_flat({k: flat[k] for k in expected_shapes()})
+
+
+def provide_command(path: str) -> str:
+  """The one shell command that makes the weights file at `path` (needs the internet once,
+  and torch + lpips for the conversion only)."""
+  return f"pip install torch lpips && wget -nc {VGG16_URL} && {CONVERT_COMMAND.format(out=path)}"
+
+
+def params_for_training(config: Any) -> Any | None:
+  """The LPIPS params a training run uses, or None.
+
+  A VQGAN with loss.perceptual_weight > 0 needs them: a missing or damaged config.lpips_path
+  raises LPIPSWeightsError with the command that provides the file (config.validate already
+  refuses an empty path). Otherwise (perceptual weight 0, or a VQ-VAE) LPIPS only adds a
+  metric to the evaluation: None where config.lpips_path is empty or names no file (a
+  warning says so), the weights where the file is there.
+  """
+  path = config.get("lpips_path") or ""
+  needed = config.model.name == "vqgan" and config.loss.perceptual_weight > 0
+  if not needed:
+    if not path:
+      return None
+    if not epath.Path(path).expanduser().exists():
+      logging.warning(
+        "No LPIPS weights at %s (config.lpips_path): evaluation reports no LPIPS. The file: %s",
+        path,
+        provide_command(path),
+      )
+      return None
+  return load_params(os.path.expanduser(path))
 
 
 def save_params(params: Any, path: str) -> None:
