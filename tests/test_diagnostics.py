@@ -6,11 +6,11 @@ import os
 
 import numpy as np
 import pytest
-from clu import metric_writers
 from PIL import Image
 from run_helpers import read_image_tags
 from scipy.spatial.distance import cdist
 
+from arcvq_jax import metric_writer
 from arcvq_jax.evaluation import diagnostics
 
 
@@ -65,7 +65,7 @@ def test_large_codebooks_draw_the_usage_as_one_outline():
 
 def test_writes_pngs_and_tensorboard_images(tmp_path):
   codebook, counts = collapsed_codebook()
-  writer = metric_writers.create_default_writer(str(tmp_path / "tb"))
+  writer = metric_writer.create_writer(str(tmp_path / "tb"))
   paths = diagnostics.write_codebook_diagnostics(
     str(tmp_path / "out"), codebook, counts, prefix="test_step_7_", writer=writer, step=7
   )
@@ -77,6 +77,23 @@ def test_writes_pngs_and_tensorboard_images(tmp_path):
       assert img.format == "PNG" and img.size[0] >= 400 and img.size[1] >= 300
       assert np.asarray(img.convert("L")).std() > 10  # not a blank canvas
   assert read_image_tags(str(tmp_path / "tb")) == {f"codebook/{n}": {7} for n in diagnostics.PLOTS}
+
+
+def test_titles_say_which_usage_they_show():
+  codebook, counts = collapsed_codebook()
+  rates = counts / counts.sum() + 5e-4  # EMA rates: every row keeps a little
+  figs = diagnostics.codebook_figures(
+    codebook,
+    rates,
+    source=diagnostics.training_source(300),
+    used_above=diagnostics.EMA_USED_THRESHOLD,
+  )
+  title = figs["usage"].axes[0].get_title()
+  assert title.startswith("usage 7.8 % (5 / 64), perplexity")
+  assert "(training-time EMA usage at step 300: rows with rate > 0.001)" in title
+  assert "training-time EMA" in figs["norm_vs_usage"].axes[0].get_title()
+  split = diagnostics.usage_histogram_figure(counts, source=diagnostics.split_source("test", 6))
+  assert "(test split, step 6: rows selected at least once)" in split.axes[0].get_title()
 
 
 def test_unused_codebook_and_bad_shapes():

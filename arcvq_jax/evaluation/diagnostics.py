@@ -7,8 +7,15 @@
   usage           selection frequency of every row, sorted (a rank-frequency histogram), with
                   usage and perplexity
 
-`write_codebook_diagnostics` saves the three as PNG files and, given a clu metric writer,
-logs them as TensorBoard images.
+`write_codebook_diagnostics` saves the three as PNG files and, given a metric writer
+(arcvq_jax.metric_writer), logs them as TensorBoard images.
+
+Two different usages are plotted in this project, and each plot says which in its title
+(`source`): the training loop draws the rows' training-time EMA selection rates (a row counts
+as used above EMA_USED_THRESHOLD, as TensorBoard's train/ema_usage), `python -m
+arcvq_jax.evaluate` the selection counts of one split's tokens (used: selected at least once,
+as codebook_usage in its JSON). They differ: most rows keep some EMA rate long after the last
+batch that picked them.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ MAX_MATRIX_CODES = 1024
 # More rows than this are drawn as a filled step outline instead of one bar each.
 MAX_BARS = 4096
 PLOTS = ("norm_vs_usage", "distances", "usage")
+# The training loop's EMA usage rate above which a row counts as used (train/ema_usage).
+EMA_USED_THRESHOLD = 1e-3
 
 
 def _figure(width: float = 6.4, height: float = 4.8):
@@ -58,13 +67,20 @@ def pairwise_distances(codebook: np.ndarray) -> np.ndarray:
   return dist
 
 
-def norm_vs_usage_figure(codebook: Any, counts: Any, title: str = ""):
+def _source_note(source: str) -> str:
+  return f"\n({source})" if source else ""
+
+
+def norm_vs_usage_figure(
+  codebook: Any, counts: Any, title: str = "", *, source: str = "", used_above: float = 0.0
+):
   """Fig. 2: scatter of row norm (y) against selection frequency (x, symmetric log scale so
-  that unused rows sit at 0)."""
+  that unused rows sit at 0). A row is used where its count (or rate) exceeds `used_above`;
+  `source` names what the counts are (in the title)."""
   codebook, counts = _as_arrays(codebook, counts)
   norms = np.linalg.norm(codebook, axis=1)
   freq = counts / max(counts.sum(), 1.0)
-  used = counts > 0
+  used = counts > used_above
   fig = _figure()
   ax = fig.add_subplot()
   ax.scatter(freq[used], norms[used], s=8, alpha=0.7, label=f"used ({used.sum()})")
@@ -75,7 +91,7 @@ def norm_vs_usage_figure(codebook: Any, counts: Any, title: str = ""):
   ax.set_xscale("symlog", linthresh=float(positive.min()) if positive.size else 1e-6)
   ax.set_xlabel("selection frequency (share of tokens)")
   ax.set_ylabel("codebook row L2 norm")
-  ax.set_title(title or "codebook row norm vs. usage")
+  ax.set_title(title or "codebook row norm vs. usage" + _source_note(source))
   ax.legend(loc="best")
   ax.grid(alpha=0.3)
   fig.tight_layout()
@@ -106,8 +122,11 @@ def distance_matrix_figure(codebook: Any, title: str = ""):
   return fig
 
 
-def usage_histogram_figure(counts: Any, title: str = ""):
-  """Selection frequency of every codebook row, sorted from most to least used."""
+def usage_histogram_figure(
+  counts: Any, title: str = "", *, source: str = "", used_above: float = 0.0
+):
+  """Selection frequency of every codebook row, sorted from most to least used; the title
+  gives the usage (rows above `used_above`) and perplexity, and `source`."""
   counts = np.asarray(counts, np.float64)
   freq = np.sort(counts)[::-1] / max(counts.sum(), 1.0)
   fig = _figure()
@@ -121,15 +140,26 @@ def usage_histogram_figure(counts: Any, title: str = ""):
   ax.set_xlim(-0.5, len(freq) - 0.5)
   ax.set_xlabel("codebook rows, by decreasing usage")
   ax.set_ylabel("selection frequency (share of tokens)")
-  used = int(np.sum(counts > 0))
+  used = int(np.sum(counts > used_above))
   ax.set_title(
     title
     or f"usage {100 * used / len(counts):.1f} % ({used} / {len(counts)}), "
     f"perplexity {float(metrics.perplexity(counts)):.1f}"
+    + _source_note(source)
   )
   ax.grid(alpha=0.3, axis="y")
   fig.tight_layout()
   return fig
+
+
+def training_source(step: int) -> str:
+  """The title note of plots drawn from the training loop's EMA usage rates."""
+  return f"training-time EMA usage at step {step}: rows with rate > {EMA_USED_THRESHOLD:g}"
+
+
+def split_source(split: str, step: int) -> str:
+  """The title note of plots drawn from the code counts of one split (evaluation)."""
+  return f"{split} split, step {step}: rows selected at least once"
 
 
 def to_png(fig) -> bytes:
@@ -144,13 +174,17 @@ def to_rgb(fig) -> np.ndarray:
   return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
-def codebook_figures(codebook: Any, counts: Any) -> dict[str, Any]:
-  """{'norm_vs_usage', 'distances', 'usage'} -> matplotlib figures."""
+def codebook_figures(
+  codebook: Any, counts: Any, *, source: str = "", used_above: float = 0.0
+) -> dict[str, Any]:
+  """{'norm_vs_usage', 'distances', 'usage'} -> matplotlib figures (see the usage plots for
+  `source` and `used_above`)."""
   codebook, counts = _as_arrays(codebook, counts)
+  usage = dict(source=source, used_above=used_above)
   return dict(
-    norm_vs_usage=norm_vs_usage_figure(codebook, counts),
+    norm_vs_usage=norm_vs_usage_figure(codebook, counts, **usage),
     distances=distance_matrix_figure(codebook),
-    usage=usage_histogram_figure(counts),
+    usage=usage_histogram_figure(counts, **usage),
   )
 
 
@@ -163,16 +197,20 @@ def write_codebook_diagnostics(
   writer: Any = None,
   step: int = 0,
   tag: str = "codebook",
+  source: str = "",
+  used_above: float = 0.0,
 ) -> dict[str, str]:
-  """Saves `{directory}/{prefix}codebook_{name}.png` for the three plots; with a clu
-  `metric_writers` writer, also logs them as images '{tag}/{name}' at `step`.
+  """Saves `{directory}/{prefix}codebook_{name}.png` for the three plots; with a metric
+  writer (arcvq_jax.metric_writer), also logs them as images '{tag}/{name}' at `step`.
 
   codebook: (K, D) rows as the model stores them; counts: (K,) selection counts over the
-  evaluation set (`metrics.code_counts`). Returns {name: path}.
+  evaluation set (`metrics.code_counts`), or the training-time EMA usage rates. `source`
+  says which, in the titles: e.g. "test split, step 300: rows selected at least once", or
+  training_source(step) with used_above=EMA_USED_THRESHOLD. Returns {name: path}.
   """
   os.makedirs(directory, exist_ok=True)
   paths = {}
-  figures = codebook_figures(codebook, counts)
+  figures = codebook_figures(codebook, counts, source=source, used_above=used_above)
   for name, fig in figures.items():
     path = os.path.join(directory, f"{prefix}codebook_{name}.png")
     with open(path, "wb") as f:
