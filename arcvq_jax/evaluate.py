@@ -15,7 +15,14 @@ TensorBoard events ('evaluate_{split}/...').
 
 Weights: LPIPS from --lpips_path (default config.lpips_path, else ~/.cache/arcvq_jax/
 lpips_vgg16.npz), the FID Inception from --inception_path; both are converted once from the
-public files (the errors give the commands). --skip=lpips,rfid leaves metrics out explicitly.
+public files. Where a file is missing, its metric is left out (null in the JSON) and listed
+under "skipped" with the reason and the one command that provides the file, on the console
+and in the JSON; every other metric is still computed. --strict makes a missing file an error
+instead (for numbers that must be complete); --skip=lpips,rfid leaves metrics out on purpose.
+
+"codebook_usage" is the share of codebook rows that tokens of this split select (eval-split
+usage); the training run's TensorBoard 'train/ema_usage' and its diagnostics plots count the
+rows whose EMA selection rate during training exceeds 1e-3 (training-time usage).
 """
 
 from __future__ import annotations
@@ -30,20 +37,21 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
-from clu import metric_writers
+from etils import epath
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
-from arcvq_jax import api, sharding
+from arcvq_jax import api, cli, metric_writer, sharding
 from arcvq_jax.data import pipeline
 from arcvq_jax.evaluation import diagnostics
 from arcvq_jax.evaluation import fid as fid_lib
 from arcvq_jax.evaluation import inception as inception_lib
 from arcvq_jax.losses import lpips as lpips_lib
-from arcvq_jax.train import tokenizer as tokenizer_lib
+from arcvq_jax.train import tokenizer_steps
 
-DEFAULT_LPIPS_PATH = "~/.cache/arcvq_jax/lpips_vgg16.npz"
+DEFAULT_LPIPS_PATH = lpips_lib.DEFAULT_PATH
 SKIPPABLE = ("lpips", "rfid")
+METRIC_NAMES = {"lpips": "LPIPS", "rfid": "rFID"}
 # Columns of the markdown table: (key, header, format).
 COLUMNS = (
   ("num_images", "images", "d"),
@@ -51,7 +59,7 @@ COLUMNS = (
   ("ssim", "SSIM", ".4f"),
   ("lpips", "LPIPS", ".4f"),
   ("rfid", "rFID", ".2f"),
-  ("codebook_usage", "usage", ".1%"),
+  ("codebook_usage", "usage (split)", ".1%"),
   ("perplexity", "perplexity", ".1f"),
   ("mse", "MSE", ".5f"),
 )
@@ -93,7 +101,7 @@ def evaluate_checkpoint(
 ) -> tuple[dict[str, float], np.ndarray]:
   """The metrics of the tokenizer (config, params) on `split`, and its (K,) code counts.
 
-  Reconstruction metrics are tokenizer.eval_step's (jitted, batch split over all devices);
+  Reconstruction metrics are tokenizer_steps.eval_step's (jitted, batch split over all devices);
   with inception_params, the originals and reconstructions also go through the FID Inception
   and 'rfid' is their Frechet distance. Images are streamed: only feature statistics are kept.
   """
@@ -109,7 +117,7 @@ def evaluate_checkpoint(
     fid_lib.warn_if_few(total, inception_lib.POOL_DIM, f"rFID on {total} images")
 
   step = functools.partial(
-    tokenizer_lib.eval_step, model=tok.model, config=config, with_reconstructions=True
+    tokenizer_steps.eval_step, model=tok.model, config=config, with_reconstructions=True
   )
   params = jax.device_put(tok.params, replicated)
   if lpips_params is not None:
@@ -145,7 +153,7 @@ def evaluate_checkpoint(
     total=total, desc=f"evaluating {split}", unit="img", disable=jax.process_index() != 0
   ) as bar:
     batches = pipeline.create_eval_iterator(data, global_batch_size=batch_size)
-    results = tokenizer_lib.evaluate(
+    results = tokenizer_steps.evaluate(
       eval_fn, params, _limited(batches, batch_size, num_images, bar), batch_sharding, lpips_params
     )
   if extractor is not None:
@@ -166,20 +174,27 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _load_weights(kind: str, path: str, skip: list[str]) -> Any:
+def load_weights(
+  kind: str, path: str, skip: list[str], strict: bool = False
+) -> tuple[Any, dict[str, str] | None]:
+  """(params, None) for metric `kind` ('lpips' or 'rfid') with weights at `path`, or
+  (None, {'reason', 'fix'}) where the metric is skipped: named in --skip, or its file is
+  missing (without --strict). A missing file under --strict, or a damaged file, raises the
+  weights error, whose message gives the command that makes a good one."""
+  name = METRIC_NAMES[kind]
   if kind in skip:
-    return None
-  loader, error = (
-    (lpips_lib.load_params, lpips_lib.LPIPSWeightsError)
-    if kind == "lpips"
-    else (inception_lib.load_params, inception_lib.InceptionWeightsError)
-  )
-  try:
-    return loader(os.path.expanduser(path))
-  except error as e:
-    raise error(
-      f"{e} (or pass --skip={kind} to evaluate without {'LPIPS' if kind == 'lpips' else 'rFID'})"
-    ) from e
+    return None, dict(reason=f"--skip={kind} was given", fix=f"leave {kind} out of --skip")
+  lib = lpips_lib if kind == "lpips" else inception_lib
+  error = lpips_lib.LPIPSWeightsError if kind == "lpips" else inception_lib.InceptionWeightsError
+  if not epath.Path(path).expanduser().exists():
+    reason = f"no {name} weights file at {path}"
+    if strict:
+      raise error(
+        f"{reason} (--strict: every metric or none). Make it with: {lib.provide_command(path)}"
+        f" (or pass --skip={kind} to evaluate without {name})"
+      )
+    return None, dict(reason=reason, fix=lib.provide_command(path))
+  return lib.load_params(os.path.expanduser(path)), None
 
 
 # ---------------------------------------------------------------------------------- the CLI
@@ -201,6 +216,12 @@ def define_flags() -> None:
     "lpips_path", None, f"LPIPS weights (default: config.lpips_path, else {DEFAULT_LPIPS_PATH})."
   )
   flags.DEFINE_list("skip", [], f"Metrics to leave out: any of {', '.join(SKIPPABLE)}.")
+  flags.DEFINE_bool(
+    "strict",
+    False,
+    "A missing LPIPS or Inception weights file is an error (default: the metric is skipped "
+    "and listed with the command that provides the file).",
+  )
   flags.DEFINE_integer("batch_size", 0, "Global batch (default: config.eval_batch_size).")
   flags.DEFINE_integer("inception_batch_size", 100, "Global batch of the Inception.")
   flags.DEFINE_integer("num_images", 0, "Evaluate the first N images of the split (0: all).")
@@ -216,11 +237,16 @@ def main(argv: list[str]) -> None:
   workdir = FLAGS.workdir
   config = FLAGS.config if FLAGS.config is not None else api.load_config(workdir)
   split = FLAGS.split or config.data.eval_split
-  # Weights first: a missing file stops here, before anything is read or compiled.
-  lpips_params = _load_weights(
-    "lpips", FLAGS.lpips_path or config.get("lpips_path") or DEFAULT_LPIPS_PATH, FLAGS.skip
+  # Weights first: a damaged file (or, with --strict, a missing one) stops here, before
+  # anything is read or compiled.
+  lpips_path = FLAGS.lpips_path or config.get("lpips_path") or DEFAULT_LPIPS_PATH
+  lpips_params, lpips_skipped = load_weights("lpips", lpips_path, FLAGS.skip, FLAGS.strict)
+  inception_params, rfid_skipped = load_weights(
+    "rfid", FLAGS.inception_path, FLAGS.skip, FLAGS.strict
   )
-  inception_params = _load_weights("rfid", FLAGS.inception_path, FLAGS.skip)
+  skipped = {k: v for k, v in (("lpips", lpips_skipped), ("rfid", rfid_skipped)) if v}
+  for kind, why in skipped.items():
+    logging.warning("%s skipped: %s. To include it: %s", METRIC_NAMES[kind], *why.values())
   params, step = api.restore_params(workdir, FLAGS.step)
   logging.info("Evaluating step %d of %s on split %r", step, workdir, split)
   results, counts = evaluate_checkpoint(
@@ -237,14 +263,22 @@ def main(argv: list[str]) -> None:
     split=split,
     step=step,
     workdir=workdir,
+    **dict.fromkeys(skipped),
     **results,
-    skipped=sorted(FLAGS.skip),
+    skipped=skipped,
     inception_weights=os.path.expanduser(FLAGS.inception_path)
     if inception_params is not None
     else None,
+    notes=dict(
+      codebook_usage=f"share of the {config.quantizer.num_codes} codebook rows selected by "
+      f"the tokens of the {split} split (eval-split usage; the training run's train/ema_usage "
+      "and diagnostics plots count rows by their training-time EMA selection rate)"
+    ),
   )
   print(json.dumps(record, indent=2))
   print(markdown_table([record]))
+  for kind, why in skipped.items():
+    print(cli.wrap(f"{METRIC_NAMES[kind]} skipped: {why['reason']}. To include it: {why['fix']}"))
 
   if jax.process_index() != 0:
     return
@@ -255,16 +289,23 @@ def main(argv: list[str]) -> None:
     json.dump(record, f, indent=2)
   with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
     f.write(markdown_table([record]))
-  writer = metric_writers.create_default_writer(workdir)
+  writer = metric_writer.create_writer(workdir)
   writer.write_scalars(step, {f"evaluate_{split}/{k}": v for k, v in results.items()})
   codebook = np.asarray(jax.device_get(params["codebook"]))
   diagnostics.write_codebook_diagnostics(
-    out_dir, codebook, counts, prefix=f"{name}_", writer=writer, step=step, tag=f"evaluate_{split}"
+    out_dir,
+    codebook,
+    counts,
+    prefix=f"{name}_",
+    writer=writer,
+    step=step,
+    tag=f"evaluate_{split}",
+    source=diagnostics.split_source(split, step),
   )
-  writer.flush()
+  writer.close()
   logging.info("Wrote %s/%s.{json,md} and the codebook plots", out_dir, name)
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

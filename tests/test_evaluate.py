@@ -6,8 +6,10 @@ the reference implementations in test_inception.py and test_lpips.py)."""
 from __future__ import annotations
 
 import functools
+import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -19,7 +21,7 @@ from model_fixtures import random_lpips_params
 from PIL import Image
 from run_helpers import override, read_all_scalars, read_image_tags
 
-from arcvq_jax import api
+from arcvq_jax import api, checkpoint_files
 from arcvq_jax import evaluate as evaluate_lib
 from arcvq_jax import evaluate_samples as samples_lib
 from arcvq_jax.evaluation import diagnostics
@@ -138,16 +140,99 @@ def test_metrics_on_the_whole_split_equal_the_training_loops(trained):
   assert counts.sum() == 10000 * 7 * 7 and np.mean(counts > 0) == loop["codebook_usage"]
 
 
-def test_missing_weights_name_the_converter_and_the_skip_flag(tmp_path):
+def test_missing_weights_are_skipped_with_the_command_that_makes_them(tmp_path, weights):
+  none = str(tmp_path / "none.npz")
+  params, skipped = evaluate_lib.load_weights("rfid", none, [])
+  assert params is None and skipped["reason"] == f"no rFID weights file at {none}"
+  assert "wget -nc https://github.com/mseitzer/pytorch-fid/releases/" in skipped["fix"]
+  assert "python -m arcvq_jax.convert.inception_weights --pt=" in skipped["fix"]
+  assert skipped["fix"].endswith(f"--out={none}")
+  params, skipped = evaluate_lib.load_weights("lpips", none, [])
+  assert params is None and "arcvq_jax.convert.lpips_weights --vgg16=" in skipped["fix"]
+  assert evaluate_lib.load_weights("lpips", weights["lpips"], ["lpips"])[1]["reason"] == (
+    "--skip=lpips was given"
+  )
+  params, skipped = evaluate_lib.load_weights("lpips", weights["lpips"], [])
+  assert params is not None and skipped is None
   with pytest.raises(
     inception_lib.InceptionWeightsError,
-    match=r"python -m arcvq_jax\.convert\.inception_weights --pt=.* \(or pass "
+    match=r"--strict.*python -m arcvq_jax\.convert\.inception_weights --pt=.* \(or pass "
     r"--skip=rfid to evaluate without rFID\)",
   ):
-    evaluate_lib._load_weights("rfid", str(tmp_path / "none.npz"), [])
-  with pytest.raises(lpips_lib.LPIPSWeightsError, match=r"--skip=lpips"):
-    evaluate_lib._load_weights("lpips", str(tmp_path / "none.npz"), [])
-  assert evaluate_lib._load_weights("rfid", str(tmp_path / "none.npz"), ["rfid"]) is None
+    evaluate_lib.load_weights("rfid", none, [], strict=True)
+  damaged = tmp_path / "damaged.npz"
+  damaged.write_bytes(b"not an npz")
+  with pytest.raises(lpips_lib.LPIPSWeightsError, match=r"not a readable \.npz"):
+    evaluate_lib.load_weights("lpips", str(damaged), [])  # there but broken: an error
+
+
+def test_lpips_params_for_training(tmp_path, weights):
+  from configs import tiny, tiny_vqgan  # noqa: PLC0415
+
+  vqgan = tiny_vqgan.get_config()
+  assert vqgan.loss.perceptual_weight == 0 and lpips_lib.params_for_training(vqgan) is None
+  vqgan.lpips_path = str(tmp_path / "none.npz")  # perceptual weight 0: never needed
+  assert lpips_lib.params_for_training(vqgan) is None
+  vqgan.lpips_path = weights["lpips"]  # there: evaluation reports LPIPS
+  assert lpips_lib.params_for_training(vqgan) is not None
+  vqgan.loss.perceptual_weight = 1.0
+  assert lpips_lib.params_for_training(vqgan) is not None
+  vqgan.lpips_path = str(tmp_path / "none.npz")
+  with pytest.raises(lpips_lib.LPIPSWeightsError, match=r"arcvq_jax\.convert\.lpips_weights"):
+    lpips_lib.params_for_training(vqgan)
+  vqvae = tiny.get_config()
+  assert lpips_lib.params_for_training(vqvae) is None
+  vqvae.lpips_path = str(tmp_path / "none.npz")
+  assert lpips_lib.params_for_training(vqvae) is None
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_evaluate_without_weights_computes_the_rest_and_lists_what_it_skipped(trained, tmp_path):
+  missing = [f"--inception_path={tmp_path}/no_inception.npz", f"--lpips_path={tmp_path}/no.npz"]
+  proc = run("arcvq_jax.evaluate", f"--workdir={trained}", "--num_images=8", *missing)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(trained, "evaluation", "test_step_6.json")) as f:
+    record = json.load(f)
+  assert record["lpips"] is None and record["rfid"] is None
+  for key in ("psnr", "ssim", "mse", "codebook_usage", "perplexity"):
+    assert np.isfinite(record[key]), key
+  assert sorted(record["skipped"]) == ["lpips", "rfid"]
+  assert record["skipped"]["lpips"]["reason"] == f"no LPIPS weights file at {tmp_path}/no.npz"
+  assert "arcvq_jax.convert.inception_weights" in record["skipped"]["rfid"]["fix"]
+  assert "eval-split usage" in record["notes"]["codebook_usage"]
+  console = " ".join(proc.stdout.split())
+  assert f"LPIPS skipped: no LPIPS weights file at {tmp_path}/no.npz. To include it: pip" in console
+  assert "rFID skipped: no rFID weights file" in console
+  with open(os.path.join(trained, "evaluation", "test_step_6.md")) as f:
+    assert "| n/a | n/a |" in f.read()
+
+  strict = run("arcvq_jax.evaluate", f"--workdir={trained}", "--num_images=8", "--strict", *missing)
+  assert strict.returncode == 2 and "Traceback" not in strict.stderr, strict.stderr[-3000:]
+  assert "arcvq_jax.convert.lpips_weights" in " ".join(strict.stderr.split())
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_evaluate_on_a_workdir_with_a_damaged_newest_checkpoint(trained, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained, workdir)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  assert checkpoint_files.checkpoint_steps(checkpoints) == [3, 6]
+  arrays = glob.glob(os.path.join(checkpoints, "6", "state", "ocdbt.process_0", "d", "*"))
+  with open(max(arrays, key=os.path.getsize), "r+b") as f:
+    f.truncate(100)
+  proc = run("arcvq_jax.evaluate", f"--workdir={workdir}", "--num_images=8", "--skip=lpips,rfid")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "step 6" in proc.stderr and "damaged" in proc.stderr
+  with open(os.path.join(workdir, "evaluation", "test_step_3.json")) as f:
+    assert json.load(f)["step"] == 3
+  # The tokenizer API reads the same step; the files stay where they are (read-only).
+  tok = api.Tokenizer.from_workdir(workdir)
+  state, step = checkpoint_files.restore_newest_state(checkpoints)
+  assert step == 3
+  np.testing.assert_array_equal(tok.params["codebook"], state["params"]["codebook"])
+  assert checkpoint_files.checkpoint_steps(checkpoints) == [3, 6]
 
 
 # ------------------------------------------------------------------------- evaluate_samples
