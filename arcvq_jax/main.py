@@ -7,11 +7,14 @@ command (see launch/ and README "Running at scale").
 
 from __future__ import annotations
 
+import sys
+import time
+
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from arcvq_jax import cli, distributed
+from arcvq_jax import cli, distributed, run_summary
 from arcvq_jax.train import prior_ldm, prior_pixelcnn, tokenizer
 
 FLAGS = flags.FLAGS
@@ -46,6 +49,7 @@ STAGES = {
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  started = time.perf_counter()
   config = FLAGS.config
   cli.check_workdir(FLAGS.workdir)
   # Before anything touches a device: afterwards jax.devices() spans every process.
@@ -65,7 +69,17 @@ def main(argv: list[str]) -> None:
   stage = config.get("stage", "tokenizer")
   if stage not in STAGES:
     raise app.UsageError(f"config.stage={stage!r} is not one of {sorted(STAGES)}.")
-  STAGES[stage](config, FLAGS.workdir)
+  results = STAGES[stage](config, FLAGS.workdir)
+  if jax.process_index() == 0:
+    lines = run_summary.summary_lines(
+      stage=stage,
+      workdir=FLAGS.workdir,
+      results=results,
+      config_arg=config_flags.get_config_filename(FLAGS["config"]),
+      overrides=[a for a in sys.argv[1:] if a.startswith("--config.")],
+      seconds=time.perf_counter() - started,
+    )
+    print("\n" + "\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":

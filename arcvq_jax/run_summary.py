@@ -49,14 +49,8 @@ def summary_lines(
   overrides: its --config.x=y flags.
   """
   q = shlex.quote
-  rerun = " ".join(
-    [
-      "python -m arcvq_jax.main",
-      f"--config={q(config_arg)}",
-      f"--workdir={q(workdir)}",
-      *map(q, overrides),
-    ]
-  )
+  base = ["python -m arcvq_jax.main", f"--config={q(config_arg)}", f"--workdir={q(workdir)}"]
+  rerun = " ".join([*base, *map(q, overrides)])
   lines: list[str] = []
   if "preempted_at_step" in results:
     return [
@@ -103,7 +97,13 @@ def summary_lines(
     )
   else:
     nxt.append(("sample", f"python -m arcvq_jax.sample --workdir={q(workdir)} --num_samples=64"))
-  nxt.append(("train on (more steps)", f"{rerun} --config.num_train_steps=N"))
+  longer = [o for o in overrides if not o.startswith("--config.num_train_steps=")]
+  nxt.append(
+    (
+      "train on (more steps)",
+      " ".join([*base, *map(q, longer), "--config.num_train_steps=N"]),
+    )
+  )
   lines += ["", "Next:"]
   for label, command in nxt:
     lines += [f"  {label}:", f"    {command}"]

@@ -35,7 +35,7 @@ def test_tokenizer_summary_names_metrics_files_and_next_commands(tmp_path, monke
     workdir=workdir,
     results=results,
     config_arg="configs/demo.py",
-    overrides=["--config.batch_size=64"],
+    overrides=["--config.batch_size=64", "--config.num_train_steps=300"],
     seconds=77.4,
   )
   text = "\n".join(lines)

@@ -38,18 +38,6 @@ def num_train_steps(config: ml_collections.ConfigDict, num_train_images: int) ->
   return int(config.num_epochs * (num_train_images // config.batch_size))
 
 
-def load_lpips(config: ml_collections.ConfigDict) -> Any:
-  """The LPIPS weights of config.lpips_path, or None where it is empty.
-
-  A VQGAN with loss.perceptual_weight > 0 needs them (config.validate refuses an empty
-  path); a missing or damaged file stops the run here, before anything is compiled, with
-  the converter command in the message.
-  """
-  if not config.get("lpips_path"):
-    return None
-  return lpips_lib.load_params(os.path.expanduser(config.lpips_path))
-
-
 def make_state_and_step(
   config: ml_collections.ConfigDict,
   model: nn.Module,
@@ -126,7 +114,6 @@ class Evaluation:
       for name in (f"eval/step_{step}.json", "eval_results.json"):
         with open(os.path.join(self.workdir, name), "w") as f:
           json.dump(dict(step=step, split=self.config.data.eval_split, **results), f, indent=2)
-    logging.info("eval at step %d: %s", step, results)
     return results
 
 
@@ -179,7 +166,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   info = pipeline.dataset_info(config.data)
   image_shape = tuple(info["image_shape"])
   config_lib.validate_against_data(config, image_shape)
-  lpips_params = load_lpips(config)
+  lpips_params = lpips_lib.params_for_training(config)
   total_steps = num_train_steps(config, info["num_train"])
   loop.write_config(config, workdir)
 
