@@ -1,17 +1,73 @@
 #!/usr/bin/env bash
-# One-time set-up on a fresh Debian/Ubuntu machine (or a Colab VM): the package with its
-# test extras, and Debian's Fashion-MNIST IDX files for the offline demo and the tests.
+# One-time set-up on a fresh Debian/Ubuntu machine (or a Colab VM), from the repository root:
+#
+#   bash launch/setup.sh           the package and its core dependencies (train, evaluate,
+#                                  sample, the tokenizer API; no TensorFlow, no torch)
+#   bash launch/setup.sh --test    the same plus the test extras (TensorFlow, torch, lpips,
+#                                  pytest, ...) and taming-transformers' reference modules
+#
+# Everything goes into a virtual environment, .venv by default (VENV=DIR to choose another),
+# made with python3 (PYTHON=... to choose another): Debian 12 and Ubuntu 24.04 refuse
+# `pip install` into the system Python (PEP 668). Run the commands with .venv/bin/python, or
+# `source .venv/bin/activate` first. Also installs Debian's Fashion-MNIST IDX files (apt, as
+# root) when they are missing: the offline demo and the tests read them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+
+extras=""
+for arg in "$@"; do
+  case "$arg" in
+    --test) extras="[test]" ;;
+    -h | --help)
+      sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+      exit 0
+      ;;
+    *)
+      echo "setup.sh: unknown argument '$arg' (use --test for the test extras)" >&2
+      exit 2
+      ;;
+  esac
+done
+venv="${VENV:-.venv}"
+python="${PYTHON:-python3}"
+
+as_root_apt() {  # apt-get install "$@" where we are root; 1 otherwise
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
   else
-    echo "Fashion-MNIST IDX files missing: run 'sudo apt-get install dataset-fashion-mnist'," \
-         "or put the four IDX files in a folder and pass --config.data.path=DIR." >&2
+    return 1
+  fi
+}
+
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  as_root_apt dataset-fashion-mnist ||
+    echo "setup.sh: Fashion-MNIST IDX files missing: run 'sudo apt-get install" \
+      "dataset-fashion-mnist', or put the four IDX files in a folder and pass" \
+      "--config.data.path=DIR." >&2
+fi
+
+if ! command -v "$python" >/dev/null; then
+  as_root_apt python3 python3-venv || {
+    echo "setup.sh: no $python: install Python >= 3.10 ('sudo apt-get install python3" \
+      "python3-venv'), or name one with PYTHON=/path/to/python3." >&2
+    exit 1
+  }
+fi
+if [ ! -x "$venv/bin/python" ]; then
+  # Debian/Ubuntu ship venv's pip bootstrap (ensurepip) separately, in python3-venv.
+  if ! "$python" -m venv "$venv" >/dev/null 2>&1; then
+    rm -rf "$venv"
+    as_root_apt python3-venv && "$python" -m venv "$venv" || {
+      echo "setup.sh: '$python -m venv $venv' failed: install the venv module" \
+        "('sudo apt-get install python3-venv') and run this again." >&2
+      exit 1
+    }
   fi
 fi
-python -m pip install -q -e '.[test]'
-# taming-transformers' own modules: the reference of the checkpoint-import parity tests.
-# --no-deps: its metadata pulls in pytorch-lightning, which neither we nor its modules need.
-python -m pip install -q --no-deps taming-transformers-rom1504==0.0.6
+"$venv/bin/python" -m pip install -q -e ".$extras"
+if [ -n "$extras" ]; then
+  # taming-transformers' own modules: the reference of the checkpoint-import parity tests.
+  # --no-deps: its metadata pulls in pytorch-lightning, which neither we nor its modules need.
+  "$venv/bin/python" -m pip install -q --no-deps taming-transformers-rom1504==0.0.6
+fi
+echo "setup.sh: ready; run commands with $venv/bin/python (or: source $venv/bin/activate)"
