@@ -275,7 +275,9 @@ def main(argv: list[str]) -> None:
       "and diagnostics plots count rows by their training-time EMA selection rate)"
     ),
   )
-  print(json.dumps(record, indent=2))
+  # The console gets the numbers; the skipped metrics' commands and the notes follow as
+  # wrapped lines (they are in the JSON file whole).
+  print(json.dumps({k: v for k, v in record.items() if k not in ("skipped", "notes")}, indent=2))
   print(markdown_table([record]))
   for kind, why in skipped.items():
     print(cli.wrap(f"{METRIC_NAMES[kind]} skipped: {why['reason']}. To include it: {why['fix']}"))
