@@ -33,8 +33,8 @@ from etils import epath
 
 from arcvq_jax import checkpoint_files
 from arcvq_jax import config as config_lib
+from arcvq_jax.quantizers.base import Quantizer
 from arcvq_jax.train import state as state_lib
-from arcvq_jax.train import tokenizer_steps
 
 CONFIG_FILE = "config.json"
 
@@ -73,10 +73,10 @@ def _params_of(state: dict[str, Any]) -> Any:
   GANTrainState (whose autoencoder is under 'gen')."""
   if "gen" in state:
     state = state["gen"]
-  if "params" not in state or "codebook" not in state["params"]:
+  if "params" not in state or "encoder" not in state["params"]:
     raise TokenizerLoadError(
-      f"the checkpoint holds {sorted(state)} but no autoencoder params with a codebook: it "
-      "was not written by the tokenizer stage."
+      f"the checkpoint holds {sorted(state)} but no autoencoder params: it was not written "
+      "by the tokenizer stage."
     )
   return state["params"]
 
@@ -110,15 +110,16 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[Any, int]:
   return _params_of(state), step
 
 
-def _check_params(config: ml_collections.ConfigDict, params: Any) -> None:
-  codebook = params["codebook"]
-  want = (config.quantizer.num_codes, config.quantizer.embed_dim)
-  if tuple(codebook.shape) != want:
-    raise TokenizerLoadError(
-      f"the checkpoint's codebook is {tuple(codebook.shape)} but its config says "
-      f"quantizer.num_codes x embed_dim = {want}: config.json and checkpoints/ do not "
-      "belong to the same run."
-    )
+def _check_params(quantizer: Quantizer, params: Any) -> None:
+  """The checkpoint holds the parameters the config's quantizer wants, in their shapes."""
+  for name, init in quantizer.param_inits().items():
+    want = tuple(jax.eval_shape(init, jax.random.PRNGKey(0)).shape)
+    have = tuple(np.shape(params[name])) if name in params else None
+    if have != want:
+      raise TokenizerLoadError(
+        f"the checkpoint's {name!r} is {have or 'missing'} but its config's {quantizer.name} "
+        f"quantizer wants {want}: config.json and checkpoints/ do not belong to the same run."
+      )
 
 
 def _channels(params: Any) -> int:
@@ -135,17 +136,19 @@ class Tokenizer:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, params: Any):
-    _check_params(config, params)
     self.config = config
     self.params = params
     self.channels = _channels(params)
     self.model = state_lib.build_model(config, channels=self.channels)
-    self.num_codes, self.embed_dim = (int(s) for s in params["codebook"].shape)
+    self.quantizer: Quantizer = self.model.quantizer
+    _check_params(self.quantizer, params)
+    # The vocabulary (the priors' token range) and the latent width D.
+    self.num_codes, self.embed_dim = self.quantizer.vocab_size, self.quantizer.dim
     self.downsample_factor = config_lib.downsample_factor(config)
-    q = config.quantizer
     self._encode = jax.jit(functools.partial(self._encode_latents_fn, model=self.model))
     self._decode_z = jax.jit(functools.partial(self._decode_fn, model=self.model))
-    self._search = jax.jit(functools.partial(tokenizer_steps.nearest_code, q=q))
+    self._tokens = jax.jit(self.quantizer.tokens)
+    self._lookup = jax.jit(self.quantizer.lookup)
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None) -> Tokenizer:
@@ -187,9 +190,9 @@ class Tokenizer:
     return self._encode(self.params, self._check_images(images))
 
   def quantize(self, z: jax.Array) -> jax.Array:
-    """Latents (B, h, w, D) -> nearest-code tokens int32 (B, h, w), the run's own search."""
+    """Latents (B, h, w, D) -> tokens int32 (B, h, w), as the run's quantizer picks them."""
     z = jnp.asarray(z, jnp.float32)
-    idx = self._search(z.reshape(-1, z.shape[-1]), self.params["codebook"].astype(jnp.float32))
+    idx = self._tokens(self.params, z.reshape(-1, z.shape[-1]))
     return idx.reshape(z.shape[:-1]).astype(jnp.int32)
 
   def encode(self, images: Any) -> jax.Array:
@@ -207,8 +210,7 @@ class Tokenizer:
       raise ValueError(
         f"tokens must lie in [0, {self.num_codes}), got [{int(tokens.min())}, {int(tokens.max())}]."
       )
-    z_q = jnp.take(self.params["codebook"], tokens, axis=0)
-    return self._decode_z(self.params, z_q)
+    return self._decode_z(self.params, self._lookup(self.params, tokens))
 
   def decode_latents(self, z: Any) -> jax.Array:
     """Latents (B, h, w, D): quantise to the nearest codes, then decode."""
@@ -220,9 +222,15 @@ class Tokenizer:
     return self.decode(tokens), tokens
 
   @property
-  def codebook(self) -> jax.Array:
-    """(K, D) float32."""
-    return jnp.asarray(self.params["codebook"], jnp.float32)
+  def codebook(self) -> jax.Array | None:
+    """The (K, D) float32 rows the tokens index, or None for a quantizer without a codebook
+    (FSQ, LFQ: `lookup` gives the vector of a token)."""
+    rows = self.quantizer.codebook(self.params)
+    return None if rows is None else jnp.asarray(rows, jnp.float32)
+
+  def lookup(self, tokens: Any) -> jax.Array:
+    """Tokens (...) -> the vectors (..., D) float32 the decoder takes for them."""
+    return self._lookup(self.params, jnp.asarray(tokens))
 
 
 def write_workdir(

@@ -13,25 +13,38 @@ import ml_collections
 
 from arcvq_jax import quantization
 from arcvq_jax.models.layers import CONV_TRANSPOSE_4X4S2_IMPLS
+from arcvq_jax.quantizers import registry
 
 CONV_TRANSPOSE_IMPLS = ("auto", *sorted(CONV_TRANSPOSE_4X4S2_IMPLS))
 
-# The paper's ablations (Tables 6, 11, 12) and two common baselines, by name.
+# Named settings of the quantizer: the paper's ablations (Tables 6, 11, 12), the common
+# baselines, and the quantizer zoo (config.quantizer.name; arcvq_jax/quantizers).
+_VQ = dict(name="vq", distance="euclidean", bbnr="off", arc=False)
 VARIANTS = {
-  # Euclidean nearest neighbour, normal init, no BBNR, no ArcLoss.
-  "vanilla": dict(distance="euclidean", init="normal", bbnr="off", arc=False),
-  # Cosine matching only (Table 11).
-  "cosine": dict(distance="cosine", init="normal", bbnr="off", arc=False),
-  # Spherical init + BBNR without ArcLoss (Table 6, "+ BBNR").
-  "bbnr": dict(distance="cosine", init="spherical", bbnr="growing", arc=False),
-  # BBNR with M(t) = 1 for all t, plus ArcLoss (Table 12).
-  "bbnr_arc_fixed": dict(distance="cosine", init="spherical", bbnr="fixed", arc=True),
   # The full method.
-  "arcvq": dict(distance="cosine", init="spherical", bbnr="growing", arc=True),
+  "arcvq": dict(name="arcvq", distance="cosine", init="spherical", bbnr="growing", arc=True),
+  # Euclidean nearest neighbour, normal init, no BBNR, no ArcLoss.
+  "vanilla": dict(_VQ, init="normal"),
+  # Cosine matching only (Table 11).
+  "cosine": dict(name="arcvq", distance="cosine", init="normal", bbnr="off", arc=False),
+  # Spherical init + BBNR without ArcLoss (Table 6, "+ BBNR").
+  "bbnr": dict(name="arcvq", distance="cosine", init="spherical", bbnr="growing", arc=False),
+  # BBNR with M(t) = 1 for all t, plus ArcLoss (Table 12).
+  "bbnr_arc_fixed": dict(name="arcvq", distance="cosine", init="spherical", bbnr="fixed", arc=True),
   # Baselines users expect: EMA k-means codebook, and vanilla VQ with dead-code restart.
-  "ema": dict(distance="euclidean", init="normal", bbnr="off", arc=False, codebook_update="ema"),
-  "restart": dict(
-    distance="euclidean", init="normal", bbnr="off", arc=False, restart_threshold=1.0
+  "ema": dict(_VQ, init="normal", codebook_update="ema"),
+  "restart": dict(_VQ, init="normal", restart_threshold=1.0),
+  # taming-transformers' VectorQuantizer2: uniform(-1/K, 1/K) init.
+  "vq": dict(_VQ, init="uniform"),
+  # The rotation trick (Fifty et al. 2025) as the gradient path of vq and of ArcVQ.
+  "vq_rotation": dict(_VQ, init="uniform", gradient="rotation"),
+  "arcvq_rotation": dict(
+    name="arcvq",
+    distance="cosine",
+    init="spherical",
+    bbnr="growing",
+    arc=True,
+    gradient="rotation",
   ),
 }
 
@@ -72,6 +85,7 @@ def vqvae_config() -> ml_collections.ConfigDict:
   )
   c.quantizer = ml_collections.ConfigDict(
     dict(
+      name="arcvq",  # the quantizer (arcvq_jax/quantizers/registry.py)
       num_codes=512,
       embed_dim=64,
       distance="cosine",
@@ -85,6 +99,9 @@ def vqvae_config() -> ml_collections.ConfigDict:
       bbnr_alpha=3e-4,
       restart_threshold=0.0,  # > 0 turns dead-code restart on (EMA usage per step)
       usage_decay=0.99,
+      # How the encoder's gradient passes the quantizer: 'ste' (straight-through) or
+      # 'rotation' (the rotation trick, Fifty et al. 2025); vq and arcvq.
+      gradient="ste",
       search_impl="auto",  # nearest-code search: 'naive' | 'blocked' | 'auto', as arc.impl
       # A mesh axis (e.g. 'data', 'fsdp', 'model') to split the codebook's K rows over in the
       # blocked ArcLoss and search (each device its slice, then a global combine); '' keeps
@@ -104,7 +121,8 @@ def vqvae_config() -> ml_collections.ConfigDict:
       decay=5e-4,
       # 'naive' holds the K x N logits; 'blocked' goes through blocks and never does
       # (same value and gradient; on a mesh of several devices each takes a share of the
-      # rows, blockwise.arc_loss_sharded); 'auto' takes the blocked form once K x N exceeds one block.
+      # rows, blockwise.arc_loss_sharded); 'auto' takes the blocked form once K x N exceeds
+      # one block.
       impl="auto",
     )
   )
@@ -320,6 +338,7 @@ def _validate_vqgan(c: ml_collections.ConfigDict) -> None:
 def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int = 1) -> None:
   """Raises ValueError naming the key for any invalid value; call before compiling."""
   q, a, o = c.quantizer, c.arc, c.optimizer
+  registry.from_config(c)  # the quantizer's name and its own settings
   _check_choice(c, "stage", ("tokenizer",))
   _check_choice(c, "model.name", ("vqvae", "vqgan"))
   _check_choice(c, "quantizer.distance", quantization.DISTANCES)

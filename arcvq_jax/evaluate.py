@@ -99,7 +99,7 @@ def evaluate_checkpoint(
   inception_batch_size: int = 100,
   num_images: int = 0,
 ) -> tuple[dict[str, float], np.ndarray]:
-  """The metrics of the tokenizer (config, params) on `split`, and its (K,) code counts.
+  """The metrics of the tokenizer (config, params) on `split`, and its (V,) token counts.
 
   Reconstruction metrics are tokenizer_steps.eval_step's (jitted, batch split over all devices);
   with inception_params, the originals and reconstructions also go through the FID Inception
@@ -116,9 +116,7 @@ def evaluate_checkpoint(
   if inception_params is not None:
     fid_lib.warn_if_few(total, inception_lib.POOL_DIM, f"rFID on {total} images")
 
-  step = functools.partial(
-    tokenizer_steps.eval_step, model=tok.model, config=config, with_reconstructions=True
-  )
+  step = functools.partial(tokenizer_steps.eval_step, model=tok.model, with_reconstructions=True)
   params = jax.device_put(tok.params, replicated)
   if lpips_params is not None:
     lpips_params = jax.device_put(lpips_params, replicated)
@@ -137,7 +135,7 @@ def evaluate_checkpoint(
   if inception_params is not None:
     extractor = inception_lib.InceptionFeatures(inception_params, inception_batch_size, mesh)
     stats_real, stats_fake = fid_lib.FeatureStats(keep=0), fid_lib.FeatureStats(keep=0)
-  counts = np.zeros(config.quantizer.num_codes, np.int64)
+  counts = np.zeros(tok.num_codes, np.int64)
 
   def eval_fn(params, batch, lpips_params):
     out = dict(step_fn(params, batch, lpips_params))
@@ -270,9 +268,9 @@ def main(argv: list[str]) -> None:
     if inception_params is not None
     else None,
     notes=dict(
-      codebook_usage=f"share of the {config.quantizer.num_codes} codebook rows selected by "
-      f"the tokens of the {split} split (eval-split usage; the training run's train/ema_usage "
-      "and diagnostics plots count rows by their training-time EMA selection rate)"
+      codebook_usage=f"share of the {len(counts)} tokens of the vocabulary that the {split} "
+      "split selects (eval-split usage; the training run's train/ema_usage and diagnostics "
+      "plots count tokens by their training-time EMA selection rate)"
     ),
   )
   # The console gets the numbers; the skipped metrics' commands and the notes follow as
@@ -293,17 +291,18 @@ def main(argv: list[str]) -> None:
     f.write(markdown_table([record]))
   writer = metric_writer.create_writer(workdir)
   writer.write_scalars(step, {f"evaluate_{split}/{k}": v for k, v in results.items()})
-  codebook = np.asarray(jax.device_get(params["codebook"]))
-  diagnostics.write_codebook_diagnostics(
-    out_dir,
-    codebook,
-    counts,
-    prefix=f"{name}_",
-    writer=writer,
-    step=step,
-    tag=f"evaluate_{split}",
-    source=diagnostics.split_source(split, step),
-  )
+  codebook = api.Tokenizer(config, params).codebook
+  if codebook is not None:  # FSQ and LFQ have no codebook rows to plot
+    diagnostics.write_codebook_diagnostics(
+      out_dir,
+      np.asarray(jax.device_get(codebook)),
+      counts,
+      prefix=f"{name}_",
+      writer=writer,
+      step=step,
+      tag=f"evaluate_{split}",
+      source=diagnostics.split_source(split, step),
+    )
   writer.close()
   logging.info("Wrote %s/%s.{json,md} and the codebook plots", out_dir, name)
 

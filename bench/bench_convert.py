@@ -116,7 +116,7 @@ def parity(model: torch.nn.Module, workdir: str) -> dict:
   config = tc.load_config_file(os.path.join(workdir, "config.py"))
   state = workdir_lib.restore_state(workdir, config, x.shape[1:])
   net = state_lib.build_model(config, channels=3)
-  x_hat, indices = jax.jit(lambda p, x: tokenizer_steps.reconstruct(p, x, model=net, config=config))(
+  x_hat, indices = jax.jit(lambda p, x: tokenizer_steps.reconstruct(p, x, model=net))(
     state.gen.params, x
   )
   return dict(

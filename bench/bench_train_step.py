@@ -29,7 +29,7 @@ from arcvq_jax import (
   sharding,
 )
 from arcvq_jax import quantization as vq
-from arcvq_jax.models import vqvae
+from arcvq_jax.train import state as state_lib
 from arcvq_jax.train import tokenizer_steps
 from arcvq_jax.train.state import make_optimizer
 
@@ -52,7 +52,7 @@ def bench_step(batch: int, variant: str, deconv: str, warmup: int, steps: int) -
   c.batch_size = batch
   c.model.deconv_impl = deconv
   mesh = sharding.make_mesh((-1,), ("data",))
-  model = vqvae.from_config(c, channels=1)
+  model = state_lib.build_model(c, channels=1)
   state, _, step_fn = tokenizer_steps.create_state_and_step(
     c, model, make_optimizer(c), mesh, (28, 28, 1), data_variance=0.5
   )

@@ -22,7 +22,8 @@ from arcvq_jax import blockwise as st
 from arcvq_jax import config as config_lib
 from arcvq_jax import quantization as vq
 from arcvq_jax import sharding
-from arcvq_jax.models import vqvae
+from arcvq_jax.quantizers import vq as vq_quantizer
+from arcvq_jax.train import state as state_lib
 from arcvq_jax.train import tokenizer_steps
 from arcvq_jax.train.state import make_optimizer
 
@@ -152,7 +153,7 @@ def train_run(devices, shape, axes, impl, codebook_axis, steps=3):
     c.sharding.param_rules = (("codebook$", (codebook_axis, None)),)
   config_lib.validate(c, num_devices=len(devices))
   mesh = sharding.make_mesh(shape, axes, devices=devices)
-  model = vqvae.from_config(c, channels=1)
+  model = state_lib.build_model(c, channels=1)
   state, _, step_fn = tokenizer_steps.create_state_and_step(
     c, model, make_optimizer(c), mesh, (28, 28, 1), data_variance=0.3
   )
@@ -161,14 +162,14 @@ def train_run(devices, shape, axes, impl, codebook_axis, steps=3):
   for _ in range(steps):
     x = rng.uniform(-1, 1, size=(16, 28, 28, 1)).astype(np.float32)
     batch = sharding.global_batch({"image": x}, sharding.batch_sharding(mesh))
-    # Under jax.set_mesh the step's search finds the mesh too (tokenizer_steps.nearest_code).
+    # Under jax.set_mesh the step's search finds the mesh too (quantizers/vq.py nearest_code).
     with jax.set_mesh(mesh):
       state, metrics = step_fn(state, batch)
     losses.append({k: float(v) for k, v in metrics.items()})
   codebook = state.params["codebook"]
   # Which search the step took: on several devices the per-device one (a shard_map).
   with jax.set_mesh(mesh):
-    jaxpr = jax.make_jaxpr(lambda z, e: tokenizer_steps.nearest_code(z, e, c.quantizer))(
+    jaxpr = jax.make_jaxpr(lambda z, e: vq_quantizer.nearest_code(z, e, c.quantizer.distance, search_impl=c.quantizer.search_impl, codebook_axis=c.quantizer.codebook_axis or None))(
       jnp.zeros((16 * 49, 16)), codebook
     )
   return losses, np.asarray(codebook), str(codebook.sharding.spec), "shard_map" in str(jaxpr)

@@ -12,7 +12,7 @@ import numpy as np
 
 from arcvq_jax import config as config_lib
 from arcvq_jax import sharding
-from arcvq_jax.models import discriminator, vqvae
+from arcvq_jax.models import discriminator
 from arcvq_jax.train import gan_steps, tokenizer_steps
 from arcvq_jax.train import state as state_lib
 from arcvq_jax.train.state import make_disc_optimizer, make_optimizer
@@ -91,7 +91,7 @@ def run(devices, variant: str, steps: int = 3):
   if variant == "restart":
     c.quantizer.restart_threshold = 0.5
   mesh = make_mesh(devices, c, fsdp)
-  model = vqvae.from_config(c, channels=1)
+  model = state_lib.build_model(c, channels=1)
   state, _, step_fn = tokenizer_steps.create_state_and_step(
     c, model, make_optimizer(c), mesh, (28, 28, 1), data_variance=0.3
   )

@@ -65,7 +65,7 @@ def test_reconstruct_equals_the_training_code(run):
   tok = api.Tokenizer.from_workdir(run)
   config, model, params = restored_train_params(run)
   x = fashion_images()
-  want_x, want_idx = tokenizer_steps.reconstruct(params, jnp.asarray(x), model=model, config=config)
+  want_x, want_idx = tokenizer_steps.reconstruct(params, jnp.asarray(x), model=model)
   x_hat, tokens = tok.reconstruct(x)
   assert tokens.shape == (6, 7, 7) and tokens.dtype == jnp.int32
   np.testing.assert_array_equal(np.asarray(tokens), np.asarray(want_idx))
@@ -141,7 +141,7 @@ def test_vqgan_workdir_loads(tmp_path):
   api.write_workdir(str(tmp_path), c, params, image_shape=(28, 28, 1), step=5)
   tok = api.Tokenizer.from_workdir(str(tmp_path))
   x = fashion_images(2)
-  want_x, want_idx = tokenizer_steps.reconstruct(params, jnp.asarray(x), model=model, config=c)
+  want_x, want_idx = tokenizer_steps.reconstruct(params, jnp.asarray(x), model=model)
   x_hat, tokens = tok.reconstruct(x)
   np.testing.assert_array_equal(np.asarray(tokens), np.asarray(want_idx))
   np.testing.assert_allclose(np.asarray(x_hat), np.asarray(want_x), rtol=1e-5, atol=1e-5)

@@ -21,8 +21,8 @@ from arcvq_jax import blockwise as st
 from arcvq_jax import config as config_lib
 from arcvq_jax import quantization as vq
 from arcvq_jax.models import discriminator
+from arcvq_jax.quantizers import vq as vq_quantizer
 from arcvq_jax.train import state as state_lib
-from arcvq_jax.train import tokenizer_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -361,11 +361,11 @@ def test_sharded_forms_on_one_device_match():
 
 
 def test_auto_keeps_the_naive_form_for_small_problems():
-  assert not tokenizer_steps.use_blocked("auto", 64, 784)  # the tiny configs: one small matrix
-  assert tokenizer_steps.use_blocked("auto", 100_000, 64)
-  assert tokenizer_steps.use_blocked("auto", 1024, 32768)
-  assert tokenizer_steps.use_blocked("blocked", 8, 8)
-  assert not tokenizer_steps.use_blocked("naive", 10**5, 10**5)
+  assert not vq_quantizer.use_blocked("auto", 64, 784)  # the tiny configs: one small matrix
+  assert vq_quantizer.use_blocked("auto", 100_000, 64)
+  assert vq_quantizer.use_blocked("auto", 1024, 32768)
+  assert vq_quantizer.use_blocked("blocked", 8, 8)
+  assert not vq_quantizer.use_blocked("naive", 10**5, 10**5)
 
 
 @pytest.mark.parametrize(
@@ -408,7 +408,7 @@ def test_large_codebook_config_trains_a_few_steps():
   config_lib.validate_against_data(c, (28, 28, 1))
   assert c.quantizer.num_codes == 100_000
   tokens = c.batch_size * 7 * 7
-  assert tokenizer_steps.use_blocked("auto", c.quantizer.num_codes, tokens)
+  assert vq_quantizer.use_blocked("auto", c.quantizer.num_codes, tokens)
   mesh = sharding.make_mesh((-1,), ("data",), devices=jax.devices()[:1])
   model = state_lib.build_model(c, channels=1)
   state, _, steps_fn = gan_steps.create_state_and_steps(

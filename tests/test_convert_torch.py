@@ -227,9 +227,9 @@ def test_vqvae_matches_the_reference_on_fashion_mnist(vqvae):
   np.testing.assert_array_equal(np.asarray(tokens).reshape(-1), idx_ref.numpy())
   assert relative_error(x_hat, to_nhwc(x_hat_ref)) < RTOL
 
-  params, _ = tokenizer_steps.project_codebook(state, config.quantizer)  # BBNR at `step`: a no-op
+  params, _ = net.quantizer.before_step(state.params, state.step)  # BBNR at `step`: a no-op
   loss, aux = jax.jit(
-    functools.partial(tokenizer_steps.tokenizer_loss, model=net, config=config, data_variance=variance)
+    functools.partial(tokenizer_steps.tokenizer_loss, model=net, data_variance=variance)
   )(params, x, state.step)
   for ours, theirs in (
     (aux["loss_vq"], vq_ref.item()),

@@ -68,6 +68,7 @@ def test_generator_gradient_equals_grad_of_the_total_loss(setup):
   c, model, disc_model, lpips_params, state, _ = setup
   c = c.copy_and_resolve_references()
   c.quantizer.bbnr = "off"  # params as stored (BBNR's projection is tested elsewhere)
+  model = state_lib.build_model(c, channels=3)  # its quantizer without BBNR
   x = images(1)
   # D with non-trivial running stats and params, as mid-training.
   disc = state.disc.replace(
@@ -97,7 +98,7 @@ def test_generator_gradient_equals_grad_of_the_total_loss(setup):
 
   def decode_with_kernel(p, w):
     p = dict(p, decoder=dict(p["decoder"], conv_out=dict(p["decoder"]["conv_out"], kernel=w)))
-    z, z_flat, quant = tokenizer_steps.encode_and_quantize(p, x, model=model, config=c)
+    z, z_flat, quant = tokenizer_steps.encode_and_quantize(p, x, gen.step, model=model)
     x_hat = model.apply({"params": p}, quant.z_ste.reshape(z.shape), method="decode")
     return x_hat, z_flat, quant, p
 
@@ -115,10 +116,9 @@ def test_generator_gradient_equals_grad_of_the_total_loss(setup):
 
   def total(p):
     xh, z_flat, quant, p = decode_with_kernel(p, vqgan.last_layer_kernel(p))
-    terms = tokenizer_steps.quantizer_losses(z_flat, quant, p["codebook"], gen.step, config=c)
     rec = gan_steps.reconstruction_loss(x, xh, lpips_params, perceptual_weight=1.0)[0]
     logits, _ = disc_model.apply(d_vars, xh, train=True, mutable=["batch_stats"])
-    return rec + lam * gan.generator_loss(logits) + terms["loss_q"]
+    return rec + lam * gan.generator_loss(logits) + quant.loss
 
   want_loss, want = jax.jit(jax.value_and_grad(total))(params)
   np.testing.assert_allclose(metrics["d_weight"], lam, rtol=1e-4)

@@ -13,6 +13,8 @@ import pytest
 
 from arcvq_jax.losses import gan
 from arcvq_jax.models import discriminator, vqgan
+from arcvq_jax.quantizers import registry
+from arcvq_jax.quantizers.arcvq import ArcVQ
 from arcvq_jax.train import state as state_lib
 
 F16 = dict(ch_mult=(1, 1, 2, 2, 4), attn_resolutions=(4,))  # 64 / 16 = 4: taming's (16,) at 256
@@ -26,7 +28,8 @@ def key(seed=0):
 
 
 def small_vqgan(**kw):
-  args = dict(ch=32, num_res_blocks=2, resolution=64, z_channels=8, num_codes=16, embed_dim=4)
+  args = dict(ch=32, num_res_blocks=2, resolution=64, z_channels=8, embed_dim=4)
+  args["quantizer"] = ArcVQ(num_codes=16, embed_dim=4)
   args.update(kw)
   return vqgan.VQGAN(**args)
 
@@ -131,8 +134,8 @@ def test_decode_is_last_layer_of_decode_features_and_bf16_is_close():
     attn_resolutions=(8,),
     resolution=16,
     z_channels=8,
-    num_codes=16,
     embed_dim=4,
+    quantizer=ArcVQ(num_codes=16, embed_dim=4),
   )
   model = vqgan.VQGAN(**kw)
   z = jnp.asarray(np.random.default_rng(1).normal(size=(1, 8, 8, 4)), jnp.float32)
@@ -357,15 +360,16 @@ def test_from_config_reads_model_and_quantizer():
     dtype="bfloat16",
   )
   c.quantizer = dict(num_codes=32, embed_dim=4, init="uniform")
-  model = vqgan.from_config(c, channels=1)
+  model = vqgan.from_config(c, channels=1, quantizer=registry.from_config(c))
   assert (model.ch, model.ch_mult, model.num_res_blocks, model.attn_resolutions) == (
     32,
     (1, 2, 2, 4),
     1,
     (8,),
   )
-  assert (model.resolution, model.z_channels, model.num_codes, model.embed_dim) == (64, 8, 32, 4)
-  assert model.codebook_init == "uniform" and model.channels == 1
+  assert (model.resolution, model.z_channels, model.embed_dim) == (64, 8, 4)
+  assert model.quantizer.vocab_size == 32 and model.quantizer.dim == 4
+  assert model.quantizer.init == "uniform" and model.channels == 1
   assert model.dtype == jnp.bfloat16 and model.downsample_factor == 8
 
 

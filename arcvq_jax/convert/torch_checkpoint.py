@@ -10,7 +10,7 @@ Kinds (--kind):
   arcvq_vqgan   the official ArcVQ VQGAN (a taming-transformers fork, same parameter names,
                 Lightning `.ckpt`); cosine matching, taming's legacy beta.
   taming_vqgan  a taming-transformers VQGAN (`VQModel`, e.g. vqgan_imagenet_f16_1024.ckpt);
-                Euclidean matching, legacy beta, no BBNR and no ArcLoss (the `vanilla` variant).
+                Euclidean matching, legacy beta, no BBNR and no ArcLoss (the `vq` variant).
 
 What is mapped (source key -> our parameter path; conv weights OIHW -> HWIO by
 permute(2, 3, 1, 0), transposed-conv weights (Cin, Cout, kh, kw) -> permute(2, 3, 0, 1)):
@@ -88,10 +88,12 @@ KINDS = ("taming_vqgan", "arcvq_vqgan", "arcvq_vqvae")
 # What each kind fixes in the quantiser (the rest of config.quantizer / config.arc is the
 # --config's): the matching the weights were trained with and taming's legacy beta.
 QUANTIZER_OF_KIND = {
-  "arcvq_vqvae": dict(distance="cosine", legacy_beta=False),
-  "arcvq_vqgan": dict(distance="cosine", legacy_beta=True),
-  # taming's VectorQuantizer2 (legacy=True by default): plain VQ, as the 'vanilla' variant.
-  "taming_vqgan": dict(distance="euclidean", legacy_beta=True, init="uniform", bbnr="off"),
+  "arcvq_vqvae": dict(name="arcvq", distance="cosine", legacy_beta=False),
+  "arcvq_vqgan": dict(name="arcvq", distance="cosine", legacy_beta=True),
+  # taming's VectorQuantizer2 (legacy=True by default): plain VQ, the 'vq' variant.
+  "taming_vqgan": dict(
+    name="vq", distance="euclidean", legacy_beta=True, init="uniform", bbnr="off"
+  ),
 }
 
 
@@ -336,7 +338,7 @@ def config_overrides(
   out.update({f"quantizer.{k}": v for k, v in QUANTIZER_OF_KIND[kind].items()})
   if kind == "taming_vqgan":
     out["arc.enabled"] = False
-    out["variant"] = "vanilla"
+    out["variant"] = "vq"
   return out
 
 

@@ -33,7 +33,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from arcvq_jax import quantization
 from arcvq_jax.models.layers import Conv
 
 Dtype = Any
@@ -329,11 +328,13 @@ def last_layer_kernel(params) -> jax.Array:
 
 class VQGAN(nn.Module):
   """Encoder -> 1x1 `quant_conv` -> [quantiser] -> 1x1 `post_quant_conv` -> decoder,
-  plus the codebook (num_codes, embed_dim), as taming's VQModel.
+  plus the quantizer's parameters (e.g. the codebook (num_codes, embed_dim)), as taming's
+  VQModel.
 
-  As `VQVAE`, the quantisation itself is `arcvq_jax.quantization`, called by the train step
-  between `encode` and `decode` (through `apply(..., method=...)`); `__call__` exists to
-  create all parameters at init. `channels` is the image channel count (in and out).
+  As `VQVAE`, the quantisation itself is the quantizer's (arcvq_jax/quantizers), called by
+  the train step between `encode` and `decode` (through `apply(..., method=...)`);
+  `__call__` exists to create all parameters at init. `channels` is the image channel count
+  (in and out); `quantizer` (None: none) names the parameters to create.
   """
 
   ch: int = 128
@@ -342,11 +343,10 @@ class VQGAN(nn.Module):
   attn_resolutions: Sequence[int] = (16,)
   resolution: int = 256
   z_channels: int = 16
-  num_codes: int = 1024
   embed_dim: int = 16
   channels: int = 3
   dropout: float = 0.0
-  codebook_init: str = "spherical"
+  quantizer: Any = None
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
@@ -364,12 +364,11 @@ class VQGAN(nn.Module):
     self.quant_conv = Conv(self.embed_dim, 1, **kw)
     self.post_quant_conv = Conv(self.z_channels, 1, **kw)
     self.decoder = Decoder(out_ch=self.channels, **arch, **kw)
-    self.codebook = self.param(
-      "codebook",
-      lambda key: quantization.init_codebook(
-        key, self.num_codes, self.embed_dim, self.codebook_init
-      ).astype(self.param_dtype),
-    )
+    inits = self.quantizer.param_inits() if self.quantizer is not None else {}
+    self.quantizer_params = {
+      name: self.param(name, lambda key, init=init: init(key).astype(self.param_dtype))
+      for name, init in inits.items()
+    }
 
   @property
   def downsample_factor(self) -> int:
@@ -391,15 +390,15 @@ class VQGAN(nn.Module):
     return self.decode(self.encode(x, train), train)
 
 
-def from_config(config, channels: int) -> VQGAN:
-  """The VQGAN that `config.model` / `config.quantizer` describe, for `channels` image channels.
+def from_config(config, channels: int, quantizer: Any) -> VQGAN:
+  """The VQGAN that `config.model` describes around `quantizer`, for `channels` channels.
 
   Reads config.model.{ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels,
-  dropout, dtype} and config.quantizer.{num_codes, embed_dim, init}. `model.resolution` is the
+  dropout, dtype}; the latent width is the quantizer's `dim`. `model.resolution` is the
   nominal training image size that places the attention blocks (taming's `resolution`);
   `model.dtype` is the compute dtype by name ('float32', 'bfloat16'); params stay float32.
   """
-  m, q = config.model, config.quantizer
+  m = config.model
   return VQGAN(
     ch=m.ch,
     ch_mult=tuple(m.ch_mult),
@@ -407,10 +406,9 @@ def from_config(config, channels: int) -> VQGAN:
     attn_resolutions=tuple(m.attn_resolutions),
     resolution=m.resolution,
     z_channels=m.z_channels,
-    num_codes=q.num_codes,
-    embed_dim=q.embed_dim,
+    embed_dim=quantizer.dim,
     channels=channels,
     dropout=m.dropout,
-    codebook_init=q.init,
+    quantizer=quantizer,
     dtype=jnp.dtype(m.dtype),
   )

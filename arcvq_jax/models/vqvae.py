@@ -1,16 +1,17 @@
 """The VQ-VAE of the public ArcVQ-VAE / CVQ-VAE code (docs/architecture.md, "Networks"), NHWC.
 
-The module holds the encoder, the decoder and the codebook parameter; the quantisation
-itself is `arcvq_jax.quantization`, called by the train step between `encode` and `decode`,
-so the math can be read (and tested) without Flax.
+The module holds the encoder, the decoder and the quantizer's parameters (the codebook);
+the quantisation itself is the quantizer's (arcvq_jax/quantizers), called by the train step
+between `encode` and `decode`, so the math can be read (and tested) without Flax.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 
-from arcvq_jax import quantization
 from arcvq_jax.models.layers import Conv, ConvTranspose4x4S2
 
 
@@ -73,7 +74,8 @@ class Decoder(nn.Module):
 
 
 class VQVAE(nn.Module):
-  """Encoder -> 1x1 `quant_conv` -> [quantiser] -> decoder, plus the codebook (K, D).
+  """Encoder -> 1x1 `quant_conv` -> [quantiser] -> decoder, plus the quantizer's parameters
+  (e.g. the codebook (K, D)); `quantizer` (None: none) names them.
 
   Call `encode` and `decode` through `apply(..., method=...)`; `__call__` only exists to
   create all parameters at init.
@@ -82,10 +84,9 @@ class VQVAE(nn.Module):
   hidden: int
   res_hidden: int
   num_res_layers: int
-  num_codes: int
   embed_dim: int
   channels: int
-  codebook_init: str = "spherical"
+  quantizer: Any = None
   deconv_impl: str = "auto"
 
   def setup(self):
@@ -94,12 +95,8 @@ class VQVAE(nn.Module):
     self.decoder = Decoder(
       self.hidden, self.res_hidden, self.num_res_layers, self.channels, self.deconv_impl
     )
-    self.codebook = self.param(
-      "codebook",
-      lambda key: quantization.init_codebook(
-        key, self.num_codes, self.embed_dim, self.codebook_init
-      ),
-    )
+    inits = self.quantizer.param_inits() if self.quantizer is not None else {}
+    self.quantizer_params = {name: self.param(name, init) for name, init in inits.items()}
 
   def encode(self, x: jax.Array) -> jax.Array:
     """x: (B, H, W, C) in [-1, 1] -> z: (B, H/4, W/4, D) pre-quantisation latents."""
@@ -113,15 +110,14 @@ class VQVAE(nn.Module):
     return self.decode(self.encode(x))
 
 
-def from_config(config, channels: int) -> VQVAE:
-  """The VQVAE that `config.model` / `config.quantizer` describe, for `channels` image channels."""
+def from_config(config, channels: int, quantizer: Any) -> VQVAE:
+  """The VQVAE that `config.model` describes around `quantizer`, for `channels` channels."""
   return VQVAE(
     hidden=config.model.hidden,
     res_hidden=config.model.res_hidden,
     num_res_layers=config.model.num_res_layers,
-    num_codes=config.quantizer.num_codes,
-    embed_dim=config.quantizer.embed_dim,
+    embed_dim=quantizer.dim,
     channels=channels,
-    codebook_init=config.quantizer.init,
+    quantizer=quantizer,
     deconv_impl=config.model.deconv_impl,
   )

@@ -92,25 +92,15 @@ def generator_step(
   Returns (state, metrics, x_hat (B, H, W, C) float32, for the discriminator step).
   """
   x = batch["image"]
-  params, radius = tokenizer_steps.project_codebook(state, config.quantizer)
+  params, before = model.quantizer.before_step(state.params, state.step)
+  mesh = None if replicated is None else replicated.mesh
 
   def autoencode(p):
-    z, z_flat, quant = tokenizer_steps.encode_and_quantize(
-      p, x, model=model, config=config, mesh=None if replicated is None else replicated.mesh
-    )
-    terms = tokenizer_steps.quantizer_losses(
-      z_flat,
-      quant,
-      p["codebook"].astype(jnp.float32),
-      state.step,
-      config=config,
-      replicated=replicated,
-    )
+    z, z_flat, quant = tokenizer_steps.encode_and_quantize(p, x, state.step, model=model, mesh=mesh)
     h = model.apply(
       {"params": p}, quant.z_ste.reshape(z.shape).astype(z.dtype), method="decode_features"
     )
-    loss_q = terms.pop("loss_q")
-    return (h, loss_q), dict(terms, indices=quant.indices, z=z_flat)
+    return (h, quant.loss), dict(quant.terms, indices=quant.indices, z=z_flat)
 
   full = sharding.gather_params(params, replicated)
   (h, loss_q), autoencode_vjp, aux = jax.vjp(autoencode, full, has_aux=True)
@@ -154,7 +144,14 @@ def generator_step(
   grads = _add_at(grads, (*vqgan.LAST_LAYER, "bias"), d_bias)
   aux["loss"] = loss
   new_state, metrics = tokenizer_steps.apply_tokenizer_update(
-    state, params, grads, aux, radius, tx=tx, q=config.quantizer
+    state,
+    params,
+    grads,
+    aux,
+    before,
+    tx=tx,
+    quantizer=model.quantizer,
+    usage_decay=config.quantizer.usage_decay,
   )
   return new_state, metrics, x_hat
 

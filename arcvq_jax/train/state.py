@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from arcvq_jax import quantization
 from arcvq_jax.models import discriminator, vqgan, vqvae
+from arcvq_jax.quantizers import registry
 
 
 @flax.struct.dataclass
@@ -22,17 +22,20 @@ class TrainState:
   """Everything a run needs to continue exactly where it stopped (all arrays).
 
   step: () int32, the global optimizer step t.
-  params: the VQVAE's parameters; params['codebook'] is the (K, D) codebook.
-  opt_state: optax state (the codebook's slot is empty when the codebook is EMA-updated).
-  ema: EMA k-means statistics (used when quantizer.codebook_update == 'ema').
-  usage: (K,) EMA of per-step code counts (diagnostics, dead-code restart).
+  params: the autoencoder's parameters, the quantizer's among them (e.g. params['codebook'],
+    the (K, D) codebook of 'vq' and 'arcvq').
+  opt_state: optax state (the slots of the quantizer's frozen params are empty).
+  ema: the quantizer's statistics outside the gradient (`Quantizer.init_stats`: the EMA
+    k-means sums of 'vq' / 'arcvq'; None for quantizers without). The field keeps the name
+    it had when only the EMA codebook had any, so older checkpoints restore.
+  usage: (V,) EMA of per-step token counts over the vocabulary (diagnostics, restart).
   rng: (2,) uint32 PRNG key for the stochastic parts of the step (dead-code restart).
   """
 
   step: jax.Array
   params: Any
   opt_state: Any
-  ema: quantization.EMAState
+  ema: Any
   usage: jax.Array
   rng: jax.Array
 
@@ -98,11 +101,12 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   """Adam (paper: lr 3e-4; VQGAN: 4.5e-6 x batch, betas (0.5, 0.9)) with optional
   global-norm clipping.
 
-  An EMA codebook is not a gradient-trained parameter: its slot gets no update.
+  The quantizer's frozen params (an EMA codebook, SimVQ's random codebook) get no update.
   """
   tx = _base_optimizer(config)
-  if config.quantizer.codebook_update == "ema":
-    labels = lambda params: {k: ("frozen" if k == "codebook" else "train") for k in params}
+  frozen = registry.from_config(config).frozen_params()
+  if frozen:
+    labels = lambda params: {k: ("frozen" if k in frozen else "train") for k in params}
     tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
   return tx
 
@@ -113,22 +117,17 @@ def init_train_state(
   tx: optax.GradientTransformation,
   image_shape: tuple[int, int, int],
 ) -> TrainState:
-  """A fresh state; pure, so `jax.jit(..., out_shardings=...)` can build it in place."""
+  """A fresh state; pure, so `jax.jit(..., out_shardings=...)` can build it in place.
+
+  model: a VQVAE or VQGAN holding its quantizer (`model.quantizer`)."""
   init_key, rng = jax.random.split(key)
   params = model.init(init_key, jnp.zeros((1, *image_shape), jnp.float32))["params"]
-  codebook = params["codebook"]
-  num_codes = codebook.shape[0]
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,
     opt_state=tx.init(params),
-    ema=quantization.EMAState(
-      # Counts of one and sums equal to the rows make the EMA codebook start at
-      # the initial codebook (and keep the Laplace-smoothed division finite).
-      cluster_size=jnp.ones((num_codes,), jnp.float32),
-      embed_sum=codebook,
-    ),
-    usage=jnp.zeros((num_codes,), jnp.float32),
+    ema=model.quantizer.init_stats(params),
+    usage=jnp.zeros((model.quantizer.vocab_size,), jnp.float32),
     rng=rng,
   )
 
@@ -168,10 +167,12 @@ def init_gan_state(
 
 
 def build_model(config: ml_collections.ConfigDict, channels: int) -> flax.linen.Module:
-  """The autoencoder config.model.name names ('vqvae' or 'vqgan'), for `channels` channels."""
+  """The autoencoder config.model.name names ('vqvae' or 'vqgan'), for `channels` channels,
+  around the quantizer config.quantizer.name names."""
+  quantizer = registry.from_config(config)
   if config.model.name == "vqgan":
-    return vqgan.from_config(config, channels=channels)
-  return vqvae.from_config(config, channels=channels)
+    return vqgan.from_config(config, channels=channels, quantizer=quantizer)
+  return vqvae.from_config(config, channels=channels, quantizer=quantizer)
 
 
 def init_fn(
@@ -223,15 +224,13 @@ def state_from_params(
   gen_key, disc_key = jax.random.split(key) if is_gan else (key, None)
   _, rng = jax.random.split(gen_key)
   params = to_f32(params)
-  num_codes = params["codebook"].shape[0]
+  quantizer = registry.from_config(config)
   gen = TrainState(
     step=jnp.asarray(step, jnp.int32),
     params=params,
     opt_state=make_optimizer(config).init(params),
-    ema=quantization.EMAState(
-      cluster_size=jnp.ones((num_codes,), jnp.float32), embed_sum=params["codebook"]
-    ),
-    usage=jnp.zeros((num_codes,), jnp.float32),
+    ema=quantizer.init_stats(params),
+    usage=jnp.zeros((quantizer.vocab_size,), jnp.float32),
     rng=rng,
   )
   if not is_gan:

@@ -91,7 +91,7 @@ class Evaluation:
     self.batch_sharding = sharding.batch_sharding(mesh)
     replicated = sharding.replicated(mesh)
     self.eval_fn = jax.jit(
-      functools.partial(tokenizer_steps.eval_step, model=model, config=config),
+      functools.partial(tokenizer_steps.eval_step, model=model),
       in_shardings=(params_sharding, self.batch_sharding, replicated),
       out_shardings=replicated,
     )
@@ -129,7 +129,7 @@ def reconstruction_grid(
   preview = next(iter(evaluation.batches()))["image"][:8]
   if jax.process_count() > 1:
     preview = multihost_utils.broadcast_one_to_all(preview)
-  recon_fn = jax.jit(functools.partial(tokenizer_steps.reconstruct, model=model, config=config))
+  recon_fn = jax.jit(functools.partial(tokenizer_steps.reconstruct, model=model))
 
   def write(step: int, state: Any) -> None:
     x_hat, _ = recon_fn(state.params, preview)
@@ -139,12 +139,16 @@ def reconstruction_grid(
   return write
 
 
-def write_codebook_diagnostics(workdir: str, state: Any, step: int, writer) -> None:
-  """The paper's Fig. 2-3 from the training-time (EMA) usage of the rows. Every process
-  takes part in gathering a codebook that the 'fsdp' axis may have split across hosts."""
-  codebook, usage = multihost_utils.process_allgather(
-    (state.params["codebook"], state.usage), tiled=True
-  )
+def write_codebook_diagnostics(
+  workdir: str, quantizer: Any, state: Any, step: int, writer: metric_writer.MetricWriter
+) -> None:
+  """The paper's Fig. 2-3 from the training-time (EMA) usage of the rows, for quantizers
+  with a codebook. Every process takes part in gathering a codebook that the 'fsdp' axis
+  may have split across hosts."""
+  rows = quantizer.codebook(state.params)
+  if rows is None:
+    return
+  codebook, usage = multihost_utils.process_allgather((rows, state.usage), tiled=True)
   if jax.process_index() == 0:
     diagnostics.write_codebook_diagnostics(
       os.path.join(workdir, "diagnostics"),
@@ -153,6 +157,8 @@ def write_codebook_diagnostics(workdir: str, state: Any, step: int, writer) -> N
       prefix=f"step_{step}_",
       writer=writer,
       step=step,
+      source=diagnostics.training_source(step),
+      used_above=diagnostics.EMA_USED_THRESHOLD,
     )
 
 
@@ -196,7 +202,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = loop.create_writer(workdir)
   evaluation = Evaluation(config, workdir, model, mesh, state_sharding.params, lpips_params, writer)
   ema_usage = lambda step, state: writer.write_scalars(
-    step, {"train/ema_usage": float(np.mean(jax.device_get(state.usage) > 1e-3))}
+    step,
+    {
+      "train/ema_usage": float(
+        np.mean(jax.device_get(state.usage) > diagnostics.EMA_USED_THRESHOLD)
+      )
+    },
   )
   actions = [loop.Periodic(config.log_every_steps, ema_usage)]
   if config.image_every_steps:
@@ -222,6 +233,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return dict(preempted_at_step=outcome.preempted_at)
 
   results = evaluation(total_steps, outcome.state.params)
-  write_codebook_diagnostics(workdir, outcome.state, total_steps, writer)
+  write_codebook_diagnostics(workdir, model.quantizer, outcome.state, total_steps, writer)
   loop.finish(checkpointer, writer)
   return results

@@ -1,0 +1,1 @@
+"""Quantizers behind one interface (base.py); registry.py maps config.quantizer.name to them."""

@@ -1,0 +1,31 @@
+"""config.quantizer.name -> the quantizer class. Adding a quantizer: its module, one line
+here, its tests (docs/contributing.md, "Adding a quantizer")."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from arcvq_jax.quantizers.arcvq import ArcVQ
+from arcvq_jax.quantizers.base import Quantizer, config_error
+from arcvq_jax.quantizers.vq import VQ
+
+QUANTIZERS: dict[str, type[Quantizer]] = {
+  "arcvq": ArcVQ,
+  "vq": VQ,
+}
+# Configs written before quantizers had names (workdirs of arcvq-jax 0.1) hold ArcVQ's keys;
+# with its switches off ArcVQ computes what those runs did.
+DEFAULT = "arcvq"
+
+
+def from_config(config: ml_collections.ConfigDict) -> Quantizer:
+  """The quantizer config.quantizer.name names, built from the config. Raises
+  QuantizerConfigError (a ValueError) naming the key of a setting that cannot work."""
+  name = config.quantizer.get("name", DEFAULT)
+  if name not in QUANTIZERS:
+    raise config_error(
+      "quantizer.name",
+      f"{name!r} is not a quantizer",
+      f"Use one of {sorted(QUANTIZERS)} (e.g. --config.quantizer.name=fsq).",
+    )
+  return QUANTIZERS[name].from_config(config)
