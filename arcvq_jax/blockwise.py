@@ -450,11 +450,8 @@ def _nearest_best(z, codebook, distance, chunk_size=None, code_chunk_size=CODE_C
 
   def block_best(zc, ec, oc, start):
     """Best (score, index) of one block (C, kc'); the score is maximised."""
-    if distance == "cosine":
-      score = zc @ ec.T
-    else:
-      # The naive form's expression, negated (exactly) so that both distances maximise.
-      score = -(oc[None, :] - 2.0 * zc @ ec.T)
+    # Euclidean: the naive form's expression, negated (exactly) so that both distances maximise.
+    score = zc @ ec.T if distance == "cosine" else -(oc[None, :] - 2.0 * zc @ ec.T)
     best = jnp.max(score, axis=1)
     # The first position holding the max: jnp.argmax's answer (a variadic reduce is ~10x
     # slower on CPU). A NaN makes the max NaN, and then the first NaN wins, as in jnp.argmax.

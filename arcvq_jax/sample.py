@@ -34,7 +34,9 @@ from PIL import Image
 from arcvq_jax import api, cli, prior_config, sharding
 from arcvq_jax import checkpoint as ckpt_lib
 from arcvq_jax.evaluation import images as image_lib
+from arcvq_jax.models import pixelcnn, unet
 from arcvq_jax.train import prior_common as common
+from arcvq_jax.train import prior_ldm, prior_pixelcnn
 
 FLAGS = flags.FLAGS
 
@@ -182,9 +184,6 @@ def sample_ldm(
   use_ema: bool | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
   """Images uint8 (N, H, W, C) from the LDM in `workdir`, and the settings used."""
-  from arcvq_jax.models import unet
-  from arcvq_jax.train import prior_ldm
-
   tok, record = common.load_tokenizer(config, workdir)
   latent_shape = tuple(record["latent_shape"])
   model = unet.from_config(config, latent_channels=latent_shape[-1])
@@ -257,9 +256,6 @@ def sample_pixelcnn(
   use_ema: bool | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
   """Images uint8 (N, H, W, C) from the PixelCNN in `workdir`, and the settings used."""
-  from arcvq_jax.models import pixelcnn
-  from arcvq_jax.train import prior_pixelcnn
-
   tok, record = common.load_tokenizer(config, workdir)
   grid = tuple(record["latent_shape"][:2])
   model = pixelcnn.from_config(config, num_codes=record["num_codes"])

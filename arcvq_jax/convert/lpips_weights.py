@@ -52,8 +52,8 @@ def convert(vgg16_state: dict[str, np.ndarray], lin_state: dict[str, np.ndarray]
         )
     flat[f"vgg/{name}/kernel"] = arrays["weight"].transpose(2, 3, 1, 0)  # OIHW -> HWIO
     flat[f"vgg/{name}/bias"] = arrays["bias"]
-  for l, c in enumerate(lpips_lib.LIN_CHANNELS):
-    key = f"lin{l}.model.1.weight"
+  for layer, c in enumerate(lpips_lib.LIN_CHANNELS):
+    key = f"lin{layer}.model.1.weight"
     if key not in lin_state:
       raise lpips_lib.LPIPSWeightsError(
         f"the lpips linear weights have no {key!r}: pass lpips' weights/v0.1/vgg.pth."
@@ -64,7 +64,7 @@ def convert(vgg16_state: dict[str, np.ndarray], lin_state: dict[str, np.ndarray]
         f"{key} has shape {w.shape}, expected {(1, c, 1, 1)}: pass lpips' "
         f"weights/v0.1/vgg.pth (the VGG variant, not alex or squeeze)."
       )
-    flat[f"lin/lin{l}"] = w.reshape(-1)
+    flat[f"lin/lin{layer}"] = w.reshape(-1)
   lpips_lib.check_params(flat, "the converted weights")  # also: linear weights >= 0
   return lpips_lib.from_flat(flat)
 

@@ -158,7 +158,7 @@ def map_tree(
 
   def walk(node, path):
     if isinstance(node, dict):
-      return {k: walk(v, path + (k,)) for k, v in node.items()}
+      return {k: walk(v, (*path, k)) for k, v in node.items()}
     return fill(path, node)
 
   return Mapped(tree=walk(abstract, ()), used=used, problems=problems)
@@ -184,7 +184,7 @@ def vqgan_source(path: tuple[str, ...]) -> tuple[str, Callable]:
     match = _LIST_ITEM.match(m)
     # taming's ModuleLists (down.1, block.0, attn.0) vs the mid block's attributes (block_1).
     parts += [f"{match[1]}.{match[2]}"] if match and (i == 0 or modules[i - 1] != "mid") else [m]
-  return ".".join(parts + [_LEAF[leaf]]), (_conv if leaf == "kernel" else _copy)
+  return ".".join([*parts, _LEAF[leaf]]), (_conv if leaf == "kernel" else _copy)
 
 
 def disc_source(path: tuple[str, ...]) -> tuple[str, Callable]:
@@ -214,7 +214,7 @@ def vqvae_source(path: tuple[str, ...]) -> tuple[str, Callable]:
       parts.append(f"_{m}")
   transposed = any(m.startswith("conv_trans") for m in modules)
   transform = _copy if leaf != "kernel" else (_conv_transpose if transposed else _conv)
-  return ".".join(parts + [_LEAF[leaf]]), transform
+  return ".".join([*parts, _LEAF[leaf]]), transform
 
 
 # --------------------------------------------------------------------------- architecture

@@ -25,6 +25,7 @@ rejected while preparing.
 from __future__ import annotations
 
 import os
+from typing import ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -38,7 +39,7 @@ class IdxImages(tfds.core.GeneratorBasedBuilder):
   """MNIST-style IDX image files (train + t10k) from a manual folder."""
 
   VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Initial release."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
     "Point manual_dir (tfds build --manual_dir=DIR, or "
     "tfds.download.DownloadConfig(manual_dir=DIR), or config.data.path for "

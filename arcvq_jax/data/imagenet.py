@@ -54,7 +54,7 @@ def prepare(manual_dir: str, data_dir: str | None, file_format: str = "array_rec
     The prepared tfds builder.
   """
   # Imported here: only preparing pays for TensorFlow Datasets.
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # noqa: PLC0415 (optional: only preparing needs it)
 
   builder = tfds.builder(NAME, data_dir=data_dir, file_format=file_format)
   if builder.is_prepared():

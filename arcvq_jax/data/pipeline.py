@@ -48,7 +48,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import grain
+import jax
 import numpy as np
+from absl import flags
 
 from arcvq_jax.data import folder as folder_lib
 from arcvq_jax.data import idx as idx_lib
@@ -132,7 +134,7 @@ class _TfdsSource:
   """
 
   def __init__(self, builder: Any, split: str, image_size: int | None):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds  # noqa: PLC0415 (optional: only the TFDS source needs it)
 
     self.name = builder.info.name
     self.split = split
@@ -225,7 +227,7 @@ def _tfds_image_shape(
 def _tfds_builder(data_cfg: Any) -> Any:
   """Returns the TFDS builder of config.data.name, prepared as ArrayRecord."""
   # Imported here: only the TFDS source pays for TensorFlow Datasets.
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # noqa: PLC0415 (optional: only the TFDS source needs it)
 
   name = data_cfg.get("name")
   data_dir = data_cfg.get("data_dir")
@@ -240,7 +242,7 @@ def _tfds_builder(data_cfg: Any) -> Any:
   cli_note = "(the tfds command needs `pip install apache-beam`)"
   if name == "idx_images":
     # Registers the builder with TFDS.
-    from arcvq_jax.data import idx_tfds  # pylint: disable=g-import-not-at-top
+    from arcvq_jax.data import idx_tfds  # noqa: PLC0415 (imports tensorflow_datasets)
 
     build_cmd = (
       f"tfds build idx_images --imports=arcvq_jax.data.idx_tfds "
@@ -488,8 +490,6 @@ class _ReadEvalBatch:
 
 def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
   if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
-
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
@@ -661,8 +661,6 @@ def create_train_iterator(
   )
   num_workers = int(data_cfg.get("num_workers", 0) or 0)
   if num_workers > 0:
-    from absl import flags  # pylint: disable=g-import-not-at-top
-
     if not flags.FLAGS.is_parsed():
       # Starting grain workers reads absl flags, which raises outside absl.app
       # (pytest, notebooks); parsing no arguments keeps every default.

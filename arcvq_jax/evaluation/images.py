@@ -3,7 +3,8 @@
 Both functions return one float32 image (H', W', C) in [0, 1]. clu's
 `metric_writers.MetricWriter.write_images` wants a batch (N, H, W, C), so log a grid as
 
-    writer.write_images(step, {"reconstructions": side_by_side(x, x_rec, value_range=(-1, 1))[None]})
+    grid = side_by_side(x, x_rec, value_range=(-1, 1))
+    writer.write_images(step, {"reconstructions": grid[None]})
 
 Inputs may be jax or numpy arrays; they are copied to host memory.
 """

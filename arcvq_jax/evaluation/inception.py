@@ -432,9 +432,9 @@ class InceptionFeatures:
     pools, logits = [], []
     for start in range(0, max(len(images), 1), self.local_batch_size):
       stop = start + self.local_batch_size
-      p, l = self._global_batch(images[start:stop], mask[start:stop])
-      pools.append(p)
-      logits.append(l)
+      pool, logit = self._global_batch(images[start:stop], mask[start:stop])
+      pools.append(pool)
+      logits.append(logit)
     return np.concatenate(pools), np.concatenate(logits)
 
 

@@ -116,10 +116,10 @@ def lpips_distance(
   feats = VGG16Features(dtype=dtype).apply({"params": params["vgg"]}, both)
   b = x.shape[0]
   total = jnp.zeros((b,), jnp.float32)
-  for l, f in enumerate(feats):
+  for layer, f in enumerate(feats):
     f = _unit_normalize(f)
     diff = (f[:b] - f[b:]) ** 2  # (B, h, w, C_l)
-    total = total + jnp.mean(diff @ params["lin"][f"lin{l}"].astype(jnp.float32), axis=(1, 2))
+    total = total + jnp.mean(diff @ params["lin"][f"lin{layer}"].astype(jnp.float32), axis=(1, 2))
   return total
 
 
@@ -135,8 +135,8 @@ def expected_shapes() -> dict[str, tuple[int, ...]]:
       shapes[f"vgg/{name}/kernel"] = (3, 3, cin, cout)
       shapes[f"vgg/{name}/bias"] = (cout,)
       cin = cout
-  for l, c in enumerate(LIN_CHANNELS):
-    shapes[f"lin/lin{l}"] = (c,)
+  for layer, c in enumerate(LIN_CHANNELS):
+    shapes[f"lin/lin{layer}"] = (c,)
   return shapes
 
 
@@ -158,7 +158,7 @@ def check_params(flat: dict[str, np.ndarray], source: str) -> None:
     "an LPIPS VGG16 weights file",
     CONVERT_COMMAND.format(out=source),
   )
-  if np.any(np.concatenate([flat[f"lin/lin{l}"] for l in range(len(LIN_CHANNELS))]) < 0):
+  if np.any(np.concatenate([flat[f"lin/lin{layer}"] for layer in range(len(LIN_CHANNELS))]) < 0):
     raise LPIPSWeightsError(f"{source}: the linear weights must be >= 0 (lpips v0.1).")
 
 

@@ -46,9 +46,9 @@ class _Conv(nn.Module):
     )
     if self.mask is not None:
       kernel = kernel * jnp.asarray(self.mask, kernel.dtype)[:, :, None, None]
-    t, b, l, r = self.padding
+    top, bottom, left, right = self.padding
     y = lax.conv_general_dilated(
-      x, kernel, (1, 1), ((t, b), (l, r)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+      x, kernel, (1, 1), ((top, bottom), (left, right)), dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
     return y + bias
 
