@@ -48,8 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arcvq_jax import quantization as vq
 from arcvq_jax import blockwise
+from arcvq_jax import quantization as vq
 
 DEFAULT_CASES = ["512,64,6272", "512,64,50176", "1024,16,32768", "16384,16,32768"]
 
@@ -98,10 +98,8 @@ def fmt_ms(t):
 def arc_row(k_rows, d, n, args):
   s, m, top_k = args.s, args.m, args.top_k
   z, e = make_data(k_rows, d, n)
-  naive = lambda a, b: vq.arc_loss(a, b, s, m, top_k)  # noqa: E731
-  blocked = lambda a, b: blockwise.arc_loss_blocked(  # noqa: E731
-    a, b, s, m, top_k, args.chunk, args.code_chunk
-  )
+  naive = lambda a, b: vq.arc_loss(a, b, s, m, top_k)
+  blocked = lambda a, b: blockwise.arc_loss_blocked(a, b, s, m, top_k, args.chunk, args.code_chunk)
   forms = [("naive", naive), ("blocked", blocked)]
   fb = {name: jax.jit(jax.value_and_grad(f)) for name, f in forms}
   fw = {name: jax.jit(f) for name, f in forms}

@@ -134,7 +134,7 @@ def bench(name: str, data: int, fsdp: int, batch: int) -> dict:
   _, _, abstract, state_sharding = gan_steps.abstract_state_and_shardings(
     c, model, disc_model, tx, disc_tx, mesh, shape
   )
-  with_sharding = lambda tree, sh: jax.tree.map(  # noqa: E731
+  with_sharding = lambda tree, sh: jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh
   )
   state = with_sharding(abstract, state_sharding)

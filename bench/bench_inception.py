@@ -1,9 +1,9 @@
 """Throughput of the FID Inception and the end-to-end time of rFID (issue 4).
 
-  python bench/bench_inception.py --batch 25 50                 # images/s at 299x299
-  python bench/bench_inception.py --batch 50 --impl xla auto    # conv implementations
-  python bench/bench_inception.py --torch --batch 50            # pytorch-fid's network, same CPU
-  python bench/bench_inception.py --rfid                        # rFID on the 10k Fashion-MNIST test images
+  python bench/bench_inception.py --batch 25 50               # images/s at 299x299
+  python bench/bench_inception.py --batch 50 --impl xla auto  # conv implementations
+  python bench/bench_inception.py --torch --batch 50          # pytorch-fid's network, same CPU
+  python bench/bench_inception.py --rfid                      # rFID, 10k Fashion-MNIST test images
 
 Random weights of the right shapes (the time does not depend on their values). Throughput:
 299x299x3 uint8 inputs (the resize is then the identity, as for ImageNet samples already at
@@ -77,7 +77,7 @@ def bench_rfid(workdir: str | None, batch: int, inception_batch: int) -> dict:
     t0 = time.perf_counter()
     tokenizer.train_and_evaluate(config, workdir)
     print(f"trained the tiny tokenizer in {time.perf_counter() - t0:.1f} s ({workdir})")
-  params, step = api.restore_params(workdir)
+  params, _step = api.restore_params(workdir)
   t0 = time.perf_counter()
   results, _ = evaluate.evaluate_checkpoint(
     api.load_config(workdir),

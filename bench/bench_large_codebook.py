@@ -50,11 +50,8 @@ from bench_arcloss import fmt_bytes, make_data, time_each
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from arcvq_jax import blockwise, sharding
 from arcvq_jax import quantization as vq
-from arcvq_jax import (
-  sharding,
-  blockwise,
-)
 
 
 def peak_bytes(fn, *args) -> int:
@@ -191,9 +188,7 @@ def main():
         print(arc_rows[-1], flush=True)
       if not args.skip_search:
         naive = jax.jit(functools.partial(vq.nearest_code, distance=args.distance))
-        blocked = jax.jit(
-          functools.partial(blockwise.nearest_code_blocked, distance=args.distance)
-        )
+        blocked = jax.jit(functools.partial(blockwise.nearest_code_blocked, distance=args.distance))
         (tn, ts), (pn, ps) = measure(naive, blocked, z, e, args, check_search)
         search_rows.append(
           f"| {k_rows} | {d} | {fmt_ms(tn)} | {fmt_ms(ts)} | "

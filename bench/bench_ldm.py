@@ -38,6 +38,7 @@ from arcvq_jax import diffusion, sharding
 from arcvq_jax.models import unet
 from arcvq_jax.train import prior_common, prior_ldm
 from arcvq_jax.train import state as state_lib
+from configs import imagenet, imagenet_ldm
 
 LATENT = (32, 32, 16)
 
@@ -70,8 +71,6 @@ def rss_gib() -> float:
 
 
 def get_config(dtype: str):
-  from configs import imagenet_ldm
-
   c = imagenet_ldm.get_config()
   c.unet.dtype = dtype
   return c
@@ -198,8 +197,6 @@ def bench_ddim(
 
 def bench_encoder(batch: int, warmup: int, steps: int) -> tuple[float, float]:
   """(seconds, FLOPs) per image of the frozen VQGAN f8 encoder (configs/imagenet.py)."""
-  from configs import imagenet
-
   tc = imagenet.get_config()
   model = state_lib.build_model(tc, channels=3)
   x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (batch, 256, 256, 3)), jnp.float32)
