@@ -333,11 +333,6 @@ def test_lookup_of_tokens_is_what_the_decoder_saw(quantizer):
   np.testing.assert_allclose(quantizer.lookup(params, tokens), out.z_ste, rtol=0, atol=1e-6)
 
 
-@pytest.mark.xfail(
-  strict=True,
-  reason="vq.py bug: dead-code restart with codebook_update='ema' leaves the restarted row's "
-  "EMA statistics, so the next EMA update (eq. 13-14) puts the old row back",
-)
 def test_restart_survives_the_next_ema_update():
   """With an EMA codebook, a restarted row must stay where it was re-seeded when the next
   step assigns it nothing (the library resets cluster_size and embed_avg of the row)."""

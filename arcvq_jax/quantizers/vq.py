@@ -248,6 +248,14 @@ class VQ(Quantizer):
         key, params["codebook"], usage, z, self.restart_threshold
       )
       restarted = jnp.sum(dead).astype(jnp.int32)
+      if self.codebook_update == "ema":
+        # The EMA statistics of a re-seeded row restart too (at the mean count), else the
+        # next EMA update (eq. 13-14) pulls the row back to where it was.
+        count = jnp.mean(stats.cluster_size)
+        stats = vqm.EMAState(
+          cluster_size=jnp.where(dead, count, stats.cluster_size),
+          embed_sum=jnp.where(dead[:, None], params["codebook"] * count, stats.embed_sum),
+        )
     norms = jnp.linalg.norm(params["codebook"], axis=-1)
     out = dict(
       codebook_norm_mean=jnp.mean(norms),
