@@ -9,6 +9,7 @@ import shlex
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+WIDTH = 150  # the console's line budget (cli.MAX_WIDTH)
 # (key, label, format) of the metrics shown, in this order; other keys are not shown.
 METRICS = (
   ("psnr", "PSNR (dB)", ".2f"),
@@ -25,6 +26,18 @@ METRICS = (
 def _table(rows: Sequence[tuple[str, str]]) -> list[str]:
   width = max(len(label) for label, _ in rows)
   return [f"  {label:<{width}}  {value}" for label, value in rows]
+
+
+def _command_lines(command: str, indent: int = 4, width: int = WIDTH) -> list[str]:
+  """A shell command on lines of at most `width` characters (where its words allow), joined
+  by backslash continuations, so that it still pastes as one command."""
+  lines, line = [], " " * indent
+  for word in command.split(" "):
+    if line.strip() and len(line) + 1 + len(word) + 2 > width:
+      lines.append(line + " \\")
+      line = " " * (indent + 2)
+    line += ("" if not line.strip() else " ") + word
+  return [*lines, line]
 
 
 def _duration(seconds: float) -> str:
@@ -73,14 +86,15 @@ def summary_lines(
     else []
   )
   if steps:
-    made.append(("checkpoints/", f"orbax checkpoints, steps {', '.join(map(str, steps))}"))
+    made.append(("checkpoints/", f"checkpoints of steps {', '.join(map(str, steps))}"))
   if os.path.exists(os.path.join(workdir, "eval_results.json")):
     made.append(("eval_results.json", "the metrics above (eval/step_N.json: one per evaluation)"))
   plots = sorted(glob.glob(os.path.join(workdir, "diagnostics", "*.png")))
   if plots:
     made.append(("diagnostics/", f"{len(plots)} codebook plots (norms, usage, distances)"))
-  if glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
-    made.append(("events.out.tfevents.*", f"TensorBoard logs: tensorboard --logdir {q(workdir)}"))
+  logs = bool(glob.glob(os.path.join(workdir, "events.out.tfevents.*")))
+  if logs:
+    made.append(("events.out.tfevents.*", "TensorBoard logs (losses, usage, image grids)"))
   if made:
     lines += ["", f"Written in {workdir}:", *_table(made)]
 
@@ -97,6 +111,8 @@ def summary_lines(
     )
   else:
     nxt.append(("sample", f"python -m arcvq_jax.sample --workdir={q(workdir)} --num_samples=64"))
+  if logs:
+    nxt.append(("look at the curves", f"tensorboard --logdir {q(workdir)}"))
   longer = [o for o in overrides if not o.startswith("--config.num_train_steps=")]
   nxt.append(
     (
@@ -106,5 +122,5 @@ def summary_lines(
   )
   lines += ["", "Next:"]
   for label, command in nxt:
-    lines += [f"  {label}:", f"    {command}"]
+    lines += [f"  {label}:", *_command_lines(command)]
   return lines
