@@ -355,9 +355,10 @@ def validate_against_tokenizer(
   if e.num_codes and e.num_codes != num_codes:
     _fail(
       "tokenizer_expect.num_codes",
-      f"is {e.num_codes}, but the tokenizer at {where} has a codebook of {num_codes} codes",
+      f"is {e.num_codes}, but the tokenizer at {where} has a vocabulary of {num_codes} tokens "
+      "(its quantizer's: codebook rows, FSQ level products or LFQ's 2^bits)",
       "Point --config.tokenizer_workdir at a tokenizer with "
-      f"{e.num_codes} codes, or set --config.tokenizer_expect.num_codes={num_codes} if this "
+      f"{e.num_codes} tokens, or set --config.tokenizer_expect.num_codes={num_codes} if this "
       "tokenizer is the one you mean (0 skips the check).",
     )
   if e.latent_shape and tuple(e.latent_shape) != tuple(latent_shape):

@@ -16,7 +16,9 @@ from run_helpers import override, read_scalars
 from arcvq_jax import api, prior_config, sample, sharding
 from arcvq_jax import checkpoint as ckpt_lib
 from arcvq_jax.models import unet
-from arcvq_jax.train import prior_common, prior_ldm, prior_pixelcnn
+from arcvq_jax.train import loop, prior_common, prior_ldm, prior_pixelcnn
+from arcvq_jax.train import state as state_lib
+from configs import tiny, tiny_ldm, tiny_pixelcnn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION = "/usr/share/datasets/fashion-mnist"
@@ -24,8 +26,6 @@ needs_fashion = pytest.mark.skipif(
   not os.path.exists(os.path.join(FASHION, "train-images-idx3-ubyte.gz")),
   reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)",
 )
-from arcvq_jax.train import loop
-from arcvq_jax.train import state as state_lib
 
 STAGES = {"ldm": prior_ldm.train_and_evaluate, "pixelcnn": prior_pixelcnn.train_and_evaluate}
 
@@ -33,8 +33,6 @@ STAGES = {"ldm": prior_ldm.train_and_evaluate, "pixelcnn": prior_pixelcnn.train_
 def write_tokenizer(workdir, seed=3, **overrides):
   """A tiny VQ-VAE tokenizer workdir (random weights, K 64, 7x7x16 latents), written through
   the tokenizer API as a converted checkpoint would be."""
-  from configs import tiny
-
   c = override(tiny.get_config(), **overrides)
   model = state_lib.build_model(c, channels=1)
   params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 28, 28, 1)))["params"]
@@ -48,10 +46,7 @@ def tok_dir(tmp_path_factory):
 
 
 def prior(stage, tok, **overrides):
-  if stage == "ldm":
-    from configs import tiny_ldm as cfg
-  else:
-    from configs import tiny_pixelcnn as cfg
+  cfg = tiny_ldm if stage == "ldm" else tiny_pixelcnn
   c = cfg.get_config()
   c.tokenizer_workdir = tok
   c.data.train_split = "test"  # 10k images: a quicker precompute pass
@@ -109,11 +104,11 @@ def test_stage_resumes_exactly_and_samples(stage, tok_dir, tmp_path):
 
 @needs_fashion
 def test_missing_and_incompatible_tokenizers_are_refused(tok_dir, tmp_path):
-  with pytest.raises(ValueError, match="config.tokenizer_workdir: is empty"):
+  with pytest.raises(ValueError, match=r"config\.tokenizer_workdir: is empty"):
     prior_ldm.train_and_evaluate(prior("ldm", ""), str(tmp_path / "a"))
   with pytest.raises(prior_common.PriorSetupError, match="not the --workdir of an arcvq_jax run"):
     prior_ldm.train_and_evaluate(prior("ldm", str(tmp_path / "nowhere")), str(tmp_path / "b"))
-  with pytest.raises(ValueError, match=r"tokenizer_expect.num_codes: is 512, but .* 64 codes"):
+  with pytest.raises(ValueError, match=r"tokenizer_expect.num_codes: is 512, but .* vocabulary of 64 tokens"):
     prior_pixelcnn.train_and_evaluate(
       prior("pixelcnn", tok_dir, **{"tokenizer_expect.num_codes": 512}), str(tmp_path / "c")
     )
