@@ -46,6 +46,27 @@ VARIANTS = {
     arc=True,
     gradient="rotation",
   ),
+  # SimVQ (Zhu et al. 2024): a frozen N(0, 1/D) codebook C through a learned linear map W,
+  # codes C W; Euclidean search, VQ loss (eq. 46). The paper's straight-through estimator, or
+  # vector-quantize-pytorch's default, the rotation trick.
+  "simvq": dict(
+    name="simvq", distance="euclidean", gradient="ste", legacy_beta=False, bbnr="off", arc=False
+  ),
+  "simvq_rotation": dict(
+    name="simvq",
+    distance="euclidean",
+    gradient="rotation",
+    legacy_beta=False,
+    bbnr="off",
+    arc=False,
+  ),
+  # FSQ (Mentzer et al. 2023): one latent channel per level, prod(levels) codes, no codebook
+  # and no loss; the paper's recommended levels for about 2^10 and 2^16 codes: (8, 5, 5, 5) =
+  # 1000 and (8, 8, 8, 5, 5, 5) = 64000 codes.
+  "fsq": dict(name="fsq", levels=(8, 5, 5, 5), embed_dim=4, bbnr="off", arc=False),
+  "fsq_64k": dict(name="fsq", levels=(8, 8, 8, 5, 5, 5), embed_dim=6, bbnr="off", arc=False),
+  # Lookup-free quantization (MAGVIT-v2): 9 sign bits, 2^9 = 512 codes as the paper's K.
+  "lfq": dict(name="lfq", embed_dim=9, num_codes=512, arc=False, bbnr="off", legacy_beta=False),
 }
 
 
@@ -109,6 +130,16 @@ def vqvae_config() -> ml_collections.ConfigDict:
       # Where the codebook is stored is sharding.param_rules' business, e.g.
       # ('codebook$', ('model', None)); a different layout is resharded, not wrong.
       codebook_axis="",
+      # lfq (docs/math.md, eq. 51-55): 2^embed_dim codes of +-codebook_scale; the loss is
+      # entropy_weight * (per-token entropy - diversity_gamma * batch entropy) of the softmax
+      # over the codes at entropy_temperature, + beta * commitment.
+      codebook_scale=1.0,
+      entropy_weight=0.1,
+      diversity_gamma=1.0,
+      entropy_temperature=0.01,
+      # fsq (docs/math.md, eq. 47-50): levels per latent channel, prod(levels) codes;
+      # embed_dim must be len(levels). num_codes is not used by fsq.
+      levels=(8, 5, 5, 5),
     )
   )
   c.arc = ml_collections.ConfigDict(

@@ -7,10 +7,16 @@ import ml_collections
 
 from arcvq_jax.quantizers.arcvq import ArcVQ
 from arcvq_jax.quantizers.base import Quantizer, config_error
+from arcvq_jax.quantizers.fsq import FSQ
+from arcvq_jax.quantizers.lfq import LFQ
+from arcvq_jax.quantizers.simvq import SimVQ
 from arcvq_jax.quantizers.vq import VQ
 
 QUANTIZERS: dict[str, type[Quantizer]] = {
   "arcvq": ArcVQ,
+  "fsq": FSQ,
+  "lfq": LFQ,
+  "simvq": SimVQ,
   "vq": VQ,
 }
 # Configs written before quantizers had names (workdirs of arcvq-jax 0.1) hold ArcVQ's keys;
