@@ -1,4 +1,5 @@
-"""Run by tests/test_checkpoint.py: saves step 1, then is SIGKILLed in the middle of saving step 2."""
+"""Run by tests/test_checkpoint.py: saves step 1, then is SIGKILLed in the middle of saving
+step 2."""
 
 import os
 import signal

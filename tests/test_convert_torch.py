@@ -41,8 +41,10 @@ from arcvq_jax.convert import workdir as workdir_lib
 from arcvq_jax.data import idx, pipeline
 from arcvq_jax.losses import gan
 from arcvq_jax.losses import lpips as lpips_lib
+from arcvq_jax.models import discriminator
 from arcvq_jax.models.discriminator import NLayerDiscriminator
-from arcvq_jax.train import tokenizer
+from arcvq_jax.train import state as state_lib
+from arcvq_jax.train import tokenizer, tokenizer_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION = "/usr/share/datasets/fashion-mnist"
@@ -50,9 +52,6 @@ needs_fashion = pytest.mark.skipif(
   not os.path.exists(os.path.join(FASHION, "train-images-idx3-ubyte.gz")),
   reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)",
 )
-from arcvq_jax.models import discriminator
-from arcvq_jax.train import state as state_lib
-from arcvq_jax.train import tokenizer_steps
 
 try:
   import taming.modules.diffusionmodules.model
@@ -568,7 +567,7 @@ def test_wrong_kind_and_wrong_config_are_named(tmp_path):
   path = str(tmp_path / "best.pt")
   torch.save(ref.ArcVQVAEModel().state_dict(), path)
   ckpt = torch_load.read_checkpoint(path)
-  with pytest.raises(tc.ConversionError, match="no 'encoder.conv_in.weight'.*Check --kind"):
+  with pytest.raises(tc.ConversionError, match=r"no 'encoder\.conv_in\.weight'.*Check --kind"):
     tc.convert(ckpt, "taming_vqgan", tc.load_config_file("configs/imagenet_f16.py"))
   with pytest.raises(tc.ConversionError, match="builds a vqgan"):
     tc.convert(ckpt, "arcvq_vqvae", tc.load_config_file("configs/imagenet_f16.py"))
@@ -716,7 +715,7 @@ def test_a_pickled_module_is_refused(tmp_path):
   torch.save(
     ref.ArcVQVAEModel(hidden=32, res_hidden=8, num_res_layers=1, num_codes=16, embed_dim=4), path
   )
-  with pytest.raises(torch_load.UnsafeCheckpointError, match="torch_reference.ArcVQVAEModel"):
+  with pytest.raises(torch_load.UnsafeCheckpointError, match=r"torch_reference\.ArcVQVAEModel"):
     torch_load.read_checkpoint(path)
 
 

@@ -6,6 +6,7 @@ Needs Debian's dataset-fashion-mnist files in /usr/share/datasets/fashion-mnist
 
 import gzip
 import hashlib
+import itertools
 import json
 import os
 import struct
@@ -109,7 +110,7 @@ def test_read_idx_malformed(tmp_path):
   cut_gz = tmp_path / "cut-idx3-ubyte.gz"
   full = gzip.compress(fx.idx_bytes(np.arange(5000, dtype=np.uint8).reshape(5, 1000)))
   cut_gz.write_bytes(full[: len(full) // 2])
-  with pytest.raises(DataError, match="cut-idx3-ubyte.gz"):
+  with pytest.raises(DataError, match=r"cut-idx3-ubyte\.gz"):
     idx_lib.read_idx(str(cut_gz))
 
   with pytest.raises(DataError, match="truncated inside its header"):
@@ -146,9 +147,9 @@ def test_dataset_info_idx(small_idx):
     "num_train": NUM_SMALL_TRAIN,
     "num_eval": NUM_SMALL_TEST,
   }
-  with pytest.raises(DataError, match="config.data.image_size"):
+  with pytest.raises(DataError, match=r"config\.data\.image_size"):
     pipeline.dataset_info(fx.data_config(path=directory, image_size=32))
-  with pytest.raises(DataError, match="config.data.source"):
+  with pytest.raises(DataError, match=r"config\.data\.source"):
     pipeline.dataset_info(fx.data_config(source="csv"))
 
 
@@ -195,10 +196,10 @@ def test_train_shards_are_disjoint_and_cover_an_epoch(small_idx):
     shards = [_epoch_indices(it, 5, table) for it in iterators]
     for shard in shards:
       assert all(len(b) == 48 for b in shard)
-    flat = [set(sum(shard, [])) for shard in shards]
+    flat = [set(itertools.chain.from_iterable(shard)) for shard in shards]
     assert len(flat[0]) == len(flat[1]) == 240
     assert not flat[0] & flat[1]
-    epochs.append(sum(shards[0], []) + sum(shards[1], []))
+    epochs.append(list(itertools.chain(*shards[0], *shards[1])))
     assert len(set(epochs[-1])) == 5 * global_batch
   assert epochs[0] != epochs[1]
 
@@ -366,7 +367,7 @@ def photo_folder(tmp_path_factory):
 
 def _reference_resize_crop(pixels: np.ndarray, size: int) -> np.ndarray:
   """Centre square crop then an antialiased skimage resize, in [0, 255]."""
-  from skimage import transform  # pylint: disable=g-import-not-at-top
+  from skimage import transform  # noqa: PLC0415 (optional: the photos fixture importorskips it)
 
   if pixels.ndim == 2:
     pixels = np.stack([pixels] * 3, axis=-1)
@@ -438,7 +439,7 @@ def test_image_folder_native_size_and_flat(tmp_path):
   np.testing.assert_array_equal(images, pixels[[2, 0]])
   assert labels.tolist() == [0, 0]
   Image.fromarray(pixels[0, :10]).save(tmp_path / "9.png")
-  with pytest.raises(DataError, match="config.data.image_size"):
+  with pytest.raises(DataError, match=r"config\.data\.image_size"):
     folder_lib.ImageFolderSource(str(tmp_path), "train", None).read([3])
 
 
@@ -464,7 +465,7 @@ def test_image_folder_errors(tmp_path, photo_folder):
   broken = tmp_path / "broken"
   broken.mkdir()
   (broken / "bad.jpg").write_bytes(b"not a jpeg at all")
-  with pytest.raises(DataError, match="bad.jpg"):
+  with pytest.raises(DataError, match=r"bad\.jpg"):
     folder_lib.ImageFolderSource(str(broken), "train", 32).read([0])
 
 
@@ -476,7 +477,7 @@ def test_image_folder_errors(tmp_path, photo_folder):
 def tfds_idx_images(small_idx, tmp_path_factory):
   """`idx_images` prepared as ArrayRecord from the small IDX folder."""
   pytest.importorskip("tensorflow_datasets")
-  from arcvq_jax.data import idx_tfds  # pylint: disable=g-import-not-at-top
+  from arcvq_jax.data import idx_tfds  # noqa: PLC0415 (needs tensorflow_datasets: importorskip first)
 
   directory, raw = small_idx
   data_dir = str(tmp_path_factory.mktemp("tfds_array_record"))
@@ -529,7 +530,7 @@ def test_tfds_idx_images_matches_idx(tfds_idx_images):
 
 
 def test_tfds_idx_images_prepared_automatically(small_idx, tmp_path):
-  directory, raw = small_idx
+  directory, _raw = small_idx
   cfg = fx.data_config(source="tfds", name="idx_images", path=directory, data_dir=str(tmp_path))
   assert pipeline.dataset_info(cfg)["num_train"] == NUM_SMALL_TRAIN
   assert (tmp_path / "idx_images" / "1.0.0").is_dir()
@@ -537,7 +538,7 @@ def test_tfds_idx_images_prepared_automatically(small_idx, tmp_path):
 
 def test_tfds_tfrecord_gives_conversion_error(small_idx, tmp_path):
   pytest.importorskip("tensorflow_datasets")
-  from arcvq_jax.data import idx_tfds  # pylint: disable=g-import-not-at-top
+  from arcvq_jax.data import idx_tfds  # noqa: PLC0415 (needs tensorflow_datasets: importorskip first)
 
   directory, _ = small_idx
   idx_tfds.prepare_idx_tfds(directory, str(tmp_path), file_format="tfrecord")
@@ -565,5 +566,5 @@ def test_tfds_missing_dataset_gives_prepare_error(tmp_path):
   assert "--manual_dir=" in str(e.value) and "config.data.path" in str(e.value)
 
   cfg = fx.data_config(source="tfds", name="no_such_dataset_xyz", path=None, data_dir=str(tmp_path))
-  with pytest.raises(DataError, match="config.data.name"):
+  with pytest.raises(DataError, match=r"config\.data\.name"):
     pipeline.dataset_info(cfg)

@@ -196,7 +196,7 @@ def test_save_load_round_trip_and_errors(converted, tmp_path):
   ):
     inception_lib.load_params(str(tmp_path / "bad.npz"))
   (tmp_path / "junk.npz").write_bytes(b"not a zip file")
-  with pytest.raises(inception_lib.InceptionWeightsError, match="not a readable .npz"):
+  with pytest.raises(inception_lib.InceptionWeightsError, match=r"not a readable \.npz"):
     inception_lib.load_params(str(tmp_path / "junk.npz"))
 
 

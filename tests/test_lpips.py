@@ -203,7 +203,7 @@ def test_save_load_round_trip_and_errors(converted, tmp_path):
   with pytest.raises(lpips_lib.LPIPSWeightsError, match=r"no array 'lin/lin4'"):
     lpips_lib.load_params(str(tmp_path / "short.npz"))
   (tmp_path / "junk.npz").write_bytes(b"not a zip file")
-  with pytest.raises(lpips_lib.LPIPSWeightsError, match="not a readable .npz"):
+  with pytest.raises(lpips_lib.LPIPSWeightsError, match=r"not a readable \.npz"):
     lpips_lib.load_params(str(tmp_path / "junk.npz"))
 
 

@@ -28,7 +28,7 @@ PSNR_ATOL = 1e-5
 def _photo(name: str, size: int) -> np.ndarray:
   """A skimage.data photo, anti-aliased down to size x size, float32 in [0, 1]."""
   image = getattr(skdata, name)()
-  shape = (size, size) + image.shape[2:]
+  shape = (size, size, *image.shape[2:])
   return transform.resize(image, shape, anti_aliasing=True).astype(np.float32)
 
 
@@ -144,7 +144,7 @@ def test_ssim_keeps_float32_precision_on_near_white_images(kind):
 def test_ssim_on_32x32_and_non_square_images():
   # CIFAR-sized, and H != W so that swapped axes in the window would show.
   for shape in [(32, 32), (40, 24)]:
-    original = transform.resize(skdata.chelsea(), shape + (3,), anti_aliasing=True).astype(
+    original = transform.resize(skdata.chelsea(), (*shape, 3), anti_aliasing=True).astype(
       np.float32
     )
     reconstruction = _degrade(original, "jpeg")

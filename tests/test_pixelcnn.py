@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from ml_collections import ConfigDict
 
 from arcvq_jax.models import pixelcnn
 from arcvq_jax.train import prior_pixelcnn
@@ -81,8 +82,6 @@ def test_sampling_follows_the_model_in_raster_order():
 
 def test_sampling_is_deterministic_per_sample_and_batch_independent(model_and_params):
   model, params, _, _ = model_and_params
-  from ml_collections import ConfigDict
-
   config = ConfigDict(dict(num_classes=3, sampling=dict(temperature=1.0)))
   sample = prior_pixelcnn.make_sample_fn(model, config, (H, W))
   key = jax.random.PRNGKey(7)

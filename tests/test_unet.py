@@ -152,5 +152,5 @@ def test_sides_that_do_not_halve_are_refused():
   x, t, y = inputs(side=7)
   with pytest.raises(ValueError, match="divisible by 2"):
     model.init(jax.random.PRNGKey(0), x, t, y)
-  with pytest.raises(ValueError, match="pass labels|needs labels"):
+  with pytest.raises(ValueError, match=r"pass labels|needs labels"):
     small().init(jax.random.PRNGKey(0), *inputs()[:2])

@@ -6,8 +6,11 @@ taming-transformers / pix2pix definitions. Whole networks are checked with `jax.
 of a full VQGAN costs tens of seconds of XLA:CPU compile time.
 """
 
+import importlib
+
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -346,8 +349,6 @@ def test_disc_factor_switches_on_at_disc_start():
 
 
 def test_from_config_reads_model_and_quantizer():
-  import ml_collections
-
   c = ml_collections.ConfigDict()
   c.model = dict(
     ch=32,
@@ -377,9 +378,6 @@ def test_from_config_reads_model_and_quantizer():
 def test_imagenet_configs_build_taming_f8_and_f16(name, tokens, attn_level):
   """256x256 images -> 32x32 (f8) or 16x16 (f16) tokens of 16 channels and back; attention
   at resolution 32 / 16 sits in taming's down[attn_level] and up[attn_level] levels."""
-  import importlib
-
-
   c = importlib.import_module(f"configs.{name}").get_config()
   model = state_lib.build_model(c, channels=3)
   x = jax.ShapeDtypeStruct((2, 256, 256, 3), jnp.float32)
