@@ -10,7 +10,7 @@ from run_helpers import override, read_scalars
 
 from arcvq_jax import checkpoint as ckpt_lib
 from arcvq_jax import config as config_lib
-from arcvq_jax.train import tokenizer
+from arcvq_jax.train import loop, tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION = "/usr/share/datasets/fashion-mnist"
@@ -18,7 +18,6 @@ pytestmark = pytest.mark.skipif(
   not os.path.exists(os.path.join(FASHION, "train-images-idx3-ubyte.gz")),
   reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)",
 )
-from arcvq_jax.train import loop
 
 
 def tiny_config(**overrides):
@@ -69,7 +68,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   good = checkpointer.restore(3, None, None)
   with pytest.raises(
     loop.NonFiniteLossError,
-    match=r"loss became nan by step \d+; the last good checkpoint is step 3 .* Lower config\.optimizer\.lr",
+    match=(
+      r"loss became nan by step \d+; the last good checkpoint is step 3 .* "
+      r"Lower config\.optimizer\.lr"
+    ),
   ):
     tokenizer.train_and_evaluate(
       tiny_config(**{"optimizer.lr": 1e30, "num_train_steps": 12}), workdir
