@@ -51,7 +51,7 @@ class FakeImage:
 
 
 def _tfds_text(relative: str) -> list[str]:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # noqa: PLC0415 (optional: the tests importorskip it)
 
   path = tfds.core.tfds_path(f"datasets/imagenet2012/{relative}")
   return path.read_text().strip().splitlines()
@@ -68,7 +68,7 @@ def validation_synsets() -> list[str]:
 
 
 def _photo(index: int) -> np.ndarray:
-  import skimage.data  # pylint: disable=g-import-not-at-top
+  import skimage.data  # noqa: PLC0415 (optional: the tests importorskip it)
 
   return getattr(skimage.data, _PHOTOS[index % len(_PHOTOS)])()
 

@@ -115,7 +115,7 @@ def test_generator_gradient_equals_grad_of_the_total_loss(setup):
   lam = gan.adaptive_weight_from_losses(rec_of_w, g_of_w, kernel)
 
   def total(p):
-    xh, z_flat, quant, p = decode_with_kernel(p, vqgan.last_layer_kernel(p))
+    xh, _z_flat, quant, p = decode_with_kernel(p, vqgan.last_layer_kernel(p))
     rec = gan_steps.reconstruction_loss(x, xh, lpips_params, perceptual_weight=1.0)[0]
     logits, _ = disc_model.apply(d_vars, xh, train=True, mutable=["batch_stats"])
     return rec + lam * gan.generator_loss(logits) + quant.loss
@@ -145,7 +145,7 @@ def changed(a, b) -> list[bool]:
 
 
 def test_each_stage_updates_only_its_own_network(setup):
-  c, model, disc_model, lpips_params, state, _ = setup
+  _c, model, disc_model, lpips_params, _state, _ = setup
   mesh = sharding.make_mesh((-1,), ("data",))
   c2 = small_config(disc_start=2, disc_train_start=1)
   fresh, _, steps = gan_steps.create_state_and_steps(
@@ -236,7 +236,7 @@ def test_discriminator_step_is_the_hinge_loss_on_two_batchnorm_calls(setup):
 
 
 def test_bfloat16_generator_step_keeps_float32_state_and_is_close(setup):
-  c, _, disc_model, lpips_params, state, _ = setup
+  c, _, _disc_model, lpips_params, state, _ = setup
   outs = {}
   for dtype in ("float32", "bfloat16"):
     cd = c.copy_and_resolve_references()
@@ -258,7 +258,7 @@ def test_bfloat16_generator_step_keeps_float32_state_and_is_close(setup):
     )
     outs[dtype] = (new, metrics, x_hat)
   new, metrics, x_hat = outs["bfloat16"]
-  assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(new.params))
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(new.params))
   assert x_hat.dtype == jnp.float32
   for key in ("loss", "loss_l1", "loss_lpips", "loss_vq", "loss_arc", "loss_g"):
     assert metrics[key].dtype == jnp.float32 and np.isfinite(metrics[key]), key

@@ -87,7 +87,9 @@ def _find_crop(image: np.ndarray, resized: dict[str, np.ndarray]) -> tuple[str, 
     windows = np.lib.stride_tricks.sliding_window_view(full, image.shape)[..., 0, :, :, :]
     for flipped, target in ((False, image), (True, image[:, ::-1])):
       tops, lefts = np.nonzero(np.all(windows == target, axis=(-3, -2, -1)))
-      matches += [(name, int(t), int(l), flipped) for t, l in zip(tops, lefts, strict=True)]
+      matches += [
+        (name, int(top), int(left), flipped) for top, left in zip(tops, lefts, strict=True)
+      ]
   assert len(matches) == 1, matches
   return matches[0]
 
@@ -124,7 +126,7 @@ def test_tfds_prepared_the_fake_download(fake_imagenet):
     if image.kind in ("cmyk", "png"):
       stored = truth["train"][image.file_name][1].astype(np.float64)
       assert np.abs(stored - ifx.decode_rgb(image.data)).mean() < 4, image.file_name
-  with pytest.raises(DataError, match="config.data.image_size"):
+  with pytest.raises(DataError, match=r"config\.data\.image_size"):
     pipeline.dataset_info(_config(data_dir, image_size=None))
 
 
@@ -211,7 +213,7 @@ def test_train_without_random_crop_is_centre_crops_maybe_flipped(fake_imagenet):
     flips = []
     for _ in range(NUM_TRAIN // 4):
       for image in _uint8(next(it)["image"]):
-        name, top, left, flipped = _find_crop(image, centres)
+        _name, top, left, flipped = _find_crop(image, centres)
         assert (top, left) == (0, 0)
         flips.append(flipped)
     assert set(flips) == ({False, True} if random_flip else {False})
@@ -260,7 +262,7 @@ def test_random_crop_needs_resized_images(tmp_path):
   for i, pixels in enumerate(np.random.default_rng(0).integers(0, 256, (4, 20, 30, 3), np.uint8)):
     Image.fromarray(pixels).save(tmp_path / f"{i}.png")
   cfg = dfx.data_config(source="folder", path=str(tmp_path), random_crop=True)
-  with pytest.raises(DataError, match="config.data.random_crop"):
+  with pytest.raises(DataError, match=r"config\.data\.random_crop"):
     pipeline.create_train_iterator(
       cfg, global_batch_size=2, seed=0, process_index=0, process_count=1
     )
@@ -292,7 +294,7 @@ def test_unprepared_imagenet_names_the_manual_download(tmp_path):
 
 def test_prepare_helper_and_tfrecord_error(tmp_path):
   manual = tmp_path / "manual"
-  with pytest.raises(DataError, match="ILSVRC2012_img_train.tar"):
+  with pytest.raises(DataError, match=r"ILSVRC2012_img_train\.tar"):
     imagenet.prepare(str(manual), str(tmp_path / "nothing"))
   ifx.make_fake_imagenet_manual_dir(str(manual), num_synsets=1, per_synset=2, num_val=2)
   imagenet.main([f"--manual_dir={manual}", f"--data_dir={tmp_path / 'ar'}"])

@@ -128,6 +128,6 @@ def test_training_without_lpips_weights_is_refused_with_the_converter_command(
   imagenet_dir, tmp_path
 ):
   missing = str(tmp_path / "nowhere" / "lpips.npz")
-  with pytest.raises(Exception, match="arcvq_jax.convert.lpips_weights"):
+  with pytest.raises(Exception, match=r"arcvq_jax\.convert\.lpips_weights"):
     tokenizer.train_and_evaluate(vqgan_config(imagenet_dir, missing), str(tmp_path / "run"))
   assert not os.path.exists(os.path.join(tmp_path, "run", "checkpoints"))
