@@ -66,7 +66,7 @@ def run_vqgan(devices, steps: int = 3, fsdp: bool = False):
     batch = sharding.global_batch({"image": x}, sharding.batch_sharding(mesh))
     state, m = steps_fn(state, batch, t)
     losses.append({k: float(v) for k, v in m.items()})
-  flat = [np.asarray(l).ravel() for l in jax.tree.leaves(jax.device_get(state.disc))]
+  flat = [np.asarray(leaf).ravel() for leaf in jax.tree.leaves(jax.device_get(state.disc))]
   return (
     losses,
     float(np.concatenate(flat).astype(np.float64).sum()),
@@ -87,7 +87,8 @@ def run(devices, variant: str, steps: int = 3):
     c.quantizer.codebook_axis = "data"
     c.arc.impl = c.quantizer.search_impl = "blocked"
   c.model.hidden, c.model.res_hidden, c.model.num_res_layers = 32, 8, 1
-  c.quantizer.num_codes, c.quantizer.embed_dim = 64, 16
+  if c.quantizer.name in ("arcvq", "vq", "simvq"):  # fsq and lfq: their variant's width
+    c.quantizer.num_codes, c.quantizer.embed_dim = 64, 16
   if variant == "restart":
     c.quantizer.restart_threshold = 0.5
   mesh = make_mesh(devices, c, fsdp)
@@ -103,11 +104,12 @@ def run(devices, variant: str, steps: int = 3):
     batch = sharding.global_batch({"image": x}, sharding.batch_sharding(mesh))
     state, m = step_fn(state, batch)
     losses.append({k: float(v) for k, v in m.items()})
-  flat = [np.asarray(l).ravel() for l in jax.tree.leaves(jax.device_get(state.params))]
+  flat = [np.asarray(leaf).ravel() for leaf in jax.tree.leaves(jax.device_get(state.params))]
+  codebook = model.quantizer.codebook(state.params)  # None for fsq and lfq
   return (
     losses,
     float(np.concatenate(flat).astype(np.float64).sum()),
-    np.asarray(state.params["codebook"]).tolist(),
+    [] if codebook is None else np.asarray(codebook).tolist(),
     sharded,
   )
 
