@@ -29,7 +29,7 @@ def results():
     timeout=900,
   )
   assert proc.returncode == 0, proc.stderr[-4000:]
-  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
+  line = [text for text in proc.stdout.splitlines() if text.startswith("RESULT")][-1]
   return json.loads(line[len("RESULT") :])
 
 

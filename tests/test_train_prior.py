@@ -108,7 +108,9 @@ def test_missing_and_incompatible_tokenizers_are_refused(tok_dir, tmp_path):
     prior_ldm.train_and_evaluate(prior("ldm", ""), str(tmp_path / "a"))
   with pytest.raises(prior_common.PriorSetupError, match="not the --workdir of an arcvq_jax run"):
     prior_ldm.train_and_evaluate(prior("ldm", str(tmp_path / "nowhere")), str(tmp_path / "b"))
-  with pytest.raises(ValueError, match=r"tokenizer_expect.num_codes: is 512, but .* vocabulary of 64 tokens"):
+  with pytest.raises(
+    ValueError, match=r"tokenizer_expect\.num_codes: is 512, but .* vocabulary of 64 tokens"
+  ):
     prior_pixelcnn.train_and_evaluate(
       prior("pixelcnn", tok_dir, **{"tokenizer_expect.num_codes": 512}), str(tmp_path / "c")
     )
