@@ -19,7 +19,7 @@ def numpy_conv_transpose(x, w_torch, b_torch, stride=2, padding=1):
 
   x: (B, Cin, H, W); w_torch: (Cin, Cout, k, k); out[o] = sum_{o = s*i - p + k} x[i] w[k].
   """
-  n, cin, h, w = x.shape
+  n, _, h, w = x.shape
   _, cout, kh, kw = w_torch.shape
   ho, wo = (h - 1) * stride - 2 * padding + kh, (w - 1) * stride - 2 * padding + kw
   out = np.zeros((n, cout, ho, wo), np.float64)
@@ -65,7 +65,7 @@ def _params_from_torch(w_torch, b_torch):
   }
 
 
-@pytest.mark.parametrize("impl", IMPLS + ["auto"])
+@pytest.mark.parametrize("impl", [*IMPLS, "auto"])
 @pytest.mark.parametrize("cout", [1, COUT, 8])
 def test_conv_transpose_matches_pytorch_formula(impl, cout):
   # cout=1 and 8 also exercise both branches of impl='auto'.
@@ -83,7 +83,7 @@ def test_conv_transpose_matches_pytorch_formula(impl, cout):
 
 
 def test_jnp_reference_matches_numpy_reference():
-  x_nchw, w_torch, b_torch = _random_inputs(1)
+  x_nchw, w_torch, _ = _random_inputs(1)
   expected = numpy_conv_transpose(
     x_nchw.astype(np.float64), w_torch.astype(np.float64), np.zeros(COUT)
   ).transpose(0, 2, 3, 1)
@@ -132,9 +132,13 @@ def test_flax_conv_transpose_is_the_flipped_kernel():
   )
 
 
-def test_auto_impl_choice():
-  assert layers.choose_conv_transpose_impl(1) == "matmul"
-  assert layers.choose_conv_transpose_impl(64) == "phase"
+def test_auto_impl_choice(monkeypatch):
+  monkeypatch.setattr(layers, "CPU_CONV_LIBRARY", "ynn")
+  for backend in ("gpu", "tpu"):
+    assert layers.choose_conv_transpose_impl(1, backend=backend) == "matmul"
+    assert layers.choose_conv_transpose_impl(64, backend=backend) == "phase"
+  assert layers.choose_conv_transpose_impl(1, backend="cpu") == "hybrid"
+  assert layers.choose_conv_transpose_impl(64, backend="cpu") == "hybrid"
 
 
 def test_conv_transpose_bias_free_and_bad_impl():
@@ -218,16 +222,126 @@ def test_conv_gemm_matches_xla_values_and_gradients(k, stride, pad, cin):
 def test_conv_module_impls_share_params_and_output():
   x = jnp.asarray(np.random.default_rng(8).normal(size=(2, 8, 8, 4)).astype(np.float32))
   params = layers.Conv(8, 3, padding=1, impl="xla").init(jax.random.PRNGKey(0), x)
-  outs = [layers.Conv(8, 3, padding=1, impl=i).apply(params, x) for i in ("xla", "gemm", "auto")]
+  impls = ("xla", "gemm", "hybrid", "auto")
+  outs = [layers.Conv(8, 3, padding=1, impl=i).apply(params, x) for i in impls]
   for o in outs[1:]:
     np.testing.assert_allclose(o, outs[0], rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="Conv impl 'fast'"):
     layers.Conv(8, 3, impl="fast").apply(params, x)
 
 
-def test_auto_conv_takes_gemm_for_narrow_patches_on_cpu_only():
+def test_auto_conv_takes_gemm_for_narrow_patches_on_cpu_only(monkeypatch):
+  monkeypatch.setattr(layers, "CPU_CONV_LIBRARY", "ynn")
   assert layers.choose_conv_impl((3, 3, 64, 64), backend="cpu") == "gemm"  # 576 wide
-  assert layers.choose_conv_impl((3, 3, 128, 128), backend="cpu") == "xla"
-  assert layers.choose_conv_impl((1, 1, 3, 64), backend="cpu") == "xla"  # already a GEMM
+  assert layers.choose_conv_impl((3, 3, 128, 128), backend="cpu") == "hybrid"
+  assert layers.choose_conv_impl((1, 1, 256, 64), backend="cpu") == "gemm"  # a plain GEMM
   for backend in ("gpu", "tpu"):
     assert layers.choose_conv_impl((3, 3, 3, 64), backend=backend) == "xla"
+    assert layers.choose_conv_impl((3, 3, 128, 128), backend=backend) == "xla"
+
+
+# (k, stride, pad, Cin, Cout): 'same' stride-1 convs with Cout < Cin take the kernel gradient
+# from the cotangent's taps, the others from the input's; valid, strided, 1x1, 5x5.
+HYBRID_CASES = [
+  (3, 1, 1, 6, 4),
+  (3, 1, 1, 4, 6),
+  (4, 2, 1, 3, 5),
+  (3, 2, 0, 2, 3),
+  (1, 1, 0, 5, 3),
+  (5, 1, 2, 7, 2),
+  (3, 1, 0, 4, 2),
+]
+
+
+@pytest.mark.parametrize("k,stride,pad,cin,cout", HYBRID_CASES)
+def test_conv_hybrid_matches_xla_values_and_gradients(k, stride, pad, cin, cout):
+  rng = np.random.default_rng(11)
+  x = jnp.asarray(rng.normal(size=(2, 9, 8, cin)).astype(np.float32))
+  w = jnp.asarray(rng.normal(size=(k, k, cin, cout)).astype(np.float32))
+  st, pd = (stride, stride), (pad, pad)
+  np.testing.assert_allclose(
+    jax.jit(layers.conv_hybrid, static_argnums=(2, 3))(x, w, st, pd),
+    layers.conv_xla(x, w, st, pd),
+    rtol=1e-5,
+    atol=1e-5,
+  )
+  f = lambda conv: lambda x, w: jnp.sum(jnp.sin(conv(x, w, st, pd)))
+  gx, gw = jax.jit(jax.grad(f(layers.conv_hybrid), argnums=(0, 1)))(x, w)
+  hx, hw = jax.grad(f(layers.conv_xla), argnums=(0, 1))(x, w)
+  np.testing.assert_allclose(gx, hx, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(gw, hw, rtol=1e-4, atol=1e-4)
+  # The kernel gradient alone, for an arbitrary cotangent.
+  y, vjp = jax.vjp(lambda w: layers.conv_xla(x, w, st, pd), w)
+  g = jnp.asarray(rng.normal(size=y.shape).astype(np.float32))
+  np.testing.assert_allclose(
+    layers.conv_kernel_grad(x, g, w.shape, st, pd), vjp(g)[0], rtol=1e-4, atol=1e-4
+  )
+
+
+@pytest.mark.parametrize("k,stride,pad,cin,cout", HYBRID_CASES[:3])
+def test_conv_hybrid_gradients_match_torch(k, stride, pad, cin, cout):
+  torch = pytest.importorskip("torch")
+  rng = np.random.default_rng(12)
+  x = rng.normal(size=(2, 9, 8, cin)).astype(np.float32)
+  w = rng.normal(size=(k, k, cin, cout)).astype(np.float32)
+  xt = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+  wt = torch.tensor(w.transpose(3, 2, 0, 1), requires_grad=True)  # (Cout, Cin, k, k)
+  yt = torch.nn.functional.conv2d(xt, wt, stride=stride, padding=pad)
+  torch.sin(yt).sum().backward()
+  loss = lambda x, w: jnp.sum(jnp.sin(layers.conv_hybrid(x, w, (stride, stride), (pad, pad))))
+  y = layers.conv_hybrid(jnp.asarray(x), jnp.asarray(w), (stride, stride), (pad, pad))
+  gx, gw = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(x), jnp.asarray(w))
+  np.testing.assert_allclose(y, yt.detach().numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gx, xt.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(gw, wt.grad.numpy().transpose(2, 3, 1, 0), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cout", [1, COUT, 8])
+def test_conv_transpose_hybrid_gradients_match_torch(cout):
+  torch = pytest.importorskip("torch")
+  x_nchw, w_torch, b_torch = _random_inputs(13, cout=cout)
+  xt = torch.tensor(x_nchw, requires_grad=True)
+  wt = torch.tensor(w_torch, requires_grad=True)
+  bt = torch.tensor(b_torch, requires_grad=True)
+  yt = torch.nn.functional.conv_transpose2d(xt, wt, bt, stride=2, padding=1)
+  torch.sin(yt).sum().backward()
+  module = layers.ConvTranspose4x4S2(cout, impl="hybrid")
+  params = _params_from_torch(w_torch, b_torch)
+  loss = lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
+  gp, gx = jax.jit(jax.grad(loss, argnums=(0, 1)))(
+    params, jnp.asarray(x_nchw.transpose(0, 2, 3, 1))
+  )
+  np.testing.assert_allclose(gx, xt.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(
+    gp["params"]["kernel"], wt.grad.numpy().transpose(2, 3, 0, 1), rtol=1e-4, atol=1e-4
+  )
+  np.testing.assert_allclose(gp["params"]["bias"], bt.grad.numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+  "flags,library",
+  [
+    ("", "ynn"),
+    ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution", "eigen"),
+    ("--xla_cpu_experimental_ynn_fusion_type=+individual_convolution", "ynn"),
+    ("--xla_cpu_experimental_ynn_fusion_type=dot,eltwise", "eigen"),
+    ("--xla_cpu_experimental_ynn_fusion_type=dot,individual_convolution", "ynn"),
+  ],
+)
+def test_cpu_conv_library_reads_xla_flags(monkeypatch, flags, library):
+  monkeypatch.setattr(layers, "CPU_CONV_LIBRARY", None)
+  monkeypatch.setenv("XLA_FLAGS", flags)
+  assert layers.cpu_conv_library() == library
+
+
+def test_auto_forms_for_eigen_convolutions(monkeypatch):
+  monkeypatch.setattr(layers, "CPU_CONV_LIBRARY", "eigen")
+  assert layers.choose_conv_impl((3, 3, 128, 128), backend="cpu") == "xla"
+  assert layers.choose_conv_impl((3, 3, 64, 64), backend="cpu") == "xla"
+  assert layers.choose_conv_impl((1, 1, 128, 64), backend="cpu") == "gemm"
+  assert layers.choose_conv_transpose_impl(64, backend="cpu") == "phase"
+  assert layers.choose_conv_transpose_impl(1, backend="cpu") == "hybrid"
+  assert layers.choose_conv_impl((3, 3, 128, 128), backend="gpu") == "xla"
+  monkeypatch.setattr(layers, "CPU_CONV_LIBRARY", "nope")
+  with pytest.raises(ValueError, match="CPU_CONV_LIBRARY"):
+    layers.cpu_conv_library()

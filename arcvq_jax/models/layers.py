@@ -20,7 +20,10 @@ Kernel layout and the PyTorch mapping (what a checkpoint importer needs):
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -103,25 +106,156 @@ def conv_gemm(x: Array, kernel: Array, strides: tuple[int, int], padding: tuple[
   return (patches.reshape(-1, kh * kw * cin) @ kernel.reshape(-1, cout)).reshape(b, ho, wo, cout)
 
 
-# 'auto' takes the GEMM form up to this patch width: measured on a 2-core AVX-512 CPU
-# (encoder conv_1 1->64 4x4 and decoder conv_1 64->128 3x3 fwd+bwd 1.6-2.5x faster at batch
-# 128 and 1024); wider patches (Cin = 128) are faster as XLA convolutions at batch 128 and
-# only ~6 % faster as GEMMs at batch 1024, for 1.4x the step's memory.
+def _conv_taps(
+  x: Array, kh: int, kw: int, strides: tuple[int, int], padding: tuple[int, int], out_hw
+) -> list[Array]:
+  """The kh*kw strided slices of the zero-padded x that the taps of a conv read.
+
+  Tap (i, j) is (B, H', W', Cin) with tap[b, m, n] = x[b, sh*m + i - ph, sw*n + j - pw]
+  (zero outside x). The high side is padded (or cropped) only as far as the taps reach.
+  """
+  (sh, sw), (ph, pw) = strides, padding
+  b, h, w, c = x.shape
+  ho, wo = out_hw
+  hi_h, hi_w = sh * (ho - 1) + kh - h - ph, sw * (wo - 1) + kw - w - pw
+  xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (ph, hi_h, 0), (pw, hi_w, 0), (0, 0, 0)))
+  return [
+    lax.slice(
+      xp, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c), (1, sh, sw, 1)
+    )
+    for i in range(kh)
+    for j in range(kw)
+  ]
+
+
+def _contract_rows(a: Array, b: Array) -> Array:
+  """a (..., P) and b (..., Q) with the same leading shape -> a^T b (P, Q), one GEMM."""
+  return lax.dot_general(
+    a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), (((0,), (0,)), ((), ()))
+  )
+
+
+def conv_kernel_grad(
+  x: Array,
+  g: Array,
+  kernel_shape: Sequence[int],
+  strides: tuple[int, int],
+  padding: tuple[int, int],
+) -> Array:
+  """The kernel gradient of `conv_xla(x, kernel, strides, padding)` for the cotangent g, as GEMMs.
+
+  x: (B, H, W, Cin); g: (B, H', W', Cout) -> (kh, kw, Cin, Cout). dW[i, j] is the sum over
+  the B*H'*W' output positions of tap(i, j)^T g: one (Cin, N) x (N, Cout) GEMM per tap (XLA:CPU's
+  own kernel gradient, a convolution over the batch, runs several times slower). With stride 1
+  and 'same' padding (H' = H) and Cout < Cin the taps of g are sliced instead (shift g against
+  x: dW[i, j] = sum x^T g[. + p - i]), one (Cin, N) x (N, kh*kw*Cout) GEMM, which copies
+  kh*kw*Cout instead of kh*kw*Cin values per position.
+  """
+  kh, kw, cin, cout = kernel_shape
+  (ph, pw) = padding
+  ho, wo = g.shape[1:3]
+  if strides == (1, 1) and (ho, wo) == x.shape[1:3] and cout < cin and kh * kw > 1:
+    # tap'(i, j)[b, h, w] = g[b, h + ph - i, w + pw - j]: the taps of g padded by k - 1 - p,
+    # in reverse order (tap' (i, j) is the slice at offset (kh - 1 - i, kw - 1 - j)).
+    taps = _conv_taps(g, kh, kw, (1, 1), (kh - 1 - ph, kw - 1 - pw), (ho, wo))
+    patches = jnp.concatenate(taps[::-1], axis=-1)  # (B, H, W, kh*kw*Cout), tap-major
+    return _contract_rows(x, patches).reshape(cin, kh, kw, cout).transpose(1, 2, 0, 3)
+  taps = _conv_taps(x, kh, kw, strides, padding, (ho, wo))
+  return jnp.stack([_contract_rows(t, g) for t in taps]).reshape(kh, kw, cin, cout)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_hybrid(
+  x: Array, kernel: Array, strides: tuple[int, int], padding: tuple[int, int]
+) -> Array:
+  """`conv_xla` whose kernel gradient is `conv_kernel_grad` (GEMMs); the same function.
+
+  The forward pass and the input gradient stay XLA convolutions (fast on XLA:CPU, which runs
+  them through its YNNPACK fusions); only the kernel gradient is replaced.
+  """
+  return conv_xla(x, kernel, strides, padding)
+
+
+def _conv_hybrid_fwd(x, kernel, strides, padding):
+  return conv_xla(x, kernel, strides, padding), (x, kernel)
+
+
+def _conv_hybrid_bwd(strides, padding, res, g):
+  x, kernel = res
+  dx = jax.vjp(lambda x_: conv_xla(x_, kernel, strides, padding), x)[1](g)[0]
+  dk = conv_kernel_grad(x, g, kernel.shape, strides, padding).astype(kernel.dtype)
+  return dx.astype(x.dtype), dk
+
+
+conv_hybrid.defvjp(_conv_hybrid_fwd, _conv_hybrid_bwd)
+
+
+# XLA:CPU (jax 0.10) compiles convolutions into YNNPACK fusions by default. Their kernel
+# gradients (a convolution over the batch) run 2-4x slower than the forward pass; Eigen's
+# convolutions (XLA's other CPU path) ran the VQ-VAE's wide layers' forward+backward
+# 1.3-2.4x faster (batch 128, one AVX-512 core: encoder conv_2 74 -> 45 ms, conv_3 82 -> 34,
+# residual 3x3 16 -> 12, decoder conv_1 42 -> 20). The flag
+#   XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution
+# (process-wide), or EIGEN_CONV_COMPILER_OPTIONS passed to one jit, keeps convolutions on
+# Eigen; 'auto' picks the forms that are fastest under each (`cpu_conv_library`).
+EIGEN_CONV_COMPILER_OPTIONS = {
+  "xla_cpu_experimental_ynn_fusion_type": (
+    "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE,"
+    "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+  )
+}
+# None: from XLA_FLAGS; 'ynn' or 'eigen' overrides it (set it to 'eigen' while tracing a
+# function that is compiled with EIGEN_CONV_COMPILER_OPTIONS).
+CPU_CONV_LIBRARY: str | None = None
+
+
+def cpu_conv_library() -> str:
+  """'ynn' or 'eigen': which library XLA:CPU runs convolutions with, for the 'auto' choices.
+
+  CPU_CONV_LIBRARY when set, else 'eigen' where XLA_FLAGS' last
+  --xla_cpu_experimental_ynn_fusion_type removes (-individual_convolution) or leaves out the
+  convolution fusions, else 'ynn' (the default).
+  """
+  if CPU_CONV_LIBRARY is not None:
+    if CPU_CONV_LIBRARY not in ("ynn", "eigen"):
+      raise ValueError(f"CPU_CONV_LIBRARY: 'ynn', 'eigen' or None, got {CPU_CONV_LIBRARY!r}")
+    return CPU_CONV_LIBRARY
+  values = re.findall(
+    r"--xla_cpu_experimental_ynn_fusion_type=(\S*)", os.environ.get("XLA_FLAGS", "")
+  )
+  if not values:
+    return "ynn"
+  items = [v.strip().lower() for v in values[-1].split(",") if v.strip()]
+  conv = {"individual_convolution", "library_fusion_type_individual_convolution"}
+  if items and all(v[0] in "+-" for v in items):  # edits of the default list
+    return "eigen" if any(v[0] == "-" and v[1:] in conv for v in items) else "ynn"
+  return "ynn" if any(v in conv for v in items) else "eigen"
+
+
+# Under YNNPACK convolutions 'auto' takes the GEMM form up to this patch width (kh*kw*Cin;
+# 1x1 convolutions are plain GEMMs), the hybrid form (XLA convolution forward and input
+# gradient, GEMM kernel gradient) above it.
 GEMM_MAX_PATCH = 576
-CONV_IMPLS = ("auto", "xla", "gemm")
+CONV_IMPLS = ("auto", "xla", "gemm", "hybrid")
+_CONV_FORMS = {"xla": conv_xla, "gemm": conv_gemm, "hybrid": conv_hybrid}
 
 
 def choose_conv_impl(kernel_shape: Sequence[int], backend: str | None = None) -> str:
-  """'gemm' or 'xla' for 'auto', from the kernel shape (kh, kw, Cin, Cout) and the backend.
+  """The form 'auto' takes, from the kernel shape (kh, kw, Cin, Cout) and the backend.
 
-  The GEMM form is a CPU measure only: on GPU/TPU the convolution kernels are fast, and the
-  (B, H, W, kh*kw*Cin) patch tensor would cost memory (LPIPS' conv1_2 at 256x256, batch 30:
-  9 GB). backend: jax.default_backend() when None.
+  GPU/TPU: 'xla' (their convolution kernels are fast, and the GEMM form's (B, H, W,
+  kh*kw*Cin) patch tensor would cost memory: LPIPS' conv1_2 at 256x256, batch 30: 9 GB).
+  CPU with YNNPACK convolutions (the default): 'gemm' for patches up to GEMM_MAX_PATCH wide,
+  'hybrid' above. CPU with Eigen convolutions (`cpu_conv_library`): 'gemm' for 1x1, else
+  'xla' (Eigen's kernel gradients are fast). backend: jax.default_backend() when None.
+  Measured per layer and per step in bench/bench_vs_pytorch.py.
   """
   kh, kw, cin, _ = kernel_shape
   if (backend or jax.default_backend()) != "cpu":
     return "xla"
-  return "gemm" if kh * kw > 1 and kh * kw * cin <= GEMM_MAX_PATCH else "xla"
+  if cpu_conv_library() == "eigen":
+    return "gemm" if kh * kw == 1 else "xla"
+  return "gemm" if kh * kw * cin <= GEMM_MAX_PATCH else "hybrid"
 
 
 class Conv(nn.Module):
@@ -157,10 +291,9 @@ class Conv(nn.Module):
     impl = self.impl
     if impl == "auto":
       impl = choose_conv_impl(shape)
-    if impl not in ("xla", "gemm"):
+    if impl not in _CONV_FORMS:
       raise ValueError(f"Conv impl {self.impl!r} is not one of {CONV_IMPLS}")
-    conv = conv_gemm if impl == "gemm" else conv_xla
-    y = conv(x, kernel, _pair(self.strides), (ph, pw))
+    y = _CONV_FORMS[impl](x, kernel, _pair(self.strides), (ph, pw))
     if bias is not None:
       y = y + bias
     return y
@@ -295,21 +428,65 @@ def conv_transpose_4x4s2_matmul(x: Array, kernel: Array) -> Array:
   return t.transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, cout)
 
 
+@jax.custom_vjp
+def conv_transpose_4x4s2_hybrid(x: Array, kernel: Array) -> Array:
+  """Forward 'phase' (Cout >= 8) or 'matmul'; backward as the convolution it is the adjoint of.
+
+  x: (B, H, W, Cin); kernel: (4, 4, Cin, Cout). Returns (B, 2H, 2W, Cout). The transposed conv
+  is the input gradient of conv(., kernel_t, stride 2, padding 1) with kernel_t =
+  kernel.transpose(0, 1, 3, 2) (4, 4, Cout, Cin), so its input gradient is that forward
+  convolution of the cotangent and its kernel gradient that convolution's kernel gradient
+  (`conv_kernel_grad`, GEMMs), with the roles of input and cotangent swapped. Autodiff through
+  the forward forms instead gives XLA:CPU convolution kernel gradients or col2im adjoints,
+  1.5-3x slower over the layer's forward+backward.
+  """
+  return _conv_transpose_forward(x, kernel)
+
+
+def _conv_transpose_forward(x: Array, kernel: Array) -> Array:
+  if kernel.shape[-1] >= 8:
+    return conv_transpose_4x4s2_phase(x, kernel)
+  return conv_transpose_4x4s2_matmul(x, kernel)
+
+
+def _conv_transpose_hybrid_fwd(x, kernel):
+  return _conv_transpose_forward(x, kernel), (x, kernel)
+
+
+def _conv_transpose_hybrid_bwd(res, g):
+  x, kernel = res
+  kernel_t = kernel.transpose(0, 1, 3, 2)
+  conv = conv_gemm if choose_conv_impl(kernel_t.shape) == "gemm" else conv_xla
+  dx = conv(g, kernel_t, (2, 2), (1, 1))
+  dk = conv_kernel_grad(g, x, kernel_t.shape, (2, 2), (1, 1)).transpose(0, 1, 3, 2)
+  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+conv_transpose_4x4s2_hybrid.defvjp(_conv_transpose_hybrid_fwd, _conv_transpose_hybrid_bwd)
+
+
 CONV_TRANSPOSE_4X4S2_IMPLS = {
   "matmul": conv_transpose_4x4s2_matmul,
   "xla": conv_transpose_4x4s2_xla,
   "subpixel": conv_transpose_4x4s2_subpixel,
   "phase": conv_transpose_4x4s2_phase,
+  "hybrid": conv_transpose_4x4s2_hybrid,
 }
 
 
-def choose_conv_transpose_impl(features: int) -> str:
-  """impl='auto': the fastest forward+backward form on XLA:CPU (bench/bench_conv_transpose.py).
+def choose_conv_transpose_impl(features: int, backend: str | None = None) -> str:
+  """impl='auto': the fastest forward+backward form (bench/bench_conv_transpose.py).
 
-  'phase' for wide outputs (Cin=128 -> Cout=64: ~10x faster than 'xla', whose kernel gradient
-  dominates); 'matmul' for narrow ones (Cout = 1..4, the image-output layer), where the 2x2 /
-  3x3 forward convs with few output channels are slow in Eigen and 'xla' is about as fast.
+  On the CPU 'hybrid' (with Eigen convolutions, `cpu_conv_library`, 'phase' for Cout >= 8,
+  whose autodiff gradients are then Eigen kernel gradients: 2x faster than 'hybrid').
+  Elsewhere 'phase' for wide outputs (Cin=128 -> Cout=64: ~10x faster than 'xla' on XLA:CPU,
+  whose kernel gradient dominates) and 'matmul' for narrow ones (Cout = 1..4, the
+  image-output layer). backend: jax.default_backend() when None.
   """
+  if (backend or jax.default_backend()) == "cpu":
+    if cpu_conv_library() == "eigen" and features >= 8:
+      return "phase"
+    return "hybrid"
   return "phase" if features >= 8 else "matmul"
 
 
