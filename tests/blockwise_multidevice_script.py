@@ -8,6 +8,7 @@ a small ArcVQ-VAE with the codebook sharded along K, on 1 and on 8 devices. Prin
 and whether the indices are equal; the test asserts on them.
 """
 
+import functools
 import json
 import sys
 
@@ -77,12 +78,11 @@ def arc_cases(data):
         for chunk, code_chunk in blocks.get(name, ((None, None),)):
           fn = jax.jit(
             jax.value_and_grad(
-              lambda a, b: st.arc_loss_sharded(
-                a,
-                b,
-                s,
-                m,
-                top_k,
+              functools.partial(
+                st.arc_loss_sharded,
+                s=s,
+                m=m,
+                top_k=top_k,
                 mesh=mesh,
                 batch_axes=batch_axes,
                 codebook_axis=cb_axis,
@@ -118,10 +118,9 @@ def search_cases(data):
             : 2 if name != "nan_k48" else 1
           ]:
             fn = jax.jit(
-              lambda a, b: st.nearest_code_sharded(
-                a,
-                b,
-                distance,
+              functools.partial(
+                st.nearest_code_sharded,
+                distance=distance,
                 mesh=mesh,
                 batch_axes=batch_axes,
                 codebook_axis=cb_axis,
@@ -169,9 +168,13 @@ def train_run(devices, shape, axes, impl, codebook_axis, steps=3):
   codebook = state.params["codebook"]
   # Which search the step took: on several devices the per-device one (a shard_map).
   with jax.set_mesh(mesh):
-    jaxpr = jax.make_jaxpr(lambda z, e: vq_quantizer.nearest_code(z, e, c.quantizer.distance, search_impl=c.quantizer.search_impl, codebook_axis=c.quantizer.codebook_axis or None))(
-      jnp.zeros((16 * 49, 16)), codebook
+    search = functools.partial(
+      vq_quantizer.nearest_code,
+      distance=c.quantizer.distance,
+      search_impl=c.quantizer.search_impl,
+      codebook_axis=c.quantizer.codebook_axis or None,
     )
+    jaxpr = jax.make_jaxpr(search)(jnp.zeros((16 * 49, 16)), codebook)
   return losses, np.asarray(codebook), str(codebook.sharding.spec), "shard_map" in str(jaxpr)
 
 

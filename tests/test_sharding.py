@@ -43,7 +43,7 @@ def results():
     env=env,
     capture_output=True,
     text=True,
-    timeout=900,
+    timeout=1800,
   )
   assert proc.returncode == 0, proc.stderr[-4000:]
   line = [s for s in proc.stdout.splitlines() if s.startswith("RESULT")][-1]
