@@ -109,7 +109,7 @@ def main() -> None:
   )
   p.add_argument("--batch", type=int, nargs="*", default=[128, 1024])
   p.add_argument("--variant", default="arcvq")
-  p.add_argument("--deconv", default="auto", choices=["auto", "subpixel", "phase", "matmul", "xla"])
+  p.add_argument("--deconv", default="auto", choices=["auto", *sorted(layers.CONV_TRANSPOSE_4X4S2_IMPLS)])
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--arcloss", action="store_true", help="ArcLoss fwd+bwd at N=50176, K=512, D=64")

@@ -34,7 +34,7 @@ sys.path.insert(
 
 import jax
 import numpy as np
-from bench_vs_pytorch import conv_forms
+from bench_vs_pytorch import FORMS, compiler_options, conv_forms
 from model_fixtures import random_lpips_params
 
 from arcvq_jax import sharding
@@ -58,13 +58,15 @@ def xla_mib(compiled) -> float:
   ) / 2**20
 
 
-def get_config(name: str, dtype: str, batch: int):
+def get_config(name: str, dtype: str, batch: int, image_size: int = 0):
   from configs import imagenet, imagenet_f16  # noqa: PLC0415
 
   c = (imagenet if name == "f8" else imagenet_f16).get_config()
   c.model.dtype = dtype
   c.batch_size = batch
   c.gan.disc_start = 0
+  if image_size:  # the same networks (attention placed by the nominal resolution) on smaller images
+    c.data.image_size = image_size
   return c
 
 
@@ -78,7 +80,8 @@ def _reconstruct_fn(model, config):
 def build(c, forms: str = "current") -> dict:
   """Compiled generator and discriminator steps of the VQGAN that config `c` describes.
 
-  forms: the convolution forms, as bench_vs_pytorch.conv_forms ('current' or 'before').
+  forms: the convolution forms, as bench_vs_pytorch.conv_forms ('current', 'before', with
+  '+eigen': convolutions compiled by Eigen).
   Returns the two step runners (the state carried along), the compiled steps and the
   autoencoder forward's FLOPs.
   """
@@ -95,10 +98,11 @@ def build(c, forms: str = "current") -> dict:
     )
     batch_arr = sharding.global_batch({"image": x}, sharding.batch_sharding(mesh))
     gen_fn, disc_fn = steps_fn.generator[True], steps_fn.discriminator
-    gen_c = gen_fn.lower(state.gen, state.disc, batch_arr, lpips_params).compile()
-    disc_c = disc_fn.lower(state.disc, batch_arr, batch_arr["image"]).compile()
+    options = compiler_options(forms)
+    gen_c = gen_fn.lower(state.gen, state.disc, batch_arr, lpips_params).compile(options)
+    disc_c = disc_fn.lower(state.disc, batch_arr, batch_arr["image"]).compile(options)
     recon = jax.jit(_reconstruct_fn(model, c))
-    forward_flops = flops(recon.lower(state.params, batch_arr["image"]).compile())
+    forward_flops = flops(recon.lower(state.params, batch_arr["image"]).compile(options))
 
   holder = {"gen": state.gen, "disc": state.disc, "x_hat": batch_arr["image"]}
 
@@ -154,9 +158,9 @@ def bench_config(c, warmup: int, steps: int, forms=("current",)) -> dict[str, di
 
 
 def bench(
-  name: str, dtype: str, batch: int, warmup: int, steps: int, forms=("current",)
+  name: str, dtype: str, batch: int, warmup: int, steps: int, forms=("current",), image_size=0
 ) -> list[dict]:
-  results = bench_config(get_config(name, dtype, batch), warmup, steps, forms)
+  results = bench_config(get_config(name, dtype, batch, image_size), warmup, steps, forms)
   for r in results.values():
     r["config"] = name
   return list(results.values())
@@ -171,11 +175,12 @@ def main() -> None:
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--steps", type=int, default=3)
+  p.add_argument("--image-size", type=int, default=0, help="0: the config's (256)")
   p.add_argument(
     "--forms",
     nargs="*",
     default=["current"],
-    choices=["current", "before"],
+    choices=FORMS,
     help="convolution forms (bench_vs_pytorch.py); several are timed in alternating rounds",
   )
   p.add_argument(
@@ -197,7 +202,9 @@ def main() -> None:
   )
   print("|---|---|---|---|---|---|---|---|---|---|")
   for b in args.batch:
-    for r in bench(args.config, args.dtype, b, args.warmup, args.steps, args.forms):
+    for r in bench(
+      args.config, args.dtype, b, args.warmup, args.steps, args.forms, args.image_size
+    ):
       total_s = r["gen_s"] + r["disc_s"]
       mfu = (
         (r["gen_flops"] + r["disc_flops"]) / total_s / (args.peak_tflops * 1e12)
