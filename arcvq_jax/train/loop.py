@@ -198,24 +198,25 @@ def run(
   state: Any,
   step_fn: StepFn,
   *,
+  config: ml_collections.ConfigDict,
   train_iter: Iterator[dict[str, np.ndarray]],
   batch_sharding: jax.sharding.Sharding,
   total_steps: int,
   checkpointer: ckpt_lib.Checkpointer,
   writer: metric_writer.MetricWriter,
-  log_every: int,
-  checkpoint_every: int,
   actions: Sequence[Periodic] = (),
   name: str = "train",
 ) -> Outcome:
   """Steps from the state's step to `total_steps`; see the module docstring.
 
-  train_iter: this process's rows of each batch (checkpointed with the state); log_every /
-  checkpoint_every: steps between metric writes / checkpoints (the last step always does
-  both); actions run after the step's metrics and before its checkpoint. On SIGTERM (any
+  config: the run's, for log_every_steps and checkpoint_every_steps (steps between metric
+  writes / checkpoints; the last step always does both); train_iter: this process's rows of
+  each batch (checkpointed with the state); actions run after the step's metrics and before
+  its checkpoint. On SIGTERM (any
   process) every process saves the current step, waits for the write, and returns with
   `preempted_at` set. A non-finite loss raises NonFiniteLossError before anything is saved.
   """
+  log_every, checkpoint_every = config.log_every_steps, config.checkpoint_every_steps
   start = int(jax.device_get(state.step))
   progress = _Progress(start, total_steps, name)
   history: list[Metrics] = []

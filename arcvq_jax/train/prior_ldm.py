@@ -252,12 +252,11 @@ def sample_grid(
   return write
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) the LDM in `workdir`; returns the last logged train metrics."""
-  prior_config.validate_ldm(config, jax.device_count(), jax.process_count())
-  loop.write_config(config, workdir)
-  tok, record = common.load_tokenizer(config, workdir)
-  latent_shape = tuple(record["latent_shape"])
+def training_latents(
+  config: ml_collections.ConfigDict, workdir: str, tok: Any, record: dict[str, Any]
+) -> tuple[dict[str, np.ndarray], float]:
+  """The stored latents of the training split (the precompute pass on the first run) and
+  the scale factor a new run takes: config.diffusion.scale_factor, or 1 / their std."""
   out_dir = common.latents_dir(config, workdir)
   arrays = common.precompute(
     tok,
@@ -272,11 +271,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   scale_factor = config.diffusion.scale_factor or 1.0 / max(stats["std"], 1e-8)
   logging.info(
     "Latents %s: mean %.4f, std %.4f; scale_factor %.5f for a new run",
-    latent_shape,
+    tuple(record["latent_shape"]),
     stats["mean"],
     stats["std"],
     scale_factor,
   )
+  return arrays, scale_factor
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (or resumes) the LDM in `workdir`; returns the last logged train metrics."""
+  prior_config.validate_ldm(config, jax.device_count(), jax.process_count())
+  loop.write_config(config, workdir)
+  tok, record = common.load_tokenizer(config, workdir)
+  latent_shape = tuple(record["latent_shape"])
+  arrays, scale_factor = training_latents(config, workdir, tok, record)
 
   mesh = sharding.make_mesh(config.sharding.mesh_shape, config.sharding.mesh_axes)
   model = unet.from_config(config, latent_channels=latent_shape[-1])
@@ -303,13 +312,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   outcome = loop.run(
     state,
     lambda state, batch, t: step(state, batch),
+    config=config,
     train_iter=train_iter,
     batch_sharding=sharding.batch_sharding(mesh),
     total_steps=config.num_train_steps,
     checkpointer=checkpointer,
     writer=writer,
-    log_every=config.log_every_steps,
-    checkpoint_every=config.checkpoint_every_steps,
     actions=actions,
     name="LDM",
   )

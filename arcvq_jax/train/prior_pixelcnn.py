@@ -254,13 +254,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   outcome = loop.run(
     state,
     lambda state, batch, t: step(state, batch),
+    config=config,
     train_iter=train_iter,
     batch_sharding=sharding.batch_sharding(mesh),
     total_steps=config.num_train_steps,
     checkpointer=checkpointer,
     writer=writer,
-    log_every=config.log_every_steps,
-    checkpoint_every=config.checkpoint_every_steps,
     actions=actions,
     name="PixelCNN",
   )

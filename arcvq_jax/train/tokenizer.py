@@ -139,6 +139,30 @@ def reconstruction_grid(
   return write
 
 
+def periodic_actions(
+  config: ml_collections.ConfigDict,
+  model: nn.Module,
+  evaluation: Evaluation,
+  writer: metric_writer.MetricWriter,
+) -> list[loop.Periodic]:
+  """What the loop does besides stepping: the training-time usage (with the metrics), the
+  reconstruction grid, and evaluations during training (the final one follows the loop)."""
+  used = lambda state: float(np.mean(jax.device_get(state.usage) > diagnostics.EMA_USED_THRESHOLD))
+  actions = [
+    loop.Periodic(
+      config.log_every_steps,
+      lambda step, state: writer.write_scalars(step, {"train/ema_usage": used(state)}),
+    ),
+    loop.Periodic(
+      config.eval_every_steps, lambda step, state: evaluation(step, state.params), at_end=False
+    ),
+  ]
+  if config.image_every_steps:
+    grid = reconstruction_grid(config, model, evaluation, writer)
+    actions.append(loop.Periodic(config.image_every_steps, grid))
+  return actions
+
+
 def write_codebook_diagnostics(
   workdir: str, quantizer: Any, state: Any, step: int, writer: metric_writer.MetricWriter
 ) -> None:
@@ -201,31 +225,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   writer = loop.create_writer(workdir)
   evaluation = Evaluation(config, workdir, model, mesh, state_sharding.params, lpips_params, writer)
-  ema_usage = lambda step, state: writer.write_scalars(
-    step,
-    {
-      "train/ema_usage": float(
-        np.mean(jax.device_get(state.usage) > diagnostics.EMA_USED_THRESHOLD)
-      )
-    },
-  )
-  actions = [loop.Periodic(config.log_every_steps, ema_usage)]
-  if config.image_every_steps:
-    grid = reconstruction_grid(config, model, evaluation, writer)
-    actions.append(loop.Periodic(config.image_every_steps, grid))
-  eval_params = lambda step, state: evaluation(step, state.params)
-  actions.append(loop.Periodic(config.eval_every_steps, eval_params, at_end=False))
   outcome = loop.run(
     state,
     step_fn,
+    config=config,
     train_iter=train_iter,
     batch_sharding=sharding.batch_sharding(mesh),
     total_steps=total_steps,
     checkpointer=checkpointer,
     writer=writer,
-    log_every=config.log_every_steps,
-    checkpoint_every=config.checkpoint_every_steps,
-    actions=actions,
+    actions=periodic_actions(config, model, evaluation, writer),
     name="tokenizer",
   )
   if outcome.preempted_at is not None:
