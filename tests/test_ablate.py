@@ -181,6 +181,10 @@ def test_resolved_config_is_the_config_files_variant_with_the_sweeps_values():
     (dict(grid={"arc": {"s": 5.0}}), r"grid\.arc\.s = 5\.0: a grid entry is a non-empty list"),
     (dict(skip_metrics=("psnr",)), "only lpips, rfid can be skipped"),
     (
+      dict(variants=(), baselines=("vq",), grid={"arc": {"s": (1.0, 2.0)}}),
+      "a grid applies to the variants, and there are only baselines",
+    ),
+    (
       dict(grid={"num_train_steps": (3, 4)}),
       r"\['num_train_steps'\] are in both grid and overrides",
     ),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -39,7 +40,7 @@ def _figure(width: float, height: float) -> Figure:
 
 
 def _save(fig: Figure, path: str) -> None:
-  tmp = f"{path}.tmp.{os.getpid()}.png"
+  tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}.png"
   fig.savefig(tmp, format="png", bbox_inches="tight")
   os.replace(tmp, path)
 

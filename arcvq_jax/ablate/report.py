@@ -234,7 +234,7 @@ def write_report(workdir: str, with_plots: bool = True) -> dict[str, Any]:
     plots.write_plots(workdir, runs, os.path.join(workdir, PLOTS_DIR)) if with_plots else []
   )
   runner_lib.write_json(os.path.join(workdir, RESULTS_JSON), result)
-  tmp = os.path.join(workdir, f"{RESULTS_MD}.tmp.{os.getpid()}")
+  tmp = runner_lib.tmp_name(os.path.join(workdir, RESULTS_MD))
   with open(tmp, "w") as f:
     f.write(markdown(result))
   os.replace(tmp, os.path.join(workdir, RESULTS_MD))

@@ -50,10 +50,15 @@ def ablate_dir(workdir: str, run: sweep_lib.Run) -> str:
   return os.path.join(workdir, run.relpath, "ablate")
 
 
+def tmp_name(path: str) -> str:
+  """A temporary file beside `path`, unique across the machines sharing the folder."""
+  return f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+
+
 def write_json(path: str, value: Any) -> None:
   """Atomically: a temporary file beside `path`, then a rename."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp.{os.getpid()}"
+  tmp = tmp_name(path)
   with open(tmp, "w") as f:
     json.dump(value, f, indent=2, allow_nan=True)
   os.replace(tmp, path)
@@ -68,7 +73,7 @@ def read_json(path: str) -> Any:
 
 
 def _save_npy(path: str, write) -> None:
-  tmp = f"{path}.tmp.{os.getpid()}"
+  tmp = tmp_name(path)
   with open(tmp, "wb") as f:
     write(f)
   os.replace(tmp, path)
@@ -293,6 +298,7 @@ def execute(workdir: str, p: Planned, weights: Weights) -> dict[str, Any]:
     pid=os.getpid(),
     started=time.strftime("%Y-%m-%dT%H:%M:%S"),
     error=None,
+    preempted_at_step=None,
   )
   write_json(os.path.join(directory, "status.json"), status)
   t0 = time.perf_counter()

@@ -267,6 +267,11 @@ def from_config(sweep: ml_collections.ConfigDict | Mapping[str, Any], where: str
     overrides=tuple(_flatten(overrides)),
     skip_metrics=skip,
   )
+  if result.grid and result.baselines and not result.variants:
+    raise SweepError(
+      f"{where}: a grid applies to the variants, and there are only baselines; name the "
+      "variants to vary (the same name may be a baseline too)."
+    )
   both = set(result.grid_keys()) & {k for k, _ in result.overrides}
   if both:
     raise SweepError(f"{where}: {sorted(both)} are in both grid and overrides; keep one.")
