@@ -10,8 +10,8 @@ paper's ArcLoss: gamma0 1.0, decay 5e-4, s 10, m 0.1). The grid changes one ArcL
 values), plus one combination. gamma(t) = gamma0 exp(-decay t) (docs/math.md, eq. 11): over
 200 steps decay 5e-4 keeps gamma above 0.9, 5e-3 ends at 0.37, 2e-2 is off after ~100 steps.
 
-Budget: the same as configs/sweeps/zoo.py, 200 steps at batch 64; all 33 runs take about 3.1 h
-on this 2-core machine at load average 7.5 (shared); less on an idle one (not measured).
+Budget: the same as configs/sweeps/zoo.py, 200 steps at batch 64; all 33 runs take about 1.2 h
+on this 2-core machine at load average 3-4, about 3.1 h at load 7.5 (it is shared).
 """
 
 import ml_collections
@@ -20,17 +20,18 @@ import ml_collections
 def get_config():
   c = ml_collections.ConfigDict()
   c.name = "arcloss_schedule"
-  # The budget, measured on the 2-core machine (shared; 1-minute load average about 7.5) with
-  # configs/fashion_mnist.py: 1.04 s per step at batch 64 (1.41 s at 128, 3.2 s at 256); per run
-  # about 100 s more (start-up, the trainer's and the report's test-split passes, the plots)
-  # and about 75 s of compilation in the first seed of each setting (the compilation cache
-  # serves the others).
+  # The budget, measured on the 2-core machine (shared with other work) with
+  # configs/fashion_mnist.py at batch 64: one whole arcvq run of 200 steps took 131 s at a
+  # 1-minute load average of 3-4 (2.44 steps/s; 14 s compilation, about 35 s for the two
+  # test-split passes and the plots), and a step took 1.04 s at load 7.5 (1.41 s at batch
+  # 128, 3.2 s at 256). The first seed of each setting compiles (about 30-75 s); the
+  # compilation cache serves the others.
   c.note = (
     "Budget: 200 steps at batch 64 (12,800 training images, 0.21 epoch) per run of "
     "configs/fashion_mnist.py (the paper's model and optimizer), final evaluation on the "
     "10,000 test images, rFID skipped (the Inception on 2 CPU cores would take longer than the "
-    "training). All 33 runs: about 3.1 h on a 2-core machine at load average 7.5 (from the "
-    "measured step time); less on an idle machine (not measured)."
+    "training). All 33 runs: about 1.2 h on a 2-core machine at load average 3-4, about "
+    "3.1 h at load 7.5 (from one measured run and measured step times)."
   )
   c.baselines = ("bbnr", "arcvq")
   c.variants = ("arcvq",)

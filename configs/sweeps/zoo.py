@@ -4,7 +4,7 @@
       --workdir=/tmp/arcvq_zoo
 
 Budget (measured, see the note below): 200 steps at batch 64 per run; all 45 runs take about
-4.2 h on this 2-core machine at load average 7.5 (shared); less on an idle one (not measured).
+1.6 h on this 2-core machine at load average 3-4, about 4.2 h at load 7.5 (it is shared).
 """
 
 import ml_collections
@@ -13,17 +13,18 @@ import ml_collections
 def get_config():
   c = ml_collections.ConfigDict()
   c.name = "zoo"
-  # The budget, measured on the 2-core machine (shared; 1-minute load average about 7.5) with
-  # configs/fashion_mnist.py: 1.04 s per step at batch 64 (1.41 s at 128, 3.2 s at 256); per run
-  # about 100 s more (start-up, the trainer's and the report's test-split passes, the plots)
-  # and about 75 s of compilation in the first seed of each setting (the compilation cache
-  # serves the others).
+  # The budget, measured on the 2-core machine (shared with other work) with
+  # configs/fashion_mnist.py at batch 64: one whole arcvq run of 200 steps took 131 s at a
+  # 1-minute load average of 3-4 (2.44 steps/s; 14 s compilation, about 35 s for the two
+  # test-split passes and the plots), and a step took 1.04 s at load 7.5 (1.41 s at batch
+  # 128, 3.2 s at 256). The first seed of each setting compiles (about 30-75 s); the
+  # compilation cache serves the others.
   c.note = (
     "Budget: 200 steps at batch 64 (12,800 training images, 0.21 epoch) per run of "
     "configs/fashion_mnist.py (the paper's model and optimizer), final evaluation on the "
     "10,000 test images, rFID skipped (the Inception on 2 CPU cores would take longer than the "
-    "training). All 45 runs: about 4.2 h on a 2-core machine at load average 7.5 (from the "
-    "measured step time); less on an idle machine (not measured)."
+    "training). All 45 runs: about 1.6 h on a 2-core machine at load average 3-4, about "
+    "4.2 h at load 7.5 (from one measured run and measured step times)."
   )
   c.variants = (
     "arcvq",
