@@ -345,3 +345,15 @@ def test_auto_forms_for_eigen_convolutions(monkeypatch):
   monkeypatch.setattr(layers, "CPU_CONV_LIBRARY", "nope")
   with pytest.raises(ValueError, match="CPU_CONV_LIBRARY"):
     layers.cpu_conv_library()
+
+
+def test_cpu_conv_library_override_restores(monkeypatch):
+  monkeypatch.setattr(layers, "CPU_CONV_LIBRARY", None)
+  monkeypatch.setenv("XLA_FLAGS", "")
+  with layers.cpu_conv_library_override("eigen"):
+    assert layers.cpu_conv_library() == "eigen"
+    assert layers.choose_conv_impl((3, 3, 128, 128), backend="cpu") == "xla"
+  assert layers.cpu_conv_library() == "ynn"
+  with pytest.raises(ValueError, match="CPU_CONV_LIBRARY"), layers.cpu_conv_library_override("x"):
+    pass
+  assert layers.CPU_CONV_LIBRARY is None

@@ -20,6 +20,7 @@ Kernel layout and the PyTorch mapping (what a checkpoint importer needs):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -230,6 +231,23 @@ def cpu_conv_library() -> str:
   if items and all(v[0] in "+-" for v in items):  # edits of the default list
     return "eigen" if any(v[0] == "-" and v[1:] in conv for v in items) else "ynn"
   return "ynn" if any(v in conv for v in items) else "eigen"
+
+
+@contextlib.contextmanager
+def cpu_conv_library_override(library: str | None):
+  """Within the block `cpu_conv_library()` returns `library` ('ynn', 'eigen'; None: from
+  XLA_FLAGS): trace a function under it that is compiled with (for 'eigen')
+  EIGEN_CONV_COMPILER_OPTIONS, e.g.
+    with layers.cpu_conv_library_override("eigen"):
+      compiled = step.lower(*args).compile(layers.EIGEN_CONV_COMPILER_OPTIONS)
+  """
+  global CPU_CONV_LIBRARY
+  saved, CPU_CONV_LIBRARY = CPU_CONV_LIBRARY, library
+  try:
+    cpu_conv_library()  # validates
+    yield
+  finally:
+    CPU_CONV_LIBRARY = saved
 
 
 # Under YNNPACK convolutions 'auto' takes the GEMM form up to this patch width (kh*kw*Cin;
