@@ -29,6 +29,7 @@ from arcvq_jax import (
   sharding,
 )
 from arcvq_jax import quantization as vq
+from arcvq_jax.models import layers
 from arcvq_jax.train import state as state_lib
 from arcvq_jax.train import tokenizer_steps
 from arcvq_jax.train.state import make_optimizer
@@ -109,14 +110,17 @@ def main() -> None:
   )
   p.add_argument("--batch", type=int, nargs="*", default=[128, 1024])
   p.add_argument("--variant", default="arcvq")
-  p.add_argument("--deconv", default="auto", choices=["auto", *sorted(layers.CONV_TRANSPOSE_4X4S2_IMPLS)])
+  p.add_argument(
+    "--deconv", default="auto", choices=["auto", *sorted(layers.CONV_TRANSPOSE_4X4S2_IMPLS)]
+  )
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--arcloss", action="store_true", help="ArcLoss fwd+bwd at N=50176, K=512, D=64")
   args = p.parse_args()
 
   print(
-    f"jax {jax.__version__}, devices: {jax.devices()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+    f"jax {jax.__version__}, devices: {jax.devices()}, "
+    f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
   )
   if args.arcloss:
     for name, fn in (("naive", vq.arc_loss), ("blocked", blockwise.arc_loss_blocked)):
@@ -127,7 +131,8 @@ def main() -> None:
       )
     return
   print(
-    "| batch | variant | deconv | median ms/step | p10-p90 ms | XLA MiB (args+out+temp) | XLA temp MiB |"
+    "| batch | variant | deconv | median ms/step | p10-p90 ms | XLA MiB (args+out+temp) "
+    "| XLA temp MiB |"
   )
   print("|---|---|---|---|---|---|---|")
   for b in args.batch:

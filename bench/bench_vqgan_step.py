@@ -2,13 +2,13 @@
 
   python bench/bench_vqgan_step.py                    # f8 (configs/imagenet.py), batch 1 and 2
   python bench/bench_vqgan_step.py --config f16 --batch 2
-  python bench/bench_vqgan_step.py --batch 1 --forms current before   # conv forms, one run
+  python bench/bench_vqgan_step.py --batch 1 --forms default before   # conv forms, one run
   python bench/bench_vqgan_step.py --batch 30 --dtype bfloat16 --peak-tflops 989   # H100: MFU
 
 The generator step is the full one (L1 + LPIPS + GAN term with the adaptive weight + VQ +
 ArcLoss, Adam update); the discriminator step is the hinge update on real and fake images.
 LPIPS and the networks have random weights (timing does not depend on their values).
-Times: median of --steps calls after --warmup calls, each waited for; with --forms current
+Times: median of --steps calls after --warmup calls, each waited for; with --forms default
 before, both convolution forms are built and timed in alternating rounds (before/after
 figures of one run). Memory: XLA's own
 accounting of the compiled step (arguments + outputs + temporaries - aliased) and the peak
@@ -34,7 +34,7 @@ sys.path.insert(
 
 import jax
 import numpy as np
-from bench_vs_pytorch import FORMS, compiler_options, conv_forms
+from bench_vs_pytorch import conv_forms
 from model_fixtures import random_lpips_params
 
 from arcvq_jax import sharding
@@ -77,11 +77,16 @@ def _reconstruct_fn(model, config):
   return functools.partial(tokenizer_steps.reconstruct, model=model)
 
 
-def build(c, forms: str = "current") -> dict:
+# The VQGAN's convolutions run on XLA's default library (YNNPACK): under Eigen its step was
+# slower (5.93 s against 4.91 s, f8 at 128 px, one run), so it has no 'ynn' / 'eigen' switch.
+FORMS = ("default", "before")
+
+
+def build(c, forms: str = "default") -> dict:
   """Compiled generator and discriminator steps of the VQGAN that config `c` describes.
 
-  forms: the convolution forms, as bench_vs_pytorch.conv_forms ('current', 'before', with
-  '+eigen': convolutions compiled by Eigen).
+  forms: the convolution forms, as bench_vs_pytorch.conv_forms ('default', or 'before': the
+  forms 'auto' chose before the hybrid forms).
   Returns the two step runners (the state carried along), the compiled steps and the
   autoencoder forward's FLOPs.
   """
@@ -98,7 +103,7 @@ def build(c, forms: str = "current") -> dict:
     )
     batch_arr = sharding.global_batch({"image": x}, sharding.batch_sharding(mesh))
     gen_fn, disc_fn = steps_fn.generator[True], steps_fn.discriminator
-    options = compiler_options(forms)
+    options = None
     gen_c = gen_fn.lower(state.gen, state.disc, batch_arr, lpips_params).compile(options)
     disc_c = disc_fn.lower(state.disc, batch_arr, batch_arr["image"]).compile(options)
     recon = jax.jit(_reconstruct_fn(model, c))
@@ -121,7 +126,7 @@ def build(c, forms: str = "current") -> dict:
   )
 
 
-def bench_config(c, warmup: int, steps: int, forms=("current",)) -> dict[str, dict]:
+def bench_config(c, warmup: int, steps: int, forms=("default",)) -> dict[str, dict]:
   """Per form: median generator / discriminator step seconds, XLA MiB and FLOPs.
 
   With several forms the steps are timed in rounds (one generator and one discriminator
@@ -158,7 +163,7 @@ def bench_config(c, warmup: int, steps: int, forms=("current",)) -> dict[str, di
 
 
 def bench(
-  name: str, dtype: str, batch: int, warmup: int, steps: int, forms=("current",), image_size=0
+  name: str, dtype: str, batch: int, warmup: int, steps: int, forms=("default",), image_size=0
 ) -> list[dict]:
   results = bench_config(get_config(name, dtype, batch, image_size), warmup, steps, forms)
   for r in results.values():

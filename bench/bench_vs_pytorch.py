@@ -1,7 +1,7 @@
 """The VQ-VAE train step against the PyTorch step, side by side in one process.
 
   python bench/bench_vs_pytorch.py                          # batch 128 and 1024, 15 rounds
-  python bench/bench_vs_pytorch.py --batch 128 --steps 30 --forms current before
+  python bench/bench_vs_pytorch.py --batch 128 --steps 30 --forms default ynn before
 
 Each round runs one step of every contender in turn (PyTorch, then each JAX variant), so
 load from other processes falls on all of them alike; the table gives the median, the 10th
@@ -12,15 +12,15 @@ spinning worker threads go idle first.
 
 JAX: the full step of arcvq_jax.train.tokenizer_steps (BBNR projection, encoder, cosine
 search, VQ loss, ArcLoss, decoder, MSE / var, grads, Adam, usage statistics) for
-configs/fashion_mnist.py. --forms picks the convolution forms:
-  current  layers.py as it is ('auto' everywhere)
-  before   the forms 'auto' chose before the hybrid forms (GEMM for patches <= 576 wide
-           and kh*kw > 1, else the lax convolution with XLA's own gradients; ConvTranspose
-           'phase' / 'matmul' with autodiff gradients)
-  +eigen   (current+eigen, before+eigen) the step compiled with
-           layers.EIGEN_CONV_COMPILER_OPTIONS: convolutions on Eigen rather than YNNPACK,
-           as XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution does
-           for a whole process ('current' then picks the Eigen forms by itself)
+configs/fashion_mnist.py. --forms picks the convolutions:
+  default  as shipped: config.model.cpu_conv_library = 'eigen' (the step compiled with
+           layers.EIGEN_CONV_COMPILER_OPTIONS: convolutions on Eigen rather than XLA's
+           default YNNPACK, with the forms 'auto' picks for Eigen)
+  ynn      cpu_conv_library = 'ynn': XLA's default library, the forms 'auto' picks for it
+           (GEMM for narrow patches, 'hybrid' with a GEMM kernel gradient for wide ones)
+  before   YNNPACK with the forms 'auto' chose before this work (GEMM for patches <= 576
+           wide and kh*kw > 1, else the lax convolution with XLA's own gradients;
+           ConvTranspose 'phase' / 'matmul' with autodiff gradients)
 PyTorch: bench_torch_reference.py's step (same network, quantiser, ArcLoss, Adam), with
 torch's default intra-op threads.
 """
@@ -46,61 +46,34 @@ from arcvq_jax.train import tokenizer_steps
 from arcvq_jax.train.state import make_optimizer
 
 
-def _choose_conv_before(kernel_shape, backend=None):
+def _choose_conv_before(kernel_shape, backend=None, library=None):
   kh, kw, cin, _ = kernel_shape
   if (backend or jax.default_backend()) != "cpu":
     return "xla"
   return "gemm" if kh * kw > 1 and kh * kw * cin <= 576 else "xla"
 
 
-def _choose_conv_transpose_before(features):
+def _choose_conv_transpose_before(features, backend=None, library=None):
   return "phase" if features >= 8 else "matmul"
 
 
-FORMS = ("current", "before", "current+eigen", "before+eigen")
+FORMS = ("default", "ynn", "before")
 
 
 @contextlib.contextmanager
 def conv_forms(forms: str):
-  """Trace-time choice of the convolution forms (layers' choosers are read while tracing).
-
-  forms: 'current' or 'before', optionally with '+eigen': convolutions compiled by Eigen
-  rather than YNNPACK (`compiler_options` gives the options to compile with) and, for
-  'current', the forms 'auto' picks for Eigen.
-  """
-  base, _, library = forms.partition("+")
-  if base not in ("current", "before") or library not in ("", "eigen"):
+  """Trace-time choice of the convolution forms: 'before' swaps layers' choosers for the old
+  ones while the step is traced (a benchmark's trick; the package has no such switch)."""
+  if forms not in FORMS:
     raise ValueError(f"forms: one of {FORMS}, got {forms!r}")
-  saved = (
-    layers.choose_conv_impl,
-    layers.choose_conv_transpose_impl,
-    layers.CPU_CONV_LIBRARY,
-  )
-  if library:
-    layers.CPU_CONV_LIBRARY = library
-  if base == "before":
+  saved = (layers.choose_conv_impl, layers.choose_conv_transpose_impl)
+  if forms == "before":
     layers.choose_conv_impl = _choose_conv_before
     layers.choose_conv_transpose_impl = _choose_conv_transpose_before
   try:
     yield
   finally:
-    (
-      layers.choose_conv_impl,
-      layers.choose_conv_transpose_impl,
-      layers.CPU_CONV_LIBRARY,
-    ) = saved
-
-
-def compiler_options(forms: str) -> dict | None:
-  """XLA options to compile a step traced under conv_forms(forms) with."""
-  return dict(layers.EIGEN_CONV_COMPILER_OPTIONS) if forms.endswith("+eigen") else None
-
-
-def build_model(config):
-  """The config's VQ-VAE (train.state.build_model where it exists: it adds the quantizer)."""
-  if hasattr(state_lib, "build_model"):
-    return state_lib.build_model(config, channels=1)
-  return state_lib.build_model(config, channels=1)
+    layers.choose_conv_impl, layers.choose_conv_transpose_impl = saved
 
 
 def jax_step(batch: int, forms: str):
@@ -109,15 +82,17 @@ def jax_step(batch: int, forms: str):
 
   c = fashion_mnist.get_config("arcvq")
   c.batch_size = batch
+  if forms != "default":
+    c.model.cpu_conv_library = "ynn"
   mesh = sharding.make_mesh((-1,), ("data",))
-  model = build_model(c)
+  model = state_lib.build_model(c, channels=1)
   with conv_forms(forms):
     state, _, step_fn = tokenizer_steps.create_state_and_step(
       c, model, make_optimizer(c), mesh, (28, 28, 1), data_variance=0.5
     )
     x = np.random.default_rng(0).uniform(-1, 1, (batch, 28, 28, 1)).astype(np.float32)
     batch_arr = sharding.global_batch({"image": x}, sharding.batch_sharding(mesh))
-    compiled = step_fn.lower(state, batch_arr).compile(compiler_options=compiler_options(forms))
+    compiled = step_fn.lower(state, batch_arr).compile()
   holder = {"state": state}
 
   def run():
@@ -177,7 +152,7 @@ def main() -> None:
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   p.add_argument("--batch", type=int, nargs="*", default=[128, 1024])
-  p.add_argument("--forms", nargs="*", default=["current"], choices=FORMS)
+  p.add_argument("--forms", nargs="*", default=["default"], choices=FORMS)
   p.add_argument("--steps", type=int, default=15, help="timed rounds")
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--gap", type=float, default=0.02, help="seconds of sleep before each step")

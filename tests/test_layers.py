@@ -132,12 +132,11 @@ def test_flax_conv_transpose_is_the_flipped_kernel():
   )
 
 
-def test_auto_impl_choice(monkeypatch):
-  monkeypatch.setattr(layers, "CPU_CONV_LIBRARY", "ynn")
+def test_auto_impl_choice():
   for backend in ("gpu", "tpu"):
     assert layers.choose_conv_transpose_impl(1, backend=backend) == "matmul"
     assert layers.choose_conv_transpose_impl(64, backend=backend) == "phase"
-  assert layers.choose_conv_transpose_impl(1, backend="cpu") == "hybrid"
+  assert layers.choose_conv_transpose_impl(1, backend="cpu", library="ynn") == "hybrid"
   assert layers.choose_conv_transpose_impl(64, backend="cpu") == "hybrid"
 
 
@@ -230,11 +229,11 @@ def test_conv_module_impls_share_params_and_output():
     layers.Conv(8, 3, impl="fast").apply(params, x)
 
 
-def test_auto_conv_takes_gemm_for_narrow_patches_on_cpu_only(monkeypatch):
-  monkeypatch.setattr(layers, "CPU_CONV_LIBRARY", "ynn")
-  assert layers.choose_conv_impl((3, 3, 64, 64), backend="cpu") == "gemm"  # 576 wide
-  assert layers.choose_conv_impl((3, 3, 128, 128), backend="cpu") == "hybrid"
-  assert layers.choose_conv_impl((1, 1, 256, 64), backend="cpu") == "gemm"  # a plain GEMM
+def test_auto_conv_takes_gemm_for_narrow_patches_on_cpu_only():
+  ynn = dict(backend="cpu", library="ynn")
+  assert layers.choose_conv_impl((3, 3, 64, 64), **ynn) == "gemm"  # 576 wide
+  assert layers.choose_conv_impl((3, 3, 128, 128), **ynn) == "hybrid"
+  assert layers.choose_conv_impl((1, 1, 256, 64), **ynn) == "gemm"  # a plain GEMM
   for backend in ("gpu", "tpu"):
     assert layers.choose_conv_impl((3, 3, 3, 64), backend=backend) == "xla"
     assert layers.choose_conv_impl((3, 3, 128, 128), backend=backend) == "xla"
@@ -329,31 +328,34 @@ def test_conv_transpose_hybrid_gradients_match_torch(cout):
   ],
 )
 def test_cpu_conv_library_reads_xla_flags(monkeypatch, flags, library):
-  monkeypatch.setattr(layers, "CPU_CONV_LIBRARY", None)
   monkeypatch.setenv("XLA_FLAGS", flags)
   assert layers.cpu_conv_library() == library
+  assert layers.choose_conv_impl((3, 3, 128, 128), backend="cpu") == (
+    "xla" if library == "eigen" else "hybrid"
+  )
 
 
-def test_auto_forms_for_eigen_convolutions(monkeypatch):
-  monkeypatch.setattr(layers, "CPU_CONV_LIBRARY", "eigen")
-  assert layers.choose_conv_impl((3, 3, 128, 128), backend="cpu") == "xla"
-  assert layers.choose_conv_impl((3, 3, 64, 64), backend="cpu") == "xla"
-  assert layers.choose_conv_impl((1, 1, 128, 64), backend="cpu") == "gemm"
-  assert layers.choose_conv_transpose_impl(64, backend="cpu") == "phase"
-  assert layers.choose_conv_transpose_impl(1, backend="cpu") == "hybrid"
-  assert layers.choose_conv_impl((3, 3, 128, 128), backend="gpu") == "xla"
-  monkeypatch.setattr(layers, "CPU_CONV_LIBRARY", "nope")
-  with pytest.raises(ValueError, match="CPU_CONV_LIBRARY"):
-    layers.cpu_conv_library()
+def test_auto_forms_for_eigen_convolutions():
+  eigen = dict(backend="cpu", library="eigen")
+  assert layers.choose_conv_impl((3, 3, 128, 128), **eigen) == "xla"
+  assert layers.choose_conv_impl((3, 3, 64, 64), **eigen) == "xla"
+  assert layers.choose_conv_impl((1, 1, 128, 64), **eigen) == "gemm"
+  assert layers.choose_conv_transpose_impl(64, **eigen) == "phase"
+  assert layers.choose_conv_transpose_impl(1, **eigen) == "hybrid"
+  assert layers.choose_conv_impl((3, 3, 128, 128), backend="gpu", library="eigen") == "xla"
+  with pytest.raises(ValueError, match="conv library 'nope'"):
+    layers.choose_conv_impl((3, 3, 8, 8), backend="cpu", library="nope")
 
 
-def test_cpu_conv_library_override_restores(monkeypatch):
-  monkeypatch.setattr(layers, "CPU_CONV_LIBRARY", None)
-  monkeypatch.setenv("XLA_FLAGS", "")
-  with layers.cpu_conv_library_override("eigen"):
-    assert layers.cpu_conv_library() == "eigen"
-    assert layers.choose_conv_impl((3, 3, 128, 128), backend="cpu") == "xla"
-  assert layers.cpu_conv_library() == "ynn"
-  with pytest.raises(ValueError, match="CPU_CONV_LIBRARY"), layers.cpu_conv_library_override("x"):
-    pass
-  assert layers.CPU_CONV_LIBRARY is None
+def test_modules_pick_their_forms_for_their_library():
+  """A module built for Eigen takes Eigen's forms (and its compile options), whatever the
+  process default; its output is the same."""
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 16)), jnp.float32)
+  params = layers.Conv(32, 3, padding=1).init(jax.random.PRNGKey(0), x)
+  ynn = layers.Conv(32, 3, padding=1, library="ynn").apply(params, x)
+  eigen = jax.jit(
+    lambda p, x: layers.Conv(32, 3, padding=1, library="eigen").apply(p, x),
+    compiler_options=layers.compiler_options("eigen"),
+  )(params, x)
+  np.testing.assert_allclose(eigen, ynn, rtol=1e-5, atol=1e-5)
+  assert layers.compiler_options("ynn") is None and layers.compiler_options(None) is None

@@ -20,7 +20,6 @@ Kernel layout and the PyTorch mapping (what a checkpoint importer needs):
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
@@ -199,28 +198,20 @@ conv_hybrid.defvjp(_conv_hybrid_fwd, _conv_hybrid_bwd)
 #   XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution
 # (process-wide), or EIGEN_CONV_COMPILER_OPTIONS passed to one jit, keeps convolutions on
 # Eigen; 'auto' picks the forms that are fastest under each (`cpu_conv_library`).
+CONV_LIBRARIES = ("ynn", "eigen")
 EIGEN_CONV_COMPILER_OPTIONS = {
   "xla_cpu_experimental_ynn_fusion_type": (
     "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE,"
     "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
   )
 }
-# None: from XLA_FLAGS; 'ynn' or 'eigen' overrides it (set it to 'eigen' while tracing a
-# function that is compiled with EIGEN_CONV_COMPILER_OPTIONS).
-CPU_CONV_LIBRARY: str | None = None
 
 
 def cpu_conv_library() -> str:
-  """'ynn' or 'eigen': which library XLA:CPU runs convolutions with, for the 'auto' choices.
-
-  CPU_CONV_LIBRARY when set, else 'eigen' where XLA_FLAGS' last
-  --xla_cpu_experimental_ynn_fusion_type removes (-individual_convolution) or leaves out the
-  convolution fusions, else 'ynn' (the default).
+  """'ynn' or 'eigen': which library XLA:CPU runs convolutions with by default in this
+  process: 'eigen' where XLA_FLAGS' last --xla_cpu_experimental_ynn_fusion_type removes
+  (-individual_convolution) or leaves out the convolution fusions, else 'ynn'.
   """
-  if CPU_CONV_LIBRARY is not None:
-    if CPU_CONV_LIBRARY not in ("ynn", "eigen"):
-      raise ValueError(f"CPU_CONV_LIBRARY: 'ynn', 'eigen' or None, got {CPU_CONV_LIBRARY!r}")
-    return CPU_CONV_LIBRARY
   values = re.findall(
     r"--xla_cpu_experimental_ynn_fusion_type=(\S*)", os.environ.get("XLA_FLAGS", "")
   )
@@ -233,21 +224,20 @@ def cpu_conv_library() -> str:
   return "ynn" if any(v in conv for v in items) else "eigen"
 
 
-@contextlib.contextmanager
-def cpu_conv_library_override(library: str | None):
-  """Within the block `cpu_conv_library()` returns `library` ('ynn', 'eigen'; None: from
-  XLA_FLAGS): trace a function under it that is compiled with (for 'eigen')
-  EIGEN_CONV_COMPILER_OPTIONS, e.g.
-    with layers.cpu_conv_library_override("eigen"):
-      compiled = step.lower(*args).compile(layers.EIGEN_CONV_COMPILER_OPTIONS)
-  """
-  global CPU_CONV_LIBRARY
-  saved, CPU_CONV_LIBRARY = CPU_CONV_LIBRARY, library
-  try:
-    cpu_conv_library()  # validates
-    yield
-  finally:
-    CPU_CONV_LIBRARY = saved
+def compiler_options(library: str | None) -> dict[str, str] | None:
+  """The XLA options to compile a function with whose convolutions were chosen for
+  `library` ('eigen': EIGEN_CONV_COMPILER_OPTIONS on the CPU; None elsewhere)."""
+  if library == "eigen" and jax.default_backend() == "cpu":
+    return dict(EIGEN_CONV_COMPILER_OPTIONS)
+  return None
+
+
+def _library(library: str | None) -> str:
+  if library is None:
+    return cpu_conv_library()
+  if library not in CONV_LIBRARIES:
+    raise ValueError(f"conv library {library!r} is not one of {CONV_LIBRARIES}")
+  return library
 
 
 # Under YNNPACK convolutions 'auto' takes the GEMM form up to this patch width (kh*kw*Cin;
@@ -258,20 +248,24 @@ CONV_IMPLS = ("auto", "xla", "gemm", "hybrid")
 _CONV_FORMS = {"xla": conv_xla, "gemm": conv_gemm, "hybrid": conv_hybrid}
 
 
-def choose_conv_impl(kernel_shape: Sequence[int], backend: str | None = None) -> str:
+def choose_conv_impl(
+  kernel_shape: Sequence[int], backend: str | None = None, library: str | None = None
+) -> str:
   """The form 'auto' takes, from the kernel shape (kh, kw, Cin, Cout) and the backend.
 
   GPU/TPU: 'xla' (their convolution kernels are fast, and the GEMM form's (B, H, W,
   kh*kw*Cin) patch tensor would cost memory: LPIPS' conv1_2 at 256x256, batch 30: 9 GB).
   CPU with YNNPACK convolutions (the default): 'gemm' for patches up to GEMM_MAX_PATCH wide,
   'hybrid' above. CPU with Eigen convolutions (`cpu_conv_library`): 'gemm' for 1x1, else
-  'xla' (Eigen's kernel gradients are fast). backend: jax.default_backend() when None.
+  'xla' (Eigen's kernel gradients are fast). backend: jax.default_backend() when None;
+  library: the CPU convolution library the function will be compiled for (None: this
+  process's default, `cpu_conv_library`).
   Measured per layer and per step in bench/bench_vs_pytorch.py.
   """
   kh, kw, cin, _ = kernel_shape
   if (backend or jax.default_backend()) != "cpu":
     return "xla"
-  if cpu_conv_library() == "eigen":
+  if _library(library) == "eigen":
     return "gemm" if kh * kw == 1 else "xla"
   return "gemm" if kh * kw * cin <= GEMM_MAX_PATCH else "hybrid"
 
@@ -281,8 +275,10 @@ class Conv(nn.Module):
 
   padding: PyTorch-style symmetric zero padding (int or (ph, pw)); H' = (H + 2ph - kh) // sh + 1.
   Params: kernel (kh, kw, Cin, features) = torch_w.permute(2, 3, 1, 0); bias (features,).
-  impl: 'xla' (lax conv), 'gemm' (im2col + GEMM) or 'auto' (`choose_conv_impl`, by shape);
-  all give the same result from the same params.
+  impl: 'xla' (lax conv), 'gemm' (im2col + GEMM), 'hybrid' or 'auto' (`choose_conv_impl`,
+  by shape and `library`); all give the same result from the same params.
+  library: the XLA:CPU convolution library ('ynn', 'eigen') the caller compiles for, which
+  'auto' picks the form for (None: this process's default).
   """
 
   features: int
@@ -293,6 +289,7 @@ class Conv(nn.Module):
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
   impl: str = "auto"
+  library: str | None = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -308,7 +305,7 @@ class Conv(nn.Module):
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     impl = self.impl
     if impl == "auto":
-      impl = choose_conv_impl(shape)
+      impl = choose_conv_impl(shape, library=self.library)
     if impl not in _CONV_FORMS:
       raise ValueError(f"Conv impl {self.impl!r} is not one of {CONV_IMPLS}")
     y = _CONV_FORMS[impl](x, kernel, _pair(self.strides), (ph, pw))
@@ -492,7 +489,9 @@ CONV_TRANSPOSE_4X4S2_IMPLS = {
 }
 
 
-def choose_conv_transpose_impl(features: int, backend: str | None = None) -> str:
+def choose_conv_transpose_impl(
+  features: int, backend: str | None = None, library: str | None = None
+) -> str:
   """impl='auto': the fastest forward+backward form (bench/bench_conv_transpose.py).
 
   On the CPU 'hybrid' (with Eigen convolutions, `cpu_conv_library`, 'phase' for Cout >= 8,
@@ -502,7 +501,7 @@ def choose_conv_transpose_impl(features: int, backend: str | None = None) -> str
   image-output layer). backend: jax.default_backend() when None.
   """
   if (backend or jax.default_backend()) == "cpu":
-    if cpu_conv_library() == "eigen" and features >= 8:
+    if _library(library) == "eigen" and features >= 8:
       return "phase"
     return "hybrid"
   return "phase" if features >= 8 else "matmul"
@@ -531,10 +530,15 @@ class ConvTranspose4x4S2(nn.Module):
   impl: str = "auto"
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
+  library: str | None = None  # as Conv's
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    impl = choose_conv_transpose_impl(self.features) if self.impl == "auto" else self.impl
+    impl = (
+      choose_conv_transpose_impl(self.features, library=self.library)
+      if self.impl == "auto"
+      else self.impl
+    )
     if impl not in CONV_TRANSPOSE_4X4S2_IMPLS:
       raise ValueError(
         f"impl={self.impl!r}; expected 'auto' or one of {sorted(CONV_TRANSPOSE_4X4S2_IMPLS)}"

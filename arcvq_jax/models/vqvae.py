@@ -7,6 +7,7 @@ between `encode` and `decode`, so the math can be read (and tested) without Flax
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -20,11 +21,12 @@ class ResidualLayer(nn.Module):
 
   hidden: int
   res_hidden: int
+  library: str | None = None  # the XLA:CPU convolution library (models/layers.Conv)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = Conv(self.res_hidden, 3, padding=1, name="conv3x3")(nn.relu(x))
-    return x + Conv(self.hidden, 1, name="conv1x1")(nn.relu(h))
+    h = Conv(self.res_hidden, 3, padding=1, library=self.library, name="conv3x3")(nn.relu(x))
+    return x + Conv(self.hidden, 1, library=self.library, name="conv1x1")(nn.relu(h))
 
 
 class ResidualStack(nn.Module):
@@ -33,11 +35,12 @@ class ResidualStack(nn.Module):
   hidden: int
   res_hidden: int
   num_layers: int
+  library: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     for i in range(self.num_layers):
-      x = ResidualLayer(self.hidden, self.res_hidden, name=f"layer_{i}")(x)
+      x = ResidualLayer(self.hidden, self.res_hidden, self.library, name=f"layer_{i}")(x)
     return nn.relu(x)
 
 
@@ -47,13 +50,17 @@ class Encoder(nn.Module):
   hidden: int
   res_hidden: int
   num_res_layers: int
+  library: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn.relu(Conv(self.hidden // 2, 4, strides=2, padding=1, name="conv_1")(x))
-    x = nn.relu(Conv(self.hidden, 4, strides=2, padding=1, name="conv_2")(x))
-    x = Conv(self.hidden, 3, padding=1, name="conv_3")(x)
-    return ResidualStack(self.hidden, self.res_hidden, self.num_res_layers, name="res_stack")(x)
+    conv = functools.partial(Conv, library=self.library)
+    x = nn.relu(conv(self.hidden // 2, 4, strides=2, padding=1, name="conv_1")(x))
+    x = nn.relu(conv(self.hidden, 4, strides=2, padding=1, name="conv_2")(x))
+    x = conv(self.hidden, 3, padding=1, name="conv_3")(x)
+    return ResidualStack(
+      self.hidden, self.res_hidden, self.num_res_layers, self.library, name="res_stack"
+    )(x)
 
 
 class Decoder(nn.Module):
@@ -64,13 +71,17 @@ class Decoder(nn.Module):
   num_res_layers: int
   channels: int
   deconv_impl: str = "auto"
+  library: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = Conv(self.hidden, 3, padding=1, name="conv_1")(x)
-    x = ResidualStack(self.hidden, self.res_hidden, self.num_res_layers, name="res_stack")(x)
-    x = nn.relu(ConvTranspose4x4S2(self.hidden // 2, impl=self.deconv_impl, name="conv_trans_1")(x))
-    return ConvTranspose4x4S2(self.channels, impl=self.deconv_impl, name="conv_trans_2")(x)
+    deconv = functools.partial(ConvTranspose4x4S2, impl=self.deconv_impl, library=self.library)
+    x = Conv(self.hidden, 3, padding=1, library=self.library, name="conv_1")(x)
+    x = ResidualStack(
+      self.hidden, self.res_hidden, self.num_res_layers, self.library, name="res_stack"
+    )(x)
+    x = nn.relu(deconv(self.hidden // 2, name="conv_trans_1")(x))
+    return deconv(self.channels, name="conv_trans_2")(x)
 
 
 class VQVAE(nn.Module):
@@ -88,12 +99,16 @@ class VQVAE(nn.Module):
   channels: int
   quantizer: Any = None
   deconv_impl: str = "auto"
+  # Which XLA:CPU library the convolutions are chosen for ('ynn', 'eigen'; None: the
+  # process's default); compile with layers.compiler_options(conv_library) to match.
+  conv_library: str | None = None
 
   def setup(self):
-    self.encoder = Encoder(self.hidden, self.res_hidden, self.num_res_layers)
-    self.quant_conv = Conv(self.embed_dim, 1)
+    lib = self.conv_library
+    self.encoder = Encoder(self.hidden, self.res_hidden, self.num_res_layers, lib)
+    self.quant_conv = Conv(self.embed_dim, 1, library=lib)
     self.decoder = Decoder(
-      self.hidden, self.res_hidden, self.num_res_layers, self.channels, self.deconv_impl
+      self.hidden, self.res_hidden, self.num_res_layers, self.channels, self.deconv_impl, lib
     )
     inits = self.quantizer.param_inits() if self.quantizer is not None else {}
     self.quantizer_params = {name: self.param(name, init) for name, init in inits.items()}
@@ -120,4 +135,5 @@ def from_config(config, channels: int, quantizer: Any) -> VQVAE:
     channels=channels,
     quantizer=quantizer,
     deconv_impl=config.model.deconv_impl,
+    conv_library=config.model.get("cpu_conv_library") or None,
   )

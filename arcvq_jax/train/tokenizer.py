@@ -94,6 +94,7 @@ class Evaluation:
       functools.partial(tokenizer_steps.eval_step, model=model),
       in_shardings=(params_sharding, self.batch_sharding, replicated),
       out_shardings=replicated,
+      compiler_options=tokenizer_steps.compiler_options(model),
     )
 
   def batches(self):

@@ -25,6 +25,7 @@ from arcvq_jax import quantization as vqm
 from arcvq_jax import sharding
 from arcvq_jax.evaluation import metrics
 from arcvq_jax.losses import lpips as lpips_lib
+from arcvq_jax.models import layers
 from arcvq_jax.quantizers.base import Quantized, Quantizer
 from arcvq_jax.train import state as state_lib
 from arcvq_jax.train.state import TrainState
@@ -229,6 +230,12 @@ def evaluate(
   return results
 
 
+def compiler_options(model: nn.Module) -> dict[str, str] | None:
+  """XLA options for compiling the model's steps: those its convolutions were chosen for
+  (a VQ-VAE with `conv_library='eigen'` on the CPU), else None."""
+  return layers.compiler_options(getattr(model, "conv_library", None))
+
+
 def create_state_and_step(
   config: ml_collections.ConfigDict,
   model: nn.Module,
@@ -260,5 +267,6 @@ def create_state_and_step(
     in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
     out_shardings=(state_sharding, sharding.replicated(mesh)),
     donate_argnums=(0,),
+    compiler_options=compiler_options(model),
   )
   return state, state_sharding, step_fn
