@@ -122,7 +122,7 @@ def test_sigterm_saves_and_the_resumed_run_is_exact(tmp_path):
   lines = []
   for line in proc.stderr:  # SIGTERM once training is under way
     lines.append(line)
-    if "[20] train/" in line:
+    if "[step 20] train:" in line:
       proc.send_signal(signal.SIGTERM)
       break
   lines += proc.stderr.readlines()

@@ -170,7 +170,7 @@ def test_cli_trains_and_samples(tok_dir, tmp_path):
     env=env,
   )
   assert train.returncode == 0, train.stderr[-3000:]
-  assert "Got images: {'samples'" in train.stderr  # the preview grid at the last step
+  assert "images: samples" in train.stderr  # the preview grid at the last step
   out = str(tmp_path / "samples")
   run = subprocess.run(
     [
