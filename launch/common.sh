@@ -11,9 +11,10 @@ require() {
   fi
 }
 
-# run CMD...: prints the command (shell-quoted), then runs it unless DRY_RUN=1.
+# run CMD...: prints the command (shell-quoted), then runs it unless DRY_RUN=1. The line is
+# one write: commands started side by side in the background would interleave otherwise.
 run() {
-  printf '+'; printf ' %q' "$@"; printf '\n'
+  printf '+%s\n' "$(printf ' %q' "$@")"
   if [ "${DRY_RUN:-0}" != 1 ]; then
     "$@"
   fi

@@ -61,6 +61,7 @@ def restored_train_params(workdir):
   return config, model, state.params
 
 
+@pytest.mark.slow
 def test_reconstruct_equals_the_training_code(run):
   tok = api.Tokenizer.from_workdir(run)
   _config, model, params = restored_train_params(run)
@@ -72,6 +73,7 @@ def test_reconstruct_equals_the_training_code(run):
   np.testing.assert_allclose(np.asarray(x_hat), np.asarray(want_x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_encode_decode_by_hand(run):
   tok = api.Tokenizer.from_workdir(run)
   x = fashion_images()
@@ -86,6 +88,7 @@ def test_encode_decode_by_hand(run):
   np.testing.assert_array_equal(np.asarray(tok.decode_latents(z)), np.asarray(tok.decode(tokens)))
 
 
+@pytest.mark.slow
 def test_write_workdir_round_trip_and_resume(run, tmp_path):
   config, _, params = restored_train_params(run)
   out = str(tmp_path / "written")
@@ -106,6 +109,7 @@ def test_write_workdir_round_trip_and_resume(run, tmp_path):
   assert ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(out)).all_steps() == [0, 2]
 
 
+@pytest.mark.slow
 def test_errors_name_the_problem(run, tmp_path):
   with pytest.raises(api.TokenizerLoadError, match="not the --workdir"):
     api.Tokenizer.from_workdir(str(tmp_path))
@@ -130,6 +134,7 @@ def test_errors_name_the_problem(run, tmp_path):
     tok.encode(np.zeros((1, 28, 28, 1), np.uint8))
 
 
+@pytest.mark.slow
 def test_vqgan_workdir_loads(tmp_path):
   from configs import tiny_vqgan  # noqa: PLC0415
 

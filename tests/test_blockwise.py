@@ -53,17 +53,18 @@ def assert_same(naive, blocked, rtol=1e-5, grad_rtol=1e-4):
 # (N, K, D, chunk, code_chunk, s, m, top_k). Shapes: one block; a token tail (300 = 4 * 64 +
 # 44); K > chunk, in code blocks with a tail (600 = 2 * 256 + 88); full chunks that take the
 # two-stage top-k (chunk >= 4 * top_k * 32) and a tail that does not.
+# Each case compiles its own programs (~10 s): one runs in the fast tier, all in the full one.
 CASES = [
-  (256, 40, 16, 256, None, 10.0, 0.1, 3),
-  (256, 40, 16, 256, 16, 5.0, 0.0, 5),
+  pytest.param(256, 40, 16, 256, None, 10.0, 0.1, 3, marks=pytest.mark.slow),
+  pytest.param(256, 40, 16, 256, 16, 5.0, 0.0, 5, marks=pytest.mark.slow),
   (300, 7, 8, 64, None, 10.0, 0.1, 1),
-  (300, 7, 8, 64, 3, 5.0, 0.1, 5),
-  (300, 7, 8, 64, None, 10.0, 0.0, 3),
-  (1000, 600, 8, 128, 256, 10.0, 0.1, 3),
-  (1000, 600, 8, 128, None, 5.0, 0.0, 1),
-  (2500, 50, 16, 1024, None, 10.0, 0.1, 5),
-  (2500, 50, 16, 1024, 32, 5.0, 0.1, 3),
-  (2500, 50, 16, 1024, 25, 10.0, 0.0, 1),
+  pytest.param(300, 7, 8, 64, 3, 5.0, 0.1, 5, marks=pytest.mark.slow),
+  pytest.param(300, 7, 8, 64, None, 10.0, 0.0, 3, marks=pytest.mark.slow),
+  pytest.param(1000, 600, 8, 128, 256, 10.0, 0.1, 3, marks=pytest.mark.slow),
+  pytest.param(1000, 600, 8, 128, None, 5.0, 0.0, 1, marks=pytest.mark.slow),
+  pytest.param(2500, 50, 16, 1024, None, 10.0, 0.1, 5, marks=pytest.mark.slow),
+  pytest.param(2500, 50, 16, 1024, 32, 5.0, 0.1, 3, marks=pytest.mark.slow),
+  pytest.param(2500, 50, 16, 1024, 25, 10.0, 0.0, 1, marks=pytest.mark.slow),
 ]
 
 
@@ -73,12 +74,14 @@ def test_value_and_gradient_match_naive(n, k_rows, d, chunk, code_chunk, s, m, t
   assert_same(*naive_and_blocked(z, e, s, m, top_k, chunk, code_chunk))
 
 
+@pytest.mark.slow
 def test_default_block_sizes_match_naive():
   # N = 9000 is two 4096-token chunks and a tail; K = 1100 is two 512-code blocks and a tail.
   z, e = random_data(11, 9000, 1100, 8)
   assert_same(*naive_and_blocked(z, e, 10.0, 0.1, 3, None))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "n,chunk,top_k", [(300, 32, 3), (301, 7, 5), (1500, 512, 3), (2000, 1024, 5)]
 )
@@ -96,6 +99,7 @@ def test_ties_between_duplicated_latents_resolve_like_top_k(n, chunk, top_k):
   assert np.all((cos == kth[:, None]).sum(1) > 1)
 
 
+@pytest.mark.slow
 def test_ties_across_groups_of_one_block():
   # One block of 256 tokens (the two-stage top-k: groups of 32). Token 165 (group 5) is the
   # best; tokens 70 (group 2) and 170 (group 5) tie for second: top_k picks 70, the lower
@@ -109,7 +113,9 @@ def test_ties_across_groups_of_one_block():
   assert np.abs(np.asarray(naive[1])[70]).sum() > 0
 
 
-@pytest.mark.parametrize("width", [8, 99, 300])
+@pytest.mark.parametrize(
+  "width", [pytest.param(8, marks=pytest.mark.slow), pytest.param(99, marks=pytest.mark.slow), 300]
+)
 def test_block_top_k_is_lax_top_k(width):
   # Both ways `_top_k` takes (rounds of max for short rows, XLA's TopK for long ones), on rows
   # with many ties and with -inf entries (the running top-k starts at -inf).
@@ -124,6 +130,7 @@ def test_block_top_k_is_lax_top_k(width):
     np.testing.assert_array_equal(got_i, want_i)
 
 
+@pytest.mark.slow
 def test_zero_vectors_in_latents_and_codebook():
   z, e = random_data(3, 700, 30, 8)
   z[::7] = 0.0  # zero latents: cosine 0, gradient through the eps guard
@@ -138,6 +145,7 @@ def test_zero_vectors_in_latents_and_codebook():
     assert_same((v0, g0[~zero]), (v1, g1[~zero]))
 
 
+@pytest.mark.slow
 def test_large_scale_is_stable():
   # s = 1000: exp without the running shifts would overflow (or underflow to log 0).
   z, e = random_data(4, 400, 6, 4)
@@ -146,6 +154,7 @@ def test_large_scale_is_stable():
   assert_same(naive, blocked, rtol=1e-5, grad_rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_top_k_equal_to_n():
   # Every token is in P: the loss is 0 (the naive form's is round-off around it).
   z, e = random_data(5, 5, 3, 4)
@@ -154,6 +163,7 @@ def test_top_k_equal_to_n():
   np.testing.assert_allclose(g1, g0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_codebook_gets_zero_gradient_under_jit():
   z, e = random_data(6, 300, 12, 8)
   z, e = jnp.asarray(z), jnp.asarray(e)
@@ -166,6 +176,7 @@ def test_codebook_gets_zero_gradient_under_jit():
   np.testing.assert_allclose(jax.jit(loss)(z, e), vq.arc_loss(z, e, 10.0, 0.1, 3), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_bfloat16_inputs_are_computed_in_float32():
   z, e = random_data(10, 300, 12, 8)
   z16, e16 = jnp.asarray(z, jnp.bfloat16), jnp.asarray(e, jnp.bfloat16)
@@ -256,6 +267,7 @@ def test_nearest_code_ties_go_to_the_lowest_index(distance):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow
 def test_nearest_code_nan_like_argmax():
   z, e = random_data(9, 20, 11, 4)
   z[5, 2] = np.nan
@@ -292,6 +304,7 @@ def multidevice():
   return json.loads(line[len("RESULT") :])
 
 
+@pytest.mark.slow
 def test_sharded_arc_loss_equals_single_device(multidevice):
   # Meshes (8,) data, (4, 2) data x model, (2, 4) data x fsdp (batch over both); the codebook
   # whole or split along K over each axis; K = 100 leaves padded row shares; 'ties' makes
@@ -305,6 +318,7 @@ def test_sharded_arc_loss_equals_single_device(multidevice):
     assert err["grad"] < 1e-5, (key, err)
 
 
+@pytest.mark.slow
 def test_sharded_search_equals_single_device(multidevice):
   # Cosine and Euclidean; ties between equal and parallel codes and NaN scores included.
   cases = {k: v for k, v in multidevice.items() if k.startswith("search/")}
@@ -312,6 +326,7 @@ def test_sharded_search_equals_single_device(multidevice):
   assert {k for k, v in cases.items() if not v["equal"]} == set()
 
 
+@pytest.mark.slow
 def test_codebook_sharded_train_step_equals_one_device(multidevice):
   # A VQ-VAE step on 8 devices, blocked ArcLoss and search with the codebook stored and
   # searched split along K, against the naive step on one device.
@@ -337,6 +352,7 @@ def test_sharded_forms_check_their_mesh():
     st.nearest_code_sharded(z, e, "cosine", mesh=mesh, batch_axes=("data", "fsdp"))
 
 
+@pytest.mark.slow
 def test_sharded_forms_on_one_device_match():
   # A one-device mesh: the same code path as on many (gather, row shares, psum), trivially.
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
@@ -395,6 +411,7 @@ def test_streamed_arc_loss_is_allowed_on_several_devices():
   config_lib.validate(c, num_devices=8)
 
 
+@pytest.mark.slow
 def test_large_codebook_config_trains_a_few_steps():
   # configs/large_codebook.py: K = 100,000 with the full VQGAN step (GAN on from step 0),
   # on random images of the config's data shape (Fashion-MNIST, 28x28x1).

@@ -19,6 +19,7 @@ from arcvq_jax.checkpoint import Checkpointer, CheckpointError, abstract_like
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_killed_save_leaves_previous_checkpoint_latest_and_restorable(tmp_path):
   directory = str(tmp_path / "ckpt")
   proc = subprocess.run(

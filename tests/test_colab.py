@@ -33,6 +33,7 @@ def set_parameters(nb, **values):
   nb.cells.insert(index + 1, nbformat.v4.new_code_cell(source))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
   not os.path.exists(os.path.join(FASHION, "train-images-idx3-ubyte.gz")),
   reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)",

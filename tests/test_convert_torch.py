@@ -176,6 +176,7 @@ def vqvae(tmp_path_factory):
     return model, workdir, json.load(f)
 
 
+@pytest.mark.slow
 def test_vqvae_conversion_report_and_step(vqvae):
   model, workdir, report = vqvae
   assert report["kind"] == "arcvq_vqvae" and report["source_format"] == "state_dict"
@@ -205,6 +206,7 @@ def test_step_flag_overrides_and_warns_when_bbnr_would_shrink_the_codebook(tmp_p
   assert vanilla.step == 0 and not vanilla.notes  # no BBNR: nothing to keep
 
 
+@pytest.mark.slow
 @needs_fashion
 def test_vqvae_matches_the_reference_on_fashion_mnist(vqvae):
   model, workdir, report = vqvae
@@ -240,6 +242,7 @@ def test_vqvae_matches_the_reference_on_fashion_mnist(vqvae):
     assert relative_error(ours, theirs) < RTOL
 
 
+@pytest.mark.slow
 @needs_fashion
 def test_main_continues_training_the_converted_vqvae(vqvae, tmp_path):
   _, workdir, report = vqvae
@@ -348,6 +351,7 @@ def taming(request, tmp_path_factory):
   return kind, model, forward, workdir, report
 
 
+@pytest.mark.slow
 @needs_taming
 def test_taming_conversion_config_and_report(taming):
   kind, model, _, workdir, report = taming
@@ -374,6 +378,7 @@ def test_taming_conversion_config_and_report(taming):
     assert (q.distance, q.bbnr, config.arc.enabled) == ("cosine", "growing", True)
 
 
+@pytest.mark.slow
 @needs_taming
 def test_taming_matches_the_reference_on_photos(taming):
   _, model, forward, workdir, _ = taming
@@ -420,6 +425,7 @@ def test_taming_matches_the_reference_on_photos(taming):
   assert isinstance(d, NLayerDiscriminator)
 
 
+@pytest.mark.slow
 @needs_taming
 def test_full_size_f16_1024_maps_every_tensor():
   """The real taming modules at vqgan_imagenet_f16_1024's size (with its PatchGAN and LPIPS)
@@ -492,6 +498,7 @@ def photo_folder(root, size: int = 32) -> str:
   return str(root)
 
 
+@pytest.mark.slow
 @needs_taming
 def test_main_continues_a_converted_taming_gan(tmp_path):
   """A small taming VQGAN (f4, with PatchGAN and LPIPS) converted onto configs/tiny_vqgan.py:
@@ -573,6 +580,7 @@ def test_wrong_kind_and_wrong_config_are_named(tmp_path):
     tc.convert(ckpt, "arcvq_vqvae", tc.load_config_file("configs/imagenet_f16.py"))
 
 
+@pytest.mark.slow
 def test_workdir_with_checkpoints_is_refused(vqvae, tmp_path):
   _, workdir, _ = vqvae
   path = str(tmp_path / "best.pt")
@@ -719,6 +727,7 @@ def test_a_pickled_module_is_refused(tmp_path):
     torch_load.read_checkpoint(path)
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_malicious_checkpoint_and_runs_nothing(tmp_path):
   marker = str(tmp_path / "pwned_cli")
   path = str(tmp_path / "evil.pt")

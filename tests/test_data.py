@@ -251,6 +251,7 @@ def test_train_checkpoint_resume(small_idx):
     np.testing.assert_array_equal(got["label"], want["label"])
 
 
+@pytest.mark.slow
 def test_train_worker_processes_match_in_process(small_idx):
   directory, _ = small_idx
   kwargs = dict(global_batch_size=64, seed=5, process_index=0, process_count=1)

@@ -41,6 +41,7 @@ def final_params(workdir):
   return step, jax.tree.map(np.asarray, params)
 
 
+@pytest.mark.slow
 @needs_fashion
 def test_two_processes_agree_with_one(tmp_path):
   steps = ["--config.num_train_steps=3", "--config.checkpoint_every_steps=3"]
@@ -93,6 +94,7 @@ def test_two_processes_agree_with_one(tmp_path):
   assert any("process_1" in n for n in names), names
 
 
+@pytest.mark.slow
 @needs_fashion
 def test_sigterm_saves_and_the_resumed_run_is_exact(tmp_path):
   steps = [

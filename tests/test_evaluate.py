@@ -71,6 +71,7 @@ def trained(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 @needs_fashion
 def test_training_writes_the_codebook_diagnostics(trained):
   for name in diagnostics.PLOTS:
@@ -78,6 +79,7 @@ def test_training_writes_the_codebook_diagnostics(trained):
   assert read_image_tags(trained)["codebook/distances"] == {6}
 
 
+@pytest.mark.slow
 @needs_fashion
 def test_evaluate_command_writes_json_markdown_plots_and_rfid(trained, weights):
   n = 12
@@ -126,6 +128,7 @@ def test_evaluate_command_writes_json_markdown_plots_and_rfid(trained, weights):
   assert record["lpips"] == pytest.approx(float(np.mean(lpips_want)), rel=1e-5)
 
 
+@pytest.mark.slow
 @needs_fashion
 def test_metrics_on_the_whole_split_equal_the_training_loops(trained):
   with open(os.path.join(trained, "eval_results.json")) as f:
@@ -257,6 +260,7 @@ def extractor(weights):
   )
 
 
+@pytest.mark.slow
 def test_npz_folder_and_float_samples_read_the_same_images(tmp_path, extractor):
   images = toy_images(10, 0)
   np.savez(str(tmp_path / "u8.npz"), images=images)
@@ -303,6 +307,7 @@ def test_image_set_errors(tmp_path):
     samples_lib.check_comparable(dict(a, network="bbbb"), dict(a, network="aaaa"))
 
 
+@pytest.mark.slow
 def test_evaluate_samples_command_caches_the_reference(tmp_path, weights):
   samples, reference = toy_images(24, 1), toy_images(30, 2)
   np.savez(str(tmp_path / "samples.npz"), images=samples)

@@ -64,6 +64,7 @@ def setup():
   return c, model, disc_model, lpips_params, state, steps
 
 
+@pytest.mark.slow
 def test_generator_gradient_equals_grad_of_the_total_loss(setup):
   c, model, disc_model, lpips_params, state, _ = setup
   c = c.copy_and_resolve_references()
@@ -144,6 +145,7 @@ def changed(a, b) -> list[bool]:
   ]
 
 
+@pytest.mark.slow
 def test_each_stage_updates_only_its_own_network(setup):
   _c, model, disc_model, lpips_params, _state, _ = setup
   mesh = sharding.make_mesh((-1,), ("data",))
@@ -196,6 +198,7 @@ def test_each_stage_updates_only_its_own_network(setup):
   assert int(s3.step) == 3
 
 
+@pytest.mark.slow
 def test_discriminator_step_is_the_hinge_loss_on_two_batchnorm_calls(setup):
   c, _, disc_model, _, state, _ = setup
   x, x_hat = images(3), images(4)
@@ -235,6 +238,7 @@ def test_discriminator_step_is_the_hinge_loss_on_two_batchnorm_calls(setup):
     np.testing.assert_allclose(np.asarray(a) - np.asarray(b), u, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_bfloat16_generator_step_keeps_float32_state_and_is_close(setup):
   c, _, _disc_model, lpips_params, state, _ = setup
   outs = {}

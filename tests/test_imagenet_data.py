@@ -107,6 +107,7 @@ def _uint8(batch_images: np.ndarray) -> np.ndarray:
 # The fake download and TFDS's preparation.
 
 
+@pytest.mark.slow
 def test_tfds_prepared_the_fake_download(fake_imagenet):
   data_dir, truth = fake_imagenet
   assert pipeline.dataset_info(_config(data_dir)) == {
@@ -134,6 +135,7 @@ def test_tfds_prepared_the_fake_download(fake_imagenet):
 # Evaluation: resize + centre crop, in record order, padded.
 
 
+@pytest.mark.slow
 def test_eval_is_centre_crops_in_order_with_padding(fake_imagenet):
   data_dir, truth = fake_imagenet
   cfg = _config(data_dir, random_crop=True, random_flip=True)  # Eval ignores both.
@@ -166,6 +168,7 @@ def test_eval_is_centre_crops_in_order_with_padding(fake_imagenet):
 # Training: random crops and flips, labels, determinism, resume, processes.
 
 
+@pytest.mark.slow
 def test_train_images_are_random_crops_and_flips_of_the_resized_photo(fake_imagenet):
   data_dir, truth = fake_imagenet
   resized = {name: _resized(pixels) for name, (_, pixels) in truth["train"].items()}
@@ -202,6 +205,7 @@ def test_train_images_are_random_crops_and_flips_of_the_resized_photo(fake_image
   )
 
 
+@pytest.mark.slow
 def test_train_without_random_crop_is_centre_crops_maybe_flipped(fake_imagenet):
   data_dir, truth = fake_imagenet
   centres = {name: _centre(_resized(pixels)) for name, (_, pixels) in truth["train"].items()}
@@ -219,6 +223,7 @@ def test_train_without_random_crop_is_centre_crops_maybe_flipped(fake_imagenet):
     assert set(flips) == ({False, True} if random_flip else {False})
 
 
+@pytest.mark.slow
 def test_train_augmentation_is_a_function_of_seed_and_step(fake_imagenet):
   data_dir, _ = fake_imagenet
   cfg = _config(data_dir, random_crop=True, random_flip=True)

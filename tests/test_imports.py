@@ -5,6 +5,7 @@ clu or TensorFlow; the step library no loop, data pipeline or metric writer)."""
 from __future__ import annotations
 
 import ast
+import importlib
 import json
 import os
 import subprocess
@@ -109,6 +110,13 @@ def _fresh(code: str) -> str:
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stdout
+
+
+def test_every_module_imports():
+  """In this process (the fast tier's touch of every module; the next test imports each
+  alone, which also catches a module that works only after another was imported)."""
+  for name in sorted(m for m in modules() if not m.endswith("__main__")):
+    importlib.import_module(name)
 
 
 @pytest.mark.slow

@@ -111,6 +111,7 @@ def converted(tmp_path_factory):
   return wrapper, net, inception_lib.load_params(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("conv_impl", ["xla", "gemm"])  # XLA's convolution; im2col + GEMM
 def test_features_and_logits_match_pytorch_fid_on_photos(converted, conv_impl):
   wrapper, net, params = converted
@@ -155,6 +156,7 @@ def test_preprocess_is_pytorch_fids_resize_and_scaling(shape):
   assert 0 < np.abs(exact - ours).max() < 1e-2
 
 
+@pytest.mark.slow
 def test_sharded_extractor_matches_the_plain_function(converted):
   _, _, params = converted
   images = photos(64)
@@ -167,6 +169,7 @@ def test_sharded_extractor_matches_the_plain_function(converted):
   np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_save_load_round_trip_and_errors(converted, tmp_path):
   _, _, params = converted
   path = str(tmp_path / "sub" / "copy.npz")
@@ -200,6 +203,7 @@ def test_save_load_round_trip_and_errors(converted, tmp_path):
     inception_lib.load_params(str(tmp_path / "junk.npz"))
 
 
+@pytest.mark.slow
 def test_converter_refuses_other_inceptions(converted):
   _, net, _ = converted
   state = {k: v.numpy() for k, v in net.state_dict().items()}
@@ -235,6 +239,7 @@ print("ok", pool.shape)
 """
 
 
+@pytest.mark.slow
 def test_extractor_split_over_four_devices():
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
   proc = subprocess.run(

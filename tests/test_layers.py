@@ -65,6 +65,7 @@ def _params_from_torch(w_torch, b_torch):
   }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", [*IMPLS, "auto"])
 @pytest.mark.parametrize("cout", [1, COUT, 8])
 def test_conv_transpose_matches_pytorch_formula(impl, cout):
@@ -93,6 +94,7 @@ def test_jnp_reference_matches_numpy_reference():
   np.testing.assert_allclose(np.asarray(y), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_conv_transpose_gradients_agree():
   x_nchw, w_torch, _ = _random_inputs(2)
   x = jnp.asarray(x_nchw.transpose(0, 2, 3, 1))
@@ -140,6 +142,7 @@ def test_auto_impl_choice():
   assert layers.choose_conv_transpose_impl(64, backend="cpu") == "hybrid"
 
 
+@pytest.mark.slow
 def test_conv_transpose_bias_free_and_bad_impl():
   x = jnp.ones((1, 3, 3, 2))
   variables = layers.ConvTranspose4x4S2(5, use_bias=False).init(jax.random.key(0), x)
@@ -148,6 +151,7 @@ def test_conv_transpose_bias_free_and_bad_impl():
     layers.ConvTranspose4x4S2(5, impl="nope").init(jax.random.key(0), x)
 
 
+@pytest.mark.slow
 def test_conv_matches_numpy():
   """Conv == torch Conv2d: cross-correlation with symmetric padding, stride."""
   rng = np.random.default_rng(4)
@@ -176,6 +180,7 @@ def _check_uniform_bound(values, bound):
   np.testing.assert_allclose(values.var(), bound**2 / 3, rtol=0.05)
 
 
+@pytest.mark.slow
 def test_conv_init_matches_pytorch_bounds():
   cin, cout, k = 64, 128, 3
   variables = layers.Conv(cout, kernel_size=k, padding=1).init(
@@ -187,6 +192,7 @@ def test_conv_init_matches_pytorch_bounds():
   assert np.abs(bias).max() <= bound and np.abs(bias).max() > 0.8 * bound
 
 
+@pytest.mark.slow
 def test_conv_transpose_init_matches_pytorch_bounds():
   cin, cout = 128, 64
   variables = layers.ConvTranspose4x4S2(cout).init(jax.random.key(0), jnp.zeros((1, 4, 4, cin)))
@@ -198,6 +204,7 @@ def test_conv_transpose_init_matches_pytorch_bounds():
   assert layers.torch_fan_in((3, 3, cin, cout)) == 9 * cin
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "k,stride,pad,cin", [(3, 1, 1, 5), (4, 2, 1, 3), (1, 1, 0, 4), (3, 2, 0, 2)]
 )
@@ -218,6 +225,7 @@ def test_conv_gemm_matches_xla_values_and_gradients(k, stride, pad, cin):
   np.testing.assert_allclose(gw, hw, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_conv_module_impls_share_params_and_output():
   x = jnp.asarray(np.random.default_rng(8).normal(size=(2, 8, 8, 4)).astype(np.float32))
   params = layers.Conv(8, 3, padding=1, impl="xla").init(jax.random.PRNGKey(0), x)
@@ -252,6 +260,7 @@ HYBRID_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k,stride,pad,cin,cout", HYBRID_CASES)
 def test_conv_hybrid_matches_xla_values_and_gradients(k, stride, pad, cin, cout):
   rng = np.random.default_rng(11)
@@ -347,6 +356,7 @@ def test_auto_forms_for_eigen_convolutions():
     layers.choose_conv_impl((3, 3, 8, 8), backend="cpu", library="nope")
 
 
+@pytest.mark.slow
 def test_modules_pick_their_forms_for_their_library():
   """A module built for Eigen takes Eigen's forms (and its compile options), whatever the
   process default; its output is the same."""

@@ -105,6 +105,7 @@ def reference(ref, x: np.ndarray, y: np.ndarray, grad: bool = False):
   return d.detach().numpy(), tx.grad.numpy().transpose(0, 2, 3, 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", SIZES)
 def test_matches_the_lpips_package_on_photos_and_noise(converted, size):
   ref, params, _ = converted
@@ -118,6 +119,7 @@ def test_matches_the_lpips_package_on_photos_and_noise(converted, size):
   np.testing.assert_allclose(distance(params, x, x), 0.0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_features_match_the_reference_trunk(converted):
   ref, params, _ = converted
   x, _ = photos(SIZES[1])
@@ -132,6 +134,7 @@ def test_features_match_the_reference_trunk(converted):
     np.testing.assert_allclose(a, b, atol=2e-5 * float(np.abs(b).max()), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_gradient_matches_torch_autograd(converted):
   ref, params, _ = converted
   x, y = photos((32, 32))
@@ -149,6 +152,7 @@ def test_zero_features_give_finite_gradients():
   assert np.all(np.isfinite(g))
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_is_float32_and_close(converted):
   _, params, _ = converted
   x, y = photos_and_noise(SIZES[1])
@@ -159,6 +163,7 @@ def test_bfloat16_compute_is_float32_and_close(converted):
   np.testing.assert_allclose(bf16, f32, rtol=0.05)
 
 
+@pytest.mark.slow
 def test_grey_images_are_repeated_to_rgb():
   params = random_lpips_params(1)
   rng = np.random.default_rng(1)
@@ -172,6 +177,7 @@ def test_grey_images_are_repeated_to_rgb():
     lpips_lib.lpips_distance(params, np.zeros((1, 32, 32, 3)), np.zeros((1, 32, 16, 3)))
 
 
+@pytest.mark.slow
 def test_save_load_round_trip_and_errors(converted, tmp_path):
   _, params, _ = converted
   path = str(tmp_path / "sub" / "copy.npz")
@@ -207,6 +213,7 @@ def test_save_load_round_trip_and_errors(converted, tmp_path):
     lpips_lib.load_params(str(tmp_path / "junk.npz"))
 
 
+@pytest.mark.slow
 def test_converter_refuses_what_is_not_vgg16_and_lpips_vgg(converted):
   _, _, paths = converted
   vgg = lpips_weights.load_torch_state(paths["vgg"])

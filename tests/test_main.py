@@ -25,6 +25,7 @@ def run_main(*args):
   )
 
 
+@pytest.mark.slow
 def test_cli_trains_evaluates_and_resumes(tmp_path):
   workdir = str(tmp_path / "run")
   common = ["--config=configs/tiny.py", f"--workdir={workdir}", "--config.eval_batch_size=2000"]
@@ -47,6 +48,7 @@ def test_cli_bad_config_names_the_key(tmp_path):
   assert "config.arc.top_k: must be an integer >= 1, got 0" in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_missing_data_says_how_to_get_it(tmp_path):
   proc = run_main(
     "--config=configs/tiny.py", f"--workdir={tmp_path}", f"--config.data.path={tmp_path}/nowhere"

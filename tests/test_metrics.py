@@ -110,6 +110,7 @@ def _assert_matches_skimage(original, reconstruction):
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PHOTOS)
 @pytest.mark.parametrize("kind", DEGRADATIONS)
 def test_ssim_and_psnr_match_skimage_on_rgb_photos(name, kind):
@@ -141,6 +142,7 @@ def test_ssim_keeps_float32_precision_on_near_white_images(kind):
   )
 
 
+@pytest.mark.slow
 def test_ssim_on_32x32_and_non_square_images():
   # CIFAR-sized, and H != W so that swapped axes in the window would show.
   for shape in [(32, 32), (40, 24)]:

@@ -23,6 +23,7 @@ def model_and_params():
   return model, params, tokens, labels
 
 
+@pytest.mark.slow
 def test_output_at_a_position_does_not_depend_on_later_positions(model_and_params):
   model, params, tokens, labels = model_and_params
   emb = model.apply({"params": params}, tokens, method=lambda m, t: m.embedding(t))
@@ -39,6 +40,7 @@ def test_output_at_a_position_does_not_depend_on_later_positions(model_and_param
   assert depends[~later].all()
 
 
+@pytest.mark.slow
 def test_changing_later_tokens_changes_nothing_before(model_and_params):
   model, params, tokens, labels = model_and_params
   base = model.apply({"params": params}, tokens, labels)
@@ -53,6 +55,7 @@ def test_changing_later_tokens_changes_nothing_before(model_and_params):
       assert np.abs(flat_out[:, p + 1 :] - flat_base[:, p + 1 :]).max() > 0
 
 
+@pytest.mark.slow
 def test_class_conditioning_changes_the_logits(model_and_params):
   model, params, tokens, labels = model_and_params
   a = model.apply({"params": params}, tokens, labels)
@@ -80,6 +83,7 @@ def test_sampling_follows_the_model_in_raster_order():
   np.testing.assert_array_equal(np.asarray(tokens).reshape(3, -1), want)
 
 
+@pytest.mark.slow
 def test_sampling_is_deterministic_per_sample_and_batch_independent(model_and_params):
   model, params, _, _ = model_and_params
   config = ConfigDict(dict(num_classes=3, sampling=dict(temperature=1.0)))

@@ -33,6 +33,7 @@ def results():
   return json.loads(line[len("RESULT") :])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["ldm", "pixelcnn"])
 def test_one_eight_and_fsdp_devices_agree(results, stage):
   r = results[stage]

@@ -65,6 +65,7 @@ def test_cosine_match_ignores_norms_and_ties_go_to_lowest_index():
   np.testing.assert_array_equal(idx, [0, 0])
 
 
+@pytest.mark.slow
 def test_quantize_returns_raw_rows_and_straight_through(data):
   z, e = data
   q = vq.quantize(jnp.asarray(z), jnp.asarray(e), "cosine")
@@ -118,6 +119,7 @@ def test_bbnr_radius_and_projection():
   np.testing.assert_array_equal(vq.bbnr_project(jnp.asarray(e), jnp.float32(np.inf)), e)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("s,m,k", [(10.0, 0.1, 3), (5.0, 0.3, 1), (10.0, 0.0, 5)])
 def test_arc_loss_value_matches_numpy(data, s, m, k):
   z, e = data
@@ -127,6 +129,7 @@ def test_arc_loss_value_matches_numpy(data, s, m, k):
   )
 
 
+@pytest.mark.slow
 def test_arc_loss_gradient_reaches_latents_only(data):
   z, e = data
   z64, e64 = z.astype(np.float64), e.astype(np.float64)
@@ -138,6 +141,7 @@ def test_arc_loss_gradient_reaches_latents_only(data):
   np.testing.assert_allclose(gz, want, rtol=2e-3, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_arc_loss_is_log_sum_exp_stable():
   # s * cos up to 1000: a naive exp would overflow float32.
   rng = np.random.default_rng(3)
@@ -149,6 +153,7 @@ def test_arc_loss_is_log_sum_exp_stable():
   assert np.all(np.isfinite(g))
 
 
+@pytest.mark.slow
 def test_arc_loss_ties_and_zero_vectors():
   # Duplicated latents tie in the top-k; any choice among ties gives the same value.
   rng = np.random.default_rng(4)

@@ -81,6 +81,7 @@ def simvq_jax(quantizer, z, c, w, g):
   return out, loss_grads, path_grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gradient", ["ste", "rotation"])
 @pytest.mark.parametrize("legacy_beta", [False, True])
 def test_simvq_matches_vector_quantize_pytorch(lib, gradient, legacy_beta):
@@ -164,6 +165,7 @@ def test_simvq_tokens_lookup_and_codebook(gradient):
   assert (q.vocab_size, q.dim) == (32, 8)
 
 
+@pytest.mark.slow
 def test_simvq_params_init_and_frozen_codebook():
   config = tiny_config("simvq")
   q = registry.from_config(config)
@@ -205,6 +207,7 @@ def fsq_data(levels, n=200, seed=0):
   return z, g
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("levels", LEVEL_SETS)
 def test_fsq_matches_vector_quantize_pytorch(lib, levels):
   torch, vqp = lib
@@ -275,6 +278,7 @@ def test_fsq_round_trip_every_index(levels):
   np.testing.assert_array_equal(tokens, every)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("levels", [(8, 5, 5, 5), (7, 6, 4, 3), (1000, 999, 3)])
 def test_fsq_lookup_of_tokens_is_quantize_exactly(levels):
   z, _ = fsq_data(levels, n=1024, seed=2)

@@ -50,6 +50,7 @@ def results():
   return json.loads(line[len("RESULT") :])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "variant",
   [

@@ -36,6 +36,7 @@ def uninterrupted(tmp_path_factory):
   return workdir, results
 
 
+@pytest.mark.slow
 def test_end_to_end_writes_checkpoints_eval_and_logs(uninterrupted):
   workdir, results = uninterrupted
   assert results["num_images"] == 10000
@@ -50,6 +51,7 @@ def test_end_to_end_writes_checkpoints_eval_and_logs(uninterrupted):
   assert read_scalars(workdir, "eval/psnr")[6] == pytest.approx(results["psnr"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(uninterrupted, tmp_path):
   full_dir, full_results = uninterrupted
   workdir = str(tmp_path / "resumed")
@@ -61,6 +63,7 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(uninterrupted, tmp
   assert resumed_results == full_results
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   workdir = str(tmp_path)
   tokenizer.train_and_evaluate(tiny_config(num_train_steps=3), workdir)
@@ -83,6 +86,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_changed_model_refuses_to_resume(uninterrupted, tmp_path):
   workdir = str(tmp_path)
   tokenizer.train_and_evaluate(tiny_config(num_train_steps=3), workdir)

@@ -64,6 +64,7 @@ def restored(workdir, step):
 # --------------------------------------------------------------------------- the stages
 
 
+@pytest.mark.slow
 @needs_fashion
 @pytest.mark.parametrize("stage", ["ldm", "pixelcnn"])
 def test_stage_resumes_exactly_and_samples(stage, tok_dir, tmp_path):
@@ -102,6 +103,7 @@ def test_stage_resumes_exactly_and_samples(stage, tok_dir, tmp_path):
     np.testing.assert_array_equal(d["images"], images[:6])
 
 
+@pytest.mark.slow
 @needs_fashion
 def test_missing_and_incompatible_tokenizers_are_refused(tok_dir, tmp_path):
   with pytest.raises(ValueError, match=r"config\.tokenizer_workdir: is empty"):
@@ -148,6 +150,7 @@ def test_missing_and_incompatible_tokenizers_are_refused(tok_dir, tmp_path):
   assert ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(run)).all_steps() == [1, 2]
 
 
+@pytest.mark.slow
 @needs_fashion
 def test_cli_trains_and_samples(tok_dir, tmp_path):
   workdir = str(tmp_path / "ldm")
@@ -210,6 +213,7 @@ def test_cli_trains_and_samples(tok_dir, tmp_path):
 # --------------------------------------------------------------------------- overfitting
 
 
+@pytest.mark.slow
 def test_tiny_ldm_overfits_a_handful_of_latents_and_samples_them_back():
   # Four 4x4x2 latents, one per class; the LDM schedule (1000 steps), DDIM 50 steps, no
   # guidance: every sample of class c must land on latent c.

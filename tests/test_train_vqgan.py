@@ -71,6 +71,7 @@ def uninterrupted(imagenet_dir, lpips_path, tmp_path_factory):
   return workdir, results
 
 
+@pytest.mark.slow
 def test_gan_stage_on_fake_imagenet_logs_all_terms_and_evaluates(uninterrupted):
   workdir, results = uninterrupted
   assert results["num_images"] == NUM_VAL
@@ -99,6 +100,7 @@ def test_gan_stage_on_fake_imagenet_logs_all_terms_and_evaluates(uninterrupted):
     assert json.load(f)["lpips"] == pytest.approx(results["lpips"])
 
 
+@pytest.mark.slow
 def test_resume_restores_both_networks_and_optimizers(
   uninterrupted, imagenet_dir, lpips_path, tmp_path
 ):
@@ -124,6 +126,7 @@ def test_resume_restores_both_networks_and_optimizers(
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_training_without_lpips_weights_is_refused_with_the_converter_command(
   imagenet_dir, tmp_path
 ):

@@ -97,6 +97,7 @@ def test_multi_head_attention_matches_a_per_head_loop():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_zero_init_output_and_attention_placement():
   model = small()
   x, t, y = inputs()
@@ -109,6 +110,7 @@ def test_zero_init_output_and_attention_placement():
   assert "output_blocks_0_1" in d and "output_blocks_3_1" not in d
 
 
+@pytest.mark.slow
 def test_class_conditioning_and_batch_independence():
   model = small()
   x, t, y = inputs(b=3)
@@ -122,6 +124,7 @@ def test_class_conditioning_and_batch_independence():
   np.testing.assert_allclose(np.asarray(single[0]), np.asarray(out[1]), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_attention_block_path_with_label_embedding():
   model = small(use_spatial_transformer=False, attention_resolutions=(8, 4))
   x, t, y = inputs()
@@ -136,6 +139,7 @@ def test_attention_block_path_with_label_embedding():
   assert float(jnp.max(jnp.abs(a - b))) > 1e-3
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_is_close_to_float32():
   x, t, y = inputs()
   f32 = small()
@@ -147,6 +151,7 @@ def test_bfloat16_compute_is_close_to_float32():
   assert rel < 0.05, rel
 
 
+@pytest.mark.slow
 def test_sides_that_do_not_halve_are_refused():
   model = small(attention_resolutions=(7,), channel_mult=(1, 2))
   x, t, y = inputs(side=7)

@@ -83,6 +83,7 @@ def np_conv_p(x, p, k, stride=1, pad=None):
 # ---------------------------------------------------------------------------- encoder / decoder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch, f", [(F16, 16), (F8, 8)])
 def test_vqgan_latent_and_output_shapes(arch, f):
   model = small_vqgan(**arch)
@@ -128,6 +129,7 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs():
   assert z.dtype == jnp.float32 and x_hat.dtype == jnp.float32
 
 
+@pytest.mark.slow
 def test_decode_is_last_layer_of_decode_features_and_bf16_is_close():
   """decode(z) == last_layer(decode_features(z), W, b): the adaptive weight's view of W."""
   kw = dict(
@@ -169,6 +171,7 @@ def test_decode_is_last_layer_of_decode_features_and_bf16_is_close():
 # ---------------------------------------------------------------------------- blocks
 
 
+@pytest.mark.slow
 def test_downsample_pads_bottom_right_then_stride2_conv():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6, 6, 3)), jnp.float32)
   block = vqgan.Downsample()
@@ -181,6 +184,7 @@ def test_downsample_pads_bottom_right_then_stride2_conv():
   np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_upsample_is_nearest_then_conv3x3():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 3, 4, 2)), jnp.float32)
   block = vqgan.Upsample()
@@ -190,6 +194,7 @@ def test_upsample_is_nearest_then_conv3x3():
   np.testing.assert_allclose(y, np_conv_p(up, params["conv"], 3), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_attn_block_matches_numpy():
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2, 3, 4, 64)) + 0.5, jnp.float32)
@@ -244,6 +249,7 @@ def disc_variables():
   return jax.jit(discriminator.NLayerDiscriminator().init)(key(0), jnp.zeros((1, 32, 32, 3)))
 
 
+@pytest.mark.slow
 def test_discriminator_init_statistics(disc_variables):
   p = disc_variables["params"]
   for name in ("main_0", "main_2", "main_5", "main_8", "main_11"):
@@ -263,6 +269,7 @@ def test_discriminator_init_statistics(disc_variables):
   np.testing.assert_array_equal(stats["main_9"]["var"], 1.0)
 
 
+@pytest.mark.slow
 def test_discriminator_batch_stats_train_vs_eval(disc_variables):
   disc = discriminator.NLayerDiscriminator()
   x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 64, 64, 3)), jnp.float32)
