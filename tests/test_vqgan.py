@@ -219,6 +219,7 @@ def test_attn_block_matches_numpy():
   np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cin", [32, 64])
 def test_resnet_block_matches_numpy(cin):
   rng = np.random.default_rng(cin)
