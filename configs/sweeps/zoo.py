@@ -3,8 +3,8 @@
   python -m arcvq_jax.ablate --config=configs/fashion_mnist.py --sweep=configs/sweeps/zoo.py \
       --workdir=/tmp/arcvq_zoo
 
-Budget (measured, see the note below): 200 steps at batch 64 per run; all 45 runs take about
-1.6 h on this 2-core machine at load average 3-4, about 4.2 h at load 7.5 (it is shared).
+Budget: 200 steps at batch 64 per run; all 45 runs took 58 minutes on a 2-core machine with
+nothing else running (65-97 s per run, compilation and evaluation included).
 """
 
 import ml_collections
@@ -13,18 +13,16 @@ import ml_collections
 def get_config():
   c = ml_collections.ConfigDict()
   c.name = "zoo"
-  # The budget, measured on the 2-core machine (shared with other work) with
-  # configs/fashion_mnist.py at batch 64: one whole arcvq run of 200 steps took 131 s at a
-  # 1-minute load average of 3-4 (2.44 steps/s; 14 s compilation, about 35 s for the two
-  # test-split passes and the plots), and a step took 1.04 s at load 7.5 (1.41 s at batch
-  # 128, 3.2 s at 256). The first seed of each setting compiles (about 30-75 s); the
-  # compilation cache serves the others.
+  # Measured on the 2-core machine (alone on it; 1-minute load average 1.5-2.3): 3.8-5.9
+  # steps/s of training, 34-53 s of the 65-97 s of a run; the rest is the first step's
+  # compilation (5-10 s, the compilation cache serves the later seeds), the two test-split
+  # passes and the plots.
   c.note = (
     "Budget: 200 steps at batch 64 (12,800 training images, 0.21 epoch) per run of "
     "configs/fashion_mnist.py (the paper's model and optimizer), final evaluation on the "
     "10,000 test images, rFID skipped (the Inception on 2 CPU cores would take longer than the "
-    "training). All 45 runs: about 1.6 h on a 2-core machine at load average 3-4, about "
-    "4.2 h at load 7.5 (from one measured run and measured step times)."
+    "training). All 45 runs took 58 minutes on a 2-core machine with nothing else running "
+    "(65-97 s per run, compilation and evaluation included)."
   )
   c.variants = (
     "arcvq",
