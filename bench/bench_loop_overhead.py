@@ -35,16 +35,15 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import bench_train_step
 import jax
 import numpy as np
 
 from arcvq_jax import sharding
 from arcvq_jax.ablate import events
 from arcvq_jax.data import pipeline
-from arcvq_jax.train import state as state_lib
-from arcvq_jax.train import tokenizer_steps
-from arcvq_jax.train.state import make_optimizer
 from configs import fashion_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,15 +51,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def bench_steps(batch: int, steps: int, warmup: int) -> np.ndarray:
   """Seconds of each of `steps` train steps on one fixed batch, after `warmup` steps."""
-  c = fashion_mnist.get_config()
-  c.batch_size = batch
-  mesh = sharding.make_mesh((-1,), ("data",))
-  model = state_lib.build_model(c, channels=1)
-  state, _, step_fn = tokenizer_steps.create_state_and_step(
-    c, model, make_optimizer(c), mesh, (28, 28, 1), data_variance=0.5
-  )
-  x = np.random.default_rng(0).uniform(-1, 1, (batch, 28, 28, 1)).astype(np.float32)
-  device_batch = sharding.global_batch({"image": x}, sharding.batch_sharding(mesh))
+  step_fn, state, device_batch = bench_train_step.fashion_mnist_step(batch)
   times = []
   for i in range(warmup + steps):
     t0 = time.perf_counter()

@@ -46,19 +46,26 @@ def timeit(fn, warmup: int, steps: int) -> np.ndarray:
   return np.asarray(times)
 
 
-def bench_step(batch: int, variant: str, deconv: str, warmup: int, steps: int) -> dict:
+def fashion_mnist_step(batch: int, variant: str = "arcvq", **model_overrides):
+  """The jitted train step of configs/fashion_mnist.py (the one `main` runs), its fresh state
+  and one fixed device batch of uniform noise: (step_fn, state, device_batch). The other
+  benches of the train step build theirs here."""
   from configs import fashion_mnist  # noqa: PLC0415
 
   c = fashion_mnist.get_config(variant)
   c.batch_size = batch
-  c.model.deconv_impl = deconv
+  c.model.update(model_overrides)
   mesh = sharding.make_mesh((-1,), ("data",))
   model = state_lib.build_model(c, channels=1)
   state, _, step_fn = tokenizer_steps.create_state_and_step(
     c, model, make_optimizer(c), mesh, (28, 28, 1), data_variance=0.5
   )
   x = np.random.default_rng(0).uniform(-1, 1, (batch, 28, 28, 1)).astype(np.float32)
-  batch_arr = sharding.global_batch({"image": x}, sharding.batch_sharding(mesh))
+  return step_fn, state, sharding.global_batch({"image": x}, sharding.batch_sharding(mesh))
+
+
+def bench_step(batch: int, variant: str, deconv: str, warmup: int, steps: int) -> dict:
+  step_fn, state, batch_arr = fashion_mnist_step(batch, variant, deconv_impl=deconv)
   compiled = step_fn.lower(state, batch_arr).compile()
   mem = compiled.memory_analysis()
   holder = {"state": state}

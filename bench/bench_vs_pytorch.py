@@ -36,14 +36,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import bench_train_step
 import jax
 import numpy as np
 
-from arcvq_jax import sharding
 from arcvq_jax.models import layers
-from arcvq_jax.train import state as state_lib
-from arcvq_jax.train import tokenizer_steps
-from arcvq_jax.train.state import make_optimizer
 
 
 def _choose_conv_before(kernel_shape, backend=None, library=None):
@@ -78,20 +75,11 @@ def conv_forms(forms: str):
 
 def jax_step(batch: int, forms: str):
   """A function running one compiled train step (state carried along), and the step's FLOPs."""
-  from configs import fashion_mnist  # noqa: PLC0415
-
-  c = fashion_mnist.get_config("arcvq")
-  c.batch_size = batch
-  if forms != "default":
-    c.model.cpu_conv_library = "ynn"
-  mesh = sharding.make_mesh((-1,), ("data",))
-  model = state_lib.build_model(c, channels=1)
+  # 'default' is configs/fashion_mnist.py as shipped (Eigen); the others trace the step under
+  # XLA's default library.
+  overrides = {} if forms == "default" else {"cpu_conv_library": "ynn"}
   with conv_forms(forms):
-    state, _, step_fn = tokenizer_steps.create_state_and_step(
-      c, model, make_optimizer(c), mesh, (28, 28, 1), data_variance=0.5
-    )
-    x = np.random.default_rng(0).uniform(-1, 1, (batch, 28, 28, 1)).astype(np.float32)
-    batch_arr = sharding.global_batch({"image": x}, sharding.batch_sharding(mesh))
+    step_fn, state, batch_arr = bench_train_step.fashion_mnist_step(batch, **overrides)
     compiled = step_fn.lower(state, batch_arr).compile()
   holder = {"state": state}
 
