@@ -1,5 +1,5 @@
 """Makes the repository root importable, so tests can load configs/*.py, and shares XLA's
-compiled programs between the runs of one test session.
+compiled programs between the runs of one test session, subprocesses included.
 
 Several tests train the same small model more than once (uninterrupted vs resumed runs);
 XLA:CPU compile time is most of their cost, so a session-wide persistent compilation cache
@@ -20,6 +20,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # an unimportable triton is what torch expects on machines without it.
 sys.modules.setdefault("triton", None)
 
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="arcvq_xla_cache_"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# The same settings as environment variables too: the tests that run `main` or a script in a
+# subprocess pass os.environ on, and those runs compile the same small programs again and again.
+_CACHE = {
+  "jax_compilation_cache_dir": tempfile.mkdtemp(prefix="arcvq_xla_cache_"),
+  "jax_persistent_cache_min_compile_time_secs": 0.5,
+  "jax_persistent_cache_min_entry_size_bytes": 0,
+}
+for _name, _value in _CACHE.items():
+  jax.config.update(_name, _value)
+  os.environ[_name.upper()] = str(_value)
