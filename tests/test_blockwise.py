@@ -288,7 +288,7 @@ def multidevice():
   """tests/blockwise_multidevice_script.py on 8 simulated CPU devices: {case: errors}."""
   env = dict(
     os.environ,
-    XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=8",
     JAX_PLATFORMS="cpu",
     PYTHONPATH=ROOT,
   )

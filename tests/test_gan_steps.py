@@ -113,7 +113,8 @@ def test_generator_gradient_equals_grad_of_the_total_loss(setup):
     return gan.generator_loss(logits)
 
   kernel = vqgan.last_layer_kernel(params)
-  lam = gan.adaptive_weight_from_losses(rec_of_w, g_of_w, kernel)
+  # jitted: op by op, the VGG's backward compiles hundreds of small programs
+  lam = jax.jit(lambda w: gan.adaptive_weight_from_losses(rec_of_w, g_of_w, w))(kernel)
 
   def total(p):
     xh, _z_flat, quant, p = decode_with_kernel(p, vqgan.last_layer_kernel(p))
