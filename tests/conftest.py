@@ -1,6 +1,5 @@
-"""Makes the repository root importable, so tests can load configs/*.py, shares XLA's
-compiled programs between the runs of one test session (subprocesses included), and has XLA:CPU
-skip LLVM's optimisation of what it compiles.
+"""Makes the repository root importable, so tests can load configs/*.py, and shares XLA's
+compiled programs between the runs of one test session, subprocesses included.
 
 Several tests train the same small model more than once (uninterrupted vs resumed runs);
 XLA:CPU compile time is most of their cost, so a session-wide persistent compilation cache
@@ -34,13 +33,3 @@ _CACHE = {
 for _name, _value in _CACHE.items():
   jax.config.update(_name, _value)
   os.environ[_name.upper()] = str(_value)
-
-# The tests compile far more than they run (a few steps of small models): XLA:CPU without LLVM's
-# optimisations compiles a train step ~25 % faster and a fresh state ~60 % faster, and runs ~2x
-# slower, which took the fast tier from 116 s to 94 s. The programs are the same HLO (same ops,
-# same float32 arithmetic; LLVM's fused multiply-adds aside). Set before the backend starts, and
-# passed on to subprocesses; a level chosen in XLA_FLAGS already is kept.
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-  ).strip()

@@ -241,7 +241,7 @@ print("ok", pool.shape)
 
 @pytest.mark.slow
 def test_extractor_split_over_four_devices():
-  flags = os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4"
+  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
   proc = subprocess.run(
     [sys.executable, "-c", MULTIDEVICE_SCRIPT],

@@ -215,8 +215,9 @@ def test_cli_trains_and_samples(tok_dir, tmp_path):
 
 @pytest.mark.slow
 def test_tiny_ldm_overfits_a_handful_of_latents_and_samples_them_back():
-  # Four 4x4x2 latents, one per class; the LDM schedule (1000 steps), DDIM 50 steps, no
-  # guidance: every sample of class c must land on latent c.
+  # Four 4x4x2 latents, one per class; the LDM schedule (1000 steps), DDIM 50 steps with
+  # classifier-free guidance 4 (the null label trained 10 % of the time): every sample of
+  # class c must land on latent c.
   c = prior_config.ldm_config()
   c.num_classes = 4
   c.unet.update(
@@ -231,7 +232,7 @@ def test_tiny_ldm_overfits_a_handful_of_latents_and_samples_them_back():
   )
   c.optimizer.lr = 3e-3
   c.ema.decay = 0.99
-  c.diffusion.cond_drop_prob = 0.0
+  c.diffusion.cond_drop_prob = 0.1
   c.batch_size = 16
   data = np.random.default_rng(0).normal(size=(4, 4, 4, 2)).astype(np.float32)
   rows = np.arange(c.batch_size) % 4
@@ -244,7 +245,7 @@ def test_tiny_ldm_overfits_a_handful_of_latents_and_samples_them_back():
   for _ in range(1000):
     state, metrics = step_fn(state, batch)
   assert float(metrics["loss"]) < 0.05
-  sample_fn = prior_ldm.make_sample_fn(model, c, num_steps=50, guidance_scale=1.0)
+  sample_fn = prior_ldm.make_sample_fn(model, c, num_steps=50, guidance_scale=4.0)
   labels = jnp.arange(8, dtype=jnp.int32) % 4
   x_T = prior_ldm.initial_noise(jax.random.PRNGKey(5), jnp.arange(8), (4, 4, 2))
   z = np.asarray(sample_fn(state.ema_params, x_T, labels, jax.random.PRNGKey(0)))
@@ -252,9 +253,10 @@ def test_tiny_ldm_overfits_a_handful_of_latents_and_samples_them_back():
   np.testing.assert_array_equal(mse.argmin(1), np.asarray(labels))
   own = mse[np.arange(8), np.asarray(labels)]
   others = np.where(np.eye(4, dtype=bool)[np.asarray(labels)], np.inf, mse).min(1)
-  # The training latents have unit variance and lie ~1-2 apart (MSE); most samples are within
-  # a few hundredths of their own. The odd one of a step-1000 model lands a few tenths off,
-  # by how much depends on the CPU's float path (0.2 here, 0.4 on another machine): what
-  # holds everywhere is that it is still far nearer its own latent than any other.
-  assert np.median(own) < 0.05, mse
-  assert np.all(own < 0.5 * others), mse
+  # The training latents have unit variance and lie ~1-2 apart (MSE). Without guidance the odd
+  # sample of this step-1000 model strays by a float path's whim (on XLA:CPU with and without
+  # LLVM's optimisation: 0.42 and 1.9 from its latent, the second nearer another one); with
+  # guidance 4 every sample lands within 0.22 of its own and >= 0.99 from any other on both
+  # paths (median 0.04 and 0.06): the bounds below keep a 2x margin over both.
+  assert np.median(own) < 0.12, mse
+  assert np.all(own < 0.25 * others), mse
