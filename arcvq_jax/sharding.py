@@ -155,7 +155,7 @@ def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[
 _CPU_INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
-def init_state(init_fn: Any, key: jax.Array, shardings: Any) -> Any:
+def init_in_place(init_fn: Any, key: jax.Array, shardings: Any) -> Any:
   """`init_fn(key)` built in place on the devices of `shardings` (a tree like its result)."""
   leaf = jax.tree.leaves(shardings)[0]
   on_cpu = next(iter(leaf.device_set)).platform == "cpu"

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import device_env
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -286,15 +287,7 @@ def test_nearest_code_nan_like_argmax():
 @pytest.fixture(scope="module")
 def multidevice():
   """tests/blockwise_multidevice_script.py on 8 simulated CPU devices: {case: errors}."""
-  env = dict(
-    os.environ,
-    # Three steps of each program: compile is nearly all of it, and XLA:CPU without LLVM's
-    # optimisation compiles ~40 % faster (the same HLO; see docs/contributing.md).
-    XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
-    + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
-    JAX_PLATFORMS="cpu",
-    PYTHONPATH=ROOT,
-  )
+  env = device_env.simulated_devices(8, unoptimised=True)
   proc = subprocess.run(
     [sys.executable, os.path.join(ROOT, "tests", "blockwise_multidevice_script.py")],
     env=env,

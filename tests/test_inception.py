@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 
+import device_env
 import jax
 import numpy as np
 import pytest
@@ -241,8 +242,7 @@ print("ok", pool.shape)
 
 @pytest.mark.slow
 def test_extractor_split_over_four_devices():
-  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+  env = device_env.simulated_devices(4)
   proc = subprocess.run(
     [sys.executable, "-c", MULTIDEVICE_SCRIPT],
     cwd=ROOT,

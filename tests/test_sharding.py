@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import device_env
 import numpy as np
 import pytest
 
@@ -18,15 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def results():
-  env = dict(
-    os.environ,
-    # Three steps of each program: compile is nearly all of it, and XLA:CPU without LLVM's
-    # optimisation compiles ~40 % faster (the same HLO; see docs/contributing.md).
-    XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
-    + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
-    JAX_PLATFORMS="cpu",
-    PYTHONPATH=ROOT,
-  )
+  env = device_env.simulated_devices(8, unoptimised=True)
   proc = subprocess.run(
     [
       sys.executable,

@@ -323,6 +323,6 @@ def create_state_and_steps(
   init_fn, key, _, state_sharding = abstract_state_and_shardings(
     config, model, disc_model, tx, disc_tx, mesh, image_shape
   )
-  state = sharding.init_state(init_fn, key, state_sharding)
+  state = sharding.init_in_place(init_fn, key, state_sharding)
   steps = make_steps(config, model, disc_model, tx, disc_tx, mesh, state_sharding, lpips_params)
   return state, state_sharding, steps

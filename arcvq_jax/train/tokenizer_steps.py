@@ -254,7 +254,7 @@ def create_state_and_step(
   )
   key = jax.random.PRNGKey(config.seed)
   state_sharding = sharding.state_shardings(jax.eval_shape(init_fn, key), mesh, config.sharding)
-  state = sharding.init_state(init_fn, key, state_sharding)
+  state = sharding.init_in_place(init_fn, key, state_sharding)
   step_fn = jax.jit(
     functools.partial(
       train_step,
