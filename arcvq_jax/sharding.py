@@ -22,6 +22,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from arcvq_jax import threefry_batching
+
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 
@@ -147,17 +149,22 @@ def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local)
 
 
-# XLA:CPU spends most of a fresh state's compile optimising the initialisers' threefry kernels
-# in LLVM (a small VQ-VAE: 6.5 s at the default level, 2.6 s unoptimised; a small VQGAN 17 s
-# and 9 s). A state is built once, so the unoptimised program costs nothing at run time; its
-# values are the same up to one float32 ulp in a few leaves (LLVM's fused multiply-adds in the
-# normal initialisers). Other backends compile it as they compile everything.
+# XLA:CPU spends most of a fresh state's compile on the initialisers' threefry kernels, one per
+# parameter and per folded key. On the CPU the program is compiled without LLVM's optimisation
+# (a state is built once, so that costs nothing at run time; floats equal up to one ulp in a
+# few leaves, LLVM's fused multiply-adds in the normal initialisers): a small VQGAN's state
+# 17 s -> 9 s; and its draws are hashed together (threefry_batching: the same random bits):
+# 9.0 s -> 2.8 s (docs/architecture.md, "Fresh states"). Other backends compile `init_fn` as
+# it is: there a single hash over all parameters would not follow their shardings.
 _CPU_INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
 def init_in_place(init_fn: Any, key: jax.Array, shardings: Any) -> Any:
   """`init_fn(key)` built in place on the devices of `shardings` (a tree like its result)."""
   leaf = jax.tree.leaves(shardings)[0]
-  on_cpu = next(iter(leaf.device_set)).platform == "cpu"
-  options = _CPU_INIT_COMPILER_OPTIONS if on_cpu else None
-  return jax.jit(init_fn, out_shardings=shardings, compiler_options=options)(key)
+  if next(iter(leaf.device_set)).platform == "cpu":
+    init_fn = threefry_batching.batch_draws(init_fn)
+    return jax.jit(init_fn, out_shardings=shardings, compiler_options=_CPU_INIT_COMPILER_OPTIONS)(
+      key
+    )
+  return jax.jit(init_fn, out_shardings=shardings)(key)
