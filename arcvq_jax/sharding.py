@@ -159,6 +159,14 @@ def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[
 _CPU_INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
+def fresh_state(init_fn: Any, seed: int, mesh: Mesh, sharding_config: Any) -> tuple[Any, Any]:
+  """(`init_fn(PRNGKey(seed))` built in place, its shardings by `state_shardings`): every
+  stage's fresh train state."""
+  key = jax.random.PRNGKey(seed)
+  shardings = state_shardings(jax.eval_shape(init_fn, key), mesh, sharding_config)
+  return init_in_place(init_fn, key, shardings), shardings
+
+
 def init_in_place(init_fn: Any, key: jax.Array, shardings: Any) -> Any:
   """`init_fn(key)` built in place on the devices of `shardings` (a tree like its result)."""
   leaf = jax.tree.leaves(shardings)[0]

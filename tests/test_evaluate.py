@@ -5,7 +5,6 @@ the reference implementations in test_inception.py and test_lpips.py)."""
 
 from __future__ import annotations
 
-import functools
 import glob
 import json
 import os
@@ -13,7 +12,6 @@ import shutil
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from data_fixtures import raw_idx_images
@@ -37,8 +35,12 @@ needs_fashion = pytest.mark.skipif(
   reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)",
 )
 
-# The plain network in the convolution form the commands' extractor takes on the CPU.
-inception_features = jax.jit(functools.partial(inception_lib.inception_apply, conv_impl="gemm"))
+
+def inception_features(params, images, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """(pool, logits) of `images` by the extractor the commands build with this batch size: the
+  same program, which the session's compile cache then holds (the network itself is checked
+  against pytorch-fid in test_inception.py)."""
+  return inception_lib.InceptionFeatures(params, batch_size=batch_size)(images)
 
 
 def run(module: str, *args: str) -> subprocess.CompletedProcess:
@@ -118,7 +120,7 @@ def test_evaluate_command_writes_json_markdown_plots_and_rfid(trained, weights):
   x = next(iter(pipeline.create_eval_iterator(tok.config.data, global_batch_size=n)))["image"]
   x_hat, _ = tok.reconstruct(x)
   params = inception_lib.load_params(weights["inception"])
-  real, fake = (np.asarray(inception_features(params, a)[0], np.float64) for a in (x, x_hat))
+  real, fake = (np.asarray(inception_features(params, a, 6)[0], np.float64) for a in (x, x_hat))
   want = fid_lib.frechet_distance(
     real.mean(0), np.cov(real, rowvar=False), fake.mean(0), np.cov(fake, rowvar=False)
   )
@@ -347,8 +349,8 @@ def test_evaluate_samples_command_caches_the_reference(tmp_path, weights):
 
   # The same numbers from the library, on the same features.
   params = inception_lib.load_params(weights["inception"])
-  pool_s, logits_s = (np.asarray(a, np.float64) for a in inception_features(params, samples))
-  pool_r = np.asarray(inception_features(params, reference)[0], np.float64)
+  pool_s, logits_s = (np.asarray(a, np.float64) for a in inception_features(params, samples, 12))
+  pool_r = np.asarray(inception_features(params, reference, 12)[0], np.float64)
   assert results["fid"] == pytest.approx(
     fid_lib.frechet_distance(
       pool_s.mean(0), np.cov(pool_s, rowvar=False), pool_r.mean(0), np.cov(pool_r, rowvar=False)

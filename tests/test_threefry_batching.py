@@ -86,7 +86,7 @@ def test_without_partitionable_threefry_nothing_is_batched_and_values_agree():
 
 
 def test_a_models_fresh_state_is_the_same_with_a_few_hashes():
-  """A small VQ-VAE's train state (params, codebook, Adam moments) through init_in_place."""
+  """A small VQ-VAE's train state (params, codebook, Adam moments) through fresh_state."""
   from configs import tiny  # noqa: PLC0415 (configs/ is not a package)
 
   c = tiny.get_config()
@@ -96,8 +96,7 @@ def test_a_models_fresh_state_is_the_same_with_a_few_hashes():
   )
   key = jax.random.PRNGKey(c.seed)
   mesh = sharding.make_mesh((-1,), ("data",))
-  shardings = sharding.state_shardings(jax.eval_shape(init_fn, key), mesh, c.sharding)
-  got = sharding.init_in_place(init_fn, key, shardings)
+  got, shardings = sharding.fresh_state(init_fn, c.seed, mesh, c.sharding)
   want = jax.jit(init_fn, out_shardings=shardings, compiler_options=O0)(key)  # the same level
   leaves_got, leaves_want = jax.tree.leaves(got), jax.tree.leaves(want)
   assert jax.tree.structure(got) == jax.tree.structure(want) and len(leaves_want) > 20

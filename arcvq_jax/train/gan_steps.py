@@ -242,6 +242,23 @@ def disc_train_start(config: ml_collections.ConfigDict) -> int:
   return config.gan.disc_start if start < 0 else start
 
 
+def _init_fn(
+  model: vqgan.VQGAN,
+  disc_model: NLayerDiscriminator,
+  tx: optax.GradientTransformation,
+  disc_tx: optax.GradientTransformation,
+  image_shape: tuple[int, int, int],
+) -> Callable[[jax.Array], GANTrainState]:
+  return functools.partial(
+    state_lib.init_gan_state,
+    model=model,
+    tx=tx,
+    disc_model=disc_model,
+    disc_tx=disc_tx,
+    image_shape=image_shape,
+  )
+
+
 def abstract_state_and_shardings(
   config: ml_collections.ConfigDict,
   model: vqgan.VQGAN,
@@ -252,14 +269,7 @@ def abstract_state_and_shardings(
   image_shape: tuple[int, int, int],
 ) -> tuple[Callable, jax.Array, Any, Any]:
   """(init_fn, its key, the state's ShapeDtypeStructs, their shardings): nothing allocated."""
-  init_fn = functools.partial(
-    state_lib.init_gan_state,
-    model=model,
-    tx=tx,
-    disc_model=disc_model,
-    disc_tx=disc_tx,
-    image_shape=image_shape,
-  )
+  init_fn = _init_fn(model, disc_model, tx, disc_tx, image_shape)
   key = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(init_fn, key)
   return init_fn, key, abstract, sharding.state_shardings(abstract, mesh, config.sharding)
@@ -320,9 +330,7 @@ def create_state_and_steps(
   axis) like the VQ-VAE's.
   lpips_params: replicated LPIPS weights (or None with loss.perceptual_weight = 0).
   """
-  init_fn, key, _, state_sharding = abstract_state_and_shardings(
-    config, model, disc_model, tx, disc_tx, mesh, image_shape
-  )
-  state = sharding.init_in_place(init_fn, key, state_sharding)
+  init_fn = _init_fn(model, disc_model, tx, disc_tx, image_shape)
+  state, state_sharding = sharding.fresh_state(init_fn, config.seed, mesh, config.sharding)
   steps = make_steps(config, model, disc_model, tx, disc_tx, mesh, state_sharding, lpips_params)
   return state, state_sharding, steps

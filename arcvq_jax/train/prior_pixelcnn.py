@@ -105,9 +105,7 @@ def create_state_and_step(
 ) -> tuple[PixelCNNTrainState, Any, Callable]:
   """A fresh state laid out by its shardings, the shardings, and the jitted step."""
   init_fn = functools.partial(init_state, model=model, tx=tx, config=config, grid=grid)
-  key = jax.random.PRNGKey(config.seed)
-  state_sharding = sharding.state_shardings(jax.eval_shape(init_fn, key), mesh, config.sharding)
-  state = sharding.init_in_place(init_fn, key, state_sharding)
+  state, state_sharding = sharding.fresh_state(init_fn, config.seed, mesh, config.sharding)
   step_fn = jax.jit(
     functools.partial(
       train_step, model=model, tx=tx, config=config, replicated=sharding.replicated(mesh)

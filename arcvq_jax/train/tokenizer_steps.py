@@ -252,9 +252,7 @@ def create_state_and_step(
   init_fn = functools.partial(
     state_lib.init_train_state, model=model, tx=tx, image_shape=image_shape
   )
-  key = jax.random.PRNGKey(config.seed)
-  state_sharding = sharding.state_shardings(jax.eval_shape(init_fn, key), mesh, config.sharding)
-  state = sharding.init_in_place(init_fn, key, state_sharding)
+  state, state_sharding = sharding.fresh_state(init_fn, config.seed, mesh, config.sharding)
   step_fn = jax.jit(
     functools.partial(
       train_step,
