@@ -1,4 +1,4 @@
-"""A function's threefry draws batched into a few hashes, with the same values.
+"""A function's threefry draws batched into a few hashes, with the same random bits.
 
 Initialising a model draws one random array per parameter (and folds a key per module path),
 and XLA compiles every draw as a kernel of its own: a VQGAN's fresh state holds ~270 of
@@ -6,8 +6,9 @@ them, and on XLA:CPU they were most of its compile (docs/architecture.md, "Fresh
 Every threefry draw is the same hash, threefry2x32(key, counter), applied elementwise: the
 draws that do not depend on one another can be computed as one hash over the concatenation
 of their (key, counter) pairs and cut apart again. `batch_draws(fn)` evaluates fn's jaxpr in
-dependency order and does that level by level, so the values are bit for bit those of `fn`
-(tests/test_threefry_batching.py compares them leaf by leaf).
+dependency order and does that level by level, so the random bits are those of `fn`, bit for
+bit; what is computed from them is the same up to rounding (a float transform fused in another
+context may round an ulp apart; tests/test_threefry_batching.py compares leaf by leaf).
 
 Only draws it can reproduce exactly are batched: `random_bits` of 32 bits and `random_fold_in`
 on one threefry key under `jax_threefry_partitionable` (the default). Anything else (other
@@ -35,7 +36,7 @@ _Atom = tuple  # ("lit", value) or ("var", n)
 
 
 def batch_draws(fn: Callable[..., Any]) -> Callable[..., Any]:
-  """fn with its independent threefry draws hashed together: the same outputs, bit for bit.
+  """fn with its independent threefry draws hashed together: the same random bits.
 
   Meant for functions that draw many arrays once (parameter initialisers) and are compiled
   once; call the result under `jax.jit`.
