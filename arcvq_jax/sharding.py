@@ -159,11 +159,20 @@ def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[
 _CPU_INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
-def fresh_state(init_fn: Any, seed: int, mesh: Mesh, sharding_config: Any) -> tuple[Any, Any]:
-  """(`init_fn(PRNGKey(seed))` built in place, its shardings by `state_shardings`): every
-  stage's fresh train state."""
+def abstract_state(
+  init_fn: Any, seed: int, mesh: Mesh, sharding_config: Any
+) -> tuple[jax.Array, Any, Any]:
+  """(PRNGKey(seed), `init_fn`'s ShapeDtypeStructs for it, their shardings by
+  `state_shardings`): a train state's layout, nothing allocated."""
   key = jax.random.PRNGKey(seed)
-  shardings = state_shardings(jax.eval_shape(init_fn, key), mesh, sharding_config)
+  abstract = jax.eval_shape(init_fn, key)
+  return key, abstract, state_shardings(abstract, mesh, sharding_config)
+
+
+def fresh_state(init_fn: Any, seed: int, mesh: Mesh, sharding_config: Any) -> tuple[Any, Any]:
+  """(`init_fn(PRNGKey(seed))` built in place, its shardings): every stage's fresh train
+  state."""
+  key, _, shardings = abstract_state(init_fn, seed, mesh, sharding_config)
   return init_in_place(init_fn, key, shardings), shardings
 
 

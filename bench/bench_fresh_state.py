@@ -41,13 +41,11 @@ def measure(config_name: str, form: str) -> float:
   image_shape = (28, 28, 1)  # both configs read Fashion-MNIST
   start = time.perf_counter()
   if c.model.name == "vqgan":
-    init_fn, key, _, shardings = gan_steps.abstract_state_and_shardings(
-      c,
+    init_fn = gan_steps.init_fn(
       model,
       discriminator.from_config(c),
       state_lib.make_optimizer(c),
       state_lib.make_disc_optimizer(c),
-      mesh,
       image_shape,
     )
   else:
@@ -57,8 +55,7 @@ def measure(config_name: str, form: str) -> float:
       tx=state_lib.make_optimizer(c),
       image_shape=image_shape,
     )
-    key = jax.random.PRNGKey(c.seed)
-    shardings = sharding.state_shardings(jax.eval_shape(init_fn, key), mesh, c.sharding)
+  key, _, shardings = sharding.abstract_state(init_fn, c.seed, mesh, c.sharding)
   if form == "batched":
     state = sharding.init_in_place(init_fn, key, shardings)
   else:

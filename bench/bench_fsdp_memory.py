@@ -84,8 +84,7 @@ def bench_ldm(data: int, fsdp: int, batch: int) -> dict:
   init = functools.partial(
     prior_ldm.init_state, model=model, tx=tx, config=c, latent_shape=latent, scale_factor=1.0
   )
-  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-  state_sharding = sharding.state_shardings(abstract, mesh, c.sharding)
+  _, abstract, state_sharding = sharding.abstract_state(init, c.seed, mesh, c.sharding)
   state = jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding
   )
@@ -131,8 +130,8 @@ def bench(name: str, data: int, fsdp: int, batch: int) -> dict:
   model = state_lib.build_model(c, channels=3)
   disc_model = discriminator.from_config(c)
   tx, disc_tx = make_optimizer(c), make_disc_optimizer(c)
-  _, _, abstract, state_sharding = gan_steps.abstract_state_and_shardings(
-    c, model, disc_model, tx, disc_tx, mesh, shape
+  _, abstract, state_sharding = sharding.abstract_state(
+    gan_steps.init_fn(model, disc_model, tx, disc_tx, shape), c.seed, mesh, c.sharding
   )
   with_sharding = lambda tree, sh: jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh

@@ -242,13 +242,14 @@ def disc_train_start(config: ml_collections.ConfigDict) -> int:
   return config.gan.disc_start if start < 0 else start
 
 
-def _init_fn(
+def init_fn(
   model: vqgan.VQGAN,
   disc_model: NLayerDiscriminator,
   tx: optax.GradientTransformation,
   disc_tx: optax.GradientTransformation,
   image_shape: tuple[int, int, int],
 ) -> Callable[[jax.Array], GANTrainState]:
+  """key -> a fresh GANTrainState (for sharding.fresh_state / abstract_state)."""
   return functools.partial(
     state_lib.init_gan_state,
     model=model,
@@ -257,22 +258,6 @@ def _init_fn(
     disc_tx=disc_tx,
     image_shape=image_shape,
   )
-
-
-def abstract_state_and_shardings(
-  config: ml_collections.ConfigDict,
-  model: vqgan.VQGAN,
-  disc_model: NLayerDiscriminator,
-  tx: optax.GradientTransformation,
-  disc_tx: optax.GradientTransformation,
-  mesh: jax.sharding.Mesh,
-  image_shape: tuple[int, int, int],
-) -> tuple[Callable, jax.Array, Any, Any]:
-  """(init_fn, its key, the state's ShapeDtypeStructs, their shardings): nothing allocated."""
-  init_fn = _init_fn(model, disc_model, tx, disc_tx, image_shape)
-  key = jax.random.PRNGKey(config.seed)
-  abstract = jax.eval_shape(init_fn, key)
-  return init_fn, key, abstract, sharding.state_shardings(abstract, mesh, config.sharding)
 
 
 def make_steps(
@@ -330,7 +315,8 @@ def create_state_and_steps(
   axis) like the VQ-VAE's.
   lpips_params: replicated LPIPS weights (or None with loss.perceptual_weight = 0).
   """
-  init_fn = _init_fn(model, disc_model, tx, disc_tx, image_shape)
-  state, state_sharding = sharding.fresh_state(init_fn, config.seed, mesh, config.sharding)
+  state, state_sharding = sharding.fresh_state(
+    init_fn(model, disc_model, tx, disc_tx, image_shape), config.seed, mesh, config.sharding
+  )
   steps = make_steps(config, model, disc_model, tx, disc_tx, mesh, state_sharding, lpips_params)
   return state, state_sharding, steps
