@@ -1,6 +1,7 @@
 """The latent-diffusion UNet (arcvq_jax/models/unet.py): size of the Table 8 network, the
 pieces against numpy, attention placement, conditioning, precision."""
 
+import functools
 import math
 
 import jax
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arcvq_jax import prior_config
+from arcvq_jax import prior_config, sharding
 from arcvq_jax.models import unet
 
 
@@ -36,12 +37,29 @@ def inputs(b=2, side=8, c=3, seed=0):
 
 
 def perturbed(params, seed=1, scale=0.05):
-  """Params with every leaf moved off its (partly zero) init, so every path carries signal."""
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return jax.tree.unflatten(
-    tree, [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
-  )
+  """Params with every leaf moved off its (partly zero) init, so every path carries signal.
+
+  numpy's generator: a JAX draw per leaf shape would compile a program per shape.
+  """
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda p: p + scale * rng.normal(size=p.shape).astype(np.float32), params)
+
+
+def init(model, *args):
+  """model's params for PRNGKey(0), built as the stages build theirs (one program, its draws
+  hashed together: op by op, every op and every draw's shape would compile its own)."""
+
+  def fn(key):
+    return model.init(key, *args)["params"]
+
+  key = jax.random.PRNGKey(0)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return sharding.init_in_place(fn, key, jax.tree.map(lambda _: device, jax.eval_shape(fn, key)))
+
+
+@functools.partial(jax.jit, static_argnums=0)  # one program per model and input shapes
+def apply(model, params, *args):
+  return model.apply({"params": params}, *args)
 
 
 def test_table8_network_has_ldm_cin_size_and_layout():
@@ -101,9 +119,9 @@ def test_multi_head_attention_matches_a_per_head_loop():
 def test_zero_init_output_and_attention_placement():
   model = small()
   x, t, y = inputs()
-  params = model.init(jax.random.PRNGKey(0), x, t, y)["params"]
+  params = init(model, x, t, y)
   # LDM zero-initialises the last conv (and every residual branch's last layer).
-  assert float(jnp.max(jnp.abs(model.apply({"params": params}, x, t, y)))) == 0.0
+  assert float(jnp.max(jnp.abs(apply(model, params, x, t, y)))) == 0.0
   d = params["diffusion_model"]
   # 8x8 latents, levels at 8 and 4: attention only at 4 (and in the middle block).
   assert "input_blocks_1_1" not in d and "input_blocks_3_1" in d and "middle_block_1" in d
@@ -114,13 +132,13 @@ def test_zero_init_output_and_attention_placement():
 def test_class_conditioning_and_batch_independence():
   model = small()
   x, t, y = inputs(b=3)
-  params = perturbed(model.init(jax.random.PRNGKey(0), x, t, y)["params"])
-  out = model.apply({"params": params}, x, t, y)
+  params = perturbed(init(model, x, t, y))
+  out = apply(model, params, x, t, y)
   assert out.shape == x.shape and out.dtype == jnp.float32
-  other = model.apply({"params": params}, x, t, (y + 1) % 6)  # 5 = the null class
+  other = apply(model, params, x, t, (y + 1) % 6)  # 5 = the null class
   assert float(jnp.max(jnp.abs(other - out))) > 1e-3
   # Each sample depends on its own inputs only (guidance batches [uncond; cond] together).
-  single = model.apply({"params": params}, x[1:2], t[1:2], y[1:2])
+  single = apply(model, params, x[1:2], t[1:2], y[1:2])
   np.testing.assert_allclose(np.asarray(single[0]), np.asarray(out[1]), rtol=1e-4, atol=1e-5)
 
 
@@ -128,14 +146,14 @@ def test_class_conditioning_and_batch_independence():
 def test_attention_block_path_with_label_embedding():
   model = small(use_spatial_transformer=False, attention_resolutions=(8, 4))
   x, t, y = inputs()
-  params = model.init(jax.random.PRNGKey(0), x, t, y)["params"]
+  params = init(model, x, t, y)
   d = params["diffusion_model"]
   assert "cond_stage_model" not in params
   assert d["label_emb"]["embedding"].shape == (6, 128)  # 5 classes + null, 4 x 32 wide
   assert d["input_blocks_1_1"]["qkv"]["kernel"].shape == (1, 1, 32, 96)
   params = perturbed(params)
-  a = model.apply({"params": params}, x, t, y)
-  b = model.apply({"params": params}, x, t, jnp.full_like(y, 5))
+  a = apply(model, params, x, t, y)
+  b = apply(model, params, x, t, jnp.full_like(y, 5))
   assert float(jnp.max(jnp.abs(a - b))) > 1e-3
 
 
@@ -143,9 +161,9 @@ def test_attention_block_path_with_label_embedding():
 def test_bfloat16_compute_is_close_to_float32():
   x, t, y = inputs()
   f32 = small()
-  params = perturbed(f32.init(jax.random.PRNGKey(0), x, t, y)["params"], scale=0.02)
-  want = f32.apply({"params": params}, x, t, y)
-  got = small(dtype=jnp.bfloat16).apply({"params": params}, x, t, y)
+  params = perturbed(init(f32, x, t, y), scale=0.02)
+  want = apply(f32, params, x, t, y)
+  got = apply(small(dtype=jnp.bfloat16), params, x, t, y)
   assert got.dtype == jnp.float32
   rel = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
   assert rel < 0.05, rel
@@ -156,6 +174,6 @@ def test_sides_that_do_not_halve_are_refused():
   model = small(attention_resolutions=(7,), channel_mult=(1, 2))
   x, t, y = inputs(side=7)
   with pytest.raises(ValueError, match="divisible by 2"):
-    model.init(jax.random.PRNGKey(0), x, t, y)
+    init(model, x, t, y)
   with pytest.raises(ValueError, match=r"pass labels|needs labels"):
-    small().init(jax.random.PRNGKey(0), *inputs()[:2])
+    init(small(), *inputs()[:2])
