@@ -1,10 +1,27 @@
-"""Random weights of the right shapes for networks whose real weights are files (LPIPS)."""
+"""Random weights of the right shapes for networks whose real weights are files (LPIPS), and
+a model's initial params built as the train stages build theirs."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
+from arcvq_jax import sharding
 from arcvq_jax.losses import lpips as lpips_lib
+
+
+def init_params(model, *args, seed: int = 0):
+  """model.init(PRNGKey(seed), *args)['params'] as one program with its draws hashed together
+  (`sharding.init_in_place`, as the stages' fresh states): op by op, every op and every
+  parameter's draw would compile a program of its own. The same random bits as model.init;
+  floats equal up to rounding."""
+
+  def fn(key):
+    return model.init(key, *args)["params"]
+
+  key = jax.random.PRNGKey(seed)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return sharding.init_in_place(fn, key, jax.tree.map(lambda _: device, jax.eval_shape(fn, key)))
 
 
 def random_lpips_params(seed: int = 0):

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from model_fixtures import init_params
 from run_helpers import override
 
 from arcvq_jax import api
@@ -66,7 +67,8 @@ def test_reconstruct_equals_the_training_code(run):
   tok = api.Tokenizer.from_workdir(run)
   _config, model, params = restored_train_params(run)
   x = fashion_images()
-  want_x, want_idx = tokenizer_steps.reconstruct(params, jnp.asarray(x), model=model)
+  reconstruct = jax.jit(functools.partial(tokenizer_steps.reconstruct, model=model))
+  want_x, want_idx = reconstruct(params, jnp.asarray(x))
   x_hat, tokens = tok.reconstruct(x)
   assert tokens.shape == (6, 7, 7) and tokens.dtype == jnp.int32
   np.testing.assert_array_equal(np.asarray(tokens), np.asarray(want_idx))
@@ -142,11 +144,12 @@ def test_vqgan_workdir_loads(tmp_path):
   c.loss.perceptual_weight = 0.0
   c.lpips_path = ""
   model = state_lib.build_model(c, channels=1)
-  params = model.init(jax.random.PRNGKey(3), jnp.zeros((1, 28, 28, 1)))["params"]
+  params = init_params(model, jnp.zeros((1, 28, 28, 1)), seed=3)
   api.write_workdir(str(tmp_path), c, params, image_shape=(28, 28, 1), step=5)
   tok = api.Tokenizer.from_workdir(str(tmp_path))
   x = fashion_images(2)
-  want_x, want_idx = tokenizer_steps.reconstruct(params, jnp.asarray(x), model=model)
+  reconstruct = jax.jit(functools.partial(tokenizer_steps.reconstruct, model=model))
+  want_x, want_idx = reconstruct(params, jnp.asarray(x))
   x_hat, tokens = tok.reconstruct(x)
   np.testing.assert_array_equal(np.asarray(tokens), np.asarray(want_idx))
   np.testing.assert_allclose(np.asarray(x_hat), np.asarray(want_x), rtol=1e-5, atol=1e-5)

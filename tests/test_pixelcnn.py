@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from ml_collections import ConfigDict
+from model_fixtures import init_params
 
 from arcvq_jax.models import pixelcnn
 from arcvq_jax.train import prior_pixelcnn
@@ -19,7 +20,7 @@ def model_and_params():
   model = pixelcnn.GatedPixelCNN(num_codes=K, dim=8, n_layers=4, num_classes=3, head_dim=16)
   tokens = jax.random.randint(jax.random.PRNGKey(0), (2, H, W), 0, K)
   labels = jnp.asarray([0, 2])
-  params = model.init(jax.random.PRNGKey(1), tokens, labels)["params"]
+  params = init_params(model, tokens, labels, seed=1)
   return model, params, tokens, labels
 
 
@@ -62,7 +63,7 @@ def test_class_conditioning_changes_the_logits(model_and_params):
   b = model.apply({"params": params}, tokens, (labels + 1) % 3)
   assert float(jnp.max(jnp.abs(a - b))) > 1e-4
   unconditional = pixelcnn.GatedPixelCNN(num_codes=K, dim=8, n_layers=2, num_classes=0)
-  p0 = unconditional.init(jax.random.PRNGKey(0), tokens)["params"]
+  p0 = init_params(unconditional, tokens)
   assert "class_cond_embedding" not in p0["layers_0"]
   assert unconditional.apply({"params": p0}, tokens).shape == (2, H, W, K)
 

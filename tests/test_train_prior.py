@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from model_fixtures import init_params
 from run_helpers import override, read_scalars
 
 from arcvq_jax import api, prior_config, sample, sharding
@@ -35,7 +36,7 @@ def write_tokenizer(workdir, seed=3, **overrides):
   the tokenizer API as a converted checkpoint would be."""
   c = override(tiny.get_config(), **overrides)
   model = state_lib.build_model(c, channels=1)
-  params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 28, 28, 1)))["params"]
+  params = init_params(model, jnp.zeros((1, 28, 28, 1)), seed=seed)
   api.write_workdir(str(workdir), c, params, image_shape=(28, 28, 1), step=0)
   return str(workdir)
 

@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from model_fixtures import init_params
 
-from arcvq_jax import prior_config, sharding
+from arcvq_jax import prior_config
 from arcvq_jax.models import unet
 
 
@@ -43,18 +44,6 @@ def perturbed(params, seed=1, scale=0.05):
   """
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda p: p + scale * rng.normal(size=p.shape).astype(np.float32), params)
-
-
-def init(model, *args):
-  """model's params for PRNGKey(0), built as the stages build theirs (one program, its draws
-  hashed together: op by op, every op and every draw's shape would compile its own)."""
-
-  def fn(key):
-    return model.init(key, *args)["params"]
-
-  key = jax.random.PRNGKey(0)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return sharding.init_in_place(fn, key, jax.tree.map(lambda _: device, jax.eval_shape(fn, key)))
 
 
 @functools.partial(jax.jit, static_argnums=0)  # one program per model and input shapes
@@ -119,7 +108,7 @@ def test_multi_head_attention_matches_a_per_head_loop():
 def test_zero_init_output_and_attention_placement():
   model = small()
   x, t, y = inputs()
-  params = init(model, x, t, y)
+  params = init_params(model, x, t, y)
   # LDM zero-initialises the last conv (and every residual branch's last layer).
   assert float(jnp.max(jnp.abs(apply(model, params, x, t, y)))) == 0.0
   d = params["diffusion_model"]
@@ -132,7 +121,7 @@ def test_zero_init_output_and_attention_placement():
 def test_class_conditioning_and_batch_independence():
   model = small()
   x, t, y = inputs(b=3)
-  params = perturbed(init(model, x, t, y))
+  params = perturbed(init_params(model, x, t, y))
   out = apply(model, params, x, t, y)
   assert out.shape == x.shape and out.dtype == jnp.float32
   other = apply(model, params, x, t, (y + 1) % 6)  # 5 = the null class
@@ -146,7 +135,7 @@ def test_class_conditioning_and_batch_independence():
 def test_attention_block_path_with_label_embedding():
   model = small(use_spatial_transformer=False, attention_resolutions=(8, 4))
   x, t, y = inputs()
-  params = init(model, x, t, y)
+  params = init_params(model, x, t, y)
   d = params["diffusion_model"]
   assert "cond_stage_model" not in params
   assert d["label_emb"]["embedding"].shape == (6, 128)  # 5 classes + null, 4 x 32 wide
@@ -161,7 +150,7 @@ def test_attention_block_path_with_label_embedding():
 def test_bfloat16_compute_is_close_to_float32():
   x, t, y = inputs()
   f32 = small()
-  params = perturbed(init(f32, x, t, y), scale=0.02)
+  params = perturbed(init_params(f32, x, t, y), scale=0.02)
   want = apply(f32, params, x, t, y)
   got = apply(small(dtype=jnp.bfloat16), params, x, t, y)
   assert got.dtype == jnp.float32
@@ -174,6 +163,6 @@ def test_sides_that_do_not_halve_are_refused():
   model = small(attention_resolutions=(7,), channel_mult=(1, 2))
   x, t, y = inputs(side=7)
   with pytest.raises(ValueError, match="divisible by 2"):
-    init(model, x, t, y)
+    init_params(model, x, t, y)
   with pytest.raises(ValueError, match=r"pass labels|needs labels"):
-    init(small(), *inputs()[:2])
+    init_params(small(), *inputs()[:2])
