@@ -53,7 +53,10 @@ def capture_grads() -> optax.GradientTransformation:
 
 @pytest.fixture(scope="module")
 def setup():
-  c = small_config()
+  """One config, state and set of compiled steps for the whole module (each distinct config
+  would compile the steps again): D learns from step 1, the GAN term reaches the autoencoder
+  from step 2. Tests pass copies of `state` to the steps, which donate their input."""
+  c = small_config(disc_start=2, disc_train_start=1)
   mesh = sharding.make_mesh((-1,), ("data",))
   model = state_lib.build_model(c, channels=3)
   disc_model = discriminator.from_config(c)
@@ -148,19 +151,8 @@ def changed(a, b) -> list[bool]:
 
 @pytest.mark.slow
 def test_each_stage_updates_only_its_own_network(setup):
-  _c, model, disc_model, lpips_params, _state, _ = setup
-  mesh = sharding.make_mesh((-1,), ("data",))
-  c2 = small_config(disc_start=2, disc_train_start=1)
-  fresh, _, steps = gan_steps.create_state_and_steps(
-    c2,
-    model,
-    disc_model,
-    make_optimizer(c2),
-    make_disc_optimizer(c2),
-    mesh,
-    IMAGE_SHAPE,
-    lpips_params,
-  )
+  _c, _model, _disc_model, lpips_params, state, steps = setup
+  fresh = jax.tree.map(jnp.copy, state)
   before = jax.device_get(fresh)
   batch = {"image": images(2)}
 
@@ -243,10 +235,9 @@ def test_discriminator_step_is_the_hinge_loss_on_two_batchnorm_calls(setup):
 def test_bfloat16_generator_step_keeps_float32_state_and_is_close(setup):
   c, _, _disc_model, lpips_params, state, steps = setup
   batch = {"image": images(5)}
+  gen = state.gen.replace(step=jnp.asarray(c.gan.disc_start, jnp.int32))  # the GAN term on
   # float32: the stage's own generator step (test_each_stage_... compiles the same program)
-  _, want, _ = steps.generator[True](
-    jax.tree.map(jnp.copy, state.gen), state.disc, batch, lpips_params
-  )
+  _, want, _ = steps.generator[True](jax.tree.map(jnp.copy, gen), state.disc, batch, lpips_params)
   cd = c.copy_and_resolve_references()
   cd.model.dtype = "bfloat16"
   step = jax.jit(
@@ -259,7 +250,7 @@ def test_bfloat16_generator_step_keeps_float32_state_and_is_close(setup):
       use_gan=True,
     )
   )
-  new, metrics, x_hat = step(jax.tree.map(jnp.copy, state.gen), state.disc, batch, lpips_params)
+  new, metrics, x_hat = step(jax.tree.map(jnp.copy, gen), state.disc, batch, lpips_params)
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(new.params))
   assert x_hat.dtype == jnp.float32
   for key in ("loss", "loss_l1", "loss_lpips", "loss_vq", "loss_arc", "loss_g"):
