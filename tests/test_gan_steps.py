@@ -201,10 +201,10 @@ def test_discriminator_step_is_the_hinge_loss_on_two_batchnorm_calls(setup):
     functools.partial(gan_steps.discriminator_step, disc_model=disc_model, tx=tx)
   )(disc, {"image": x}, x_hat)
   variables = {"params": disc.params, "batch_stats": disc.batch_stats}
-  real, upd = disc_model.apply(variables, x, train=True, mutable=["batch_stats"])
-  fake, upd = disc_model.apply(
-    {"params": disc.params, **upd}, x_hat, train=True, mutable=["batch_stats"]
-  )
+  # jitted: op by op, every op (and its gradient) would compile a program of its own
+  d_train = jax.jit(functools.partial(disc_model.apply, train=True, mutable=["batch_stats"]))
+  real, upd = d_train(variables, x)
+  fake, upd = d_train({"params": disc.params, **upd}, x_hat)
   hinge = 0.5 * (
     np.mean(np.maximum(0, 1 - np.asarray(real))) + np.mean(np.maximum(0, 1 + np.asarray(fake)))
   )
@@ -214,17 +214,15 @@ def test_discriminator_step_is_the_hinge_loss_on_two_batchnorm_calls(setup):
   ):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
   # One Adam step from zero moments moves every parameter by about lr (sign of its gradient).
-  grads = jax.grad(
-    lambda p: gan.hinge_d_loss(
-      disc_model.apply(
-        {"params": p, "batch_stats": disc.batch_stats}, x, train=True, mutable=["batch_stats"]
-      )[0],
-      disc_model.apply(
-        {"params": p, "batch_stats": upd["batch_stats"]}, x_hat, train=True, mutable=["batch_stats"]
-      )[0],
+  grads = jax.jit(
+    jax.grad(
+      lambda p: gan.hinge_d_loss(
+        d_train({"params": p, "batch_stats": disc.batch_stats}, x)[0],
+        d_train({"params": p, "batch_stats": upd["batch_stats"]}, x_hat)[0],
+      )
     )
   )(disc.params)
-  updates, _ = tx.update(grads, disc.opt_state, disc.params)
+  updates, _ = jax.jit(tx.update)(grads, disc.opt_state, disc.params)
   for a, b, u in zip(
     jax.tree.leaves(new.params), jax.tree.leaves(disc.params), jax.tree.leaves(updates), strict=True
   ):
