@@ -117,6 +117,9 @@ def test_vqgan_generator_and_discriminator_steps(variant):
   from configs import tiny_vqgan  # noqa: PLC0415 (configs/ is no package)
 
   c = tiny_vqgan.get_config(variant)
+  # Two levels without attention at a level (f2; the middle block keeps its attention): the
+  # quantizer's part of the step is the same, the step compiles ~30 % faster.
+  c.model.update(dict(ch_mult=(1, 2), attn_resolutions=()))
   c.batch_size = 4
   config_lib.validate(c, num_devices=1)
   mesh = sharding.make_mesh((-1,), ("data",))
