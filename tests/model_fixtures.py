@@ -5,23 +5,22 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from ml_collections import ConfigDict
 
 from arcvq_jax import sharding
 from arcvq_jax.losses import lpips as lpips_lib
 
 
 def init_params(model, *args, seed: int = 0):
-  """model.init(PRNGKey(seed), *args)['params'] as one program with its draws hashed together
-  (`sharding.init_in_place`, as the stages' fresh states): op by op, every op and every
-  parameter's draw would compile a program of its own. The same random bits as model.init;
-  floats equal up to rounding."""
-
-  def fn(key):
-    return model.init(key, *args)["params"]
-
-  key = jax.random.PRNGKey(seed)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return sharding.init_in_place(fn, key, jax.tree.map(lambda _: device, jax.eval_shape(fn, key)))
+  """model.init(PRNGKey(seed), *args)['params'] on one device, built by `sharding.fresh_state`
+  as the stages build their states (one program, its draws hashed together): op by op, every
+  op and every parameter's draw would compile a program of its own. The same random bits as
+  model.init; floats equal up to rounding."""
+  mesh = sharding.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+  params, _ = sharding.fresh_state(
+    lambda key: model.init(key, *args)["params"], seed, mesh, ConfigDict(dict(param_rules=()))
+  )
+  return params
 
 
 def random_lpips_params(seed: int = 0):
