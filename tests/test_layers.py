@@ -229,7 +229,7 @@ def test_conv_gemm_matches_xla_values_and_gradients(k, stride, pad, cin):
 def test_conv_module_impls_share_params_and_output():
   x = jnp.asarray(np.random.default_rng(8).normal(size=(2, 8, 8, 4)).astype(np.float32))
   params = layers.Conv(8, 3, padding=1, impl="xla").init(jax.random.PRNGKey(0), x)
-  impls = ("xla", "gemm", "hybrid", "auto")
+  impls = ("xla", "gemm", "hybrid", "phase_grad", "auto")
   outs = [layers.Conv(8, 3, padding=1, impl=i).apply(params, x) for i in impls]
   for o in outs[1:]:
     np.testing.assert_allclose(o, outs[0], rtol=1e-5, atol=1e-5)
@@ -284,6 +284,29 @@ def test_conv_hybrid_matches_xla_values_and_gradients(k, stride, pad, cin, cout)
   np.testing.assert_allclose(
     layers.conv_kernel_grad(x, g, w.shape, st, pd), vjp(g)[0], rtol=1e-4, atol=1e-4
   )
+
+
+@pytest.mark.parametrize(
+  "k,stride,pad,hw",
+  [(4, 2, 1, (8, 10)), (4, 2, 1, (9, 8)), (3, 1, 1, (6, 6)), (4, 2, 0, (10, 10))],
+)
+def test_conv_phase_grad_matches_torch_values_and_gradients(k, stride, pad, hw):
+  """The phase-form input gradient where it applies (even input), XLA's elsewhere."""
+  torch = pytest.importorskip("torch")
+  rng = np.random.default_rng(14)
+  x = rng.normal(size=(2, *hw, 3)).astype(np.float32)
+  w = rng.normal(size=(k, k, 3, 5)).astype(np.float32)
+  xt = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+  wt = torch.tensor(w.transpose(3, 2, 0, 1), requires_grad=True)
+  yt = torch.nn.functional.conv2d(xt, wt, stride=stride, padding=pad)
+  torch.sin(yt).sum().backward()
+  st, pd = (stride, stride), (pad, pad)
+  loss = lambda x, w: jnp.sum(jnp.sin(layers.conv_phase_grad(x, w, st, pd)))
+  y = layers.conv_phase_grad(jnp.asarray(x), jnp.asarray(w), st, pd)
+  gx, gw = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(x), jnp.asarray(w))
+  np.testing.assert_allclose(y, yt.detach().numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gx, xt.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(gw, wt.grad.numpy().transpose(2, 3, 1, 0), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("k,stride,pad,cin,cout", HYBRID_CASES[:3])
@@ -349,6 +372,11 @@ def test_auto_forms_for_eigen_convolutions():
   assert layers.choose_conv_impl((3, 3, 128, 128), **eigen) == "xla"
   assert layers.choose_conv_impl((3, 3, 64, 64), **eigen) == "xla"
   assert layers.choose_conv_impl((1, 1, 128, 64), **eigen) == "gemm"
+  down = dict(strides=(2, 2), padding=(1, 1))
+  assert layers.choose_conv_impl((4, 4, 64, 128), **eigen, **down) == "phase_grad"
+  ynn = dict(backend="cpu", library="ynn")
+  assert layers.choose_conv_impl((4, 4, 64, 128), **ynn, **down) == "hybrid"  # Eigen only
+  assert layers.choose_conv_impl((3, 3, 64, 128), **eigen, **down) == "xla"
   assert layers.choose_conv_transpose_impl(64, **eigen) == "phase"
   assert layers.choose_conv_transpose_impl(1, **eigen) == "hybrid"
   assert layers.choose_conv_impl((3, 3, 128, 128), backend="gpu", library="eigen") == "xla"

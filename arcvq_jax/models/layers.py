@@ -190,6 +190,46 @@ def _conv_hybrid_bwd(strides, padding, res, g):
 conv_hybrid.defvjp(_conv_hybrid_fwd, _conv_hybrid_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_phase_grad(
+  x: Array, kernel: Array, strides: tuple[int, int], padding: tuple[int, int]
+) -> Array:
+  """`conv_xla` whose input gradient, for a 4x4 kernel at stride 2 and padding 1 on an even
+  input, is the phase-form transposed convolution (`conv_transpose_4x4s2_phase`); the same
+  function.
+
+  The input gradient of conv(x, W, stride 2, padding 1) is ConvTranspose4x4S2 of the
+  cotangent with W.transpose(0, 1, 3, 2): four 2x2 stride-1 convolutions instead of XLA's
+  lhs-dilated one, which XLA:CPU runs without a library kernel (2.2x slower on Eigen at
+  batch 1024, encoder conv_2 of the VQ-VAE). The forward pass and the kernel gradient stay
+  XLA's. Other shapes take XLA's input gradient.
+  """
+  return conv_xla(x, kernel, strides, padding)
+
+
+def _conv_phase_grad_fwd(x, kernel, strides, padding):
+  return conv_xla(x, kernel, strides, padding), (x, kernel)
+
+
+def _conv_phase_grad_bwd(strides, padding, res, g):
+  x, kernel = res
+  dk = jax.vjp(lambda k: conv_xla(x, k, strides, padding), kernel)[1](g)[0]
+  if _phase_grad_applies(kernel.shape, strides, padding, x.shape[1:3], g.shape[1:3]):
+    dx = conv_transpose_4x4s2_phase(g, kernel.transpose(0, 1, 3, 2))
+  else:
+    dx = jax.vjp(lambda x_: conv_xla(x_, kernel, strides, padding), x)[1](g)[0]
+  return dx.astype(x.dtype), dk
+
+
+def _phase_grad_applies(kernel_shape, strides, padding, in_hw=None, out_hw=None) -> bool:
+  """A 4x4 kernel at stride 2, padding 1 (and, where known, an input twice the output)."""
+  shape_ok = in_hw is None or tuple(in_hw) == tuple(2 * n for n in out_hw)
+  return tuple(kernel_shape[:2]) == (4, 4) and strides == (2, 2) and padding == (1, 1) and shape_ok
+
+
+conv_phase_grad.defvjp(_conv_phase_grad_fwd, _conv_phase_grad_bwd)
+
+
 # XLA:CPU (jax 0.10) compiles convolutions into YNNPACK fusions by default. Their kernel
 # gradients (a convolution over the batch) run 2-4x slower than the forward pass; Eigen's
 # convolutions (XLA's other CPU path) ran the VQ-VAE's wide layers' forward+backward
@@ -198,11 +238,14 @@ conv_hybrid.defvjp(_conv_hybrid_fwd, _conv_hybrid_bwd)
 #   XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution
 # (process-wide), or EIGEN_CONV_COMPILER_OPTIONS passed to one jit, keeps convolutions on
 # Eigen; 'auto' picks the forms that are fastest under each (`cpu_conv_library`).
+# The options leave out YNNPACK's elementwise fusions too: they take a convolution together
+# with its bias and ReLU into one YNNPACK fusion, which ran the VQ-VAE's 128-channel layers
+# 2x slower than Eigen's convolution followed by XLA's own elementwise loop (encoder conv_2
+# at batch 1024: 88 vs 38 ms; the train step 1070 -> 1031 ms; bench/bench_vs_pytorch.py).
 CONV_LIBRARIES = ("ynn", "eigen")
 EIGEN_CONV_COMPILER_OPTIONS = {
   "xla_cpu_experimental_ynn_fusion_type": (
-    "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE,"
-    "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+    "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
   )
 }
 
@@ -244,29 +287,41 @@ def _library(library: str | None) -> str:
 # 1x1 convolutions are plain GEMMs), the hybrid form (XLA convolution forward and input
 # gradient, GEMM kernel gradient) above it.
 GEMM_MAX_PATCH = 576
-CONV_IMPLS = ("auto", "xla", "gemm", "hybrid")
-_CONV_FORMS = {"xla": conv_xla, "gemm": conv_gemm, "hybrid": conv_hybrid}
+CONV_IMPLS = ("auto", "xla", "gemm", "hybrid", "phase_grad")
+_CONV_FORMS = {
+  "xla": conv_xla,
+  "gemm": conv_gemm,
+  "hybrid": conv_hybrid,
+  "phase_grad": conv_phase_grad,
+}
 
 
 def choose_conv_impl(
-  kernel_shape: Sequence[int], backend: str | None = None, library: str | None = None
+  kernel_shape: Sequence[int],
+  backend: str | None = None,
+  library: str | None = None,
+  strides: tuple[int, int] = (1, 1),
+  padding: tuple[int, int] = (0, 0),
 ) -> str:
-  """The form 'auto' takes, from the kernel shape (kh, kw, Cin, Cout) and the backend.
+  """The form 'auto' takes, from the kernel shape (kh, kw, Cin, Cout), strides, padding and
+  the backend.
 
   GPU/TPU: 'xla' (their convolution kernels are fast, and the GEMM form's (B, H, W,
   kh*kw*Cin) patch tensor would cost memory: LPIPS' conv1_2 at 256x256, batch 30: 9 GB).
   CPU with YNNPACK convolutions (the default): 'gemm' for patches up to GEMM_MAX_PATCH wide,
-  'hybrid' above. CPU with Eigen convolutions (`cpu_conv_library`): 'gemm' for 1x1, else
-  'xla' (Eigen's kernel gradients are fast). backend: jax.default_backend() when None;
-  library: the CPU convolution library the function will be compiled for (None: this
-  process's default, `cpu_conv_library`).
+  'hybrid' above. CPU with Eigen convolutions (`cpu_conv_library`): 'gemm' for 1x1,
+  'phase_grad' for 4x4 at stride 2, padding 1, else 'xla' (Eigen's kernel gradients are
+  fast). backend: jax.default_backend() when None; library: the CPU convolution library the
+  function will be compiled for (None: this process's default, `cpu_conv_library`).
   Measured per layer and per step in bench/bench_vs_pytorch.py.
   """
   kh, kw, cin, _ = kernel_shape
   if (backend or jax.default_backend()) != "cpu":
     return "xla"
   if _library(library) == "eigen":
-    return "gemm" if kh * kw == 1 else "xla"
+    if kh * kw == 1:
+      return "gemm"
+    return "phase_grad" if _phase_grad_applies(kernel_shape, strides, padding) else "xla"
   return "gemm" if kh * kw * cin <= GEMM_MAX_PATCH else "hybrid"
 
 
@@ -275,8 +330,8 @@ class Conv(nn.Module):
 
   padding: PyTorch-style symmetric zero padding (int or (ph, pw)); H' = (H + 2ph - kh) // sh + 1.
   Params: kernel (kh, kw, Cin, features) = torch_w.permute(2, 3, 1, 0); bias (features,).
-  impl: 'xla' (lax conv), 'gemm' (im2col + GEMM), 'hybrid' or 'auto' (`choose_conv_impl`,
-  by shape and `library`); all give the same result from the same params.
+  impl: 'xla' (lax conv), 'gemm' (im2col + GEMM), 'hybrid', 'phase_grad' or 'auto'
+  (`choose_conv_impl`, by shape and `library`); all give the same result from the same params.
   library: the XLA:CPU convolution library ('ynn', 'eigen') the caller compiles for, which
   'auto' picks the form for (None: this process's default).
   """
@@ -305,7 +360,9 @@ class Conv(nn.Module):
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     impl = self.impl
     if impl == "auto":
-      impl = choose_conv_impl(shape, library=self.library)
+      impl = choose_conv_impl(
+        shape, library=self.library, strides=_pair(self.strides), padding=(ph, pw)
+      )
     if impl not in _CONV_FORMS:
       raise ValueError(f"Conv impl {self.impl!r} is not one of {CONV_IMPLS}")
     y = _CONV_FORMS[impl](x, kernel, _pair(self.strides), (ph, pw))
