@@ -378,7 +378,8 @@ def test_auto_forms_for_eigen_convolutions():
   assert layers.choose_conv_impl((4, 4, 64, 128), **ynn, **down) == "hybrid"  # Eigen only
   assert layers.choose_conv_impl((3, 3, 64, 128), **eigen, **down) == "xla"
   assert layers.choose_conv_transpose_impl(64, **eigen) == "phase"
-  assert layers.choose_conv_transpose_impl(1, **eigen) == "hybrid"
+  assert layers.choose_conv_transpose_impl(1, **eigen) == "matmul"
+  assert layers.choose_conv_impl((4, 4, 1, 64), **eigen, **down) == "gemm"  # 16 <= 64 wide
   assert layers.choose_conv_impl((3, 3, 128, 128), backend="gpu", library="eigen") == "xla"
   with pytest.raises(ValueError, match="conv library 'nope'"):
     layers.choose_conv_impl((3, 3, 8, 8), backend="cpu", library="nope")
