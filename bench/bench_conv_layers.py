@@ -1,0 +1,151 @@
+"""The VQ-VAE's convolutions one by one, forward + the gradients the train step needs, against
+PyTorch's on the same CPU: where the train step's time goes and what bounds it.
+
+  python bench/bench_conv_layers.py --batch 128 1024 --steps 10
+
+For every layer of configs/fashion_mnist.py's network (the residual layers' convolutions count
+four times, once per residual layer) it times jax.jit(jax.grad(loss)) of that layer alone, as
+`models.layers` computes it for the shipped CPU library ('auto': `choose_conv_impl` /
+`choose_conv_transpose_impl` for `cpu_conv_library='eigen'`, compiled with
+`layers.compiler_options('eigen')`), and torch's conv2d / conv_transpose2d with autograd
+(default intra-op threads). loss = sum(y * r) for a fixed random r, so the backward pass is the
+layer's own; the input gradient is left out for the first layer (the image needs none, in
+both). Each round runs every contender once in turn; medians over the rounds. The last line
+sums the layers: the step cannot be faster than its convolutions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from arcvq_jax.models import layers
+
+# name: (kind, input H=W, Cin, Cout, kernel, stride, padding, times in the network, input grad)
+LAYERS = {
+  "encoder conv_1": ("conv", 28, 1, 64, 4, 2, 1, 1, False),
+  "encoder conv_2": ("conv", 14, 64, 128, 4, 2, 1, 1, True),
+  "encoder conv_3": ("conv", 7, 128, 128, 3, 1, 1, 1, True),
+  "residual conv3x3": ("conv", 7, 128, 32, 3, 1, 1, 4, True),
+  "residual conv1x1": ("conv", 7, 32, 128, 1, 1, 0, 4, True),
+  "quant_conv": ("conv", 7, 128, 64, 1, 1, 0, 1, True),
+  "decoder conv_1": ("conv", 7, 64, 128, 3, 1, 1, 1, True),
+  "decoder conv_trans_1": ("deconv", 7, 128, 64, 4, 2, 1, 1, True),
+  "decoder conv_trans_2": ("deconv", 14, 64, 1, 4, 2, 1, 1, True),
+}
+
+
+def jax_layer(kind, h, cin, cout, k, s, p, batch, input_grad, rng):
+  """A function running the layer's jitted gradient once (blocking), and the form 'auto' took."""
+  x = jnp.asarray(rng.normal(size=(batch, h, h, cin)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(k, k, cin, cout)) * 0.05, jnp.float32)
+  if kind == "conv":
+    form = layers.choose_conv_impl(
+      (k, k, cin, cout), backend="cpu", library="eigen", strides=(s, s), padding=(p, p)
+    )
+    apply = lambda x, w: layers._CONV_FORMS[form](x, w, (s, s), (p, p))
+  else:
+    form = layers.choose_conv_transpose_impl(cout, backend="cpu", library="eigen")
+    apply = lambda x, w: layers.CONV_TRANSPOSE_4X4S2_IMPLS[form](x, w)
+  r = jnp.asarray(rng.normal(size=jax.eval_shape(apply, x, w).shape), jnp.float32)
+  loss = lambda w, x: jnp.sum(apply(x, w) * r)
+  grad = jax.jit(
+    jax.grad(loss, argnums=(0, 1) if input_grad else 0),
+    compiler_options=layers.compiler_options("eigen"),
+  )
+  return (lambda: jax.block_until_ready(grad(w, x))), form
+
+
+def torch_layer(kind, h, cin, cout, k, s, p, batch, input_grad, rng):
+  import torch  # noqa: PLC0415
+
+  x = torch.tensor(rng.normal(size=(batch, cin, h, h)), dtype=torch.float32)
+  x.requires_grad_(input_grad)
+  if kind == "conv":
+    w = torch.tensor(rng.normal(size=(cout, cin, k, k)) * 0.05, dtype=torch.float32)
+    apply = lambda x, w: torch.nn.functional.conv2d(x, w, stride=s, padding=p)
+  else:
+    w = torch.tensor(rng.normal(size=(cin, cout, k, k)) * 0.05, dtype=torch.float32)
+    apply = lambda x, w: torch.nn.functional.conv_transpose2d(x, w, stride=s, padding=p)
+  w.requires_grad_(True)
+  r = torch.tensor(rng.normal(size=apply(x, w).shape), dtype=torch.float32)
+
+  def run():
+    w.grad = x.grad = None
+    (apply(x, w) * r).sum().backward()
+
+  return run
+
+
+def flops(kind, h, cin, cout, k, s, p, batch, input_grad) -> float:
+  """Multiply-adds x 2 of the forward pass, times 2 or 3 with the gradients."""
+  if kind == "conv":
+    out = (h + 2 * p - k) // s + 1
+    fwd = 2 * batch * out * out * cout * k * k * cin
+  else:  # each output of a 4x4 stride-2 transposed conv gets 2x2 taps
+    fwd = 2 * batch * (2 * h) ** 2 * cout * 4 * cin
+  return fwd * (3 if input_grad else 2)
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument("--batch", type=int, nargs="*", default=[128, 1024])
+  p.add_argument("--steps", type=int, default=10, help="timed rounds")
+  p.add_argument("--warmup", type=int, default=2)
+  args = p.parse_args()
+  import torch  # noqa: PLC0415
+
+  print(
+    f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+    f"load average {os.getloadavg()[0]:.2f}"
+  )
+  for batch in args.batch:
+    rng = np.random.default_rng(0)
+    runs, forms = {}, {}
+    for name, spec in LAYERS.items():
+      runs[(name, "jax")], forms[name] = jax_layer(*spec[:7], batch, spec[8], rng)
+      runs[(name, "torch")] = torch_layer(*spec[:7], batch, spec[8], rng)
+    for run in runs.values():
+      for _ in range(args.warmup):
+        run()
+    times = {key: [] for key in runs}
+    for _ in range(args.steps):
+      for key, run in runs.items():
+        t0 = time.perf_counter()
+        run()
+        times[key].append(time.perf_counter() - t0)
+    med = {key: 1e3 * float(np.median(t)) for key, t in times.items()}
+    print(f"\nbatch {batch}, medians of {args.steps} rounds (ms per layer; x n: times in the net)")
+    print("| layer | form (Eigen) | arcvq-jax ms | PyTorch ms | PyTorch / ours | jax GFLOP/s |")
+    print("|---|---|---|---|---|---|")
+    total = {"jax": 0.0, "torch": 0.0}
+    for name, spec in LAYERS.items():
+      n = spec[7]
+      ours, theirs = med[(name, "jax")], med[(name, "torch")]
+      total["jax"] += n * ours
+      total["torch"] += n * theirs
+      gflops = flops(*spec[:7], batch, spec[8]) / ours / 1e6
+      label = f"{name} x {n}" if n > 1 else name
+      print(
+        f"| {label} | {forms[name]} | {ours:.1f} | {theirs:.1f} | {theirs / ours:.2f} | "
+        f"{gflops:.0f} |"
+      )
+    print(
+      f"| all convolutions | | {total['jax']:.1f} | {total['torch']:.1f} | "
+      f"{total['torch'] / total['jax']:.2f} | |"
+    )
+  print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+  main()
