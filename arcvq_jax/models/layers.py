@@ -312,9 +312,10 @@ def choose_conv_impl(
   'hybrid' above. CPU with Eigen convolutions (`cpu_conv_library`): 'gemm' for 1x1 and for
   patches no wider than the output (kh*kw*Cin <= Cout: an image's first layer, whose patch
   tensor is then no larger than its output), 'phase_grad' for 4x4 at stride 2, padding 1,
-  else 'xla' (Eigen's kernel gradients are fast). backend: jax.default_backend() when None; library: the CPU convolution library the
-  function will be compiled for (None: this process's default, `cpu_conv_library`).
-  Measured per layer and per step in bench/bench_vs_pytorch.py.
+  else 'xla' (Eigen's kernel gradients are fast). backend: jax.default_backend() when None;
+  library: the CPU convolution library the function will be compiled for (None: this
+  process's default, `cpu_conv_library`). Measured per layer in bench/bench_conv_layers.py
+  and per step in bench/bench_vs_pytorch.py.
   """
   kh, kw, cin, cout = kernel_shape
   if (backend or jax.default_backend()) != "cpu":
