@@ -7,6 +7,7 @@ tests/test_quantizers_*.py; 1 vs 8 devices in tests/test_sharding.py; the stage 
 on the command line for a quantizer without a codebook in test_stage_runs_without_a_codebook.
 """
 
+import functools
 import json
 import os
 import subprocess
@@ -83,7 +84,9 @@ def test_vqvae_training_api_evaluation_and_priors(variant, tmp_path):
   assert tok.num_codes == q.vocab_size and tok.embed_dim == q.dim
   assert (tok.codebook is None) == (q.codebook(state.params) is None)
   x_hat, tokens = tok.reconstruct(x)
-  want_x, want_tokens = tokenizer_steps.reconstruct(state.params, x, model=model)
+  # Jitted, as the API's: op by op, every op of the networks would compile a program of its own.
+  reconstruct = jax.jit(functools.partial(tokenizer_steps.reconstruct, model=model))
+  want_x, want_tokens = reconstruct(state.params, x)
   np.testing.assert_array_equal(tokens, want_tokens)
   np.testing.assert_allclose(x_hat, want_x, rtol=1e-5, atol=1e-5)
   assert tokens.shape == (8, 7, 7) and 0 <= int(tokens.min()) <= int(tokens.max()) < q.vocab_size
@@ -91,9 +94,8 @@ def test_vqvae_training_api_evaluation_and_priors(variant, tmp_path):
   np.testing.assert_array_equal(tok.decode_latents(tok.encode_latents(x)), x_hat)  # the LDM's path
 
   # Evaluation counts tokens over the whole vocabulary.
-  out = tokenizer_steps.eval_step(
-    state.params, {"image": x, "mask": jnp.ones((8,), bool)}, model=model
-  )
+  eval_step = jax.jit(functools.partial(tokenizer_steps.eval_step, model=model))
+  out = eval_step(state.params, {"image": x, "mask": jnp.ones((8,), bool)})
   assert out["code_counts"].shape == (q.vocab_size,) and float(out["code_counts"].sum()) == 8 * 49
 
   # A PixelCNN over its tokens (vocabulary from the tokenizer), one step.
@@ -107,7 +109,7 @@ def test_vqvae_training_api_evaluation_and_priors(variant, tmp_path):
   )
   p_state, p_metrics = p_step(p_state, {"tokens": tokens, "label": jnp.zeros((8,), jnp.int32)})
   assert np.isfinite(float(p_metrics["loss"]))
-  logits = prior.apply({"params": p_state.params}, tokens, None)
+  logits = jax.jit(prior.apply)({"params": p_state.params}, tokens, None)
   assert logits.shape == (8, 7, 7, q.vocab_size)
 
 
