@@ -51,7 +51,7 @@ def jax_layer(kind, h, cin, cout, k, s, p, batch, input_grad, rng):
     form = layers.choose_conv_impl(
       (k, k, cin, cout), backend="cpu", library="eigen", strides=(s, s), padding=(p, p)
     )
-    apply = lambda x, w: layers._CONV_FORMS[form](x, w, (s, s), (p, p))
+    apply = lambda x, w: layers.CONV_FORMS[form](x, w, (s, s), (p, p))
   else:
     form = layers.choose_conv_transpose_impl(cout, backend="cpu", library="eigen")
     apply = lambda x, w: layers.CONV_TRANSPOSE_4X4S2_IMPLS[form](x, w)

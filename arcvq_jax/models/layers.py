@@ -288,7 +288,7 @@ def _library(library: str | None) -> str:
 # gradient, GEMM kernel gradient) above it.
 GEMM_MAX_PATCH = 576
 CONV_IMPLS = ("auto", "xla", "gemm", "hybrid", "phase_grad")
-_CONV_FORMS = {
+CONV_FORMS = {
   "xla": conv_xla,
   "gemm": conv_gemm,
   "hybrid": conv_hybrid,
@@ -365,9 +365,9 @@ class Conv(nn.Module):
       impl = choose_conv_impl(
         shape, library=self.library, strides=_pair(self.strides), padding=(ph, pw)
       )
-    if impl not in _CONV_FORMS:
+    if impl not in CONV_FORMS:
       raise ValueError(f"Conv impl {self.impl!r} is not one of {CONV_IMPLS}")
-    y = _CONV_FORMS[impl](x, kernel, _pair(self.strides), (ph, pw))
+    y = CONV_FORMS[impl](x, kernel, _pair(self.strides), (ph, pw))
     if bias is not None:
       y = y + bias
     return y
