@@ -176,18 +176,24 @@ def conv_hybrid(
   return conv_xla(x, kernel, strides, padding)
 
 
-def _conv_hybrid_fwd(x, kernel, strides, padding):
+def _conv_keep_inputs_fwd(x, kernel, strides, padding):
+  """The forward pass of the custom-VJP forms: `conv_xla`, keeping (x, kernel) for the backward."""
   return conv_xla(x, kernel, strides, padding), (x, kernel)
+
+
+def _conv_xla_input_grad(x, kernel, strides, padding, g):
+  """XLA's own input gradient of `conv_xla(x, kernel, strides, padding)` for the cotangent g."""
+  return jax.vjp(lambda x_: conv_xla(x_, kernel, strides, padding), x)[1](g)[0]
 
 
 def _conv_hybrid_bwd(strides, padding, res, g):
   x, kernel = res
-  dx = jax.vjp(lambda x_: conv_xla(x_, kernel, strides, padding), x)[1](g)[0]
+  dx = _conv_xla_input_grad(x, kernel, strides, padding, g)
   dk = conv_kernel_grad(x, g, kernel.shape, strides, padding).astype(kernel.dtype)
   return dx.astype(x.dtype), dk
 
 
-conv_hybrid.defvjp(_conv_hybrid_fwd, _conv_hybrid_bwd)
+conv_hybrid.defvjp(_conv_keep_inputs_fwd, _conv_hybrid_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -207,17 +213,13 @@ def conv_phase_grad(
   return conv_xla(x, kernel, strides, padding)
 
 
-def _conv_phase_grad_fwd(x, kernel, strides, padding):
-  return conv_xla(x, kernel, strides, padding), (x, kernel)
-
-
 def _conv_phase_grad_bwd(strides, padding, res, g):
   x, kernel = res
   dk = jax.vjp(lambda k: conv_xla(x, k, strides, padding), kernel)[1](g)[0]
   if _phase_grad_applies(kernel.shape, strides, padding, x.shape[1:3], g.shape[1:3]):
     dx = conv_transpose_4x4s2_phase(g, kernel.transpose(0, 1, 3, 2))
   else:
-    dx = jax.vjp(lambda x_: conv_xla(x_, kernel, strides, padding), x)[1](g)[0]
+    dx = _conv_xla_input_grad(x, kernel, strides, padding, g)
   return dx.astype(x.dtype), dk
 
 
@@ -227,7 +229,7 @@ def _phase_grad_applies(kernel_shape, strides, padding, in_hw=None, out_hw=None)
   return tuple(kernel_shape[:2]) == (4, 4) and strides == (2, 2) and padding == (1, 1) and shape_ok
 
 
-conv_phase_grad.defvjp(_conv_phase_grad_fwd, _conv_phase_grad_bwd)
+conv_phase_grad.defvjp(_conv_keep_inputs_fwd, _conv_phase_grad_bwd)
 
 
 # XLA:CPU (jax 0.10) compiles convolutions into YNNPACK fusions by default. Their kernel
