@@ -1,5 +1,6 @@
 """Makes the repository root importable, so tests can load configs/*.py, and shares XLA's
-compiled programs between the runs of one test session, subprocesses included.
+compiled programs between the runs of one test session, subprocesses included, which it
+compiles without LLVM's optimisations (tests marked `xla_optimised` with them).
 
 Several tests train the same small model more than once (uninterrupted vs resumed runs);
 XLA:CPU compile time is most of their cost, so a session-wide persistent compilation cache
@@ -11,6 +12,7 @@ import sys
 import tempfile
 
 import jax
+import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -33,3 +35,25 @@ _CACHE = {
 for _name, _value in _CACHE.items():
   jax.config.update(_name, _value)
   os.environ[_name.upper()] = str(_value)
+
+# Most tests compile small programs and run them a few steps: LLVM's optimising passes cost
+# more than they save. The suite compiles with `jax_disable_most_optimizations` (XLA's HLO
+# passes as always, LLVM's optimisations off), subprocesses too; a test marked `xla_optimised`
+# (one that runs its programs long: a 1000-step overfit, an evaluation over many images)
+# compiles as users' runs do. See docs/contributing.md, "Compile time".
+_UNOPTIMISED = "JAX_DISABLE_MOST_OPTIMIZATIONS"
+os.environ[_UNOPTIMISED] = "1"
+jax.config.update("jax_disable_most_optimizations", True)
+
+
+@pytest.fixture(autouse=True)
+def _xla_optimisation(request, monkeypatch):
+  if request.node.get_closest_marker("xla_optimised") is None:
+    yield
+    return
+  monkeypatch.delenv(_UNOPTIMISED)
+  jax.config.update("jax_disable_most_optimizations", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", True)

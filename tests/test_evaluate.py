@@ -83,6 +83,7 @@ def test_training_writes_the_codebook_diagnostics(trained):
 
 
 @pytest.mark.slow
+@pytest.mark.xla_optimised  # runs long enough for XLA's optimisations to pay
 @needs_fashion
 def test_evaluate_command_writes_json_markdown_plots_and_rfid(trained, weights):
   n = 12
@@ -311,6 +312,7 @@ def test_image_set_errors(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xla_optimised  # runs long enough for XLA's optimisations to pay
 def test_evaluate_samples_command_caches_the_reference(tmp_path, weights):
   samples, reference = toy_images(24, 1), toy_images(30, 2)
   np.savez(str(tmp_path / "samples.npz"), images=samples)

@@ -215,6 +215,7 @@ def test_cli_trains_and_samples(tok_dir, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xla_optimised  # runs long enough for XLA's optimisations to pay
 def test_tiny_ldm_overfits_a_handful_of_latents_and_samples_them_back():
   # Four 4x4x2 latents, one per class; the LDM schedule (1000 steps), DDIM 50 steps with
   # classifier-free guidance 4 (the null label trained 10 % of the time): every sample of
