@@ -101,6 +101,7 @@ class Checkpointer:
       try:
         return self.restore(step, abstract_state, data_iter)
       except Exception as e:  # orbax raises a bare Exception for unreadable array files
+        checkpoint_files.quiet_abandoned_reads()
         reason = checkpoint_files.diagnose(str(self.directory), step, abstract_state)
         if reason is None:
           if isinstance(e, CheckpointError):

@@ -16,6 +16,9 @@ not damaged: that raises CheckpointError and nothing is moved.
 from __future__ import annotations
 
 import json
+import logging as std_logging
+import os
+import sys
 import time
 from typing import Any
 
@@ -83,6 +86,56 @@ def _leaf_signature(tree: Any) -> list[tuple[tuple[int, ...], str]]:
   return sorted((tuple(int(d) for d in x.shape), str(x.dtype)) for x in leaves)
 
 
+def quiet_abandoned_reads() -> None:
+  """Stops the noise orbax's unfinished reads of a damaged checkpoint make, for this process.
+
+  orbax reads a step's arrays in asyncio tasks. When one file cannot be read the restore
+  raises at once (we report that, in one line); the other reads are left behind, and each
+  reports itself later, at any time, interleaved with the training log: "Exception ignored
+  in: <coroutine ...>" when it is garbage-collected, "Task exception was never retrieved"
+  (asyncio's logger) with its TensorStore spec, "RuntimeError: Event loop is closed" from
+  TensorStore's threads that finish after the loop closed: ~2,300 lines for one truncated
+  file. Call it where a restore has failed; once per process it wraps `sys.unraisablehook`
+  and filters asyncio's logger so that exactly these are dropped; every other unraisable
+  exception and asyncio message goes on as before.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_abandoned_orbax_reads", False):
+    return
+
+  def hook(unraisable: Any) -> None:
+    if not _is_abandoned_orbax_read(unraisable):
+      previous(unraisable)
+
+  hook.drops_abandoned_orbax_reads = True
+  sys.unraisablehook = hook
+  std_logging.getLogger("asyncio").addFilter(_drop_orbax_task_reports)
+
+
+def _drop_orbax_task_reports(record: std_logging.LogRecord) -> bool:
+  """False (drop) for asyncio's report of an orbax read task whose error nobody awaited."""
+  message = record.getMessage()
+  return not (
+    message.startswith("Task exception was never retrieved") and f"{os.sep}orbax{os.sep}" in message
+  )
+
+
+def _is_abandoned_orbax_read(unraisable: Any) -> bool:
+  code = getattr(unraisable.object, "cr_code", None)  # a coroutine closed unfinished
+  if code is not None:
+    return f"{os.sep}orbax{os.sep}" in code.co_filename
+  tb, frames = unraisable.exc_traceback, []
+  while tb is not None:
+    frames.append(tb.tb_frame.f_code.co_name)
+    tb = tb.tb_next
+  return (
+    unraisable.object is None
+    and isinstance(unraisable.exc_value, RuntimeError)
+    and str(unraisable.exc_value) == "Event loop is closed"
+    and "call_soon_threadsafe" in frames
+  )
+
+
 def state_metadata(checkpoint_dir: str, step: int) -> Any:
   """The tree of ArrayMetadata (shape, dtype) of a step's 'state' item; DamagedCheckpointError
   where it cannot be read."""
@@ -125,6 +178,7 @@ def read_state(
   try:
     return handler.restore(path, args=ocp.args.StandardRestore(abstract_state))
   except Exception as e:  # tensorstore's unreadable chunks arrive as a bare Exception
+    quiet_abandoned_reads()
     raise DamagedCheckpointError(f"the arrays of {path} cannot be read: {_short(e)}") from e
   finally:
     handler.close()

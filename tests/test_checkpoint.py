@@ -1,6 +1,7 @@
 """Checkpoints are atomic: a save killed half-way never hides the last good checkpoint; a
 checkpoint damaged afterwards is set aside (not deleted) and the one before it restored."""
 
+import gc
 import glob
 import logging
 import os
@@ -135,6 +136,38 @@ def test_read_only_restore_skips_damaged_steps_and_moves_nothing(tmp_path, caplo
   assert step == 1
   path = checkpoint_files.set_aside(directory, 2, "test")
   assert checkpoint_files.checkpoint_steps(directory) == [1] and os.path.isdir(path)
+
+
+def test_reads_left_behind_by_a_damaged_checkpoint_make_no_noise(tmp_path, caplog, monkeypatch):
+  """orbax abandons its other array reads when one file is unreadable; they must not print
+  tracebacks (through sys.unraisablehook or asyncio's logger) once the damage is reported."""
+  printed = []
+  monkeypatch.setattr(sys, "unraisablehook", printed.append)  # stands for Python's printer
+  directory = str(tmp_path / "checkpoints")
+  rng = np.random.default_rng(0)  # incompressible: one data file per array
+  state = {f"w{i}": jnp.asarray(rng.normal(size=(32, 32)), jnp.float32) for i in range(40)}
+  ckpt = Checkpointer(directory)
+  for step in (1, 2):
+    ckpt.save(step, {**state, "step": jnp.asarray(step)}, None)
+  ckpt.wait()
+  ckpt.close()
+  _truncate_array_file(directory, 2)
+  ckpt = Checkpointer(directory)
+  with caplog.at_level(logging.DEBUG):
+    restored = ckpt.restore_latest(abstract_like({**state, "step": jnp.asarray(0)}), None)
+    gc.collect()  # the abandoned reads are closed here (or at exit, in a command)
+  ckpt.close()
+  assert int(restored["step"]) == 1
+  assert printed == []
+  assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+  class Faulty:  # any other unraisable exception still reaches the hook
+    def __del__(self):
+      raise ValueError("not orbax")
+
+  Faulty()
+  gc.collect()
+  assert [type(u.exc_value) for u in printed] == [ValueError]
 
 
 def test_checkpoint_files_imports_no_grain():
