@@ -286,41 +286,32 @@ def test_conv_hybrid_matches_xla_values_and_gradients(k, stride, pad, cin, cout)
   )
 
 
-@pytest.mark.parametrize(
-  "k,stride,pad,hw",
-  [(4, 2, 1, (8, 10)), (4, 2, 1, (9, 8)), (3, 1, 1, (6, 6)), (4, 2, 0, (10, 10))],
-)
-def test_conv_phase_grad_matches_torch_values_and_gradients(k, stride, pad, hw):
-  """The phase-form input gradient where it applies (even input), XLA's elsewhere."""
+# (form, kernel, stride, padding, input (H, W), Cin, Cout): the custom-VJP forms against torch.
+# phase_grad: its phase-form input gradient on even inputs, XLA's where the input is odd or
+# the shape is not 4x4 / 2 / 1; hybrid: its GEMM kernel gradient (both contraction orders).
+CUSTOM_VJP_CASES = [
+  ("phase_grad", 4, 2, 1, (8, 10), 3, 5),
+  ("phase_grad", 4, 2, 1, (9, 8), 3, 5),
+  ("phase_grad", 3, 1, 1, (6, 6), 3, 5),
+  ("phase_grad", 4, 2, 0, (10, 10), 3, 5),
+] + [("hybrid", k, s, p, (9, 8), cin, cout) for k, s, p, cin, cout in HYBRID_CASES[:3]]
+
+
+@pytest.mark.parametrize("form,k,stride,pad,hw,cin,cout", CUSTOM_VJP_CASES)
+def test_custom_vjp_conv_forms_match_torch_values_and_gradients(
+  form, k, stride, pad, hw, cin, cout
+):
   torch = pytest.importorskip("torch")
   rng = np.random.default_rng(14)
-  x = rng.normal(size=(2, *hw, 3)).astype(np.float32)
-  w = rng.normal(size=(k, k, 3, 5)).astype(np.float32)
-  xt = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
-  wt = torch.tensor(w.transpose(3, 2, 0, 1), requires_grad=True)
-  yt = torch.nn.functional.conv2d(xt, wt, stride=stride, padding=pad)
-  torch.sin(yt).sum().backward()
-  st, pd = (stride, stride), (pad, pad)
-  loss = lambda x, w: jnp.sum(jnp.sin(layers.conv_phase_grad(x, w, st, pd)))
-  y = layers.conv_phase_grad(jnp.asarray(x), jnp.asarray(w), st, pd)
-  gx, gw = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(x), jnp.asarray(w))
-  np.testing.assert_allclose(y, yt.detach().numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(gx, xt.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(gw, wt.grad.numpy().transpose(2, 3, 1, 0), rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("k,stride,pad,cin,cout", HYBRID_CASES[:3])
-def test_conv_hybrid_gradients_match_torch(k, stride, pad, cin, cout):
-  torch = pytest.importorskip("torch")
-  rng = np.random.default_rng(12)
-  x = rng.normal(size=(2, 9, 8, cin)).astype(np.float32)
+  x = rng.normal(size=(2, *hw, cin)).astype(np.float32)
   w = rng.normal(size=(k, k, cin, cout)).astype(np.float32)
   xt = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
   wt = torch.tensor(w.transpose(3, 2, 0, 1), requires_grad=True)  # (Cout, Cin, k, k)
   yt = torch.nn.functional.conv2d(xt, wt, stride=stride, padding=pad)
   torch.sin(yt).sum().backward()
-  loss = lambda x, w: jnp.sum(jnp.sin(layers.conv_hybrid(x, w, (stride, stride), (pad, pad))))
-  y = layers.conv_hybrid(jnp.asarray(x), jnp.asarray(w), (stride, stride), (pad, pad))
+  conv = lambda x, w: layers.CONV_FORMS[form](x, w, (stride, stride), (pad, pad))
+  loss = lambda x, w: jnp.sum(jnp.sin(conv(x, w)))
+  y = conv(jnp.asarray(x), jnp.asarray(w))
   gx, gw = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(x), jnp.asarray(w))
   np.testing.assert_allclose(y, yt.detach().numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(gx, xt.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-5)
