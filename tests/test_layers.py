@@ -362,6 +362,12 @@ def test_auto_forms_for_eigen_convolutions():
   eigen = dict(backend="cpu", library="eigen")
   assert layers.choose_conv_impl((3, 3, 128, 128), **eigen) == "xla"
   assert layers.choose_conv_impl((3, 3, 64, 64), **eigen) == "xla"
+  same = dict(strides=(1, 1), padding=(1, 1))  # the residual 3x3 (128 -> 32): GEMM kernel grad
+  assert layers.choose_conv_impl((3, 3, 128, 32), **eigen, **same) == "hybrid"
+  assert layers.choose_conv_impl((3, 3, 128, 64), **eigen, **same) == "hybrid"
+  assert layers.choose_conv_impl((3, 3, 128, 96), **eigen, **same) == "xla"  # not half as wide
+  assert layers.choose_conv_impl((3, 3, 128, 32), **eigen) == "xla"  # padding 0: not 'same'
+  assert layers.choose_conv_impl((3, 3, 128, 32), **eigen, strides=(2, 2), padding=(1, 1)) == "xla"
   assert layers.choose_conv_impl((1, 1, 128, 64), **eigen) == "gemm"
   down = dict(strides=(2, 2), padding=(1, 1))
   assert layers.choose_conv_impl((4, 4, 64, 128), **eigen, **down) == "phase_grad"
