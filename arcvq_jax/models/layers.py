@@ -225,9 +225,11 @@ def _conv_phase_grad_bwd(strides, padding, res, g):
 
 def _narrowing_same_conv(kernel_shape, strides, padding) -> bool:
   """A stride-1 'same' convolution (odd kernel, padding (k - 1) / 2) to at most half as many
-  channels: `conv_kernel_grad` takes its kernel gradient as one GEMM over the taps of the
-  narrow cotangent, faster on Eigen than Eigen's own (the VQ-VAE's residual 3x3, 128 -> 32:
-  2.8 vs 4.0 ms at batch 128, bench/bench_conv_layers.py)."""
+  channels. `conv_kernel_grad` takes its kernel gradient as one GEMM of the input against the
+  taps of the narrow cotangent: alone about as fast as Eigen's (bench/bench_conv_layers.py),
+  but it reads the input (a ReLU output) as it is, where Eigen's kernel-gradient convolution
+  needs a layout transpose of it first; with the VQ-VAE's residual 3x3 (128 -> 32) in this
+  form the train step at batch 1024 took 4-7 % less (bench/bench_vs_pytorch.py)."""
   kh, kw, cin, cout = kernel_shape
   same = kh % 2 == 1 and kw % 2 == 1 and tuple(padding) == ((kh - 1) // 2, (kw - 1) // 2)
   return tuple(strides) == (1, 1) and same and 2 * cout <= cin
