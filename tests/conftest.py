@@ -57,3 +57,42 @@ def _xla_optimisation(request, monkeypatch):
     yield
   finally:
     jax.config.update("jax_disable_most_optimizations", True)
+
+
+# `--dist loadfile` hands whole files to the two workers in collection order, which xdist by
+# default re-sorts by each file's number of tests: the heavy files, which have few tests, came
+# last and one worker finished ~30 s after the other. Here the heaviest files go first (longest
+# processing time first), so only short files are left for the end. Worker-seconds of the
+# heaviest files (2026-11-27, -n 2); the others follow in collection order. Only the order
+# changes, never what runs.
+HEAVY_FILES = {
+  "test_evaluate.py": 109,
+  "test_train_prior.py": 109,
+  "test_quantizer_zoo.py": 100,
+  "test_convert_torch.py": 99,
+  "test_blockwise.py": 98,
+  "test_sharding.py": 84,
+  "test_gan_steps.py": 82,
+  "test_train_vqgan.py": 63,
+  "test_ablate.py": 48,
+  "test_distributed.py": 46,
+  "test_colab.py": 44,
+  "test_inception.py": 39,
+  "test_prior_sharding.py": 37,
+  "test_cli.py": 34,
+  "test_train.py": 32,
+  "test_api.py": 29,
+  "test_lpips.py": 28,
+  "test_unet.py": 28,
+  "test_main.py": 25,
+  "test_layers.py": 23,
+}
+
+
+def pytest_configure(config):
+  if hasattr(config.option, "loadscopereorder"):  # pytest-xdist's controller
+    config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+  items.sort(key=lambda item: -HEAVY_FILES.get(item.path.name, 0))  # stable within a file
