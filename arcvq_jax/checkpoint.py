@@ -81,6 +81,7 @@ class Checkpointer:
     # no iterator position: the data then starts from the beginning of the first epoch.
     if data_iter is not None and (self.directory / str(step) / "data").exists():
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    checkpoint_files.quiet_abandoned_reads(self.directory)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
@@ -101,7 +102,6 @@ class Checkpointer:
       try:
         return self.restore(step, abstract_state, data_iter)
       except Exception as e:  # orbax raises a bare Exception for unreadable array files
-        checkpoint_files.quiet_abandoned_reads()
         reason = checkpoint_files.diagnose(str(self.directory), step, abstract_state)
         if reason is None:
           if isinstance(e, CheckpointError):

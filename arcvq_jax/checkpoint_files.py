@@ -86,19 +86,31 @@ def _leaf_signature(tree: Any) -> list[tuple[tuple[int, ...], str]]:
   return sorted((tuple(int(d) for d in x.shape), str(x.dtype)) for x in leaves)
 
 
-def quiet_abandoned_reads() -> None:
+def quiet_abandoned_reads(checkpoint_dir: Any) -> None:
   """Stops the noise orbax's unfinished reads of a damaged checkpoint make, for this process.
 
   orbax reads a step's arrays in asyncio tasks. When one file cannot be read the restore
   raises at once (we report that, in one line); the other reads are left behind, and each
   reports itself later, at any time, interleaved with the training log: "Exception ignored
-  in: <coroutine ...>" when it is garbage-collected, "Task exception was never retrieved"
-  (asyncio's logger) with its TensorStore spec, "RuntimeError: Event loop is closed" from
-  TensorStore's threads that finish after the loop closed: ~2,300 lines for one truncated
-  file. Call it where a restore has failed; once per process it wraps `sys.unraisablehook`
-  and filters asyncio's logger so that exactly these are dropped; every other unraisable
+  in: <coroutine ...>" when it is garbage-collected, "Task (or Future, or _GatheringFuture)
+  exception was never retrieved" (asyncio's logger) with the TensorStore error, "RuntimeError:
+  Event loop is closed" from TensorStore's threads that finish after the loop closed (some
+  before the restore has even raised): ~2,300 lines for one truncated file.
+
+  Call it before reading `checkpoint_dir` with orbax. Once per process it wraps
+  `sys.unraisablehook` (dropping coroutines of orbax closed unfinished and the closed loop's
+  complaint to TensorStore's callbacks) and filters asyncio's logger, which from then on
+  drops the unretrieved errors that name a directory given here. Every other unraisable
   exception and asyncio message goes on as before.
   """
+  asyncio_logger = std_logging.getLogger("asyncio")
+  reports = next((f for f in asyncio_logger.filters if isinstance(f, _AbandonedReadReports)), None)
+  if reports is None:
+    reports = _AbandonedReadReports()
+    asyncio_logger.addFilter(reports)
+  directory = str(checkpoint_dir)
+  reports.directories.add(directory if "://" in directory else os.path.abspath(directory))
+
   previous = sys.unraisablehook
   if getattr(previous, "drops_abandoned_orbax_reads", False):
     return
@@ -109,15 +121,24 @@ def quiet_abandoned_reads() -> None:
 
   hook.drops_abandoned_orbax_reads = True
   sys.unraisablehook = hook
-  std_logging.getLogger("asyncio").addFilter(_drop_orbax_task_reports)
 
 
-def _drop_orbax_task_reports(record: std_logging.LogRecord) -> bool:
-  """False (drop) for asyncio's report of an orbax read task whose error nobody awaited."""
-  message = record.getMessage()
-  return not (
-    message.startswith("Task exception was never retrieved") and f"{os.sep}orbax{os.sep}" in message
-  )
+class _AbandonedReadReports(std_logging.Filter):
+  """Drops asyncio's "... exception was never retrieved" for reads of the given directories.
+
+  A task's report names its orbax coroutine, a future's only the TensorStore error; both
+  name the checkpoint's path, which is what identifies them as ours.
+  """
+
+  def __init__(self) -> None:
+    super().__init__()
+    self.directories: set[str] = set()
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    message = record.getMessage()
+    if "exception was never retrieved" not in message.partition("\n")[0]:
+      return True
+    return not any(directory in message for directory in self.directories)
 
 
 def _is_abandoned_orbax_read(unraisable: Any) -> bool:
@@ -175,10 +196,10 @@ def read_state(
   elif _leaf_signature(tree) != _leaf_signature(abstract_state):
     raise CheckpointError(mismatch_message(checkpoint_dir, step))
   handler = ocp.StandardCheckpointHandler()
+  quiet_abandoned_reads(checkpoint_dir)
   try:
     return handler.restore(path, args=ocp.args.StandardRestore(abstract_state))
   except Exception as e:  # tensorstore's unreadable chunks arrive as a bare Exception
-    quiet_abandoned_reads()
     raise DamagedCheckpointError(f"the arrays of {path} cannot be read: {_short(e)}") from e
   finally:
     handler.close()
