@@ -8,6 +8,7 @@ XLA:CPU compile time is most of their cost, so a session-wide persistent compila
 """
 
 import os
+import shutil
 import sys
 import tempfile
 
@@ -24,11 +25,16 @@ sys.modules.setdefault("triton", None)
 
 # The same settings as environment variables too: the tests that run `main` or a script in a
 # subprocess pass os.environ on, and those runs compile the same small programs again and again.
+# The folder is this run's own (a fresh cache, so the suite's time does not depend on earlier
+# runs) and is removed when the run ends: it grows to ~270 MB, and one per run filled /tmp.
+_OWN_CACHE = (
+  None
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR")
+  else tempfile.mkdtemp(prefix="arcvq_xla_cache_")
+)
 _CACHE = {
   # pytest-xdist's workers inherit the first process's folder through the environment
-  "jax_compilation_cache_dir": (
-    os.environ.get("JAX_COMPILATION_CACHE_DIR") or tempfile.mkdtemp(prefix="arcvq_xla_cache_")
-  ),
+  "jax_compilation_cache_dir": os.environ.get("JAX_COMPILATION_CACHE_DIR") or _OWN_CACHE,
   "jax_persistent_cache_min_compile_time_secs": 0.5,
   "jax_persistent_cache_min_entry_size_bytes": 0,
 }
@@ -92,6 +98,11 @@ HEAVY_FILES = {
 def pytest_configure(config):
   if hasattr(config.option, "loadscopereorder"):  # pytest-xdist's controller
     config.option.loadscopereorder = False
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE is not None:  # the process that made it: xdist's controller, or the only one
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):
