@@ -21,9 +21,11 @@ one photo with taming's (indices identical; max |diff| / max |x_hat|).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -133,6 +135,8 @@ def main() -> None:
   args = parser.parse_args()
 
   folder = args.dir or tempfile.mkdtemp(prefix="bench_convert_")
+  if not args.dir:  # ~1 GiB of checkpoint and workdir
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
   os.makedirs(folder, exist_ok=True)
   ckpt = os.path.join(folder, "vqgan_f16_1024_random.ckpt")
   workdir = os.path.join(folder, "out")

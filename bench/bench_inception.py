@@ -18,7 +18,9 @@ statistics and the Frechet distance; LPIPS off (its time is issue 3's).
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -73,6 +75,7 @@ def bench_rfid(workdir: str | None, batch: int, inception_batch: int) -> dict:
     from configs import tiny  # noqa: PLC0415
 
     workdir = tempfile.mkdtemp(prefix="bench_rfid_")
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)
     config = tiny.get_config()
     t0 = time.perf_counter()
     tokenizer.train_and_evaluate(config, workdir)

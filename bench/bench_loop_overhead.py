@@ -27,8 +27,10 @@ the checkpoint.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -133,6 +135,8 @@ def main() -> None:
   )
 
   workdir = args.workdir or tempfile.mkdtemp(prefix="loop_overhead_")
+  if not args.workdir:
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)
   r = run_main(args.batch, args.steps, args.log_every, workdir)
   per_step = r["loop_seconds"] / r["steps_timed"]
   print(
