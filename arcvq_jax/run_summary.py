@@ -105,7 +105,7 @@ def summary_lines(
     nxt.append(
       (
         "a prior on its tokens",
-        "python -m arcvq_jax.main --config=configs/tiny_pixelcnn.py --workdir=PRIOR_DIR "
+        "python -m arcvq_jax.main --config=configs/demo_pixelcnn.py --workdir=PRIOR_DIR "
         f"--config.tokenizer_workdir={q(workdir)}",
       )
     )

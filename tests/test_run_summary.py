@@ -1,9 +1,17 @@
 """The closing lines of a run (arcvq_jax/run_summary.py) on a workdir laid out as main writes
 one: metrics, what was written where, the next commands."""
 
+import importlib
 import os
+import re
 
-from arcvq_jax import run_summary
+import pytest
+
+from arcvq_jax import config as config_lib
+from arcvq_jax import prior_config, run_summary
+from arcvq_jax.train import state as state_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _workdir(tmp_path, monkeypatch):
@@ -66,3 +74,30 @@ def test_prior_summary_points_at_sampling_and_preemption_at_resume(tmp_path, mon
   assert "SIGTERM at step 7" in stopped[0]
   assert stopped[1] == f"Resume: python -m arcvq_jax.main --config=c.py --workdir={workdir}"
   assert os.path.join(workdir, "checkpoints") in stopped[0]
+
+
+@pytest.mark.parametrize("tokenizer_config", ["demo", "fashion_mnist", "tiny"])
+def test_the_prior_a_tokenizer_summary_suggests_takes_that_tokenizer(
+  tmp_path, monkeypatch, tokenizer_config
+):
+  """The suggested prior command must run on the tokenizer just trained: its config exists,
+  validates, and accepts that tokenizer's vocabulary and latent grid (Fashion-MNIST, 28x28)."""
+  workdir = _workdir(tmp_path, monkeypatch)
+  lines = run_summary.summary_lines(
+    stage="tokenizer",
+    workdir=workdir,
+    results={},
+    config_arg=f"configs/{tokenizer_config}.py",
+  )
+  (prior_arg,) = re.findall(r"--config=(\S+) --workdir=PRIOR_DIR", "\n".join(lines))
+  assert os.path.isfile(os.path.join(ROOT, prior_arg))
+  prior = importlib.import_module(prior_arg.removesuffix(".py").replace("/", ".")).get_config()
+  prior.tokenizer_workdir = workdir
+  prior_config.validate(prior)
+
+  tokenizer = importlib.import_module(f"configs.{tokenizer_config}").get_config()
+  quantizer = state_lib.build_model(tokenizer, channels=1).quantizer
+  side = 28 // config_lib.downsample_factor(tokenizer)
+  prior_config.validate_against_tokenizer(
+    prior, quantizer.vocab_size, (side, side, quantizer.dim), where=workdir
+  )
