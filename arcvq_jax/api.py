@@ -183,6 +183,15 @@ class Tokenizer:
       raise ValueError(
         f"images must be floats in [-1, 1], got dtype {x.dtype}; convert uint8 with x / 127.5 - 1."
       )
+    # Pixel values in [0, 255] would encode without complaint, to tokens of nothing the model
+    # has seen. A resize's overshoot (bicubic: a few per cent) stays well inside the margin;
+    # images in [0, 1] cannot be told apart from dark images in [-1, 1] and are not caught.
+    lo, hi = (float(v) for v in jax.device_get((x.min(), x.max())))
+    if lo < -1.5 or hi > 1.5:
+      raise ValueError(
+        f"images must be in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]; convert [0, 255] with "
+        "x / 127.5 - 1, [0, 1] with 2 * x - 1."
+      )
     return x.astype(jnp.float32)
 
   def encode_latents(self, images: Any) -> jax.Array:

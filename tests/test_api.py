@@ -134,6 +134,10 @@ def test_errors_name_the_problem(run, tmp_path):
     tok.encode(np.zeros((1, 30, 30, 1), np.float32))
   with pytest.raises(ValueError, match=re.escape("uint8 with x / 127.5 - 1")):
     tok.encode(np.zeros((1, 28, 28, 1), np.uint8))
+  pixels = np.linspace(0, 255, 28 * 28, dtype=np.float32).reshape(1, 28, 28, 1)
+  with pytest.raises(ValueError, match=re.escape("got values in [0, 255]; convert [0, 255]")):
+    tok.encode(pixels)
+  assert tok.encode(pixels / 127.5 - 1.05).shape == (1, 7, 7)  # a resize's overshoot passes
 
 
 @pytest.mark.slow
