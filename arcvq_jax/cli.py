@@ -20,6 +20,7 @@ The entry points (main, evaluate, sample, evaluate_samples, the converters) end 
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging as logging_std
 import os
 import re
@@ -297,9 +298,36 @@ def check_workdir(workdir: str, flag: str = "--workdir") -> None:
 # ------------------------------------------------------------------------------------ run
 
 
+# The oldest jax the project runs on (pyproject.toml's floor; a test keeps the two equal):
+# below it `threefry_batching` cannot re-bind jax's primitives (jax 0.9.1 and 0.8.3 failed
+# on the first fresh state; 0.9.2 ran the demo, CI runs 0.10.2).
+MIN_JAX_VERSION = "0.9.2"
+
+
+def check_jax_version(installed: str | None = None) -> None:
+  """Fails (one message, with the fix) where the installed jax is older than MIN_JAX_VERSION:
+  a checkout run without `pip install` can meet an older jax, which fails deep inside."""
+  if installed is None:
+    try:
+      installed = importlib.metadata.version("jax")
+    except importlib.metadata.PackageNotFoundError:
+      fail("jax is not installed. Run `bash launch/setup.sh` (or pip install -e .).")
+
+  def parts(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", version)[:3])
+
+  if parts(installed) < parts(MIN_JAX_VERSION):
+    fail(
+      f"jax {installed} is older than this project needs ({MIN_JAX_VERSION}). Upgrade it: "
+      f"pip install -U 'jax>={MIN_JAX_VERSION}' (with its accelerator plugin, e.g. "
+      "'jax[cuda12]', where you use one), or run `bash launch/setup.sh`."
+    )
+
+
 def _guarded(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
   def guarded_main(argv: list[str]) -> Any:
     setup_logging()
+    check_jax_version()
     try:
       return main(argv)
     except Exception as e:

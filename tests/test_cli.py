@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -87,6 +88,24 @@ def test_check_workdir(tmp_path):
   with pytest.raises(cli.UserError, match=r"cannot be written \(Not a directory\)"):
     cli.check_workdir(str(tmp_path / "file" / "run"))
   cli.check_workdir("gs://bucket/run")  # left to the first write
+
+
+def test_an_older_jax_is_refused_with_the_upgrade_command(capsys):
+  for version in (cli.MIN_JAX_VERSION, "0.10.2", "0.10.0.dev20260101", "1.0"):
+    cli.check_jax_version(version)
+  cli.check_jax_version()  # the installed one
+  with pytest.raises(SystemExit) as exit_info:
+    cli.check_jax_version("0.9.1")
+  assert exit_info.value.code == cli.USER_ERROR_STATUS
+  message = flat(capsys.readouterr().err)
+  assert message.startswith("error: jax 0.9.1 is older than this project needs (0.9.2)")
+  assert f"pip install -U 'jax>={cli.MIN_JAX_VERSION}'" in message
+
+
+def test_pyproject_asks_for_the_jax_the_commands_check_for():
+  with open(os.path.join(ROOT, "pyproject.toml")) as f:
+    (floor,) = re.findall(r'"jax>=([0-9.]+)"', f.read())
+  assert floor == cli.MIN_JAX_VERSION
 
 
 # --------------------------------------------------------------------------- main's errors
