@@ -234,6 +234,15 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"--skip={','.join(unknown)}: only {', '.join(SKIPPABLE)} can be skipped.")
   workdir = FLAGS.workdir
   config = FLAGS.config if FLAGS.config is not None else api.load_config(workdir)
+  stage = config.get("stage", "tokenizer")
+  if stage != "tokenizer":
+    raise cli.UserError(
+      f"{workdir} is a {stage!r} run (a prior); evaluate measures a tokenizer's "
+      f"reconstructions. Give a tokenizer's --workdir (this prior's: "
+      f"{config.get('tokenizer_workdir')}), or score the prior's samples: python -m "
+      f"arcvq_jax.sample --workdir={workdir}, then python -m arcvq_jax.evaluate_samples "
+      "--samples=.../samples.npz and a reference (see its --help)."
+    )
   split = FLAGS.split or config.data.eval_split
   # Weights first: a damaged file (or, with --strict, a missing one) stops here, before
   # anything is read or compiled.

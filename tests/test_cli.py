@@ -211,6 +211,19 @@ def test_evaluate_on_a_folder_that_is_no_run(tmp_path):
 
 
 @pytest.mark.slow
+def test_evaluate_on_a_prior_run_points_at_its_tokenizer_and_at_sample_scoring(tmp_path):
+  from configs import tiny_pixelcnn  # noqa: PLC0415
+
+  config = tiny_pixelcnn.get_config()
+  config.tokenizer_workdir = "/runs/tok"
+  (tmp_path / "config.json").write_text(config.to_json())
+  proc = run("arcvq_jax.evaluate", f"--workdir={tmp_path}")
+  assert_user_error(
+    proc, "is a 'pixelcnn' run (a prior)", "(this prior's: /runs/tok)", "arcvq_jax.evaluate_samples"
+  )
+
+
+@pytest.mark.slow
 def test_evaluate_unknown_flag_value():
   proc = run("arcvq_jax.evaluate", "--workdir=/tmp", "--skip=psnr")
   assert_user_error(proc, "--skip=psnr: only lpips, rfid can be skipped", "--help")
