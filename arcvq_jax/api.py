@@ -33,6 +33,7 @@ from etils import epath
 
 from arcvq_jax import checkpoint_files
 from arcvq_jax import config as config_lib
+from arcvq_jax.models import layers
 from arcvq_jax.quantizers.base import Quantizer
 from arcvq_jax.train import state as state_lib
 
@@ -145,10 +146,16 @@ class Tokenizer:
     # The vocabulary (the priors' token range) and the latent width D.
     self.num_codes, self.embed_dim = self.quantizer.vocab_size, self.quantizer.dim
     self.downsample_factor = config_lib.downsample_factor(config)
-    self._encode = jax.jit(functools.partial(self._encode_latents_fn, model=self.model))
-    self._decode_z = jax.jit(functools.partial(self._decode_fn, model=self.model))
-    self._tokens = jax.jit(self.quantizer.tokens)
-    self._lookup = jax.jit(self.quantizer.lookup)
+    # Compiled with the XLA options the model's convolution forms were chosen for (the
+    # training steps' own): without them a VQ-VAE on the CPU encoded and decoded ~1.9x
+    # slower (1000 Fashion-MNIST images: 274 -> 147 ms, 245 -> 131 ms).
+    jit = functools.partial(
+      jax.jit, compiler_options=layers.compiler_options(getattr(self.model, "conv_library", None))
+    )
+    self._encode = jit(functools.partial(self._encode_latents_fn, model=self.model))
+    self._decode_z = jit(functools.partial(self._decode_fn, model=self.model))
+    self._tokens = jit(self.quantizer.tokens)
+    self._lookup = jit(self.quantizer.lookup)
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None) -> Tokenizer:

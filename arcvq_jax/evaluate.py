@@ -129,6 +129,7 @@ def evaluate_checkpoint(
     step,
     in_shardings=(replicated, batch_sharding, replicated),
     out_shardings={k: batch_sharding if k == "reconstructions" else replicated for k in out_shapes},
+    compiler_options=tokenizer_steps.compiler_options(tok.model),
   )
 
   extractor = stats_real = stats_fake = None

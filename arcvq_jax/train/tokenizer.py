@@ -130,7 +130,10 @@ def reconstruction_grid(
   preview = next(iter(evaluation.batches()))["image"][:8]
   if jax.process_count() > 1:
     preview = multihost_utils.broadcast_one_to_all(preview)
-  recon_fn = jax.jit(functools.partial(tokenizer_steps.reconstruct, model=model))
+  recon_fn = jax.jit(
+    functools.partial(tokenizer_steps.reconstruct, model=model),
+    compiler_options=tokenizer_steps.compiler_options(model),
+  )
 
   def write(step: int, state: Any) -> None:
     x_hat, _ = recon_fn(state.params, preview)
