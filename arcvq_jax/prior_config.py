@@ -14,6 +14,7 @@ import ml_collections
 
 from arcvq_jax import diffusion
 from arcvq_jax.config import _check_choice, _check_positive_int, _fail
+from arcvq_jax.models.layers import CONV_LIBRARIES
 
 STAGES = ("ldm", "pixelcnn")
 
@@ -142,7 +143,18 @@ def pixelcnn_config() -> ml_collections.ConfigDict:
   c.tokenizer_expect.latent_shape = (8, 8, 64)
   c.num_classes = 10
   c.pixelcnn = ml_collections.ConfigDict(
-    dict(dim=64, n_layers=15, first_kernel=7, kernel=3, head_dim=512)
+    dict(
+      dim=64,
+      n_layers=15,
+      first_kernel=7,
+      kernel=3,
+      head_dim=512,
+      # On the CPU, which XLA library runs its convolutions (as model.cpu_conv_library for
+      # the VQ-VAE): 'eigen' ran the train step 1.7x faster than XLA's default YNNPACK
+      # (configs/demo_pixelcnn.py at batch 128: 483 -> 288 ms); 'ynn' keeps the default.
+      # No effect on GPU / TPU.
+      cpu_conv_library="eigen",
+    )
   )
   c.sampling = ml_collections.ConfigDict(
     dict(temperature=1.0, use_ema=False, batch_size=500, num_samples=50000)
@@ -323,6 +335,8 @@ def validate_pixelcnn(
     "pixelcnn.head_dim",
   ):
     _check_positive_int(c, key)
+  if p.get("cpu_conv_library"):
+    _check_choice(c, "pixelcnn.cpu_conv_library", CONV_LIBRARIES)
   for key in ("pixelcnn.first_kernel", "pixelcnn.kernel"):
     value = p.first_kernel if key.endswith("first_kernel") else p.kernel
     if value % 2 == 0:

@@ -8,7 +8,8 @@ import pytest
 from ml_collections import ConfigDict
 from model_fixtures import init_params
 
-from arcvq_jax.models import pixelcnn
+from arcvq_jax import prior_config
+from arcvq_jax.models import layers, pixelcnn
 from arcvq_jax.train import prior_pixelcnn
 
 H = W = 6
@@ -99,3 +100,25 @@ def test_sampling_is_deterministic_per_sample_and_batch_independent(model_and_pa
   assert all4.dtype == jnp.int32 and int(all4.min()) >= 0 and int(all4.max()) < K
   other = sample(params, labels, prior_pixelcnn.sample_keys(jax.random.PRNGKey(8), jnp.arange(4)))
   assert np.any(np.asarray(other) != np.asarray(all4))
+
+
+def test_cpu_conv_library_picks_the_compile_options_not_the_values(model_and_params):
+  """pixelcnn.cpu_conv_library compiles the PixelCNN's programs for another convolution
+  library on the CPU: the same logits (to float32 rounding), a checked key, and a config
+  without the key (an older workdir) keeps XLA's default."""
+  model, params, tokens, labels = model_and_params
+  c = prior_config.pixelcnn_config()
+  c.tokenizer_workdir = "/runs/tok"
+  assert c.pixelcnn.cpu_conv_library == "eigen"
+  eigen = prior_pixelcnn.compiler_options(c)
+  assert eigen == (layers.EIGEN_CONV_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None)
+  assert prior_pixelcnn.compiler_options(ConfigDict(dict(num_classes=3))) is None
+  c.pixelcnn.cpu_conv_library = "ynn"
+  assert prior_pixelcnn.compiler_options(c) is None
+  apply = lambda p, t, y: model.apply({"params": p}, t, y)
+  default = jax.jit(apply)(params, tokens, labels)
+  chosen = jax.jit(apply, compiler_options=eigen)(params, tokens, labels)
+  np.testing.assert_allclose(np.asarray(chosen), np.asarray(default), rtol=1e-5, atol=1e-5)
+  c.pixelcnn.cpu_conv_library = "onednn"
+  with pytest.raises(ValueError, match=r"config\.pixelcnn\.cpu_conv_library: "):
+    prior_config.validate(c)

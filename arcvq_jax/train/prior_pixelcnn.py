@@ -26,7 +26,7 @@ from absl import logging
 
 from arcvq_jax import prior_config, sharding
 from arcvq_jax.evaluation import images as image_lib
-from arcvq_jax.models import pixelcnn
+from arcvq_jax.models import layers, pixelcnn
 from arcvq_jax.train import loop
 from arcvq_jax.train import prior_common as common
 
@@ -113,8 +113,15 @@ def create_state_and_step(
     in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
     out_shardings=(state_sharding, sharding.replicated(mesh)),
     donate_argnums=(0,),
+    compiler_options=compiler_options(config),
   )
   return state, state_sharding, step_fn
+
+
+def compiler_options(config: ml_collections.ConfigDict) -> dict[str, str] | None:
+  """XLA options for the PixelCNN's programs: config.pixelcnn.cpu_conv_library's (a config
+  written before the key existed, or without it: XLA's default)."""
+  return layers.compiler_options(config.get("pixelcnn", {}).get("cpu_conv_library"))
 
 
 # --------------------------------------------------------------------------- sampling
@@ -168,10 +175,11 @@ def make_sample_fn(
       apply_fn, labels if config.num_classes else None, keys, grid, float(temperature)
     )
 
+  jit = functools.partial(jax.jit, compiler_options=compiler_options(config))
   if mesh is None:
-    return jax.jit(sample)
+    return jit(sample)
   batch, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  return jax.jit(sample, in_shardings=(rep, batch, batch), out_shardings=batch)
+  return jit(sample, in_shardings=(rep, batch, batch), out_shardings=batch)
 
 
 def sample_params(state: PixelCNNTrainState, use_ema: bool) -> Any:
