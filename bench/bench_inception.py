@@ -2,6 +2,7 @@
 
   python bench/bench_inception.py --batch 25 50               # images/s at 299x299
   python bench/bench_inception.py --batch 50 --impl xla auto  # conv implementations
+  python bench/bench_inception.py --library eigen ynn         # XLA:CPU's conv libraries
   python bench/bench_inception.py --torch --batch 50          # pytorch-fid's network, same CPU
   python bench/bench_inception.py --rfid                      # rFID, 10k Fashion-MNIST test images
 
@@ -37,9 +38,9 @@ from bench_train_step import timeit  # noqa: E402
 from arcvq_jax.evaluation import inception as inception_lib  # noqa: E402
 
 
-def bench_jax(batch: int, impl: str, warmup: int, steps: int) -> float:
+def bench_jax(batch: int, impl: str, library: str, warmup: int, steps: int) -> float:
   extractor = inception_lib.InceptionFeatures(
-    inception_lib.random_params(0), batch_size=batch, conv_impl=impl
+    inception_lib.random_params(0), batch_size=batch, conv_impl=impl, conv_library=library
   )
   x = np.random.default_rng(0).integers(0, 256, (batch, 299, 299, 3), dtype=np.uint8)
   times = timeit(lambda: extractor(x), warmup, steps)
@@ -103,6 +104,13 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--batch", type=int, nargs="+", default=[25, 50])
   parser.add_argument("--impl", nargs="+", default=["xla", "gemm"], choices=["xla", "auto", "gemm"])
+  parser.add_argument(
+    "--library",
+    nargs="+",
+    default=["eigen", "ynn"],
+    choices=["eigen", "ynn"],
+    help="XLA:CPU's convolution library (the default: eigen)",
+  )
   parser.add_argument("--warmup", type=int, default=1)
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--torch", action="store_true", help="time pytorch-fid's network too")
@@ -119,17 +127,18 @@ def main() -> None:
       "random weights)"
     )
     return
-  print("| network | conv impl | batch | images/s |\n|---|---|---|---|")
+  print("| network | conv impl | library | batch | images/s |\n|---|---|---|---|---|")
   for batch in args.batch:
     for impl in args.impl:
-      print(
-        f"| arcvq-jax (XLA) | {impl} | {batch} | "
-        f"{bench_jax(batch, impl, args.warmup, args.steps):.1f} |",
-        flush=True,
-      )
+      for library in args.library:
+        print(
+          f"| arcvq-jax (XLA) | {impl} | {library} | {batch} | "
+          f"{bench_jax(batch, impl, library, args.warmup, args.steps):.1f} |",
+          flush=True,
+        )
     if args.torch:
       print(
-        f"| pytorch-fid (PyTorch {__import__('torch').__version__}) | - | {batch} | "
+        f"| pytorch-fid (PyTorch {__import__('torch').__version__}) | - | oneDNN | {batch} | "
         f"{bench_torch(batch, args.warmup, args.steps):.1f} |",
         flush=True,
       )

@@ -26,10 +26,20 @@ from skimage import data as skdata
 
 from arcvq_jax.convert import inception_weights
 from arcvq_jax.evaluation import inception as inception_lib
+from arcvq_jax.models import layers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 features = jax.jit(inception_lib.inception_apply, static_argnames=("quantize", "conv_impl"))
+
+
+def features_on(library: str):
+  """`features` compiled for a convolution library ('ynn': XLA:CPU's default, 'eigen')."""
+  return jax.jit(
+    inception_lib.inception_apply,
+    static_argnames=("quantize", "conv_impl"),
+    compiler_options=layers.compiler_options(library),
+  )
 
 
 def fid_inception_random(seed: int = 0) -> torch.nn.Module:
@@ -113,8 +123,9 @@ def converted(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("conv_impl", ["xla", "gemm"])  # XLA's convolution; im2col + GEMM
-def test_features_and_logits_match_pytorch_fid_on_photos(converted, conv_impl):
+# XLA's convolution, under XLA's default library and on Eigen (the CPU default); im2col + GEMM
+@pytest.mark.parametrize("conv_impl, library", [("xla", "ynn"), ("xla", "eigen"), ("gemm", "ynn")])
+def test_features_and_logits_match_pytorch_fid_on_photos(converted, conv_impl, library):
   wrapper, net, params = converted
   images = photos(256)  # resized up to 299 on both sides
   with torch.no_grad():
@@ -124,7 +135,7 @@ def test_features_and_logits_match_pytorch_fid_on_photos(converted, conv_impl):
     logits_ref = (pool_ref @ net.fc.weight.T).numpy()  # unbiased, for the Inception Score
     biased_ref = net.fc(pool_ref).numpy()
   pool_ref = pool_ref.numpy()
-  pool, logits = (np.asarray(a) for a in features(params, images, conv_impl=conv_impl))
+  pool, logits = (np.asarray(a) for a in features_on(library)(params, images, conv_impl=conv_impl))
   assert pool.shape == (4, 2048) and logits.shape == (4, 1008)
   assert pool.dtype == np.float32
   # Random weights with a useful scale: features far from 0 and different per photo.
@@ -162,8 +173,10 @@ def test_sharded_extractor_matches_the_plain_function(converted):
   _, _, params = converted
   images = photos(64)
   extractor = inception_lib.InceptionFeatures(params, batch_size=3)
-  assert extractor.conv_impl == "gemm"  # the CPU's default
-  want_pool, want_logits = (np.asarray(a) for a in features(params, images, conv_impl="gemm"))
+  assert (extractor.conv_impl, extractor.conv_library) == ("xla", "eigen")  # the defaults
+  want_pool, want_logits = (
+    np.asarray(a) for a in features_on("eigen")(params, images, conv_impl="xla")
+  )
   pool, logits = extractor(images)  # 4 images: a full batch of 3, then 1 + 2 padding rows
   assert pool.shape == (4, 2048) and logits.shape == (4, 1008)
   np.testing.assert_allclose(pool, want_pool, rtol=1e-5, atol=1e-6)
@@ -226,14 +239,17 @@ def test_converter_refuses_other_inceptions(converted):
 MULTIDEVICE_SCRIPT = """
 import jax, numpy as np
 from arcvq_jax.evaluation import inception as inc
+from arcvq_jax.models import layers
 assert jax.device_count() == 4
 params = inc.random_params(0)
 x = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
 mask = np.array([1, 1, 0, 1, 1, 1], bool)
 extractor = inc.InceptionFeatures(params, batch_size=4)
 pool, logits = extractor(x, mask)      # 2 batches of 4 over 4 devices, padding and a mask
-want_pool, want_logits = jax.jit(inc.inception_apply, static_argnames="conv_impl")(
-    params, x[mask], conv_impl=extractor.conv_impl)
+want_pool, want_logits = jax.jit(
+    inc.inception_apply, static_argnames="conv_impl",
+    compiler_options=layers.compiler_options(extractor.conv_library),
+)(params, x[mask], conv_impl=extractor.conv_impl)
 np.testing.assert_allclose(pool, want_pool, rtol=1e-5, atol=1e-6)
 np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
 print("ok", pool.shape)

@@ -35,6 +35,7 @@ from jax.experimental import multihost_utils
 
 from arcvq_jax import npz_files
 from arcvq_jax import sharding as sharding_lib
+from arcvq_jax.models import layers
 from arcvq_jax.models.layers import Conv
 
 INPUT_SIZE = 299
@@ -369,7 +370,8 @@ class InceptionFeatures:
     feats = InceptionFeatures(load_params(path))
     pool, logits = feats(images)      # numpy float32 (n, 2048), (n, 1008)
 
-  conv_impl: `layers.Conv`'s form (default: 'gemm' on the CPU, 'xla' elsewhere).
+  conv_impl: `layers.Conv`'s form (default 'xla'); conv_library: on the CPU, which XLA
+  library runs the convolutions ('eigen', the default, or 'ynn'; `layers.compiler_options`).
   Convolutions run at float32 'highest' precision (no TF32 or bf16 passes on GPUs/TPUs): on
   the CPU the features agree with pytorch-fid's to 7e-7 (tests/test_inception.py).
   """
@@ -381,10 +383,13 @@ class InceptionFeatures:
     mesh: jax.sharding.Mesh | None = None,
     quantize: bool = True,
     conv_impl: str | None = None,
+    conv_library: str | None = None,
   ):
-    # im2col + GEMM is 1.4x XLA:CPU's own convolution here (bench/bench_inception.py); on
-    # GPU/TPU the convolution kernels are the fast path and patches would only cost memory.
-    self.conv_impl = conv_impl or ("gemm" if jax.default_backend() == "cpu" else "xla")
+    # On the CPU XLA's convolution on Eigen ran 1.6x faster than im2col + GEMM under XLA's
+    # default YNNPACK, which was 1.4x YNNPACK's own convolution (bench/bench_inception.py:
+    # 786 / 1291 / 1736 ms for 20 images); on GPU/TPU the options do nothing.
+    self.conv_impl = conv_impl or "xla"
+    self.conv_library = conv_library or "eigen"
     self.mesh = mesh if mesh is not None else sharding_lib.make_mesh((-1,), ("data",))
     n_data = self.mesh.shape[sharding_lib.DATA_AXIS]
     if batch_size % n_data or batch_size % jax.process_count():
@@ -402,6 +407,7 @@ class InceptionFeatures:
       lambda p, x: inception_apply(p, x, quantize=quantize, conv_impl=self.conv_impl),
       in_shardings=(replicated, self._batch_sharding),
       out_shardings=replicated,
+      compiler_options=layers.compiler_options(self.conv_library),
     )
 
   def _global_batch(self, local: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
