@@ -76,7 +76,7 @@ def test_prior_summary_points_at_sampling_and_preemption_at_resume(tmp_path, mon
   assert os.path.join(workdir, "checkpoints") in stopped[0]
 
 
-@pytest.mark.parametrize("tokenizer_config", ["demo", "fashion_mnist", "tiny"])
+@pytest.mark.parametrize("tokenizer_config", ["demo", "fashion_mnist", "tiny", "tiny_vqgan"])
 def test_the_prior_a_tokenizer_summary_suggests_takes_that_tokenizer(
   tmp_path, monkeypatch, tokenizer_config
 ):
