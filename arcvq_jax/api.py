@@ -33,9 +33,9 @@ from etils import epath
 
 from arcvq_jax import checkpoint_files
 from arcvq_jax import config as config_lib
-from arcvq_jax.models import layers
 from arcvq_jax.quantizers.base import Quantizer
 from arcvq_jax.train import state as state_lib
+from arcvq_jax.train import tokenizer_steps
 
 CONFIG_FILE = "config.json"
 
@@ -149,9 +149,7 @@ class Tokenizer:
     # Compiled with the XLA options the model's convolution forms were chosen for (the
     # training steps' own): without them a VQ-VAE on the CPU encoded and decoded ~1.9x
     # slower (1000 Fashion-MNIST images: 274 -> 147 ms, 245 -> 131 ms).
-    jit = functools.partial(
-      jax.jit, compiler_options=layers.compiler_options(getattr(self.model, "conv_library", None))
-    )
+    jit = functools.partial(jax.jit, compiler_options=tokenizer_steps.compiler_options(self.model))
     self._encode = jit(functools.partial(self._encode_latents_fn, model=self.model))
     self._decode_z = jit(functools.partial(self._decode_fn, model=self.model))
     self._tokens = jit(self.quantizer.tokens)
