@@ -10,8 +10,13 @@ four times, once per residual layer) it times jax.jit(jax.grad(loss)) of that la
 `layers.compiler_options('eigen')`), and torch's conv2d / conv_transpose2d with autograd
 (default intra-op threads). loss = sum(y * r) for a fixed random r, so the backward pass is the
 layer's own; the input gradient is left out for the first layer (the image needs none, in
-both). Each round runs every contender once in turn; medians over the rounds. The last line
-sums the layers: the step cannot be faster than its convolutions.
+both). The JAX side returns the loss with the gradients, so its forward convolution runs as
+torch's does (jax.grad alone lets XLA drop it). Each round runs every contender in turn, each
+for one untimed call and then --block timed calls in a row (their mean is the round's time): a
+JAX call right after a torch call ran up to 1.6x slower while torch's worker threads still
+spun, and a sleep before each call made both sides slower still (cold caches and clocks), so
+calls are timed back to back, as a training loop runs them. Medians over the rounds. The last
+line sums the layers: the step cannot be faster than its convolutions.
 """
 
 from __future__ import annotations
@@ -57,8 +62,10 @@ def jax_layer(kind, h, cin, cout, k, s, p, batch, input_grad, rng):
     apply = lambda x, w: layers.CONV_TRANSPOSE_4X4S2_IMPLS[form](x, w)
   r = jnp.asarray(rng.normal(size=jax.eval_shape(apply, x, w).shape), jnp.float32)
   loss = lambda w, x: jnp.sum(apply(x, w) * r)
+  # value_and_grad: with jax.grad alone the forward convolution is dead code that XLA drops,
+  # while torch's autograd always runs it; the loss keeps both sides doing the same work.
   grad = jax.jit(
-    jax.grad(loss, argnums=(0, 1) if input_grad else 0),
+    jax.value_and_grad(loss, argnums=(0, 1) if input_grad else 0),
     compiler_options=layers.compiler_options("eigen"),
   )
   return (lambda: jax.block_until_ready(grad(w, x))), form
@@ -102,6 +109,9 @@ def main() -> None:
   p.add_argument("--batch", type=int, nargs="*", default=[128, 1024])
   p.add_argument("--steps", type=int, default=10, help="timed rounds")
   p.add_argument("--warmup", type=int, default=2)
+  p.add_argument(
+    "--block", type=int, default=3, help="timed calls in a row per contender and round"
+  )
   args = p.parse_args()
   import torch  # noqa: PLC0415
 
@@ -121,9 +131,11 @@ def main() -> None:
     times = {key: [] for key in runs}
     for _ in range(args.steps):
       for key, run in runs.items():
+        run()  # untimed: the other runtime's worker threads spin down meanwhile
         t0 = time.perf_counter()
-        run()
-        times[key].append(time.perf_counter() - t0)
+        for _ in range(args.block):
+          run()
+        times[key].append((time.perf_counter() - t0) / args.block)
     med = {key: 1e3 * float(np.median(t)) for key, t in times.items()}
     print(f"\nbatch {batch}, medians of {args.steps} rounds (ms per layer; x n: times in the net)")
     print("| layer | form (Eigen) | arcvq-jax ms | PyTorch ms | PyTorch / ours | jax GFLOP/s |")

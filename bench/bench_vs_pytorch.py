@@ -1,14 +1,24 @@
-"""The VQ-VAE train step against the PyTorch step, side by side in one process.
+"""The VQ-VAE train step against the PyTorch step, side by side in one run.
 
   python bench/bench_vs_pytorch.py                          # batch 128 and 1024, 15 rounds
   python bench/bench_vs_pytorch.py --batch 128 --steps 30 --forms default ynn before
+  python bench/bench_vs_pytorch.py --malloc default kept --torch-malloc default kept
 
-Each round runs one step of every contender in turn (PyTorch, then each JAX variant), so
-load from other processes falls on all of them alike; the table gives the median, the 10th
-and 90th percentiles over the rounds and the ratio PyTorch median / JAX median (> 1: the JAX
-step is faster). JAX steps are waited for with block_until_ready; warmup steps (compilation
-included) are not timed. A short sleep (--gap) between contenders lets the other runtime's
-spinning worker threads go idle first.
+Every contender runs in a process of its own (glibc's malloc is set per process: --malloc,
+--torch-malloc), built one after the other; then each round asks every contender in turn
+(PyTorch, then each JAX variant), so load from other processes falls on all of them alike,
+for a short sleep (--gap), one untimed step (the other runtime's spinning worker threads go
+idle meanwhile; a JAX call right after a torch call ran up to 1.6x slower) and --block steps
+back to back, as a training loop runs them, whose mean is the round's time. The table gives
+the median, the 10th and 90th percentiles over the rounds and the ratio PyTorch median / this
+median (> 1: faster than PyTorch with its default malloc). JAX steps are waited for with
+block_until_ready; warmup steps (compilation included) are not timed.
+
+malloc 'default' is how both projects' commands run; 'kept' (`keep_freed_memory`) keeps freed
+memory in the process instead of unmapping the step's large buffers and page-faulting them in
+again at the next step. It made PyTorch's step 1.2x (batch 128) and 1.7x (1024) faster and
+ours 1.0x and 1.05x; in `arcvq_jax.main` it gave nothing (1.01 against 1.02 steps/s at 1024)
+for 1.3 GiB more memory, so the project does not set it.
 
 JAX: the full step of arcvq_jax.train.tokenizer_steps (BBNR projection, encoder, cosine
 search, VQ loss, ArcLoss, decoder, MSE / var, grads, Adam, usage statistics) for
@@ -29,6 +39,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import multiprocessing
 import os
 import sys
 import time
@@ -115,23 +127,87 @@ def torch_step(batch: int):
   return run
 
 
-def bench(batch: int, forms: list[str], steps: int, warmup: int, gap: float, with_torch: bool):
-  runs = {}
-  flops = {}
-  if with_torch:
-    runs["pytorch"] = torch_step(batch)
-  for f in forms:
-    runs[f"jax ({f})"], flops[f"jax ({f})"] = jax_step(batch, f)
-  for run in runs.values():
-    for _ in range(warmup):
+MALLOCS = ("default", "kept")
+
+
+def keep_freed_memory() -> None:
+  """glibc's malloc set to keep freed memory in the process (one arena, no mmap'd chunks, a
+  2 GiB trim threshold), as MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0
+  MALLOC_TRIM_THRESHOLD_=2147483647 would at start-up. By default a step's large buffers are
+  mmap'd and unmapped again, so every step page-faults them in afresh (zeroed); how much that
+  costs each framework is what 'kept' shows. Before any thread of JAX or torch starts."""
+  libc = ctypes.CDLL(None)
+  for param, value in ((-8, 1), (-4, 0), (-1, 2**31 - 1)):  # M_ARENA_MAX, M_MMAP_MAX, M_TRIM_
+    if libc.mallopt(param, value) != 1:
+      raise RuntimeError(f"mallopt({param}, {value}) refused")
+
+
+def _contender(conn, kind: str, batch: int, forms: str, malloc: str, warmup: int, threads: int):
+  """One contender in its own process: builds its step, then times blocks of steps on demand.
+
+  Each runs apart, so that glibc's malloc can be set per contender (a process-wide setting):
+  'default' as both projects' commands run, 'kept' with `keep_freed_memory`.
+  """
+  if malloc == "kept":
+    keep_freed_memory()
+  if kind == "pytorch":
+    import torch  # noqa: PLC0415
+
+    if threads:
+      torch.set_num_threads(threads)
+    run, flops = torch_step(batch), float("nan")
+  else:
+    run, flops = jax_step(batch, forms)
+  for _ in range(warmup):
+    run()
+  conn.send(("ready", flops))
+  while (msg := conn.recv()) is not None:
+    block = msg
+    run()  # untimed: the other runtime's worker threads spin down meanwhile
+    t0 = time.perf_counter()
+    for _ in range(block):
       run()
-  times = {name: [] for name in runs}
-  for _ in range(steps):
-    for name, run in runs.items():
-      time.sleep(gap)
-      t0 = time.perf_counter()
-      run()
-      times[name].append(time.perf_counter() - t0)
+    conn.send((time.perf_counter() - t0) / block)
+
+
+def bench(
+  batch: int,
+  contenders: dict[str, tuple[str, str, str]],
+  steps: int,
+  warmup: int,
+  gap: float,
+  block: int = 3,
+  torch_threads: int = 0,
+):
+  """contenders: name -> (kind 'pytorch' | 'jax', forms, malloc). Returns the times (ms) of
+  every round per name, and the XLA FLOPs per step of the JAX ones."""
+  ctx = multiprocessing.get_context("spawn")
+  procs, conns, flops = {}, {}, {}
+  try:
+    for name, (kind, forms, malloc) in contenders.items():
+      parent, child = ctx.Pipe()
+      procs[name] = ctx.Process(
+        target=_contender, args=(child, kind, batch, forms, malloc, warmup, torch_threads)
+      )
+      procs[name].start()
+      conns[name] = parent
+      status, value = parent.recv()  # built one at a time: compilation is not timed
+      if status != "ready":
+        sys.exit(f"{name}: {value}")
+      flops[name] = value
+    times = {name: [] for name in contenders}
+    for _ in range(steps):
+      for name, conn in conns.items():
+        time.sleep(gap)
+        conn.send(block)
+        times[name].append(conn.recv())
+    for conn in conns.values():
+      conn.send(None)
+  finally:
+    for proc in procs.values():
+      proc.join(timeout=30)
+      if proc.is_alive():
+        proc.kill()
   return {name: 1e3 * np.asarray(t) for name, t in times.items()}, flops
 
 
@@ -144,29 +220,56 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=15, help="timed rounds")
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--gap", type=float, default=0.02, help="seconds of sleep before each step")
+  p.add_argument(
+    "--block", type=int, default=3, help="timed steps in a row per contender and round"
+  )
+  p.add_argument(
+    "--malloc",
+    nargs="*",
+    default=["default"],
+    choices=MALLOCS,
+    help="glibc malloc for the JAX steps: 'default' (as arcvq_jax's commands run), 'kept'",
+  )
+  p.add_argument(
+    "--torch-malloc",
+    nargs="*",
+    default=["default"],
+    choices=MALLOCS,
+    help="glibc malloc for the PyTorch step: 'default' as the official script runs, 'kept'",
+  )
   p.add_argument("--no-torch", action="store_true")
   p.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
   args = p.parse_args()
 
   import torch  # noqa: PLC0415
 
-  if args.torch_threads:
-    torch.set_num_threads(args.torch_threads)
-
+  contenders = {}
+  for malloc in [] if args.no_torch else args.torch_malloc:
+    contenders["pytorch" + ("" if malloc == "default" else f", malloc {malloc}")] = (
+      "pytorch",
+      "",
+      malloc,
+    )
+  for forms in args.forms:
+    for malloc in args.malloc:
+      name = f"jax ({forms}" + ("" if malloc == "default" else f", malloc {malloc}") + ")"
+      contenders[name] = ("jax", forms, malloc)
   print(
-    f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
-    f"({torch.get_num_threads()} threads), {len(os.sched_getaffinity(0))} of {os.cpu_count()} "
-    "CPUs, "
+    f"jax {jax.__version__}, torch {torch.__version__} "
+    f"({args.torch_threads or torch.get_num_threads()} threads), "
+    f"{len(os.sched_getaffinity(0))} of {os.cpu_count()} CPUs, "
     f"load average {os.getloadavg()[0]:.2f}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
   )
   print("| batch | step | median ms | p10-p90 ms | PyTorch / this (median) | GFLOP/step (XLA) |")
   print("|---|---|---|---|---|---|")
   for b in args.batch:
-    times, flops = bench(b, args.forms, args.steps, args.warmup, args.gap, not args.no_torch)
+    times, flops = bench(
+      b, contenders, args.steps, args.warmup, args.gap, args.block, args.torch_threads
+    )
     ref = np.median(times["pytorch"]) if "pytorch" in times else float("nan")
     for name, t in times.items():
       med = np.median(t)
-      gf = f"{flops[name] / 1e9:.1f}" if name in flops else ""
+      gf = f"{flops[name] / 1e9:.1f}" if np.isfinite(flops[name]) else ""
       print(
         f"| {b} | {name} | {med:.1f} | {np.percentile(t, 10):.0f}-{np.percentile(t, 90):.0f} | "
         f"{ref / med:.2f} | {gf} |",

@@ -87,7 +87,7 @@ HEAVY_FILES = {
   "test_prior_sharding.py": 37,
   "test_cli.py": 34,
   "test_train.py": 32,
-  "test_bench.py": 31,  # one subprocess: the accelerator benchmark on tiny models
+  "test_bench.py": 47,  # subprocesses: the accelerator, PyTorch and layer benchmarks, tiny
   "test_api.py": 29,
   "test_lpips.py": 28,
   "test_unet.py": 28,

@@ -39,3 +39,55 @@ def test_accelerator_benchmark_runs_every_part_on_tiny_models():
     seconds, images_per_s, gflop = (float(cells[i]) for i in (3, 4, 5))
     assert seconds > 0 and images_per_s > 0, (part, cells)
     assert gflop > 0, (part, cells)  # XLA's cost analysis (taming: our step's FLOPs)
+
+
+def _table_rows(stdout: str, columns: int) -> list[list[str]]:
+  rows = []
+  for line in stdout.splitlines():
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if len(cells) == columns and re.fullmatch(r"[0-9]+", cells[0]):
+      rows.append(cells)
+  return rows
+
+
+def _run_bench(script: str, *args: str) -> str:
+  proc = subprocess.run(
+    [sys.executable, os.path.join(ROOT, "bench", script), *args],
+    cwd=ROOT,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
+@pytest.mark.slow
+def test_pytorch_comparison_runs_every_contender_in_its_own_process():
+  out = _run_bench(
+    "bench_vs_pytorch.py",
+    *("--batch", "8", "--steps", "1", "--warmup", "0", "--block", "1", "--gap", "0"),
+    *("--malloc", "default", "kept", "--torch-malloc", "default", "kept"),
+  )
+  rows = {cells[1]: cells for cells in _table_rows(out, 6)}
+  assert sorted(rows) == [
+    "jax (default)",
+    "jax (default, malloc kept)",
+    "pytorch",
+    "pytorch, malloc kept",
+  ], out
+  for name, cells in rows.items():
+    assert float(cells[2]) > 0, (name, cells)
+  assert rows["pytorch"][4] == "1.00"
+  assert float(rows["jax (default)"][5]) > 0  # XLA's FLOPs of the step
+
+
+@pytest.mark.slow
+def test_convolution_layers_benchmark_runs_every_layer():
+  out = _run_bench(
+    "bench_conv_layers.py", "--batch", "2", "--steps", "1", "--warmup", "0", "--block", "1"
+  )
+  names = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
+  assert "encoder conv_2" in names and "decoder conv_trans_2" in names, out
+  assert any(line.startswith("| all convolutions") for line in out.splitlines()), out
