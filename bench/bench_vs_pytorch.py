@@ -160,9 +160,8 @@ def _contender(conn, kind: str, batch: int, forms: str, malloc: str, warmup: int
     run, flops = jax_step(batch, forms)
   for _ in range(warmup):
     run()
-  conn.send(("ready", flops))
-  while (msg := conn.recv()) is not None:
-    block = msg
+  conn.send(flops)
+  while (block := conn.recv()) is not None:
     run()  # untimed: the other runtime's worker threads spin down meanwhile
     t0 = time.perf_counter()
     for _ in range(block):
@@ -191,21 +190,21 @@ def bench(
       )
       procs[name].start()
       conns[name] = parent
-      status, value = parent.recv()  # built one at a time: compilation is not timed
-      if status != "ready":
-        sys.exit(f"{name}: {value}")
-      flops[name] = value
+      try:
+        flops[name] = parent.recv()  # built one at a time: compilation is not timed
+      except EOFError:
+        sys.exit(f"{name}: its process failed (its traceback is above)")
     times = {name: [] for name in contenders}
     for _ in range(steps):
       for name, conn in conns.items():
         time.sleep(gap)
         conn.send(block)
         times[name].append(conn.recv())
-    for conn in conns.values():
+    for name, conn in conns.items():
       conn.send(None)
+      procs[name].join(timeout=30)
   finally:
     for proc in procs.values():
-      proc.join(timeout=30)
       if proc.is_alive():
         proc.kill()
   return {name: 1e3 * np.asarray(t) for name, t in times.items()}, flops
