@@ -189,6 +189,7 @@ def bench(
         target=_contender, args=(child, kind, batch, forms, malloc, warmup, torch_threads)
       )
       procs[name].start()
+      child.close()  # the child's end lives in the child: its exit must end recv() here
       conns[name] = parent
       try:
         flops[name] = parent.recv()  # built one at a time: compilation is not timed

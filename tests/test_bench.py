@@ -91,3 +91,23 @@ def test_convolution_layers_benchmark_runs_every_layer():
   names = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
   assert "encoder conv_2" in names and "decoder conv_trans_2" in names, out
   assert any(line.startswith("| all convolutions") for line in out.splitlines()), out
+
+
+@pytest.mark.slow
+def test_pytorch_comparison_ends_when_a_contender_fails():
+  # batch 0 cannot build a step: the run must end with one line, not wait for it forever
+  proc = subprocess.run(
+    [
+      *(sys.executable, os.path.join(ROOT, "bench", "bench_vs_pytorch.py"), "--no-torch"),
+      *("--batch", "0", "--steps", "1", "--warmup", "0"),
+    ],
+    cwd=ROOT,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1] == (
+    "jax (default): its process failed (its traceback is above)"
+  )
