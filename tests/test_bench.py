@@ -1,5 +1,6 @@
-"""The GPU/TPU benchmark runs end to end (on the CPU, with --tiny models): it is what a
-session lent an accelerator runs first, so it must not be found broken there."""
+"""Benchmarks that must not be found broken when they are needed run end to end on the CPU:
+the GPU/TPU benchmark (--tiny models; what a session lent an accelerator runs first), the
+comparison with PyTorch and the per-layer convolution benchmark (tiny batches)."""
 
 import os
 import re
@@ -11,30 +12,33 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.slow
-def test_accelerator_benchmark_runs_every_part_on_tiny_models():
-  proc = subprocess.run(
-    [
-      sys.executable,
-      os.path.join(ROOT, "bench", "bench_accelerator.py"),
-      "--tiny",
-      "--dtypes=float32",
-      "--steps=1",
-      "--warmup=0",
-    ],
+def _bench_process(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+  return subprocess.run(
+    [sys.executable, os.path.join(ROOT, "bench", script), *args],
     cwd=ROOT,
     env=dict(os.environ, JAX_PLATFORMS="cpu"),
     capture_output=True,
     text=True,
-    timeout=600,
+    timeout=timeout,
   )
+
+
+def _run_bench(script: str, *args: str) -> str:
+  """The script's stdout; it must succeed."""
+  proc = _bench_process(script, *args)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
+@pytest.mark.slow
+def test_accelerator_benchmark_runs_every_part_on_tiny_models():
+  out = _run_bench("bench_accelerator.py", "--tiny", "--dtypes=float32", "--steps=1", "--warmup=0")
   rows = {}
-  for line in proc.stdout.splitlines():
+  for line in out.splitlines():
     cells = [c.strip() for c in line.strip("|").split("|")]
     if len(cells) == 10 and re.fullmatch(r"[0-9.]+", cells[3]):
       rows[cells[0]] = cells
-  assert sorted(rows) == ["encode", "ldm", "taming", "vqgan"], proc.stdout
+  assert sorted(rows) == ["encode", "ldm", "taming", "vqgan"], out
   for part, cells in rows.items():
     seconds, images_per_s, gflop = (float(cells[i]) for i in (3, 4, 5))
     assert seconds > 0 and images_per_s > 0, (part, cells)
@@ -48,19 +52,6 @@ def _table_rows(stdout: str, columns: int) -> list[list[str]]:
     if len(cells) == columns and re.fullmatch(r"[0-9]+", cells[0]):
       rows.append(cells)
   return rows
-
-
-def _run_bench(script: str, *args: str) -> str:
-  proc = subprocess.run(
-    [sys.executable, os.path.join(ROOT, "bench", script), *args],
-    cwd=ROOT,
-    env=dict(os.environ, JAX_PLATFORMS="cpu"),
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc.stdout
 
 
 @pytest.mark.slow
@@ -96,15 +87,9 @@ def test_convolution_layers_benchmark_runs_every_layer():
 @pytest.mark.slow
 def test_pytorch_comparison_ends_when_a_contender_fails():
   # batch 0 cannot build a step: the run must end with one line, not wait for it forever
-  proc = subprocess.run(
-    [
-      *(sys.executable, os.path.join(ROOT, "bench", "bench_vs_pytorch.py"), "--no-torch"),
-      *("--batch", "0", "--steps", "1", "--warmup", "0"),
-    ],
-    cwd=ROOT,
-    env=dict(os.environ, JAX_PLATFORMS="cpu"),
-    capture_output=True,
-    text=True,
+  proc = _bench_process(
+    "bench_vs_pytorch.py",
+    *("--no-torch", "--batch", "0", "--steps", "1", "--warmup", "0"),
     timeout=120,
   )
   assert proc.returncode == 1
