@@ -16,6 +16,8 @@ The entry points (main, evaluate, sample, evaluate_samples, the converters) end 
     message, "error: what, where, the fix", and exit with status 2; --debug (or ARCVQ_DEBUG=1)
     shows their traceback too. Any other exception is a bug and keeps its traceback.
   - --help exits 0 (absl's exits 1).
+  - run as the command itself (`python -m ...`), it first re-executes the command once with
+    glibc's malloc asked for transparent huge pages, where that helps (`host_memory`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from absl import app, flags, logging
+
+from arcvq_jax import host_memory
 
 # Console lines longer than this are wrapped (the log prefix included).
 MAX_WIDTH = 150
@@ -346,9 +350,13 @@ def run(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> None
       False,
       "Show the Python traceback of every error (errors you can fix print one message).",
     )
+  own_command_line = argv is None and getattr(main, "__module__", None) == "__main__"
   argv = list(sys.argv if argv is None else argv)
-  quiet_native_libraries(argv)
   wants_help = any(a in HELP_FLAGS for a in argv[1:])
+  if own_command_line and not wants_help:
+    # Before any flag is parsed or file written: the command may start over once, in place.
+    host_memory.reexec_with_huge_pages()
+  quiet_native_libraries(argv)
   try:
     app.run(_guarded(main), argv=argv, flags_parser=_parse_flags)
   except SystemExit as e:

@@ -2,7 +2,7 @@
 
   python bench/bench_vs_pytorch.py                          # batch 128 and 1024, 15 rounds
   python bench/bench_vs_pytorch.py --batch 128 --steps 30 --forms default ynn before
-  python bench/bench_vs_pytorch.py --malloc default kept --torch-malloc default kept
+  python bench/bench_vs_pytorch.py --malloc hugepages plain --torch-malloc plain hugepages
 
 Every contender runs in a process of its own (glibc's malloc is set per process: --malloc,
 --torch-malloc), built one after the other; then each round asks every contender in turn
@@ -11,14 +11,18 @@ for a short sleep (--gap), one untimed step (the other runtime's spinning worker
 idle meanwhile; a JAX call right after a torch call ran up to 1.6x slower) and --block steps
 back to back, as a training loop runs them, whose mean is the round's time. The table gives
 the median, the 10th and 90th percentiles over the rounds and the ratio PyTorch median / this
-median (> 1: faster than PyTorch with its default malloc). JAX steps are waited for with
-block_until_ready; warmup steps (compilation included) are not timed.
+median (> 1: faster than PyTorch with glibc's malloc as it comes). JAX steps are waited for
+with block_until_ready; warmup steps (compilation included) are not timed.
 
-malloc 'default' is how both projects' commands run; 'kept' (`keep_freed_memory`) keeps freed
-memory in the process instead of unmapping the step's large buffers and page-faulting them in
-again at the next step. It made PyTorch's step 1.2x (batch 128) and 1.7x (1024) faster and
-ours 1.0x and 1.05x; in `arcvq_jax.main` it gave nothing (1.01 against 1.02 steps/s at 1024)
-for 1.3 GiB more memory, so the project does not set it.
+glibc's malloc, per contender: 'plain' as it comes, as the official PyTorch script runs (a
+step's large buffers are mmap'd, unmapped, and page-faulted in again at the next step, 4 KiB
+at a time); 'hugepages' started with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, as arcvq_jax's
+commands run where the kernel gives transparent huge pages on request (`host_memory`; the
+JAX contender's default); 'kept' (`keep_freed_memory`) keeps freed memory in the process.
+'kept' made PyTorch's step 1.2x (batch 128) and 1.7x (1024) faster and ours 1.0x and 1.05x;
+in `arcvq_jax.main` it gave nothing (1.01 against 1.02 steps/s at 1024) for 1.3 GiB more
+memory, so the project does not set it. The last column is the contender's memory in huge
+pages after its warmup (0 where none were given).
 
 JAX: the full step of arcvq_jax.train.tokenizer_steps (BBNR projection, encoder, cosine
 search, VQ loss, ArcLoss, decoder, MSE / var, grads, Adam, usage statistics) for
@@ -52,6 +56,7 @@ import bench_train_step
 import jax
 import numpy as np
 
+from arcvq_jax import host_memory
 from arcvq_jax.models import layers
 
 
@@ -127,7 +132,10 @@ def torch_step(batch: int):
   return run
 
 
-MALLOCS = ("default", "kept")
+MALLOCS = ("plain", "hugepages", "kept")
+# How each project's command runs (glibc's malloc): the suffix-free name in the table.
+DEFAULT_MALLOC = {"pytorch": "plain", "jax": "hugepages"}
+HUGEPAGES_TUNABLE = f"{host_memory.TUNABLE}=1"
 
 
 def keep_freed_memory() -> None:
@@ -142,14 +150,28 @@ def keep_freed_memory() -> None:
       raise RuntimeError(f"mallopt({param}, {value}) refused")
 
 
+def anon_huge_mib() -> float:
+  """MiB of this process's anonymous memory in transparent huge pages now (Linux; else nan)."""
+  try:
+    with open("/proc/self/smaps_rollup") as f:
+      for line in f:
+        if line.startswith("AnonHugePages:"):
+          return int(line.split()[1]) / 1024
+  except OSError:
+    pass
+  return float("nan")
+
+
 def _contender(conn, kind: str, batch: int, forms: str, malloc: str, warmup: int, threads: int):
   """One contender in its own process: builds its step, then times blocks of steps on demand.
 
   Each runs apart, so that glibc's malloc can be set per contender (a process-wide setting):
-  'default' as both projects' commands run, 'kept' with `keep_freed_memory`.
+  'plain', 'hugepages' (its environment) or 'kept' (`keep_freed_memory`).
   """
   if malloc == "kept":
     keep_freed_memory()
+  if malloc == "hugepages" and HUGEPAGES_TUNABLE not in os.environ.get("GLIBC_TUNABLES", ""):
+    raise RuntimeError("glibc's hugetlb tunable did not reach the contender's process")
   if kind == "pytorch":
     import torch  # noqa: PLC0415
 
@@ -160,7 +182,7 @@ def _contender(conn, kind: str, batch: int, forms: str, malloc: str, warmup: int
     run, flops = jax_step(batch, forms)
   for _ in range(warmup):
     run()
-  conn.send(flops)
+  conn.send((flops, anon_huge_mib()))
   while (block := conn.recv()) is not None:
     run()  # untimed: the other runtime's worker threads spin down meanwhile
     t0 = time.perf_counter()
@@ -181,18 +203,30 @@ def bench(
   """contenders: name -> (kind 'pytorch' | 'jax', forms, malloc). Returns the times (ms) of
   every round per name, and the XLA FLOPs per step of the JAX ones."""
   ctx = multiprocessing.get_context("spawn")
-  procs, conns, flops = {}, {}, {}
+  procs, conns, flops, huge = {}, {}, {}, {}
   try:
     for name, (kind, forms, malloc) in contenders.items():
       parent, child = ctx.Pipe()
       procs[name] = ctx.Process(
         target=_contender, args=(child, kind, batch, forms, malloc, warmup, torch_threads)
       )
-      procs[name].start()
+      # glibc reads its tunables once, when a process starts: the child's environment.
+      tunables = os.environ.get("GLIBC_TUNABLES")
+      if malloc == "hugepages":
+        os.environ["GLIBC_TUNABLES"] = HUGEPAGES_TUNABLE
+      else:
+        os.environ.pop("GLIBC_TUNABLES", None)
+      try:
+        procs[name].start()
+      finally:
+        if tunables is None:
+          os.environ.pop("GLIBC_TUNABLES", None)
+        else:
+          os.environ["GLIBC_TUNABLES"] = tunables
       child.close()  # the child's end lives in the child: its exit must end recv() here
       conns[name] = parent
       try:
-        flops[name] = parent.recv()  # built one at a time: compilation is not timed
+        flops[name], huge[name] = parent.recv()  # built one at a time: compilation is not timed
       except EOFError:
         sys.exit(f"{name}: its process failed (its traceback is above)")
     times = {name: [] for name in contenders}
@@ -208,7 +242,7 @@ def bench(
     for proc in procs.values():
       if proc.is_alive():
         proc.kill()
-  return {name: 1e3 * np.asarray(t) for name, t in times.items()}, flops
+  return {name: 1e3 * np.asarray(t) for name, t in times.items()}, flops, huge
 
 
 def main() -> None:
@@ -226,16 +260,17 @@ def main() -> None:
   p.add_argument(
     "--malloc",
     nargs="*",
-    default=["default"],
+    default=[DEFAULT_MALLOC["jax"]],
     choices=MALLOCS,
-    help="glibc malloc for the JAX steps: 'default' (as arcvq_jax's commands run), 'kept'",
+    help="glibc malloc for the JAX steps (module docstring); 'hugepages' as arcvq_jax's "
+    "commands run",
   )
   p.add_argument(
     "--torch-malloc",
     nargs="*",
-    default=["default"],
+    default=[DEFAULT_MALLOC["pytorch"]],
     choices=MALLOCS,
-    help="glibc malloc for the PyTorch step: 'default' as the official script runs, 'kept'",
+    help="glibc malloc for the PyTorch step; 'plain' as the official script runs",
   )
   p.add_argument("--no-torch", action="store_true")
   p.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
@@ -245,14 +280,16 @@ def main() -> None:
 
   contenders = {}
   for malloc in [] if args.no_torch else args.torch_malloc:
-    contenders["pytorch" + ("" if malloc == "default" else f", malloc {malloc}")] = (
+    suffix = "" if malloc == DEFAULT_MALLOC["pytorch"] else f", malloc {malloc}"
+    contenders["pytorch" + suffix] = (
       "pytorch",
       "",
       malloc,
     )
   for forms in args.forms:
     for malloc in args.malloc:
-      name = f"jax ({forms}" + ("" if malloc == "default" else f", malloc {malloc}") + ")"
+      suffix = "" if malloc == DEFAULT_MALLOC["jax"] else f", malloc {malloc}"
+      name = f"jax ({forms}{suffix})"
       contenders[name] = ("jax", forms, malloc)
   print(
     f"jax {jax.__version__}, torch {torch.__version__} "
@@ -260,10 +297,13 @@ def main() -> None:
     f"{len(os.sched_getaffinity(0))} of {os.cpu_count()} CPUs, "
     f"load average {os.getloadavg()[0]:.2f}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
   )
-  print("| batch | step | median ms | p10-p90 ms | PyTorch / this (median) | GFLOP/step (XLA) |")
-  print("|---|---|---|---|---|---|")
+  print(
+    "| batch | step | median ms | p10-p90 ms | PyTorch / this (median) | GFLOP/step (XLA) "
+    "| huge pages MiB |"
+  )
+  print("|---|---|---|---|---|---|---|")
   for b in args.batch:
-    times, flops = bench(
+    times, flops, huge = bench(
       b, contenders, args.steps, args.warmup, args.gap, args.block, args.torch_threads
     )
     ref = np.median(times["pytorch"]) if "pytorch" in times else float("nan")
@@ -272,7 +312,7 @@ def main() -> None:
       gf = f"{flops[name] / 1e9:.1f}" if np.isfinite(flops[name]) else ""
       print(
         f"| {b} | {name} | {med:.1f} | {np.percentile(t, 10):.0f}-{np.percentile(t, 90):.0f} | "
-        f"{ref / med:.2f} | {gf} |",
+        f"{ref / med:.2f} | {gf} | {huge[name]:.0f} |",
         flush=True,
       )
   print(f"load average at the end: {os.getloadavg()[0]:.2f}")

@@ -15,6 +15,8 @@ import tempfile
 import jax
 import pytest
 
+from arcvq_jax import host_memory
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # torch's CUDA wheel imports triton (its GPU kernel compiler) when torchvision loads; triton's
@@ -50,6 +52,16 @@ for _name, _value in _CACHE.items():
 _UNOPTIMISED = "JAX_DISABLE_MOST_OPTIMIZATIONS"
 os.environ[_UNOPTIMISED] = "1"
 jax.config.update("jax_disable_most_optimizations", True)
+
+# The commands start over once with glibc's malloc asked for transparent huge pages, where that
+# helps (`host_memory`, from `cli.run`). The subprocesses of the suite start with it already, so
+# they run as users' commands do without starting over; pytest-xdist's workers, started after
+# this file is read, run with it too.
+_TUNABLES = host_memory.tunables_with_huge_pages(
+  os.environ, host_memory.glibc_version(), host_memory.thp_mode()
+)
+if _TUNABLES is not None:
+  os.environ["GLIBC_TUNABLES"] = _TUNABLES
 
 
 @pytest.fixture(autouse=True)
