@@ -184,7 +184,7 @@ def main() -> None:
   p.add_argument(
     "--forms",
     nargs="*",
-    default=["current"],
+    default=["default"],
     choices=FORMS,
     help="convolution forms (bench_vs_pytorch.py); several are timed in alternating rounds",
   )

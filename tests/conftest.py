@@ -99,7 +99,7 @@ HEAVY_FILES = {
   "test_prior_sharding.py": 37,
   "test_cli.py": 34,
   "test_train.py": 32,
-  "test_bench.py": 47,  # subprocesses: the accelerator, PyTorch and layer benchmarks, tiny
+  "test_bench.py": 70,  # subprocesses: the accelerator, VQGAN, PyTorch and layer benchmarks, tiny
   "test_api.py": 29,
   "test_lpips.py": 28,
   "test_unet.py": 28,

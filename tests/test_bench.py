@@ -1,6 +1,7 @@
 """Benchmarks that must not be found broken when they are needed run end to end on the CPU:
 the GPU/TPU benchmark (--tiny models; what a session lent an accelerator runs first), the
-comparison with PyTorch and the per-layer convolution benchmark (tiny batches)."""
+VQGAN step's (small images), the comparison with PyTorch and the per-layer convolution
+benchmark (tiny batches)."""
 
 import os
 import re
@@ -74,6 +75,28 @@ def test_pytorch_comparison_runs_every_contender_in_its_own_process():
     assert float(cells[6]) >= 0, (name, cells)  # MiB in huge pages
   assert rows["pytorch"][4] == "1.00"
   assert float(rows["jax (default)"][5]) > 0  # XLA's FLOPs of the step
+
+
+@pytest.mark.slow
+def test_vqgan_step_benchmark_runs_on_small_images():
+  # its default --forms once named a form that bench_vs_pytorch no longer had
+  out = _run_bench(
+    "bench_vqgan_step.py", *("--batch", "1", "--steps", "1", "--warmup", "0", "--image-size", "32")
+  )
+  rows = [cells for cells in _table_rows_named(out, "f8") if len(cells) == 10]
+  assert len(rows) == 1, out
+  _, forms, dtype, batch, gen_s, disc_s, images_per_s = rows[0][:7]
+  assert (forms, dtype, batch) == ("default", "float32", "1")
+  assert float(gen_s) > 0 and float(disc_s) > 0 and float(images_per_s) > 0
+
+
+def _table_rows_named(stdout: str, first: str) -> list[list[str]]:
+  rows = []
+  for line in stdout.splitlines():
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if cells[0] == first:
+      rows.append(cells)
+  return rows
 
 
 @pytest.mark.slow

@@ -65,6 +65,8 @@ COMMAND = textwrap.dedent(
     print(f"start|{os.getpid()}", flush=True)
     if sys.argv[1:2] == ["--from-python"]:
       cli.run(main, argv=[sys.argv[0]])
+    elif sys.argv[1:2] == ["--debug"] and sys.argv[2:3] == ["--debug"]:
+      cli.run(main, huge_pages=False)
     else:
       cli.run(main)
   """
@@ -103,6 +105,7 @@ def test_command_runs_as_it_is_where_the_user_chose_or_from_python(tmp_path):
   for args, tunables in (
     ((), "glibc.malloc.hugetlb=0"),  # the opt-out
     (("--from-python",), None),  # cli.run(main, argv) called by a program, not the command
+    (("--debug", "--debug"), None),  # a command that leaves it out (the converters)
   ):
     lines = _command(tmp_path, *args, tunables=tunables)
     assert [line[0] for line in lines] == ["start", "main"], (args, lines)
