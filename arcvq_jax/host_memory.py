@@ -22,7 +22,6 @@ GLIBC_TUNABLES: GLIBC_TUNABLES=glibc.malloc.hugetlb=0 opts out), under a debugge
 from __future__ import annotations
 
 import os
-import platform
 import re
 import sys
 from collections.abc import Mapping
@@ -46,10 +45,12 @@ def thp_mode(path: str = THP_ENABLED) -> str | None:
 
 def glibc_version() -> tuple[int, ...] | None:
   """The running C library's version if it is glibc, else None (musl, macOS, Windows)."""
-  name, version = platform.libc_ver()
-  if name != "glibc" or not version:
+  try:
+    found = os.confstr("CS_GNU_LIBC_VERSION")  # "glibc 2.36": the library loaded, not a guess
+  except (AttributeError, ValueError, OSError):
     return None
-  return tuple(int(p) for p in re.findall(r"\d+", version)[:2])
+  chosen = re.fullmatch(r"glibc (\d+)\.(\d+).*", found or "")
+  return (int(chosen.group(1)), int(chosen.group(2))) if chosen else None
 
 
 def tunables_with_huge_pages(

@@ -3,6 +3,7 @@ when they re-execute, that they keep the process, its arguments and the user's o
 and that the tunable gives a large buffer huge pages on this kernel."""
 
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -50,6 +51,20 @@ def test_thp_mode_is_the_bracketed_word(tmp_path):
   path.write_text("[always] madvise never\n")
   assert host_memory.thp_mode(str(path)) == "always"
   assert host_memory.thp_mode(str(tmp_path / "missing")) is None
+
+
+def test_glibc_version_is_the_running_library():
+  name, needed = platform.libc_ver()  # the newest glibc symbol the interpreter's binary uses
+  if name != "glibc":
+    assert host_memory.glibc_version() is None
+    return
+  try:
+    ldd = subprocess.run(["ldd", "--version"], capture_output=True, text=True, check=True)
+  except (OSError, subprocess.CalledProcessError):
+    pytest.skip("no ldd to read the system's glibc version from")
+  system = tuple(int(p) for p in ldd.stdout.splitlines()[0].split()[-1].split(".")[:2])
+  assert host_memory.glibc_version() == system
+  assert system >= tuple(int(p) for p in needed.split(".")[:2])
 
 
 COMMAND = textwrap.dedent(
