@@ -77,6 +77,17 @@ def auto_chunk_size(num_rows: int, block_elements: int = BLOCK_ELEMENTS) -> int:
   return 1 << (c.bit_length() - 1)
 
 
+def dividing_chunk_size(n: int, chunk: int, multiple: int = TOP_K_GROUP) -> int:
+  """The largest multiple of `multiple` in [chunk / 2, chunk] that divides n (no tail block),
+  else `chunk`. A tail block costs the ArcLoss more than its share on CPU: at K 512, D 64,
+  N 6272 (one 4096 block and a 2176 tail) 6.4 ms against 5.1 ms in two blocks of 3136, and
+  N 7808 11.3 against 7.6 ms (forward + backward; equal at N 50176)."""
+  for c in range(chunk - chunk % multiple, chunk // 2 - 1, -multiple):
+    if c > 0 and n % c == 0:
+      return c
+  return chunk
+
+
 def _top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   """lax.top_k(x, k) along the last axis of x (R, L): values (R, k), indices (R, k) int32.
 
@@ -189,7 +200,8 @@ def arc_loss_blocked(
   top_k <= N and the chunk sizes are Python numbers (static under jit). Blocks are
   (code_chunk_size, chunk_size): codes x tokens.
   code_chunk_size None: min(K, ARC_CODE_CHUNK); chunk_size None: blocks of about
-  BLOCK_ELEMENTS floats (`auto_chunk_size`). Memory is O(block + N * D + K), never O(K * N).
+  BLOCK_ELEMENTS floats (`auto_chunk_size`), as many as divide N evenly where one does
+  (`dividing_chunk_size`). Memory is O(block + N * D + K), never O(K * N).
   """
   n, k_rows = z.shape[0], codebook.shape[0]
   if not 1 <= top_k <= n:
@@ -197,7 +209,7 @@ def arc_loss_blocked(
   if not s > 0:
     raise ValueError(f"arc_loss_blocked: s={s} must be positive")
   rows = min(k_rows, ARC_CODE_CHUNK if code_chunk_size is None else int(code_chunk_size))
-  chunk = auto_chunk_size(rows) if chunk_size is None else int(chunk_size)
+  chunk = dividing_chunk_size(n, auto_chunk_size(rows)) if chunk_size is None else int(chunk_size)
   if chunk < 1 or rows < 1:
     raise ValueError(
       f"arc_loss_blocked: chunk sizes must be positive, got {chunk_size}, {code_chunk_size}"

@@ -76,9 +76,15 @@ def test_value_and_gradient_match_naive(n, k_rows, d, chunk, code_chunk, s, m, t
 
 
 @pytest.mark.slow
-def test_default_block_sizes_match_naive():
-  # N = 9000 is two 4096-token chunks and a tail; K = 1100 is two 512-code blocks and a tail.
-  z, e = random_data(11, 9000, 1100, 8)
+@pytest.mark.parametrize(
+  "n,k_rows",
+  [
+    (9000, 1100),  # two 4096-token chunks and a tail; two 512-code blocks and a tail
+    (6272, 600),  # two chunks of 3136 that divide N (`dividing_chunk_size`), no tail
+  ],
+)
+def test_default_block_sizes_match_naive(n, k_rows):
+  z, e = random_data(11, n, k_rows, 8)
   assert_same(*naive_and_blocked(z, e, 10.0, 0.1, 3, None))
 
 
@@ -225,6 +231,18 @@ def test_auto_chunk_size():
   assert st.auto_chunk_size(1) == st.MAX_CHUNK
   assert st.auto_chunk_size(10**7) == st.MIN_CHUNK
   assert st.auto_chunk_size(8192, st.NEAREST_BLOCK_ELEMENTS) == 256 == st.MIN_CHUNK
+
+
+def test_dividing_chunk_size():
+  assert st.dividing_chunk_size(6272, 4096) == 3136  # 128 images of 7 x 7 tokens: 2 x 3136
+  assert st.dividing_chunk_size(50176, 4096) == 3584  # 1024 images: 14 x 3584
+  assert st.dividing_chunk_size(8192, 4096) == 4096  # divides already
+  assert st.dividing_chunk_size(9000, 4096) == 4096  # no multiple of 32 divides 9000: as it was
+  assert st.dividing_chunk_size(4097, 4096) == 4096  # none in [2048, 4096]
+  assert st.dividing_chunk_size(300, 256, multiple=1) == 150
+  for n in range(1, 3000, 37):
+    c = st.dividing_chunk_size(n, 1024)
+    assert c == 1024 or (n % c == 0 and c % 32 == 0 and 512 <= c <= 1024)
 
 
 # --------------------------------------------------------------------------- nearest code
