@@ -68,6 +68,11 @@ def tunables_with_huge_pages(
   return f"{current}:{TUNABLE}=1" if current else f"{TUNABLE}=1"
 
 
+def tunables_for_this_host(environ: Mapping[str, str]) -> str | None:
+  """`tunables_with_huge_pages` for this machine's glibc and THP mode."""
+  return tunables_with_huge_pages(environ, glibc_version(), thp_mode())
+
+
 def reexec_with_huge_pages() -> None:
   """Re-executes this process's command line (sys.orig_argv: same interpreter options and
   arguments; same process id) with glibc's huge-page tunable set, where
@@ -78,7 +83,7 @@ def reexec_with_huge_pages() -> None:
   run_under = sys.orig_argv[sys.orig_argv.index("-m") + 1] if "-m" in sys.orig_argv else None
   if sys.gettrace() is not None or run_under == "pdb" or {"debugpy", "pydevd"} & set(sys.modules):
     return
-  tunables = tunables_with_huge_pages(os.environ, glibc_version(), thp_mode())
+  tunables = tunables_for_this_host(os.environ)
   if tunables is None:
     return
   env = dict(os.environ, GLIBC_TUNABLES=tunables)

@@ -57,9 +57,7 @@ jax.config.update("jax_disable_most_optimizations", True)
 # helps (`host_memory`, from `cli.run`). The subprocesses of the suite start with it already, so
 # they run as users' commands do without starting over; pytest-xdist's workers, started after
 # this file is read, run with it too.
-_TUNABLES = host_memory.tunables_with_huge_pages(
-  os.environ, host_memory.glibc_version(), host_memory.thp_mode()
-)
+_TUNABLES = host_memory.tunables_for_this_host(os.environ)
 if _TUNABLES is not None:
   os.environ["GLIBC_TUNABLES"] = _TUNABLES
 

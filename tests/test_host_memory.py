@@ -13,10 +13,7 @@ import pytest
 from arcvq_jax import host_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUALIFIES = (
-  host_memory.tunables_with_huge_pages({}, host_memory.glibc_version(), host_memory.thp_mode())
-  is not None
-)
+QUALIFIES = host_memory.tunables_for_this_host({}) is not None
 needs_thp_on_request = pytest.mark.skipif(
   not QUALIFIES, reason="needs glibc >= 2.35 and the kernel's THP mode 'madvise'"
 )
@@ -80,7 +77,8 @@ COMMAND = textwrap.dedent(
     print(f"start|{os.getpid()}", flush=True)
     if sys.argv[1:2] == ["--from-python"]:
       cli.run(main, argv=[sys.argv[0]])
-    elif sys.argv[1:2] == ["--debug"] and sys.argv[2:3] == ["--debug"]:
+    elif sys.argv[1:2] == ["--as-converter"]:
+      del sys.argv[1]
       cli.run(main, huge_pages=False)
     else:
       cli.run(main)
@@ -88,16 +86,22 @@ COMMAND = textwrap.dedent(
 )
 
 
-def _command(tmp_path, *args, tunables=None):
-  script = tmp_path / "command.py"
-  script.write_text(COMMAND)
+def _environ(tunables: str | None) -> dict[str, str]:
+  """This process's environment with GLIBC_TUNABLES (which conftest sets) replaced."""
   env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
   if tunables is not None:
     env["GLIBC_TUNABLES"] = tunables
+  return env
+
+
+def _command(tmp_path, *args, tunables=None) -> list[list[str]]:
+  """Runs COMMAND with args; its output lines, split into fields."""
+  script = tmp_path / "command.py"
+  script.write_text(COMMAND)
   proc = subprocess.run(
     [sys.executable, "-X", "utf8", str(script), *args],
     cwd=ROOT,
-    env=env,
+    env=_environ(tunables),
     capture_output=True,
     text=True,
     timeout=120,
@@ -120,7 +124,7 @@ def test_command_runs_as_it_is_where_the_user_chose_or_from_python(tmp_path):
   for args, tunables in (
     ((), "glibc.malloc.hugetlb=0"),  # the opt-out
     (("--from-python",), None),  # cli.run(main, argv) called by a program, not the command
-    (("--debug", "--debug"), None),  # a command that leaves it out (the converters)
+    (("--as-converter",), None),  # a command that leaves it out: cli.run(huge_pages=False)
   ):
     lines = _command(tmp_path, *args, tunables=tunables)
     assert [line[0] for line in lines] == ["start", "main"], (args, lines)
@@ -129,18 +133,8 @@ def test_command_runs_as_it_is_where_the_user_chose_or_from_python(tmp_path):
 
 @needs_thp_on_request
 def test_help_does_not_start_over(tmp_path):
-  script = tmp_path / "command.py"
-  script.write_text(COMMAND)
-  proc = subprocess.run(
-    [sys.executable, str(script), "--help"],
-    cwd=ROOT,
-    env={k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"},
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
-  assert proc.returncode == 0
-  assert proc.stdout.count("start|") == 1
+  lines = _command(tmp_path, "--help")
+  assert [line[0] for line in lines].count("start") == 1
 
 
 # malloc itself (numpy asks the kernel for huge pages on its own), 256 MiB: far above glibc's
@@ -162,12 +156,9 @@ HUGE_PAGES_OF_A_BUFFER = textwrap.dedent(
 @needs_thp_on_request
 def test_the_tunable_gives_a_large_buffer_huge_pages():
   def huge_mib(tunables):
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    if tunables:
-      env["GLIBC_TUNABLES"] = tunables
     out = subprocess.run(
       [sys.executable, "-c", HUGE_PAGES_OF_A_BUFFER],
-      env=env,
+      env=_environ(tunables),
       capture_output=True,
       text=True,
       check=True,
