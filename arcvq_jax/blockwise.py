@@ -27,6 +27,9 @@ block of its own, so no padded token or code exists to be masked.
 
 Search. Tokens in chunks, codes in chunks with a running (best score, index): a later block
 wins only when strictly better, so ties go to the lowest index as in jnp.argmax.
+`arc_loss_and_nearest_blocked` takes the cosine search from the ArcLoss's own blocks instead
+(each block's per-token maxima, merged the same way from block of codes to block of codes),
+so the K x N cosines are computed once.
 
 On a device mesh (`arc_loss_sharded`, `nearest_code_sharded`), inside jax.shard_map with
 explicit collectives. ArcLoss: the normalised tokens of the global batch are gathered
@@ -62,6 +65,14 @@ NEAREST_BLOCK_ELEMENTS = 2**20
 CODE_CHUNK = 8192
 MIN_CHUNK = 256
 MAX_CHUNK = 8192
+# The search comes out of the ArcLoss's pass (`arc_loss_and_nearest_blocked`, chosen by
+# quantizers.arcvq) for codebooks up to this size. Forward + backward + search, apart -> in one
+# pass, ms (bench/bench_arcloss.py --nearest): K 512, D 64, N 6272: 7.4 -> 6.3; N 50176:
+# 57.2 -> 46.5; K 1024, D 64, N 6272: 14.4 -> 11.7; K 2048, D 64: 29.0 -> 22.0; K 2048, D 16,
+# N 32768: 78.2 -> 70.7. Larger codebooks gain nothing or lose (K 4096, D 16: -30 .. +6 ms;
+# K 16384, D 16: 526 -> 544-590): the per-token maxima go down the columns of each block of
+# codes, which costs more than the separate search's rows once its dot is cheap (small D).
+SEARCH_IN_ARC_MAX_CODES = 2048
 # Entries per group of the two-stage top-k in `_absorb_block`.
 TOP_K_GROUP = 32
 # Rows up to this long get the top-k of `_top_k` by rounds of max instead of XLA's TopK.
@@ -203,23 +214,52 @@ def arc_loss_blocked(
   BLOCK_ELEMENTS floats (`auto_chunk_size`), as many as divide N evenly where one does
   (`dividing_chunk_size`). Memory is O(block + N * D + K), never O(K * N).
   """
+  return _arc_loss_blocked(
+    "arc_loss_blocked", z, codebook, s, m, top_k, chunk_size, code_chunk_size, False
+  )[0]
+
+
+def arc_loss_and_nearest_blocked(
+  z: jax.Array,
+  codebook: jax.Array,
+  s: float,
+  m: float,
+  top_k: int,
+  chunk_size: int | None = None,
+  code_chunk_size: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """(`arc_loss_blocked`, `nearest_code_blocked(z, codebook, 'cosine')`) in one pass.
+
+  The search's cosines are the ArcLoss's own: each block of them also gives, per token, its
+  best code in the block (the first index of the maximum, NaN first, as jnp.argmax), merged
+  over the blocks of codes in increasing order. The separate search would compute the same
+  K x N cosines again: at K 512, D 64 that pass is 1.1 ms of 4.5 at N 6272 and 10.6 of 35.1
+  at N 50176 (bench/bench_arcloss.py --nearest). Indices: (N,) int32, without gradient.
+  """
+  return _arc_loss_blocked(
+    "arc_loss_and_nearest_blocked", z, codebook, s, m, top_k, chunk_size, code_chunk_size, True
+  )
+
+
+def _arc_loss_blocked(fn, z, codebook, s, m, top_k, chunk_size, code_chunk_size, with_nearest):
+  """`arc_loss_blocked`'s work: (the loss, the nearest codes or None); fn names the caller
+  in errors."""
   n, k_rows = z.shape[0], codebook.shape[0]
   if not 1 <= top_k <= n:
-    raise ValueError(f"arc_loss_blocked: top_k={top_k} must be in [1, N={n}]")
+    raise ValueError(f"{fn}: top_k={top_k} must be in [1, N={n}]")
   if not s > 0:
-    raise ValueError(f"arc_loss_blocked: s={s} must be positive")
+    raise ValueError(f"{fn}: s={s} must be positive")
   rows = min(k_rows, ARC_CODE_CHUNK if code_chunk_size is None else int(code_chunk_size))
   chunk = dividing_chunk_size(n, auto_chunk_size(rows)) if chunk_size is None else int(chunk_size)
   if chunk < 1 or rows < 1:
-    raise ValueError(
-      f"arc_loss_blocked: chunk sizes must be positive, got {chunk_size}, {code_chunk_size}"
-    )
+    raise ValueError(f"{fn}: chunk sizes must be positive, got {chunk_size}, {code_chunk_size}")
   # float32 whatever the networks compute in (docs/math.md, section 1).
   z = z.astype(jnp.float32)
   e_hat = l2_normalize(sg(codebook).astype(jnp.float32))
-  return jnp.mean(
-    _arc_rows(l2_normalize(z), e_hat, float(s), float(m), int(top_k), min(chunk, n), rows)
+  losses, nearest = _arc_rows(
+    l2_normalize(z), e_hat, float(s), float(m), int(top_k), min(chunk, n), rows, with_nearest
   )
+  return jnp.mean(losses), nearest
 
 
 def _absorb_block(carry, c, start, s, top_k):
@@ -281,29 +321,48 @@ def _for_token_blocks(n: int, chunk: int, body, init):
   return state
 
 
-def _for_code_blocks(rows: int, fn, codes: jax.Array):
-  """fn(code rows) -> pytree of (r, ...) arrays, over blocks of `rows` codes of codes (K, D):
-  lax.map over the full blocks, then the tail; concatenated back to (K, ...)."""
+def _for_code_blocks(rows: int, fn, codes: jax.Array, carry=None):
+  """fn(code rows, index of the first, carry) -> (pytree of (r, ...) arrays, carry), over
+  blocks of `rows` codes of codes (K, D) in order: a scan over the full blocks, then the
+  tail. Returns the outputs concatenated back to (K, ...) and the last carry."""
   full, tail = _split(codes, rows)
   outs = []
   if full is not None and full.shape[0] == 1:
-    outs.append(fn(full[0]))
+    out, carry = fn(full[0], 0, carry)
+    outs.append(out)
   elif full is not None:
-    outs.append(jax.tree.map(lambda r: r.reshape(-1, *r.shape[2:]), lax.map(fn, full)))
+    starts = jnp.arange(full.shape[0], dtype=jnp.int32) * rows
+    carry, out = lax.scan(lambda c, xs: fn(*xs, c)[::-1], carry, (full, starts))
+    outs.append(jax.tree.map(lambda r: r.reshape(-1, *r.shape[2:]), out))
   if tail is not None:
-    outs.append(fn(tail))
-  return outs[0] if len(outs) == 1 else jax.tree.map(lambda *r: jnp.concatenate(r), *outs)
+    out, carry = fn(tail, codes.shape[0] - tail.shape[0], carry)
+    outs.append(out)
+  outs = outs[0] if len(outs) == 1 else jax.tree.map(lambda *r: jnp.concatenate(r), *outs)
+  return outs, carry
 
 
-def _arc_forward(z_hat, e_hat, s, m, top_k, chunk, rows):
-  """P_k as values (K, k) and token indices (K, k); log_den, log_num (K,).
+def _best_of_columns(c: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """c (R, C) -> per column, the maximum (C,) and the first row holding it (C,) int32; a NaN
+  makes the maximum NaN and the first NaN wins (jnp.argmax(c, axis=0))."""
+  rows = c.shape[0]
+  best = jnp.max(c, axis=0)
+  hit = (c == best[None, :]) | jnp.isnan(c)
+  # As `_first`, down the columns (a transpose of the block would cost more than the max).
+  neg_row = -lax.iota(jnp.float32, rows)[:, None]
+  return best, (-jnp.max(jnp.where(hit, neg_row, -float(rows)), axis=0)).astype(jnp.int32)
+
+
+def _arc_forward(z_hat, e_hat, s, m, top_k, chunk, rows, with_nearest=False):
+  """P_k as values (K, k) and token indices (K, k); log_den, log_num (K,); and with_nearest,
+  each token's nearest code (N,) int32 (the arg-max of its cosines), else None.
 
   Rows of the codebook are independent: each block of `rows` codes makes one pass over
-  the tokens.
+  the tokens. The nearest codes are a running (best cosine, index) per token, (N,) each,
+  carried from block of codes to block of codes.
   """
   n = z_hat.shape[0]
 
-  def row_block(e_rows):
+  def row_block(e_rows, first_row, nearest):
     r = e_rows.shape[0]
     init = (
       jnp.full((r, top_k), -jnp.inf, jnp.float32),
@@ -313,32 +372,54 @@ def _arc_forward(z_hat, e_hat, s, m, top_k, chunk, rows):
     )
     init = _vary_like(init, e_rows, z_hat)
 
-    def body(start, width, carry):
+    def body(start, width, state):
+      carry, nearest = state
       zc = lax.dynamic_slice_in_dim(z_hat, start, width)
-      return _absorb_block(carry, e_rows @ zc.T, start, s, top_k)
+      c = e_rows @ zc.T
+      if nearest is not None:
+        # A later block of codes takes a token only when strictly better (_merge_best).
+        col_best, col_idx = _best_of_columns(c)
+        best, idx = (lax.dynamic_slice_in_dim(a, start, width) for a in nearest)
+        merged = _merge_best(best, idx, col_best, col_idx + first_row)
+        nearest = tuple(
+          lax.dynamic_update_slice_in_dim(a, b, start, 0)
+          for a, b in zip(nearest, merged, strict=True)
+        )
+      return _absorb_block(carry, c, start, s, top_k), nearest
 
-    top_v, top_i, shift, rest = _for_token_blocks(n, chunk, body, init)
+    (top_v, top_i, shift, rest), nearest = _for_token_blocks(n, chunk, body, (init, nearest))
     log_num = jax.nn.logsumexp(_margin_logit(top_v, s, m), axis=1)
     # rest is 0 when N == top_k: its log is -inf and logaddexp ignores it.
     log_den = jnp.logaddexp(shift + jnp.log(rest), log_num)
-    return top_v, top_i, log_den, log_num
+    return (top_v, top_i, log_den, log_num), nearest
 
-  return _for_code_blocks(rows, row_block, e_hat)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
-def _arc_rows(z_hat, e_hat, s, m, top_k, chunk, rows):
-  """The per-row losses L_k = log_den_k - log_num_k, (K,): their mean is ArcLoss."""
-  _, _, log_den, log_num = _arc_forward(z_hat, e_hat, s, m, top_k, chunk, rows)
-  return log_den - log_num
+  nearest = None
+  if with_nearest:
+    nearest = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.int32))
+  out, nearest = _for_code_blocks(rows, row_block, e_hat, _vary_like(nearest, z_hat, e_hat))
+  return (*out, None if nearest is None else nearest[1])
 
 
-def _arc_rows_fwd(z_hat, e_hat, s, m, top_k, chunk, rows):
-  top_v, top_i, log_den, log_num = _arc_forward(z_hat, e_hat, s, m, top_k, chunk, rows)
-  return log_den - log_num, (z_hat, e_hat, top_v, top_i, log_den, log_num)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
+def _arc_rows(z_hat, e_hat, s, m, top_k, chunk, rows, with_nearest=False):
+  """The per-row losses L_k = log_den_k - log_num_k, (K,), whose mean is ArcLoss, and with
+  with_nearest each token's nearest code (N,) int32 (no gradient), else None."""
+  _, _, log_den, log_num, nearest = _arc_forward(
+    z_hat, e_hat, s, m, top_k, chunk, rows, with_nearest
+  )
+  return log_den - log_num, nearest
 
 
-def _arc_rows_bwd(s, m, top_k, chunk, rows, res, ct):
+def _arc_rows_fwd(z_hat, e_hat, s, m, top_k, chunk, rows, with_nearest=False):
+  top_v, top_i, log_den, log_num, nearest = _arc_forward(
+    z_hat, e_hat, s, m, top_k, chunk, rows, with_nearest
+  )
+  return (log_den - log_num, nearest), (z_hat, e_hat, top_v, top_i, log_den, log_num)
+
+
+def _arc_rows_bwd(s, m, top_k, chunk, rows, with_nearest, res, ct):
+  del with_nearest
+  ct = ct[0]  # the indices' cotangent is float0
   z_hat, e_hat, top_v, top_i, log_den, log_num = res
   n, d = z_hat.shape
   k_rows = e_hat.shape[0]
@@ -593,7 +674,7 @@ def arc_loss_sharded(
     # Each device's rows differ, so everything from here on varies over every axis; marking
     # the tokens so makes their gradient a psum over the axes they were the same on.
     z_hat, e_hat = _vary_over((z_hat, e_hat), all_axes)
-    losses = _arc_rows(z_hat, e_hat, s, m, top_k, chunk, rows)
+    losses, _ = _arc_rows(z_hat, e_hat, s, m, top_k, chunk, rows)
     return lax.psum(jnp.sum(jnp.where(valid, losses, 0.0)), all_axes) / k_rows
 
   return jax.shard_map(local, mesh=mesh, in_specs=(P(batch_axes), P(codebook_axis)), out_specs=P())(

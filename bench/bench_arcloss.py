@@ -3,7 +3,8 @@
   python bench/bench_arcloss.py                 # the default cases below, markdown table
   python bench/bench_arcloss.py --cases 512,64,50176 --runs 20
   python bench/bench_arcloss.py --sweep         # blocked time against block shape
-  python bench/bench_arcloss.py --nearest       # also quantization.nearest_code
+  python bench/bench_arcloss.py --nearest       # also quantization.nearest_code, and the
+                                                # search taken from the ArcLoss's pass
 
 Each case is K,D,N. Timed: jax.jit(jax.value_and_grad(loss)) w.r.t. z (forward+backward)
 and jax.jit(loss) (forward), median of --runs calls after --warmup, each waited for with
@@ -155,6 +156,47 @@ def nearest_row(k_rows, d, n, args):
   return out
 
 
+def together_row(k_rows, d, n, args):
+  """ArcLoss forward + backward and the cosine search: apart (`arc_loss_blocked`,
+  `nearest_code_blocked`) and in one pass (`arc_loss_and_nearest_blocked`, as ArcVQ runs them
+  where both are blocked on one device)."""
+  s, m, top_k = args.s, args.m, args.top_k
+  z, e = make_data(k_rows, d, n)
+  loss = functools.partial(
+    blockwise.arc_loss_blocked,
+    s=s,
+    m=m,
+    top_k=top_k,
+    chunk_size=args.chunk,
+    code_chunk_size=args.code_chunk,
+  )
+  apart = jax.jit(
+    lambda a, b: (jax.value_and_grad(loss)(a, b), blockwise.nearest_code_blocked(a, b, "cosine"))
+  )
+  both = functools.partial(
+    blockwise.arc_loss_and_nearest_blocked,
+    s=s,
+    m=m,
+    top_k=top_k,
+    chunk_size=args.chunk,
+    code_chunk_size=args.code_chunk,
+  )
+
+  @jax.jit
+  def together(a, b):
+    (value, indices), grad = jax.value_and_grad(both, has_aux=True)(a, b)
+    return (value, grad), indices
+
+  ((v0, g0), i0), ((v1, g1), i1) = apart(z, e), together(z, e)
+  np.testing.assert_array_equal(i1, i0)
+  np.testing.assert_allclose(v1, v0, rtol=1e-6)
+  np.testing.assert_allclose(g1, g0, rtol=1e-5, atol=1e-6 * float(jnp.abs(g0).max()))
+  t_apart, t_together = time_each([apart, together], (z, e), args.runs, args.warmup)
+  return (
+    f"| {k_rows} | {d} | {n} | {t_apart:,.1f} | {t_together:,.1f} | {t_apart - t_together:,.1f} |"
+  )
+
+
 def sweep(args):
   """Blocked fwd+bwd ms for each block shape (codes per block x tokens per chunk)."""
   chunks = (1024, 2048, 4096, 8192)
@@ -236,6 +278,10 @@ def main():
     for case in args.cases:
       for row in nearest_row(*parse_case(case), args):
         print(row, flush=True)
+    print("\n| K | D | N | ArcLoss fwd+bwd and search, apart | in one pass | saved ms |")
+    print("|---" * 6 + "|")
+    for case in args.cases:
+      print(together_row(*parse_case(case), args), flush=True)
 
 
 if __name__ == "__main__":

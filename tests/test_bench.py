@@ -1,7 +1,7 @@
 """Benchmarks that must not be found broken when they are needed run end to end on the CPU:
 the GPU/TPU benchmark (--tiny models; what a session lent an accelerator runs first), the
 VQGAN step's (small images), the comparison with PyTorch and the per-layer convolution
-benchmark (tiny batches)."""
+benchmark (tiny batches), the ArcLoss and search benchmark (a small case)."""
 
 import os
 import re
@@ -121,3 +121,17 @@ def test_pytorch_comparison_ends_when_a_contender_fails():
   assert proc.stderr.strip().splitlines()[-1] == (
     "jax (default): its process failed (its traceback is above)"
   )
+
+
+@pytest.mark.slow
+def test_arcloss_benchmark_checks_and_times_the_search_in_one_pass():
+  # A small case with a token tail and two blocks of codes: the script asserts that the
+  # blocked forms agree with the naive ones and the one-pass search with the separate one.
+  out = _run_bench(
+    "bench_arcloss.py",
+    *("--cases", "600,8,700", "--chunk", "256", "--nearest", "--runs", "1", "--warmup", "0"),
+  )
+  assert len(_table_rows(out, 11)) == 1, out  # the ArcLoss
+  assert len(_table_rows(out, 8)) == 2, out  # the search, both distances
+  (together,) = _table_rows(out, 6)
+  assert together[:3] == ["600", "8", "700"] and float(together[3]) > 0, out

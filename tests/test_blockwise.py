@@ -299,6 +299,57 @@ def test_nearest_code_nan_like_argmax():
     np.testing.assert_array_equal(got, want)
 
 
+# --------------------------------------------------------------------------- ArcLoss + search
+
+
+# (N, K, chunk, code_chunk): one block; token tail and code blocks with a tail; the default
+# blocks (two 3136-token chunks at N 6272); and codes in blocks of 7 (a later block of codes
+# must win only when strictly better).
+@pytest.mark.parametrize(
+  "n,k_rows,chunk,code_chunk",
+  [
+    (256, 40, 256, None),
+    (300, 600, 64, 256),
+    pytest.param(6272, 512, None, None, marks=pytest.mark.slow),
+    (203, 37, 16, 7),
+  ],
+)
+def test_arc_loss_and_nearest_match_both_naive_forms(n, k_rows, chunk, code_chunk):
+  z, e = random_data(n + 3 * k_rows, n, k_rows, 8)
+  both = jax.jit(
+    jax.value_and_grad(
+      lambda a: st.arc_loss_and_nearest_blocked(
+        a, jnp.asarray(e), 10.0, 0.1, 3, chunk_size=chunk, code_chunk_size=code_chunk
+      ),
+      has_aux=True,
+    )
+  )
+  (value, idx), grad = both(jnp.asarray(z))
+  assert idx.dtype == jnp.int32 and idx.shape == (n,)
+  np.testing.assert_array_equal(idx, vq.nearest_code(jnp.asarray(z), jnp.asarray(e), "cosine"))
+  naive = jax.jit(jax.value_and_grad(lambda a: vq.arc_loss(a, jnp.asarray(e), 10.0, 0.1, 3)))
+  assert_same(naive(jnp.asarray(z)), (value, grad))
+
+
+def test_arc_loss_and_nearest_ties_and_nan_like_argmax():
+  # The ties of test_nearest_code_ties_go_to_the_lowest_index, split over blocks of 4 codes
+  # (3 and its copies 19, 27 fall in different blocks), then a NaN code in a later block: it
+  # wins every token, as in jnp.argmax.
+  e = exact_units(8, 30)
+  e[19] = e[3]
+  e[27] = 4.0 * e[3]
+  e[28] = e[4]
+  z = np.tile(np.concatenate([e[[19, 27, 28, 3, 4]], np.zeros((2, 8), np.float32)]), (5, 1))
+  find = jax.jit(lambda a, b: st.arc_loss_and_nearest_blocked(a, b, 10.0, 0.1, 3, 8, 4)[1])
+  got = find(jnp.asarray(z), jnp.asarray(e))
+  np.testing.assert_array_equal(got[:7], [3, 3, 4, 3, 4, 0, 0])
+  np.testing.assert_array_equal(got, vq.nearest_code(jnp.asarray(z), jnp.asarray(e), "cosine"))
+  e[21, 1] = np.nan
+  got = find(jnp.asarray(z), jnp.asarray(e))
+  np.testing.assert_array_equal(got, np.full(len(z), 21))
+  np.testing.assert_array_equal(got, vq.nearest_code(jnp.asarray(z), jnp.asarray(e), "cosine"))
+
+
 # --------------------------------------------------------------------------- on a mesh
 
 

@@ -15,6 +15,7 @@ ArcLoss); the library still checks the cosine search and the direction of the ou
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.metadata
 
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from arcvq_jax import blockwise
 from arcvq_jax.quantizers import vq as vq_lib
 from arcvq_jax.quantizers.arcvq import ArcVQ
 from arcvq_jax.quantizers.vq import VQ
@@ -242,16 +244,19 @@ def np_arc_loss(z, e, s, m, k):
   return float(np.mean(lse(logits) - lse(logits[rows, top])))
 
 
-def test_arcvq_against_numpy_transcription():
+@pytest.mark.parametrize("impl", ["naive", "blocked"])
+def test_arcvq_against_numpy_transcription(impl):
   """BBNR (eq. 3-4), cosine search (eq. 5), raw-row STE (eq. 6), L_vq (eq. 7), ArcLoss
-  (eq. 8-10) and its weight (eq. 11-12), with their gradients, in float64 numpy."""
+  (eq. 8-10) and its weight (eq. 11-12), with their gradients, in float64 numpy. 'blocked':
+  the search taken from the blocked ArcLoss's forward pass."""
   rng = np.random.default_rng(7)
   n, step = 24, 1000
   z = rng.normal(size=(n, D)).astype(np.float32)
   e = np_normalize(rng.normal(size=(K, D))) * rng.uniform(0.5, 2.5, size=(K, 1))
   e = e.astype(np.float32)
   g = rng.normal(size=(n, D)).astype(np.float32)
-  quantizer = ArcVQ(num_codes=K, embed_dim=D, beta=0.25)
+  quantizer = ArcVQ(num_codes=K, embed_dim=D, beta=0.25, search_impl=impl, arc_impl=impl)
+  assert quantizer.search_in_arc_loss(n, None) == (impl == "blocked")
   s, m, k, beta = quantizer.arc_s, quantizer.arc_m, quantizer.arc_top_k, quantizer.beta
   params, before = quantizer.before_step({"codebook": jnp.asarray(e)}, jnp.asarray(step))
   out, gz, ge = ours(quantizer, params["codebook"], z, g, step=jnp.asarray(step))
@@ -293,6 +298,31 @@ def test_arcvq_against_numpy_transcription():
   np.add.at(want_ge, idx, 2 * (z_q - z64) / z64.size)
   assert rel_err(gz, want_gz) < 1e-5
   assert rel_err(ge, want_ge) < 1e-5
+
+
+def test_search_comes_from_the_arc_loss_only_where_both_are_blocked_on_one_device():
+  fused = ArcVQ(num_codes=K, embed_dim=D, search_impl="blocked", arc_impl="blocked")
+  assert fused.search_in_arc_loss(N, None)
+  assert fused.search_in_arc_loss(N, jax.make_mesh((1,), ("data",)))
+  assert not dataclasses.replace(fused, distance="euclidean").search_in_arc_loss(N, None)
+  assert not dataclasses.replace(fused, search_impl="naive").search_in_arc_loss(N, None)
+  assert not dataclasses.replace(fused, arc_impl="naive").search_in_arc_loss(N, None)
+  # 'auto': blocked from K x N > blockwise.BLOCK_ELEMENTS (the VQ-VAE at batch 128: 512 x 6272).
+  auto = ArcVQ(num_codes=512, embed_dim=64)
+  assert auto.search_in_arc_loss(6272, None) and not auto.search_in_arc_loss(64, None)
+  # Large codebooks keep the separate search (measured faster there; blockwise.py).
+  big = dataclasses.replace(auto, num_codes=blockwise.SEARCH_IN_ARC_MAX_CODES + 1)
+  assert not big.search_in_arc_loss(6272, None)
+
+
+class _FakeMesh:
+  size = 8
+
+
+def test_search_stays_apart_on_several_devices():
+  # On a mesh the ArcLoss splits the codebook's rows and the search the tokens.
+  fused = ArcVQ(num_codes=K, embed_dim=D, search_impl="blocked", arc_impl="blocked")
+  assert not fused.search_in_arc_loss(N, _FakeMesh())
 
 
 @needs_library

@@ -212,7 +212,11 @@ class VQ(Quantizer):
   ) -> Quantized:
     del step
     codebook = params["codebook"].astype(jnp.float32)
-    indices = self.search(codebook, z, mesh)
+    return self.quantized_at(codebook, z, self.search(codebook, z, mesh))
+
+  def quantized_at(self, codebook: jax.Array, z: jax.Array, indices: jax.Array) -> Quantized:
+    """The quantizer's output for latents z (N, D) whose nearest codes are `indices` (N,):
+    `quantize` after its search (a subclass that finds the indices another way calls it)."""
     z_q = jnp.take(codebook, indices, axis=0)
     loss = vqm.vq_loss(
       z,
