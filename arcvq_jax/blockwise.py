@@ -69,9 +69,10 @@ MAX_CHUNK = 8192
 # quantizers.arcvq) for codebooks up to this size. Forward + backward + search, apart -> in one
 # pass, ms (bench/bench_arcloss.py --nearest): K 512, D 64, N 6272: 7.4 -> 6.3; N 50176:
 # 57.2 -> 46.5; K 1024, D 64, N 6272: 14.4 -> 11.7; K 2048, D 64: 29.0 -> 22.0; K 2048, D 16,
-# N 32768: 78.2 -> 70.7. Larger codebooks gain nothing or lose (K 4096, D 16: -30 .. +6 ms;
-# K 16384, D 16: 526 -> 544-590): the per-token maxima go down the columns of each block of
-# codes, which costs more than the separate search's rows once its dot is cheap (small D).
+# N 32768: 78.2 -> 70.7; K 1024, D 256 (the VQGAN's), N 8192: 47.2 -> 37.3. Larger codebooks
+# gain nothing or lose (K 4096, D 16: -30 .. +6 ms; K 16384, D 16: 526 -> 544-590): the
+# per-token maxima go down the columns of each block of codes, which costs more than the
+# separate search's rows once its dot is cheap (small D).
 SEARCH_IN_ARC_MAX_CODES = 2048
 # Entries per group of the two-stage top-k in `_absorb_block`.
 TOP_K_GROUP = 32
