@@ -131,15 +131,17 @@ def _top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   return jnp.stack(values, axis=1), jnp.stack(indices, axis=1)
 
 
-def _first(hit: jax.Array) -> jax.Array:
-  """(R, L) bool -> (R,) int32: the first True position of each row (L if none).
+def _first(hit: jax.Array, axis: int = 1) -> jax.Array:
+  """(R, L) bool -> (R,) int32: the first True position of each row (L if none); axis=0:
+  of each column, (L,) (R if none).
 
   A max over floats: XLA on CPU reduces int32 rows several times slower than float32 ones
   (exact: positions are integers below 2**24).
   """
-  width = hit.shape[1]
-  neg_pos = -lax.iota(jnp.float32, width)[None, :]
-  return (-jnp.max(jnp.where(hit, neg_pos, -float(width)), axis=1)).astype(jnp.int32)
+  width = hit.shape[axis]
+  neg_pos = -lax.iota(jnp.float32, width)
+  neg_pos = neg_pos[None, :] if axis == 1 else neg_pos[:, None]
+  return (-jnp.max(jnp.where(hit, neg_pos, -float(width)), axis=axis)).astype(jnp.int32)
 
 
 def _split(x: jax.Array, chunk: int) -> tuple[jax.Array | None, jax.Array | None]:
@@ -346,12 +348,9 @@ def _for_code_blocks(rows: int, fn, codes: jax.Array, carry=None):
 def _best_of_columns(c: jax.Array) -> tuple[jax.Array, jax.Array]:
   """c (R, C) -> per column, the maximum (C,) and the first row holding it (C,) int32; a NaN
   makes the maximum NaN and the first NaN wins (jnp.argmax(c, axis=0))."""
-  rows = c.shape[0]
   best = jnp.max(c, axis=0)
-  hit = (c == best[None, :]) | jnp.isnan(c)
-  # As `_first`, down the columns (a transpose of the block would cost more than the max).
-  neg_row = -lax.iota(jnp.float32, rows)[:, None]
-  return best, (-jnp.max(jnp.where(hit, neg_row, -float(rows)), axis=0)).astype(jnp.int32)
+  # Down the columns: a transpose of the block would cost more than the max.
+  return best, _first((c == best[None, :]) | jnp.isnan(c), axis=0)
 
 
 def _arc_forward(z_hat, e_hat, s, m, top_k, chunk, rows, with_nearest=False):

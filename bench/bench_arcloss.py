@@ -160,27 +160,15 @@ def together_row(k_rows, d, n, args):
   """ArcLoss forward + backward and the cosine search: apart (`arc_loss_blocked`,
   `nearest_code_blocked`) and in one pass (`arc_loss_and_nearest_blocked`, as ArcVQ runs them
   where both are blocked on one device)."""
-  s, m, top_k = args.s, args.m, args.top_k
   z, e = make_data(k_rows, d, n)
-  loss = functools.partial(
-    blockwise.arc_loss_blocked,
-    s=s,
-    m=m,
-    top_k=top_k,
-    chunk_size=args.chunk,
-    code_chunk_size=args.code_chunk,
+  settings = dict(
+    s=args.s, m=args.m, top_k=args.top_k, chunk_size=args.chunk, code_chunk_size=args.code_chunk
   )
+  loss = functools.partial(blockwise.arc_loss_blocked, **settings)
   apart = jax.jit(
     lambda a, b: (jax.value_and_grad(loss)(a, b), blockwise.nearest_code_blocked(a, b, "cosine"))
   )
-  both = functools.partial(
-    blockwise.arc_loss_and_nearest_blocked,
-    s=s,
-    m=m,
-    top_k=top_k,
-    chunk_size=args.chunk,
-    code_chunk_size=args.code_chunk,
-  )
+  both = functools.partial(blockwise.arc_loss_and_nearest_blocked, **settings)
 
   @jax.jit
   def together(a, b):
