@@ -14,7 +14,7 @@ import ml_collections
 
 from arcvq_jax import diffusion
 from arcvq_jax.config import _check_choice, _check_positive_int, _fail
-from arcvq_jax.models.layers import CONV_LIBRARIES
+from arcvq_jax.models.layers import XLA_CONV_LIBRARIES
 
 STAGES = ("ldm", "pixelcnn")
 
@@ -336,7 +336,7 @@ def validate_pixelcnn(
   ):
     _check_positive_int(c, key)
   if p.get("cpu_conv_library"):
-    _check_choice(c, "pixelcnn.cpu_conv_library", CONV_LIBRARIES)
+    _check_choice(c, "pixelcnn.cpu_conv_library", XLA_CONV_LIBRARIES)
   for key in ("pixelcnn.first_kernel", "pixelcnn.kernel"):
     value = p.first_kernel if key.endswith("first_kernel") else p.kernel
     if value % 2 == 0:

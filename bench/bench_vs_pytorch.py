@@ -27,7 +27,10 @@ pages after its warmup (0 where none were given).
 JAX: the full step of arcvq_jax.train.tokenizer_steps (BBNR projection, encoder, cosine
 search, VQ loss, ArcLoss, decoder, MSE / var, grads, Adam, usage statistics) for
 configs/fashion_mnist.py. --forms picks the convolutions:
-  default  as shipped: config.model.cpu_conv_library = 'eigen' (the step compiled with
+  default  as shipped: config.model.cpu_conv_library = 'onednn' (oneDNN's convolution
+           through XLA:CPU's custom call for the forward passes and input gradients, the
+           kernel gradients on Eigen: models/onednn.py; Eigen where the jaxlib lacks it)
+  eigen    cpu_conv_library = 'eigen' (the step compiled with
            layers.EIGEN_CONV_COMPILER_OPTIONS: convolutions on Eigen rather than XLA's
            default YNNPACK, with the forms 'auto' picks for Eigen)
   ynn      cpu_conv_library = 'ynn': XLA's default library, the forms 'auto' picks for it
@@ -71,7 +74,7 @@ def _choose_conv_transpose_before(features, backend=None, library=None):
   return "phase" if features >= 8 else "matmul"
 
 
-FORMS = ("default", "ynn", "before")
+FORMS = ("default", "eigen", "ynn", "before")
 
 
 @contextlib.contextmanager
@@ -92,9 +95,11 @@ def conv_forms(forms: str):
 
 def jax_step(batch: int, forms: str):
   """A function running one compiled train step (state carried along), and the step's FLOPs."""
-  # 'default' is configs/fashion_mnist.py as shipped (Eigen); the others trace the step under
-  # XLA's default library.
-  overrides = {} if forms == "default" else {"cpu_conv_library": "ynn"}
+  # 'default' is configs/fashion_mnist.py as shipped (oneDNN); 'eigen' Eigen alone; the
+  # others trace the step under XLA's default library.
+  overrides = {"default": {}, "eigen": {"cpu_conv_library": "eigen"}}.get(
+    forms, {"cpu_conv_library": "ynn"}
+  )
   with conv_forms(forms):
     step_fn, state, batch_arr = bench_train_step.fashion_mnist_step(batch, **overrides)
     compiled = step_fn.lower(state, batch_arr).compile()
@@ -104,7 +109,17 @@ def jax_step(batch: int, forms: str):
     holder["state"], m = compiled(holder["state"], batch_arr)
     jax.block_until_ready(m["loss"])
 
-  analysis = compiled.cost_analysis()
+  if "__onednn$" in compiled.as_text():
+    # XLA's cost analysis does not count custom calls: the FLOPs of the same step with its
+    # convolutions on Eigen (the same arithmetic).
+    with conv_forms(forms):
+      step_fn, state, batch_arr = bench_train_step.fashion_mnist_step(
+        batch, cpu_conv_library="eigen"
+      )
+      counted = step_fn.lower(state, batch_arr).compile()
+  else:
+    counted = compiled
+  analysis = counted.cost_analysis()
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0]
   return run, float(analysis.get("flops", float("nan")))

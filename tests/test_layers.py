@@ -289,12 +289,27 @@ def test_conv_hybrid_matches_xla_values_and_gradients(k, stride, pad, cin, cout)
 # (form, kernel, stride, padding, input (H, W), Cin, Cout): the custom-VJP forms against torch.
 # phase_grad: its phase-form input gradient on even inputs, XLA's where the input is odd or
 # the shape is not 4x4 / 2 / 1; hybrid: its GEMM kernel gradient (both contraction orders).
-CUSTOM_VJP_CASES = [
-  ("phase_grad", 4, 2, 1, (8, 10), 3, 5),
-  ("phase_grad", 4, 2, 1, (9, 8), 3, 5),
-  ("phase_grad", 3, 1, 1, (6, 6), 3, 5),
-  ("phase_grad", 4, 2, 0, (10, 10), 3, 5),
-] + [("hybrid", k, s, p, (9, 8), cin, cout) for k, s, p, cin, cout in HYBRID_CASES[:3]]
+CUSTOM_VJP_CASES = (
+  [
+    ("phase_grad", 4, 2, 1, (8, 10), 3, 5),
+    ("phase_grad", 4, 2, 1, (9, 8), 3, 5),
+    ("phase_grad", 3, 1, 1, (6, 6), 3, 5),
+    ("phase_grad", 4, 2, 0, (10, 10), 3, 5),
+  ]
+  + [("hybrid", k, s, p, (9, 8), cin, cout) for k, s, p, cin, cout in HYBRID_CASES[:3]]
+  + [
+    # onednn: the flipped-kernel input gradient (stride 1), the phase form (4x4 / 2 / 1, even),
+    # XLA's (odd input, other strides); Eigen's kernel gradient, or the GEMMs where the conv is
+    # a stride-1 'same' one to at most half the channels (8 -> 3).
+    ("onednn", 3, 1, 1, (6, 7), 3, 5),
+    ("onednn", 3, 1, 1, (6, 6), 8, 3),
+    ("onednn", 3, 1, 0, (6, 6), 3, 5),
+    ("onednn", 4, 2, 1, (8, 10), 3, 5),
+    ("onednn", 4, 2, 1, (9, 8), 3, 5),
+    ("onednn", 3, 2, 0, (9, 8), 2, 3),
+    ("onednn", 1, 1, 0, (5, 5), 4, 6),
+  ]
+)
 
 
 @pytest.mark.parametrize("form,k,stride,pad,hw,cin,cout", CUSTOM_VJP_CASES)
@@ -380,6 +395,34 @@ def test_auto_forms_for_eigen_convolutions():
   assert layers.choose_conv_impl((3, 3, 128, 128), backend="gpu", library="eigen") == "xla"
   with pytest.raises(ValueError, match="conv library 'nope'"):
     layers.choose_conv_impl((3, 3, 8, 8), backend="cpu", library="nope")
+
+
+@pytest.mark.parametrize("runs_onednn", [True, False])
+def test_auto_forms_for_onednn_convolutions(monkeypatch, runs_onednn):
+  """'onednn' takes oneDNN for every convolution but the GEMM ones (1x1, an image's first
+  layer), the phase form on oneDNN for transposed ones; Eigen's forms where this jaxlib cannot
+  run oneDNN's convolution; XLA's off the CPU."""
+  monkeypatch.setattr(layers.onednn, "available", lambda: runs_onednn)
+  onednn = dict(backend="cpu", library="onednn")
+  same, down = dict(strides=(1, 1), padding=(1, 1)), dict(strides=(2, 2), padding=(1, 1))
+  assert layers.choose_conv_impl((3, 3, 128, 32), **onednn, **same) == (
+    "onednn" if runs_onednn else "hybrid"
+  )
+  assert layers.choose_conv_impl((4, 4, 64, 128), **onednn, **down) == (
+    "onednn" if runs_onednn else "phase_grad"
+  )
+  assert layers.choose_conv_impl((3, 3, 64, 128), **onednn, **same) == (
+    "onednn" if runs_onednn else "xla"
+  )
+  assert layers.choose_conv_impl((1, 1, 128, 64), **onednn) == "gemm"
+  assert layers.choose_conv_impl((4, 4, 1, 64), **onednn, **down) == "gemm"
+  assert layers.choose_conv_transpose_impl(64, **onednn) == (
+    "phase_onednn" if runs_onednn else "phase"
+  )
+  assert layers.choose_conv_transpose_impl(1, **onednn) == "matmul"
+  assert layers.choose_conv_impl((3, 3, 64, 64), backend="gpu", library="onednn") == "xla"
+  assert layers.choose_conv_transpose_impl(64, backend="gpu", library="onednn") == "phase"
+  assert layers.compiler_options("onednn") == layers.compiler_options("eigen")
 
 
 @pytest.mark.slow

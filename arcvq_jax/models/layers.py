@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from arcvq_jax.models import onednn
+
 Array = jax.Array
 Dtype = Any
 Initializer = Callable[..., Array]
@@ -256,7 +258,10 @@ conv_phase_grad.defvjp(_conv_keep_inputs_fwd, _conv_phase_grad_bwd)
 # with its bias and ReLU into one YNNPACK fusion, which ran the VQ-VAE's 128-channel layers
 # 2x slower than Eigen's convolution followed by XLA's own elementwise loop (encoder conv_2
 # at batch 1024: 88 vs 38 ms; the train step 1070 -> 1031 ms; bench/bench_vs_pytorch.py).
-CONV_LIBRARIES = ("ynn", "eigen")
+CONV_LIBRARIES = ("ynn", "eigen", "onednn")
+# The libraries XLA itself runs convolutions on: a program compiled for one of them
+# (`compiler_options`) runs lax convolutions there ('onednn' needs the model's own forms).
+XLA_CONV_LIBRARIES = ("ynn", "eigen")
 EIGEN_CONV_COMPILER_OPTIONS = {
   "xla_cpu_experimental_ynn_fusion_type": (
     "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
@@ -283,30 +288,88 @@ def cpu_conv_library() -> str:
 
 def compiler_options(library: str | None) -> dict[str, str] | None:
   """The XLA options to compile a function with whose convolutions were chosen for
-  `library` ('eigen': EIGEN_CONV_COMPILER_OPTIONS on the CPU; None elsewhere)."""
-  if library == "eigen" and jax.default_backend() == "cpu":
+  `library` ('eigen' and 'onednn', whose other convolutions run on Eigen:
+  EIGEN_CONV_COMPILER_OPTIONS on the CPU; None elsewhere)."""
+  if library in ("eigen", "onednn") and jax.default_backend() == "cpu":
     return dict(EIGEN_CONV_COMPILER_OPTIONS)
   return None
 
 
 def _library(library: str | None) -> str:
+  """The library the forms are chosen for: 'onednn' becomes 'eigen' where this jaxlib cannot
+  run oneDNN's convolution (`onednn.available`)."""
   if library is None:
     return cpu_conv_library()
   if library not in CONV_LIBRARIES:
     raise ValueError(f"conv library {library!r} is not one of {CONV_LIBRARIES}")
+  if library == "onednn" and not onednn.available():
+    return "eigen"
   return library
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_onednn(x: Array, kernel: Array, strides: tuple[int, int], pads) -> Array:
+  return onednn.conv(x, kernel, strides, pads)
+
+
+def _conv_onednn_fwd(x, kernel, strides, pads):
+  return onednn.conv(x, kernel, strides, pads), (x, kernel)
+
+
+def _conv_onednn_bwd(strides, pads, res, g):
+  x, kernel = res
+  xla = lambda x_, k_: lax.conv_general_dilated(
+    x_, k_, strides, pads, dimension_numbers=_DIMENSION_NUMBERS
+  )
+  symmetric = all(lo == hi for lo, hi in pads)
+  padding = tuple(lo for lo, _ in pads)
+  dx = None
+  if strides == (1, 1):
+    dx = onednn.input_grad_stride1(x.shape, kernel, pads, g)
+  elif symmetric and _phase_grad_applies(
+    kernel.shape, strides, padding, x.shape[1:3], g.shape[1:3]
+  ):
+    dx = conv_transpose_4x4s2_phase(g, kernel.transpose(0, 1, 3, 2), conv=_conv_onednn)
+  if dx is None:
+    dx = jax.vjp(lambda x_: xla(x_, kernel), x)[1](g)[0]
+  if symmetric and _narrowing_same_conv(kernel.shape, strides, padding):
+    dk = conv_kernel_grad(x, g, kernel.shape, strides, padding)
+  else:
+    dk = jax.vjp(lambda k_: xla(x, k_), kernel)[1](g)[0]
+  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+_conv_onednn.defvjp(_conv_onednn_fwd, _conv_onednn_bwd)
+
+
+def conv_onednn(
+  x: Array, kernel: Array, strides: tuple[int, int], padding: tuple[int, int]
+) -> Array:
+  """`conv_xla` as oneDNN's convolution (`models/onednn.py`) for float32 where this jaxlib
+  runs it (`onednn.available`), else `conv_xla`.
+
+  The input gradient is oneDNN's too (`onednn.input_grad_stride1`; for a 4x4 kernel at
+  stride 2 the phase-form transposed convolution on oneDNN); the kernel gradient is
+  `conv_kernel_grad`'s GEMMs for stride-1 'same' convolutions to at most half the channels
+  (as 'hybrid': no layout transposes of the input), else XLA's (Eigen).
+  """
+  if not (x.dtype == kernel.dtype == jnp.float32 and onednn.available()):
+    return conv_xla(x, kernel, strides, padding)
+  (ph, pw) = padding
+  return _conv_onednn(x, kernel, tuple(strides), ((ph, ph), (pw, pw)))
 
 
 # Under YNNPACK convolutions 'auto' takes the GEMM form up to this patch width (kh*kw*Cin;
 # 1x1 convolutions are plain GEMMs), the hybrid form (XLA convolution forward and input
 # gradient, GEMM kernel gradient) above it.
 GEMM_MAX_PATCH = 576
-CONV_IMPLS = ("auto", "xla", "gemm", "hybrid", "phase_grad")
+CONV_IMPLS = ("auto", "xla", "gemm", "hybrid", "phase_grad", "onednn")
 CONV_FORMS = {
   "xla": conv_xla,
   "gemm": conv_gemm,
   "hybrid": conv_hybrid,
   "phase_grad": conv_phase_grad,
+  "onednn": conv_onednn,
 }
 
 
@@ -335,7 +398,10 @@ def choose_conv_impl(
   kh, kw, cin, cout = kernel_shape
   if (backend or jax.default_backend()) != "cpu":
     return "xla"
-  if _library(library) == "eigen":
+  lib = _library(library)
+  if lib == "onednn":
+    return "gemm" if kh * kw == 1 or kh * kw * cin <= cout else "onednn"
+  if lib == "eigen":
     if kh * kw == 1 or kh * kw * cin <= cout:
       return "gemm"
     if _phase_grad_applies(kernel_shape, strides, padding):
@@ -459,12 +525,17 @@ def conv_transpose_4x4s2_subpixel(x: Array, kernel: Array) -> Array:
 _PHASE_TAPS = {0: ((3, 1), (1, 0)), 1: ((2, 0), (0, 1))}
 
 
-def conv_transpose_4x4s2_phase(x: Array, kernel: Array) -> Array:
+def conv_transpose_4x4s2_phase(x: Array, kernel: Array, conv: Callable | None = None) -> Array:
   """Phase form: four 2x2 stride-1 convs (one per output phase), interleaved.
 
   x: (B, H, W, Cin); kernel: (4, 4, Cin, Cout). Returns (B, 2H, 2W, Cout). Exactly the
-  transposed conv's multiply-adds, split over four convs.
+  transposed conv's multiply-adds, split over four convs. conv(x, k2, strides, pads) runs
+  each (None: XLA's).
   """
+  if conv is None:
+    conv = lambda x, k, strides, pads: lax.conv_general_dilated(
+      x, k, strides, pads, dimension_numbers=_DIMENSION_NUMBERS
+    )
   b, h, w, _ = x.shape
   cout = kernel.shape[-1]
   phases = []
@@ -473,11 +544,7 @@ def conv_transpose_4x4s2_phase(x: Array, kernel: Array) -> Array:
     for rx in (0, 1):
       kx, pad_x = _PHASE_TAPS[rx]
       k2 = kernel[np.array(ky)][:, np.array(kx)]  # (2, 2, Cin, Cout)
-      phases.append(
-        lax.conv_general_dilated(
-          x, k2, (1, 1), (pad_y, pad_x), dimension_numbers=_DIMENSION_NUMBERS
-        )
-      )
+      phases.append(conv(x, k2, (1, 1), (pad_y, pad_x)))
   y = jnp.stack(phases, axis=3).reshape(b, h, w, 2, 2, cout)
   return y.transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, cout)
 
@@ -556,12 +623,21 @@ def _conv_transpose_hybrid_bwd(res, g):
 conv_transpose_4x4s2_hybrid.defvjp(_conv_transpose_hybrid_fwd, _conv_transpose_hybrid_bwd)
 
 
+def conv_transpose_4x4s2_phase_onednn(x: Array, kernel: Array) -> Array:
+  """The phase form on oneDNN's convolution (`conv_onednn`'s, gradients included) for
+  float32 where this jaxlib runs it, else `conv_transpose_4x4s2_phase`."""
+  if x.dtype == kernel.dtype == jnp.float32 and onednn.available():
+    return conv_transpose_4x4s2_phase(x, kernel, conv=_conv_onednn)
+  return conv_transpose_4x4s2_phase(x, kernel)
+
+
 CONV_TRANSPOSE_4X4S2_IMPLS = {
   "matmul": conv_transpose_4x4s2_matmul,
   "xla": conv_transpose_4x4s2_xla,
   "subpixel": conv_transpose_4x4s2_subpixel,
   "phase": conv_transpose_4x4s2_phase,
   "hybrid": conv_transpose_4x4s2_hybrid,
+  "phase_onednn": conv_transpose_4x4s2_phase_onednn,
 }
 
 
@@ -578,7 +654,10 @@ def choose_conv_transpose_impl(
   image-output layer). backend: jax.default_backend() when None.
   """
   if (backend or jax.default_backend()) == "cpu":
-    if _library(library) == "eigen":
+    lib = _library(library)
+    if lib == "onednn":
+      return "phase_onednn" if features >= 8 else "matmul"
+    if lib == "eigen":
       return "phase" if features >= 8 else "matmul"
     return "hybrid"
   return "phase" if features >= 8 else "matmul"
