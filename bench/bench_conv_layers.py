@@ -1,13 +1,14 @@
 """The VQ-VAE's convolutions one by one, forward + the gradients the train step needs, against
 PyTorch's on the same CPU: where the train step's time goes and what bounds it.
 
-  python bench/bench_conv_layers.py --batch 128 1024 --steps 10
+  python bench/bench_conv_layers.py --batch 128 1024 --steps 10 [--library onednn eigen]
 
 For every layer of configs/fashion_mnist.py's network (the residual layers' convolutions count
 four times, once per residual layer) it times jax.jit(jax.grad(loss)) of that layer alone, as
-`models.layers` computes it for the shipped CPU library ('auto': `choose_conv_impl` /
-`choose_conv_transpose_impl` for `cpu_conv_library='eigen'`, compiled with
-`layers.compiler_options('eigen')`), and torch's conv2d / conv_transpose2d with autograd
+`models.layers` computes it for each --library ('auto': `choose_conv_impl` /
+`choose_conv_transpose_impl` for that `cpu_conv_library`, compiled with
+`layers.compiler_options(library)`; default the shipped 'onednn' and 'eigen'), and torch's
+conv2d / conv_transpose2d with autograd
 (default intra-op threads). loss = sum(y * r) for a fixed random r, so the backward pass is the
 layer's own; the input gradient is left out for the first layer (the image needs none, in
 both). The JAX side returns the loss with the gradients, so its forward convolution runs as
@@ -48,17 +49,17 @@ LAYERS = {
 }
 
 
-def jax_layer(kind, h, cin, cout, k, s, p, batch, input_grad, rng):
+def jax_layer(kind, h, cin, cout, k, s, p, batch, input_grad, rng, library="onednn"):
   """A function running the layer's jitted gradient once (blocking), and the form 'auto' took."""
   x = jnp.asarray(rng.normal(size=(batch, h, h, cin)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(k, k, cin, cout)) * 0.05, jnp.float32)
   if kind == "conv":
     form = layers.choose_conv_impl(
-      (k, k, cin, cout), backend="cpu", library="eigen", strides=(s, s), padding=(p, p)
+      (k, k, cin, cout), backend="cpu", library=library, strides=(s, s), padding=(p, p)
     )
     apply = lambda x, w: layers.CONV_FORMS[form](x, w, (s, s), (p, p))
   else:
-    form = layers.choose_conv_transpose_impl(cout, backend="cpu", library="eigen")
+    form = layers.choose_conv_transpose_impl(cout, backend="cpu", library=library)
     apply = lambda x, w: layers.CONV_TRANSPOSE_4X4S2_IMPLS[form](x, w)
   r = jnp.asarray(rng.normal(size=jax.eval_shape(apply, x, w).shape), jnp.float32)
   loss = lambda w, x: jnp.sum(apply(x, w) * r)
@@ -66,7 +67,7 @@ def jax_layer(kind, h, cin, cout, k, s, p, batch, input_grad, rng):
   # while torch's autograd always runs it; the loss keeps both sides doing the same work.
   grad = jax.jit(
     jax.value_and_grad(loss, argnums=(0, 1) if input_grad else 0),
-    compiler_options=layers.compiler_options("eigen"),
+    compiler_options=layers.compiler_options(library),
   )
   return (lambda: jax.block_until_ready(grad(w, x))), form
 
@@ -92,16 +93,6 @@ def torch_layer(kind, h, cin, cout, k, s, p, batch, input_grad, rng):
   return run
 
 
-def flops(kind, h, cin, cout, k, s, p, batch, input_grad) -> float:
-  """Multiply-adds x 2 of the forward pass, times 2 or 3 with the gradients."""
-  if kind == "conv":
-    out = (h + 2 * p - k) // s + 1
-    fwd = 2 * batch * out * out * cout * k * k * cin
-  else:  # each output of a 4x4 stride-2 transposed conv gets 2x2 taps
-    fwd = 2 * batch * (2 * h) ** 2 * cout * 4 * cin
-  return fwd * (3 if input_grad else 2)
-
-
 def main() -> None:
   p = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -109,6 +100,7 @@ def main() -> None:
   p.add_argument("--batch", type=int, nargs="*", default=[128, 1024])
   p.add_argument("--steps", type=int, default=10, help="timed rounds")
   p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--library", nargs="*", default=["onednn", "eigen"], choices=layers.CONV_LIBRARIES)
   p.add_argument(
     "--block", type=int, default=3, help="timed calls in a row per contender and round"
   )
@@ -123,7 +115,10 @@ def main() -> None:
     rng = np.random.default_rng(0)
     runs, forms = {}, {}
     for name, spec in LAYERS.items():
-      runs[(name, "jax")], forms[name] = jax_layer(*spec[:7], batch, spec[8], rng)
+      for lib in args.library:
+        runs[(name, lib)], forms[(name, lib)] = jax_layer(
+          *spec[:7], batch, spec[8], np.random.default_rng(0), lib
+        )
       runs[(name, "torch")] = torch_layer(*spec[:7], batch, spec[8], rng)
     for run in runs.values():
       for _ in range(args.warmup):
@@ -138,24 +133,27 @@ def main() -> None:
         times[key].append((time.perf_counter() - t0) / args.block)
     med = {key: 1e3 * float(np.median(t)) for key, t in times.items()}
     print(f"\nbatch {batch}, medians of {args.steps} rounds (ms per layer; x n: times in the net)")
-    print("| layer | form (Eigen) | arcvq-jax ms | PyTorch ms | PyTorch / ours | jax GFLOP/s |")
-    print("|---|---|---|---|---|---|")
-    total = {"jax": 0.0, "torch": 0.0}
+    libs = args.library
+    print(
+      "| layer | "
+      + " | ".join(f"{lib}: form | {lib} ms | PyTorch / {lib}" for lib in libs)
+      + " | PyTorch ms |"
+    )
+    print("|---|" + "---|---|---|" * len(libs) + "---|")
+    total = dict.fromkeys([*libs, "torch"], 0.0)
     for name, spec in LAYERS.items():
       n = spec[7]
-      ours, theirs = med[(name, "jax")], med[(name, "torch")]
-      total["jax"] += n * ours
+      theirs = med[(name, "torch")]
       total["torch"] += n * theirs
-      gflops = flops(*spec[:7], batch, spec[8]) / ours / 1e6
+      cells = []
+      for lib in libs:
+        ours = med[(name, lib)]
+        total[lib] += n * ours
+        cells.append(f"{forms[(name, lib)]} | {ours:.1f} | {theirs / ours:.2f}")
       label = f"{name} x {n}" if n > 1 else name
-      print(
-        f"| {label} | {forms[name]} | {ours:.1f} | {theirs:.1f} | {theirs / ours:.2f} | "
-        f"{gflops:.0f} |"
-      )
-    print(
-      f"| all convolutions | | {total['jax']:.1f} | {total['torch']:.1f} | "
-      f"{total['torch'] / total['jax']:.2f} | |"
-    )
+      print(f"| {label} | " + " | ".join(cells) + f" | {theirs:.1f} |")
+    cells = [f" | {total[lib]:.1f} | {total['torch'] / total[lib]:.2f}" for lib in libs]
+    print("| all convolutions | " + " | ".join(cells) + f" | {total['torch']:.1f} |")
   print(f"load average at the end: {os.getloadavg()[0]:.2f}")
 
 

@@ -107,6 +107,8 @@ def test_convolution_layers_benchmark_runs_every_layer():
   names = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
   assert "encoder conv_2" in names and "decoder conv_trans_2" in names, out
   assert any(line.startswith("| all convolutions") for line in out.splitlines()), out
+  assert "| onednn: form | onednn ms |" in out and "| eigen: form | eigen ms |" in out, out
+  assert "| encoder conv_3 | onednn |" in out, out  # the shipped library's own form
 
 
 @pytest.mark.slow
