@@ -103,7 +103,9 @@ def bench_rfid(workdir: str | None, batch: int, inception_batch: int) -> dict:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--batch", type=int, nargs="+", default=[25, 50])
-  parser.add_argument("--impl", nargs="+", default=["xla", "gemm"], choices=["xla", "auto", "gemm"])
+  parser.add_argument(
+    "--impl", nargs="+", default=["xla", "gemm"], choices=["xla", "auto", "gemm", "onednn"]
+  )
   parser.add_argument(
     "--library",
     nargs="+",

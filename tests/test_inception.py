@@ -124,7 +124,9 @@ def converted(tmp_path_factory):
 
 @pytest.mark.slow
 # XLA's convolution, under XLA's default library and on Eigen (the CPU default); im2col + GEMM
-@pytest.mark.parametrize("conv_impl, library", [("xla", "ynn"), ("xla", "eigen"), ("gemm", "ynn")])
+@pytest.mark.parametrize(
+  "conv_impl, library", [("xla", "ynn"), ("xla", "eigen"), ("gemm", "ynn"), ("onednn", "eigen")]
+)
 def test_features_and_logits_match_pytorch_fid_on_photos(converted, conv_impl, library):
   wrapper, net, params = converted
   images = photos(256)  # resized up to 299 on both sides
@@ -173,9 +175,9 @@ def test_sharded_extractor_matches_the_plain_function(converted):
   _, _, params = converted
   images = photos(64)
   extractor = inception_lib.InceptionFeatures(params, batch_size=3)
-  assert (extractor.conv_impl, extractor.conv_library) == ("xla", "eigen")  # the defaults
+  assert (extractor.conv_impl, extractor.conv_library) == ("onednn", "eigen")  # the defaults
   want_pool, want_logits = (
-    np.asarray(a) for a in features_on("eigen")(params, images, conv_impl="xla")
+    np.asarray(a) for a in features_on("eigen")(params, images, conv_impl="onednn")
   )
   pool, logits = extractor(images)  # 4 images: a full batch of 3, then 1 + 2 padding rows
   assert pool.shape == (4, 2048) and logits.shape == (4, 1008)
