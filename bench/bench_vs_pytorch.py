@@ -6,7 +6,8 @@
 
 Every contender runs in a process of its own (glibc's malloc is set per process: --malloc,
 --torch-malloc), built one after the other; then each round asks every contender in turn
-(PyTorch, then each JAX variant), so load from other processes falls on all of them alike,
+(each round starting with the next one: whichever runs right after PyTorch is slowed, so each
+takes that place as often), so load from other processes falls on all of them alike,
 for a short sleep (--gap), one untimed step (the other runtime's spinning worker threads go
 idle meanwhile; a JAX call right after a torch call ran up to 1.6x slower) and --block steps
 back to back, as a training loop runs them, whose mean is the round's time. The table gives
@@ -245,11 +246,15 @@ def bench(
       except EOFError:
         sys.exit(f"{name}: its process failed (its traceback is above)")
     times = {name: [] for name in contenders}
-    for _ in range(steps):
-      for name, conn in conns.items():
+    names = list(conns)
+    for r in range(steps):
+      # Each round starts with the next contender: the one that runs right after PyTorch's
+      # step ran 5-25 % slower than the same step run after ours (both JAX forms alike, still
+      # after an untimed step and a 1.5 s pause), so every contender takes that place as often.
+      for name in names[r % len(names) :] + names[: r % len(names)]:
         time.sleep(gap)
-        conn.send(block)
-        times[name].append(conn.recv())
+        conns[name].send(block)
+        times[name].append(conns[name].recv())
     for name, conn in conns.items():
       conn.send(None)
       procs[name].join(timeout=30)
