@@ -2,6 +2,7 @@
 
   python bench/bench_train_step.py                      # batch 128 and 1024, Fashion-MNIST shapes
   python bench/bench_train_step.py --batch 128 --variant vanilla
+  python bench/bench_train_step.py --batch 1024 --library eigen   # another conv library
   python bench/bench_train_step.py --arcloss            # ArcLoss at N=50176, K=512, D=64,
                                                         # naive and blocked
 
@@ -64,8 +65,11 @@ def fashion_mnist_step(batch: int, variant: str = "arcvq", **model_overrides):
   return step_fn, state, sharding.global_batch({"image": x}, sharding.batch_sharding(mesh))
 
 
-def bench_step(batch: int, variant: str, deconv: str, warmup: int, steps: int) -> dict:
-  step_fn, state, batch_arr = fashion_mnist_step(batch, variant, deconv_impl=deconv)
+def bench_step(
+  batch: int, variant: str, deconv: str, warmup: int, steps: int, library: str | None = None
+) -> dict:
+  overrides = {"cpu_conv_library": library} if library else {}
+  step_fn, state, batch_arr = fashion_mnist_step(batch, variant, deconv_impl=deconv, **overrides)
   compiled = step_fn.lower(state, batch_arr).compile()
   mem = compiled.memory_analysis()
   holder = {"state": state}
@@ -87,6 +91,7 @@ def bench_step(batch: int, variant: str, deconv: str, warmup: int, steps: int) -
     batch=batch,
     variant=variant,
     deconv=deconv,
+    library=library or "config's",
     median_ms=1e3 * np.median(times),
     p10_ms=1e3 * np.percentile(times, 10),
     p90_ms=1e3 * np.percentile(times, 90),
@@ -120,6 +125,12 @@ def main() -> None:
   p.add_argument(
     "--deconv", default="auto", choices=["auto", *sorted(layers.CONV_TRANSPOSE_4X4S2_IMPLS)]
   )
+  p.add_argument(
+    "--library",
+    default=None,
+    choices=layers.CONV_LIBRARIES,
+    help="config.model.cpu_conv_library (default: the config's, 'onednn')",
+  )
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--arcloss", action="store_true", help="ArcLoss fwd+bwd at N=50176, K=512, D=64")
@@ -138,14 +149,14 @@ def main() -> None:
       )
     return
   print(
-    "| batch | variant | deconv | median ms/step | p10-p90 ms | XLA MiB (args+out+temp) "
-    "| XLA temp MiB |"
+    "| batch | variant | deconv | conv library | median ms/step | p10-p90 ms "
+    "| XLA MiB (args+out+temp) | XLA temp MiB |"
   )
-  print("|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|")
   for b in args.batch:
-    r = bench_step(b, args.variant, args.deconv, args.warmup, args.steps)
+    r = bench_step(b, args.variant, args.deconv, args.warmup, args.steps, args.library)
     print(
-      f"| {b} | {r['variant']} | {r['deconv']} | {r['median_ms']:.1f} | "
+      f"| {b} | {r['variant']} | {r['deconv']} | {r['library']} | {r['median_ms']:.1f} | "
       f"{r['p10_ms']:.1f}-{r['p90_ms']:.1f} | {r['xla_mib']:.0f} | {r['temp_mib']:.0f} |",
       flush=True,
     )

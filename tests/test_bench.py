@@ -100,6 +100,15 @@ def _table_rows_named(stdout: str, first: str) -> list[list[str]]:
 
 
 @pytest.mark.slow
+def test_train_step_benchmark_takes_the_conv_library():
+  out = _run_bench(
+    "bench_train_step.py", "--batch", "2", "--steps", "1", "--warmup", "0", "--library", "eigen"
+  )
+  rows = _table_rows_named(out, "2")
+  assert len(rows) == 1 and rows[0][1:4] == ["arcvq", "auto", "eigen"], out
+
+
+@pytest.mark.slow
 def test_convolution_layers_benchmark_runs_every_layer():
   out = _run_bench(
     "bench_conv_layers.py", "--batch", "2", "--steps", "1", "--warmup", "0", "--block", "1"
