@@ -309,6 +309,7 @@ def _library(library: str | None) -> str:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv_onednn(x: Array, kernel: Array, strides: tuple[int, int], pads) -> Array:
+  """`onednn.conv` (pads ((lo, hi), (lo, hi))) with the gradients `conv_onednn` describes."""
   return onednn.conv(x, kernel, strides, pads)
 
 
@@ -390,7 +391,9 @@ def choose_conv_impl(
   patches no wider than the output (kh*kw*Cin <= Cout: an image's first layer, whose patch
   tensor is then no larger than its output), 'phase_grad' for 4x4 at stride 2, padding 1,
   'hybrid' for stride-1 'same' convolutions to at most half the channels (the residual 3x3),
-  else 'xla' (Eigen's kernel gradients are fast). backend: jax.default_backend() when None;
+  else 'xla' (Eigen's kernel gradients are fast). CPU with 'onednn' (where `onednn.available`,
+  else as 'eigen'): 'gemm' as for Eigen, else 'onednn' (`conv_onednn`).
+  backend: jax.default_backend() when None;
   library: the CPU convolution library the function will be compiled for (None: this
   process's default, `cpu_conv_library`). Measured per layer in bench/bench_conv_layers.py
   and per step in bench/bench_vs_pytorch.py.
@@ -415,10 +418,10 @@ class Conv(nn.Module):
 
   padding: PyTorch-style symmetric zero padding (int or (ph, pw)); H' = (H + 2ph - kh) // sh + 1.
   Params: kernel (kh, kw, Cin, features) = torch_w.permute(2, 3, 1, 0); bias (features,).
-  impl: 'xla' (lax conv), 'gemm' (im2col + GEMM), 'hybrid', 'phase_grad' or 'auto'
+  impl: 'xla' (lax conv), 'gemm' (im2col + GEMM), 'hybrid', 'phase_grad', 'onednn' or 'auto'
   (`choose_conv_impl`, by shape and `library`); all give the same result from the same params.
-  library: the XLA:CPU convolution library ('ynn', 'eigen') the caller compiles for, which
-  'auto' picks the form for (None: this process's default).
+  library: the CPU convolution library ('ynn', 'eigen', 'onednn') the caller compiles for
+  (`compiler_options`), which 'auto' picks the form for (None: this process's default).
   """
 
   features: int
@@ -646,7 +649,8 @@ def choose_conv_transpose_impl(
 ) -> str:
   """impl='auto': the fastest forward+backward form (bench/bench_conv_transpose.py).
 
-  On the CPU 'hybrid' (with Eigen convolutions, `cpu_conv_library`, 'phase' for Cout >= 8,
+  On the CPU 'hybrid' (with oneDNN's, 'phase_onednn' for Cout >= 8 and 'matmul' below; with
+  Eigen convolutions, `cpu_conv_library`, 'phase' for Cout >= 8,
   whose autodiff gradients are then Eigen kernel gradients: 2x faster than 'hybrid', and
   'matmul' below: 70.6 -> 58.6 ms for the VQ-VAE's image output at batch 1024).
   Elsewhere 'phase' for wide outputs (Cin=128 -> Cout=64: ~10x faster than 'xla' on XLA:CPU,
@@ -678,6 +682,7 @@ class ConvTranspose4x4S2(nn.Module):
     'subpixel' one 3x3 forward conv to 4*features channels + depth-to-space.
     'phase'    four 2x2 forward convs, one per output phase, interleaved.
     'matmul'   one GEMM to all 16 taps + overlap-add (col2im), PyTorch's CPU algorithm.
+    'phase_onednn' 'phase' on oneDNN's convolution (`conv_onednn`), float32 on the CPU.
     'auto'     (default) `choose_conv_transpose_impl(features)`.
   """
 

@@ -99,7 +99,7 @@ class VQVAE(nn.Module):
   channels: int
   quantizer: Any = None
   deconv_impl: str = "auto"
-  # Which XLA:CPU library the convolutions are chosen for ('ynn', 'eigen'; None: the
+  # Which CPU library the convolutions are chosen for ('ynn', 'eigen', 'onednn'; None: the
   # process's default); compile with layers.compiler_options(conv_library) to match.
   conv_library: str | None = None
 
