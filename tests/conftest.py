@@ -118,3 +118,21 @@ def pytest_unconfigure(config):
 
 def pytest_collection_modifyitems(items):
   items.sort(key=lambda item: -HEAVY_FILES.get(item.path.name, 0))  # stable within a file
+
+
+@pytest.fixture
+def no_persistent_cache():
+  """The suite shares a persistent compilation cache (conftest.py), with which the layers
+  do not take oneDNN (`onednn.available`): off here, and nothing written while it is (JAX
+  decides once per process that the cache is in use; a write needs this long a compile)."""
+  saved = {
+    name: getattr(jax.config, name)
+    for name in ("jax_enable_compilation_cache", "jax_persistent_cache_min_compile_time_secs")
+  }
+  jax.config.update("jax_enable_compilation_cache", False)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e9)
+  try:
+    yield
+  finally:
+    for name, value in saved.items():
+      jax.config.update(name, value)

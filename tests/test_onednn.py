@@ -1,7 +1,10 @@
 """oneDNN's convolution through XLA:CPU's custom call (arcvq_jax/models/onednn.py), against
 XLA's own convolution and its autodiff gradients."""
 
+import os
 import platform
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +16,13 @@ from arcvq_jax.models import layers, onednn
 from arcvq_jax.models.vqvae import VQVAE
 
 pytestmark = pytest.mark.skipif(
-  not onednn.available(), reason="this jaxlib cannot run oneDNN's convolution"
+  not onednn.supported(), reason="this jaxlib cannot run oneDNN's convolution"
 )
+
+
+@pytest.fixture(autouse=True)
+def _onednn_allowed(no_persistent_cache):
+  """conftest's shared persistent cache keeps the layers off oneDNN: off for these tests."""
 
 
 def _xla(x, k, strides, pads, rhs_dilation=(1, 1)):
@@ -29,8 +37,16 @@ def _rand(rng, *shape):
 
 def test_available_where_jaxlib_links_onednn():
   """x86-64 jaxlib links oneDNN: if a jaxlib upgrade changes the call's config format, the
-  probe turns False and the layers silently fall back to Eigen; this says so loudly."""
+  probe turns False and the layers silently fall back to Eigen; this says so loudly. With a
+  persistent compilation cache the layers do not take it (XLA cannot serialize the call)."""
   assert onednn.available() == (platform.machine().lower() in ("x86_64", "amd64"))
+  saved_dir = jax.config.jax_compilation_cache_dir
+  jax.config.update("jax_enable_compilation_cache", True)  # the fixture restores it
+  jax.config.update("jax_compilation_cache_dir", saved_dir or "/nonexistent/cache")
+  try:
+    assert not onednn.available()
+  finally:
+    jax.config.update("jax_compilation_cache_dir", saved_dir)
 
 
 @pytest.mark.parametrize(
@@ -140,3 +156,24 @@ def test_vqvae_on_onednn_matches_eigen():
   np.testing.assert_allclose(l2, l1, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_main_runs_its_convolutions_on_onednn_without_a_cache(tmp_path):
+  """The default run, as a user without a persistent compilation cache starts it: oneDNN's
+  convolutions execute (its verbose log names them), and the console stays clean."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+  env.update(JAX_PLATFORMS="cpu", JAX_ENABLE_COMPILATION_CACHE="false", ONEDNN_VERBOSE="1")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  args = ["--config=configs/tiny.py", f"--workdir={tmp_path / 'run'}", "--config.num_train_steps=2"]
+  proc = subprocess.run(
+    [sys.executable, "-m", "arcvq_jax.main", *args],
+    cwd=root,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=env,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "exec,cpu,convolution" in proc.stdout, proc.stdout[-3000:]
+  assert "Error writing persistent compilation cache" not in proc.stderr

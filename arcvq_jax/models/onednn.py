@@ -190,10 +190,27 @@ def input_grad_stride1(x_shape: Sequence[int], kernel: Array, pads: Pads, g: Arr
   return conv_general(g, flipped, tuple(x_shape), (1, 1), grad_pads, rhs=(3, 2, 0, 1))
 
 
-@functools.cache
 def available() -> bool:
+  """Whether programs traced now may use `conv_general`: this jaxlib runs the call
+  (`supported`) and JAX's persistent compilation cache is off.
+
+  XLA:CPU cannot serialize a program with these calls (its serializer takes the oneDNN
+  thunk for a plain custom-call thunk: jaxlib 0.10.2 raised std::bad_alloc, and reading a
+  thunk as another type may do worse), so with the cache on (`jax_compilation_cache_dir`,
+  e.g. from JAX_COMPILATION_CACHE_DIR) the layers take Eigen's forms instead.
+  """
+  return not _persistent_cache_on() and supported()
+
+
+def _persistent_cache_on() -> bool:
+  return bool(jax.config.jax_compilation_cache_dir) and jax.config.jax_enable_compilation_cache
+
+
+@functools.cache
+def supported() -> bool:
   """Whether XLA:CPU here runs `__onednn$convolution` calls, and right: compiles and runs one
-  small convolution against XLA's own (once per process). False off the CPU, on builds
+  small convolution against XLA's own (once per process; `available` asks only while the
+  persistent cache is off, so the probe is never written to it). False off the CPU, on builds
   without oneDNN, or where the call's config format differs from the one written here."""
   if jax.default_backend() != "cpu":
     return False
