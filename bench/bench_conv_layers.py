@@ -111,6 +111,11 @@ def main() -> None:
     f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
     f"load average {os.getloadavg()[0]:.2f}"
   )
+  if "onednn" in args.library and not layers.onednn.available():
+    print(
+      "oneDNN's convolution is not available here (a jaxlib without it, or JAX's persistent "
+      "compilation cache on): the onednn columns run Eigen's forms"
+    )
   for batch in args.batch:
     rng = np.random.default_rng(0)
     runs, forms = {}, {}

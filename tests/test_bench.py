@@ -13,20 +13,28 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _bench_process(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def _bench_process(
+  script: str, *args: str, timeout: int = 600, cache: bool = True
+) -> subprocess.CompletedProcess:
+  """cache=False: without the suite's persistent compilation cache, as a user runs a bench
+  (with it the layers do not take oneDNN's convolutions, `onednn.available`)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  if not cache:
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
   return subprocess.run(
     [sys.executable, os.path.join(ROOT, "bench", script), *args],
     cwd=ROOT,
-    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    env=env,
     capture_output=True,
     text=True,
     timeout=timeout,
   )
 
 
-def _run_bench(script: str, *args: str) -> str:
+def _run_bench(script: str, *args: str, cache: bool = True) -> str:
   """The script's stdout; it must succeed."""
-  proc = _bench_process(script, *args)
+  proc = _bench_process(script, *args, cache=cache)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stdout
 
@@ -111,7 +119,9 @@ def test_train_step_benchmark_takes_the_conv_library():
 @pytest.mark.slow
 def test_convolution_layers_benchmark_runs_every_layer():
   out = _run_bench(
-    "bench_conv_layers.py", "--batch", "2", "--steps", "1", "--warmup", "0", "--block", "1"
+    "bench_conv_layers.py",
+    *("--batch", "2", "--steps", "1", "--warmup", "0", "--block", "1"),
+    cache=False,
   )
   names = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
   assert "encoder conv_2" in names and "decoder conv_trans_2" in names, out
