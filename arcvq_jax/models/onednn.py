@@ -13,8 +13,9 @@ convolution for a 4x4 kernel at stride 2) and leaves the kernel gradient to XLA 
 oneDNN's forward kernels run it, with the batch as the contraction, hundreds of times slower
 than Eigen's.
 
-`available()` says whether this jaxlib can run the call (x86 builds with oneDNN); where not,
-`layers` falls back to Eigen. float32 only. Under `vmap` the call runs once per mapped index;
+`supported()` says whether this jaxlib can run the call (x86 builds with oneDNN), `available()`
+whether programs may use it now (not while JAX's persistent compilation cache is on); where
+not, `layers` falls back to Eigen. float32 only. Under `vmap` the call runs once per mapped index;
 it has no sharding rule, so on several CPU devices XLA gives it whole operands (correct, not
 fast; on GPU / TPU the layers never choose it).
 """
@@ -209,8 +210,8 @@ def _persistent_cache_on() -> bool:
 @functools.cache
 def supported() -> bool:
   """Whether XLA:CPU here runs `__onednn$convolution` calls, and right: compiles and runs one
-  small convolution against XLA's own (once per process; `available` asks only while the
-  persistent cache is off, so the probe is never written to it). False off the CPU, on builds
+  small convolution against XLA's own (once per process; never written to a persistent
+  compilation cache). False off the CPU, on builds
   without oneDNN, or where the call's config format differs from the one written here."""
   if jax.default_backend() != "cpu":
     return False
@@ -218,8 +219,11 @@ def supported() -> bool:
   x = rng.normal(size=(2, 5, 5, 3)).astype(np.float32)
   k = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)
   pads = ((1, 0), (0, 1))
-  # Called while a model is traced: evaluate here, do not stage into the caller's program.
-  with jax.ensure_compile_time_eval():
+  # Called while a model is traced: evaluate here, do not stage into the caller's program;
+  # and never write the probe to a persistent cache (jax's thread-local setting).
+  from jax._src.config import persistent_cache_min_compile_time_secs as min_secs  # noqa: PLC0415
+
+  with jax.ensure_compile_time_eval(), min_secs(1e9):
     try:
       got = jax.jit(lambda x, k: conv_general(x, k, (2, 4, 4, 4), (1, 1), pads))(x, k)
       got = np.asarray(got)
