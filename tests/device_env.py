@@ -1,4 +1,5 @@
-"""The environment of a test's subprocess that runs on several simulated CPU devices."""
+"""The environment of a test's subprocess: several simulated CPU devices, or no compilation
+cache."""
 
 from __future__ import annotations
 
@@ -19,3 +20,11 @@ def simulated_devices(count: int, *, unoptimised: bool = False) -> dict[str, str
   if unoptimised:
     flags += " --xla_backend_optimization_level=0"
   return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+
+
+def without_compilation_cache(env: dict[str, str]) -> dict[str, str]:
+  """env without the suite's persistent compilation cache (conftest.py), as users run the
+  commands: with the cache the layers do not take oneDNN's convolutions (`onednn.available`)."""
+  env = {k: v for k, v in env.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+  return env

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from device_env import without_compilation_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,8 +21,7 @@ def _bench_process(
   (with it the layers do not take oneDNN's convolutions, `onednn.available`)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   if not cache:
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+    env = without_compilation_cache(env)
   return subprocess.run(
     [sys.executable, os.path.join(ROOT, "bench", script), *args],
     cwd=ROOT,

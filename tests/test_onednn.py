@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from device_env import ROOT, without_compilation_cache
 from jax import lax
 
 from arcvq_jax.models import layers, onednn
@@ -162,13 +163,11 @@ def test_vqvae_on_onednn_matches_eigen():
 def test_main_runs_its_convolutions_on_onednn_without_a_cache(tmp_path):
   """The default run, as a user without a persistent compilation cache starts it: oneDNN's
   convolutions execute (its verbose log names them), and the console stays clean."""
-  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
-  env.update(JAX_PLATFORMS="cpu", JAX_ENABLE_COMPILATION_CACHE="false", ONEDNN_VERBOSE="1")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = without_compilation_cache(dict(os.environ, JAX_PLATFORMS="cpu", ONEDNN_VERBOSE="1"))
   args = ["--config=configs/tiny.py", f"--workdir={tmp_path / 'run'}", "--config.num_train_steps=2"]
   proc = subprocess.run(
     [sys.executable, "-m", "arcvq_jax.main", *args],
-    cwd=root,
+    cwd=ROOT,
     capture_output=True,
     text=True,
     timeout=600,
