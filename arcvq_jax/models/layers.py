@@ -402,11 +402,11 @@ def choose_conv_impl(
   if (backend or jax.default_backend()) != "cpu":
     return "xla"
   lib = _library(library)
-  if lib == "onednn":
-    return "gemm" if kh * kw == 1 or kh * kw * cin <= cout else "onednn"
-  if lib == "eigen":
+  if lib in ("eigen", "onednn"):
     if kh * kw == 1 or kh * kw * cin <= cout:
       return "gemm"
+    if lib == "onednn":
+      return "onednn"
     if _phase_grad_applies(kernel_shape, strides, padding):
       return "phase_grad"
     return "hybrid" if _narrowing_same_conv(kernel_shape, strides, padding) else "xla"
