@@ -110,20 +110,22 @@ def jax_step(batch: int, forms: str):
     holder["state"], m = compiled(holder["state"], batch_arr)
     jax.block_until_ready(m["loss"])
 
+  return run, _flops(compiled, batch, forms)
+
+
+def _flops(compiled, batch: int, forms: str) -> float:
+  """XLA's FLOP count of a compiled step. XLA's cost analysis does not count custom calls: for
+  a step with oneDNN's convolutions, the count of the same step on Eigen (the same arithmetic)."""
   if "__onednn$" in compiled.as_text():
-    # XLA's cost analysis does not count custom calls: the FLOPs of the same step with its
-    # convolutions on Eigen (the same arithmetic).
     with conv_forms(forms):
       step_fn, state, batch_arr = bench_train_step.fashion_mnist_step(
         batch, cpu_conv_library="eigen"
       )
-      counted = step_fn.lower(state, batch_arr).compile()
-  else:
-    counted = compiled
-  analysis = counted.cost_analysis()
+      compiled = step_fn.lower(state, batch_arr).compile()
+  analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0]
-  return run, float(analysis.get("flops", float("nan")))
+  return float(analysis.get("flops", float("nan")))
 
 
 def torch_step(batch: int):
