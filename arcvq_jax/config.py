@@ -104,10 +104,11 @@ def vqvae_config() -> ml_collections.ConfigDict:
       deconv_impl="auto",
       # On the CPU, which library runs the VQ-VAE's convolutions: 'onednn' (oneDNN's
       # convolution through XLA:CPU's custom call, kernel gradients on Eigen; Eigen where
-      # the jaxlib has no oneDNN) made its train step 1.05x (batch 128) and 1.13x (1024)
-      # faster than 'eigen', which was 1.3x faster than XLA's default YNNPACK ('ynn')
-      # (bench/bench_vs_pytorch.py). The conv forms are chosen for it and the steps compiled
-      # with it; no effect on GPU / TPU.
+      # the jaxlib has no oneDNN or JAX's persistent compilation cache is on) made its train
+      # step 1.03-1.16x (batch 128) and 1.08-1.16x (1024) faster than 'eigen'
+      # (bench/bench_train_step.py --library), which was 1.3x faster than XLA's default
+      # YNNPACK ('ynn'; bench/bench_vs_pytorch.py). The conv forms are chosen for it and the
+      # steps compiled with it; no effect on GPU / TPU.
       cpu_conv_library="onednn",
     )
   )

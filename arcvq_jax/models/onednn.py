@@ -74,8 +74,8 @@ def _backend_config(lhs, rhs, out, strides, pads, rhs_dilation) -> str:
   """The call's backend config: an xla.cpu.BackendConfig with its onednn_conv_config (JSON).
 
   Dimensions are 0-based axes of each operand; strides, paddings and the kernel's dilation
-  are given as they are (the proto's encoding in jaxlib 0.10: only dilations are stored
-  off by one, as oneDNN counts them, which XLA subtracts).
+  are the plain values (jaxlib 0.10's encoding: XLA subtracts one from the dilation itself,
+  oneDNN counting 0 for an undilated kernel).
   """
 
   def data(axes):
