@@ -44,6 +44,7 @@ from jax import lax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from bench_conv_layers import LAYERS
 from bench_train_step import fashion_mnist_step
 
 from arcvq_jax import host_memory
@@ -52,7 +53,8 @@ from arcvq_jax.models import layers
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "onednn_kernel_grad.cc")
 TARGET = "arcvq_onednn_kernel_grad"
 PIP = "pip install onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==2023.2.0"
-_DN = ("NHWC", "HWIO", "NHWC")
+# The layers whose kernel gradient the oneDNN forms leave to Eigen (bench_conv_layers.LAYERS).
+EIGEN_KERNEL_GRAD_LAYERS = ("encoder conv_2", "encoder conv_3", "decoder conv_1")
 
 
 def build(out_dir: str) -> str:
@@ -92,24 +94,21 @@ def kernel_grad_onednn(x, g, kernel_shape, strides, pads):
 
 
 def kernel_grad_eigen(x, g, kernel_shape, strides, pads):
-  conv = lambda k: lax.conv_general_dilated(x, k, strides, pads, dimension_numbers=_DN)
+  conv = lambda k: lax.conv_general_dilated(
+    x, k, strides, pads, dimension_numbers=layers._DIMENSION_NUMBERS
+  )
   return jax.vjp(conv, jnp.zeros(kernel_shape, jnp.float32))[1](g)[0]
 
 
 def bench_layers(batch: int, rounds: int) -> None:
-  # (x, kernel, strides) of the layers whose kernel gradient the oneDNN forms leave to Eigen.
-  cases = {
-    "encoder conv_2": ((batch, 14, 14, 64), (4, 4, 64, 128), (2, 2)),
-    "encoder conv_3": ((batch, 7, 7, 128), (3, 3, 128, 128), (1, 1)),
-    "decoder conv_1": ((batch, 7, 7, 64), (3, 3, 64, 128), (1, 1)),
-  }
   rng = np.random.default_rng(0)
   options = layers.compiler_options("onednn")
-  for name, (x_shape, k_shape, strides) in cases.items():
-    pads = ((1, 1), (1, 1))
-    ho = (x_shape[1] + 2 - k_shape[0]) // strides[0] + 1
-    x = jnp.asarray(rng.standard_normal(x_shape, dtype=np.float32))
-    g = jnp.asarray(rng.standard_normal((batch, ho, ho, k_shape[3]), dtype=np.float32))
+  for name in EIGEN_KERNEL_GRAD_LAYERS:
+    _, h, cin, cout, k, stride, pad = LAYERS[name][:7]
+    k_shape, strides, pads = (k, k, cin, cout), (stride, stride), ((pad, pad), (pad, pad))
+    ho = (h + 2 * pad - k) // stride + 1
+    x = jnp.asarray(rng.standard_normal((batch, h, h, cin), dtype=np.float32))
+    g = jnp.asarray(rng.standard_normal((batch, ho, ho, cout), dtype=np.float32))
 
     def compiled(fn, k_shape=k_shape, strides=strides, pads=pads, x=x, g=g):
       body = lambda x, g: fn(jax.nn.relu(x), g, k_shape, strides, pads)
