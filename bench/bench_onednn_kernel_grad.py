@@ -1,39 +1,34 @@
-"""oneDNN's backward-weights convolution for the VQ-VAE's kernel gradients: an experiment.
+"""oneDNN's backward-weights convolution for the VQ-VAE's kernel gradients, against Eigen's.
 
-  pip install onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==2023.2.0   # and g++ on PATH
+  pip install -e '.[onednn]'       # onednn-cpu-gomp + onednn-devel-cpu-gomp 2023.2; and g++
   python bench/bench_onednn_kernel_grad.py --batch 128 1024
 
 With `cpu_conv_library='onednn'` the VQ-VAE's forward convolutions and input gradients run on
-oneDNN (`models/onednn.py`), but the kernel gradients of the wide layers stay on XLA's Eigen
-convolution, in front of which XLA transposes both operands: XLA:CPU's custom calls reach
-oneDNN's forward convolution only. PyTorch runs them with oneDNN's backward-weights primitive.
-This bench reaches that primitive through a handler of our own (bench/onednn_kernel_grad.cc,
-registered with `jax.ffi`), compiled here against the oneDNN build on PyPI (the GNU OpenMP one:
-jaxlib exports none of its own oneDNN symbols), and measures, alternating in one process:
+oneDNN (`models/onednn.py`); the kernel gradients of the wide layers run on oneDNN's
+backward-weights primitive where the `onednn` extra is installed (`models/onednn_kernel_grad.py`,
+an XLA FFI handler of our own), else on XLA's Eigen convolution, in front of which XLA
+transposes both operands. This bench measures, alternating in one process:
 
-1. layers: the kernel gradient alone, of encoder conv_2, conv_3 and decoder conv_1 (the
-   layers whose kernel gradient is Eigen's in the oneDNN forms), each after the ReLU that
-   precedes it in the net, as XLA compiles it for the step (`layers.compiler_options`):
-   Eigen (with its transposes) against the handler;
-2. step: the train step of configs/fashion_mnist.py as bench_train_step.py builds it, with
-   `layers._conv_onednn`'s backward pass as it is and with the kernel gradients it leaves to
-   Eigen taken from the handler instead (its custom VJP rebound: nothing in arcvq_jax changes).
+1. layers: the kernel gradient alone, of encoder conv_2, conv_3 and decoder conv_1, each after
+   the ReLU that precedes it in the net, as XLA compiles it for the step
+   (`layers.compiler_options`): Eigen (with its transposes) against the handler; and of the
+   residual 3x3, whose kernel gradient the layers take as GEMMs (`layers.conv_kernel_grad`),
+   against the handler;
+2. step: the train step of configs/fashion_mnist.py as bench_train_step.py builds it, traced
+   with the handler off (`onednn_kernel_grad.available` False: Eigen's kernel gradients, as
+   without the extra) and on (as shipped with the extra).
 
 The process starts over with glibc's huge-page tunable as the commands do
-(`host_memory.reexec_with_huge_pages`) and with OMP_WAIT_POLICY=passive unless set: libgomp's
-threads otherwise spin after each call on the cores XLA's own threads need (measured: batch
-128, no gain with spinning threads, 7 % with passive ones).
+(`host_memory.reexec_with_huge_pages`); the module sets OMP_WAIT_POLICY=passive unless set
+(libgomp's spinning threads took the whole gain).
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
+import contextlib
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 
 import jax
@@ -48,49 +43,12 @@ from bench_conv_layers import LAYERS
 from bench_train_step import fashion_mnist_step
 
 from arcvq_jax import host_memory
-from arcvq_jax.models import layers
+from arcvq_jax.models import layers, onednn_kernel_grad
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "onednn_kernel_grad.cc")
-TARGET = "arcvq_onednn_kernel_grad"
-PIP = "pip install onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==2023.2.0"
-# The layers whose kernel gradient the oneDNN forms leave to Eigen (bench_conv_layers.LAYERS).
+# The layers whose kernel gradient is Eigen's without the handler (bench_conv_layers.LAYERS),
+# and the narrowing one whose kernel gradient the layers keep as GEMMs.
 EIGEN_KERNEL_GRAD_LAYERS = ("encoder conv_2", "encoder conv_3", "decoder conv_1")
-
-
-def build(out_dir: str) -> str:
-  """Compiles the handler against the oneDNN wheels in this environment; the library's path."""
-  include, lib = os.path.join(sys.prefix, "include"), os.path.join(sys.prefix, "lib")
-  missing = [
-    p
-    for p in (os.path.join(include, "oneapi", "dnnl", "dnnl.hpp"), os.path.join(lib, "libdnnl.so"))
-    if not os.path.exists(p)
-  ]
-  if missing:
-    sys.exit(f"error: oneDNN's headers or library not found ({', '.join(missing)}): {PIP}")
-  if shutil.which("g++") is None:
-    sys.exit("error: no g++ on PATH: the handler is compiled here (apt install g++)")
-  so = os.path.join(out_dir, "libonednn_kernel_grad.so")
-  cmd = [
-    "g++", "-O2", "-shared", "-fPIC", "-std=c++17", "-w",
-    "-I", jax.ffi.include_dir(), "-I", include, SOURCE,
-    "-L", lib, "-ldnnl", f"-Wl,-rpath,{lib}", "-o", so,
-  ]  # fmt: skip
-  subprocess.run(cmd, check=True)
-  return so
-
-
-def register(so: str) -> None:
-  handler = ctypes.cdll.LoadLibrary(so).OnednnKernelGrad
-  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
-
-
-def kernel_grad_onednn(x, g, kernel_shape, strides, pads):
-  """dk (kh, kw, Cin, Cout) of lax.conv_general_dilated(x, k, strides, pads) (NHWC, HWIO)
-  for the cotangent g, by the handler."""
-  (pt, pb), (pl, pr) = pads
-  attrs = dict(zip(("sh", "sw", "pt", "pb", "pl", "pr"), (*strides, pt, pb, pl, pr), strict=True))
-  out = jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32)
-  return jax.ffi.ffi_call(TARGET, out)(x, g, **{k: np.int64(v) for k, v in attrs.items()})
+GEMM_KERNEL_GRAD_LAYERS = ("residual conv3x3",)
 
 
 def kernel_grad_eigen(x, g, kernel_shape, strides, pads):
@@ -100,10 +58,27 @@ def kernel_grad_eigen(x, g, kernel_shape, strides, pads):
   return jax.vjp(conv, jnp.zeros(kernel_shape, jnp.float32))[1](g)[0]
 
 
+def kernel_grad_gemm(x, g, kernel_shape, strides, pads):
+  return layers.conv_kernel_grad(x, g, kernel_shape, strides, tuple(lo for lo, _ in pads))
+
+
+@contextlib.contextmanager
+def handler_off():
+  """Traces as without the extra: `_conv_onednn`'s backward pass takes Eigen's kernel
+  gradients."""
+  saved = onednn_kernel_grad.available
+  onednn_kernel_grad.available = lambda: False
+  try:
+    yield
+  finally:
+    onednn_kernel_grad.available = saved
+
+
 def bench_layers(batch: int, rounds: int) -> None:
   rng = np.random.default_rng(0)
   options = layers.compiler_options("onednn")
-  for name in EIGEN_KERNEL_GRAD_LAYERS:
+  for name in EIGEN_KERNEL_GRAD_LAYERS + GEMM_KERNEL_GRAD_LAYERS:
+    now = kernel_grad_gemm if name in GEMM_KERNEL_GRAD_LAYERS else kernel_grad_eigen
     _, h, cin, cout, k, stride, pad = LAYERS[name][:7]
     k_shape, strides, pads = (k, k, cin, cout), (stride, stride), ((pad, pad), (pad, pad))
     ho = (h + 2 * pad - k) // stride + 1
@@ -114,41 +89,25 @@ def bench_layers(batch: int, rounds: int) -> None:
       body = lambda x, g: fn(jax.nn.relu(x), g, k_shape, strides, pads)
       return jax.jit(body).lower(x, g).compile(options)
 
-    forms = {"eigen": compiled(kernel_grad_eigen), "onednn": compiled(kernel_grad_onednn)}
-    ref, got = (np.asarray(forms[f](x, g)) for f in ("eigen", "onednn"))
+    forms = {"now": compiled(now), "onednn": compiled(onednn_kernel_grad.kernel_grad)}
+    ref, got = (np.asarray(forms[f](x, g)) for f in ("now", "onednn"))
     err = float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
     times = alternate({f: (lambda fn=fn, x=x, g=g: fn(x, g)) for f, fn in forms.items()}, rounds)
     print(
-      f"| {batch} | {name} | {times['eigen']:.2f} | {times['onednn']:.2f} "
-      f"| {times['eigen'] / times['onednn']:.2f}x | {err:.1e} |",
+      f"| {batch} | {name} | {now.__name__[12:]} | {times['now']:.2f} | {times['onednn']:.2f} "
+      f"| {times['now'] / times['onednn']:.2f}x | {err:.1e} |",
       flush=True,
     )
 
 
-def _backward_with_onednn_kernel_grad(strides, pads, res, g):
-  """`layers._conv_onednn_bwd`, the kernel gradients it leaves to Eigen from the handler
-  (its own dk is then dead code, which XLA drops)."""
-  x, kernel = res
-  dx, dk = layers._conv_onednn_bwd(strides, pads, res, g)
-  padding = tuple(lo for lo, _ in pads)
-  symmetric = all(lo == hi for lo, hi in pads)
-  if not (symmetric and layers._narrowing_same_conv(kernel.shape, strides, padding)):
-    dk = kernel_grad_onednn(x, g, kernel.shape, strides, pads)
-  return dx, dk
-
-
 def bench_step(batch: int, rounds: int) -> None:
   steps = {}
-  for form, bwd in (
-    ("eigen", layers._conv_onednn_bwd),
-    ("onednn", _backward_with_onednn_kernel_grad),
-  ):
-    layers._conv_onednn.defvjp(layers._conv_onednn_fwd, bwd)
-    step_fn, state, x = fashion_mnist_step(batch, cpu_conv_library="onednn")
-    state, _ = step_fn(state, x)  # one update from the same fresh state, then its loss
-    state, m = step_fn(state, x)
+  for form, tracing in (("eigen", handler_off), ("onednn", contextlib.nullcontext)):
+    with tracing():
+      step_fn, state, x = fashion_mnist_step(batch, cpu_conv_library="onednn")
+      state, _ = step_fn(state, x)  # traced here; one update from the same fresh state,
+    state, m = step_fn(state, x)  # then its loss
     steps[form] = {"fn": step_fn, "state": state, "x": x, "loss": float(m["loss"])}
-  layers._conv_onednn.defvjp(layers._conv_onednn_fwd, layers._conv_onednn_bwd)
 
   def run(form):
     s = steps[form]
@@ -157,7 +116,7 @@ def bench_step(batch: int, rounds: int) -> None:
 
   times = alternate({f: (lambda f=f: run(f)) for f in steps}, rounds)
   print(
-    f"| {batch} | train step | {times['eigen']:.1f} | {times['onednn']:.1f} "
+    f"| {batch} | train step | Eigen | {times['eigen']:.1f} | {times['onednn']:.1f} "
     f"| {times['eigen'] / times['onednn']:.2f}x | loss after one update "
     f"{steps['eigen']['loss']:.6f} / {steps['onednn']['loss']:.6f} |",
     flush=True,
@@ -186,13 +145,13 @@ def main() -> None:
   args = parser.parse_args()
   if jax.default_backend() != "cpu":
     sys.exit("error: this bench is for the CPU (oneDNN's x86 kernels)")
-  with tempfile.TemporaryDirectory() as tmp:
-    register(build(tmp))
+  if not onednn_kernel_grad.available():
+    sys.exit(f"error: {onednn_kernel_grad.unavailable_reason()}")
   huge = host_memory.TUNABLE in os.environ.get("GLIBC_TUNABLES", "")
   omp = os.environ.get("OMP_WAIT_POLICY")
   print(f"jax {jax.__version__}, OMP_WAIT_POLICY={omp}, huge pages asked for: {huge}")
-  print("| batch | what | Eigen (now), ms | oneDNN backward-weights, ms | Eigen / oneDNN | check |")
-  print("|---|---|---|---|---|---|")
+  print("| batch | what | without the handler | ms | oneDNN backward-weights, ms | ratio | check |")
+  print("|---|---|---|---|---|---|---|")
   for batch in args.batch:
     if "layers" in args.parts:
       bench_layers(batch, args.rounds)
@@ -201,6 +160,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # read by libgomp when it loads
   host_memory.reexec_with_huge_pages()
   main()

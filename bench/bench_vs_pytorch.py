@@ -29,8 +29,12 @@ JAX: the full step of arcvq_jax.train.tokenizer_steps (BBNR projection, encoder,
 search, VQ loss, ArcLoss, decoder, MSE / var, grads, Adam, usage statistics) for
 configs/fashion_mnist.py. --forms picks the convolutions:
   default  as shipped: config.model.cpu_conv_library = 'onednn' (oneDNN's convolution
-           through XLA:CPU's custom call for the forward passes and input gradients, the
-           kernel gradients on Eigen: models/onednn.py; Eigen where the jaxlib lacks it)
+           through XLA:CPU's custom call for the forward passes and input gradients,
+           models/onednn.py; the kernel gradients on oneDNN's backward-weights primitive
+           where the `onednn` extra is installed, models/onednn_kernel_grad.py, else on
+           Eigen; Eigen throughout where the jaxlib lacks oneDNN)
+  onednn_fwd  'default' as without the `onednn` extra: the kernel gradients on Eigen (and
+           GEMMs for the residual 3x3)
   eigen    cpu_conv_library = 'eigen' (the step compiled with
            layers.EIGEN_CONV_COMPILER_OPTIONS: convolutions on Eigen rather than XLA's
            default YNNPACK, with the forms 'auto' picks for Eigen)
@@ -61,7 +65,7 @@ import jax
 import numpy as np
 
 from arcvq_jax import host_memory
-from arcvq_jax.models import layers
+from arcvq_jax.models import layers, onednn_kernel_grad
 
 
 def _choose_conv_before(kernel_shape, backend=None, library=None):
@@ -75,30 +79,36 @@ def _choose_conv_transpose_before(features, backend=None, library=None):
   return "phase" if features >= 8 else "matmul"
 
 
-FORMS = ("default", "eigen", "ynn", "before")
+FORMS = ("default", "onednn_fwd", "eigen", "ynn", "before")
 
 
 @contextlib.contextmanager
 def conv_forms(forms: str):
   """Trace-time choice of the convolution forms: 'before' swaps layers' choosers for the old
-  ones while the step is traced (a benchmark's trick; the package has no such switch)."""
+  ones while the step is traced, 'onednn_fwd' turns the kernel-gradient handler off (a
+  benchmark's trick; the package has no such switch)."""
   if forms not in FORMS:
     raise ValueError(f"forms: one of {FORMS}, got {forms!r}")
   saved = (layers.choose_conv_impl, layers.choose_conv_transpose_impl)
+  saved_handler = onednn_kernel_grad.available
   if forms == "before":
     layers.choose_conv_impl = _choose_conv_before
     layers.choose_conv_transpose_impl = _choose_conv_transpose_before
+  if forms == "onednn_fwd":
+    onednn_kernel_grad.available = lambda: False
   try:
     yield
   finally:
     layers.choose_conv_impl, layers.choose_conv_transpose_impl = saved
+    onednn_kernel_grad.available = saved_handler
 
 
 def jax_step(batch: int, forms: str):
   """A function running one compiled train step (state carried along), and the step's FLOPs."""
-  # 'default' is configs/fashion_mnist.py as shipped (oneDNN); 'eigen' Eigen alone; the
+  # 'default' is configs/fashion_mnist.py as shipped (oneDNN), 'onednn_fwd' the same without
+  # the kernel-gradient handler; 'eigen' Eigen alone; the
   # others trace the step under XLA's default library.
-  overrides = {"default": {}, "eigen": {"cpu_conv_library": "eigen"}}.get(
+  overrides = {"default": {}, "onednn_fwd": {}, "eigen": {"cpu_conv_library": "eigen"}}.get(
     forms, {"cpu_conv_library": "ynn"}
   )
   with conv_forms(forms):

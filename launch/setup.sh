@@ -5,6 +5,9 @@
 #                                  sample, the tokenizer API; no TensorFlow, no torch)
 #   bash launch/setup.sh --test    the same plus the test extras (TensorFlow, torch, lpips,
 #                                  pytest, ...) and taming-transformers' reference modules
+#   bash launch/setup.sh --onednn  the package plus oneDNN's CPU build (x86 Linux; needs g++):
+#                                  faster CPU kernel gradients (models/onednn_kernel_grad.py);
+#                                  --test includes it
 #
 # Everything goes into a virtual environment, .venv by default (VENV=DIR to choose another),
 # made with python3 (PYTHON=... to choose another): Debian 12 and Ubuntu 24.04 refuse
@@ -15,15 +18,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras=""
+taming=""
 for arg in "$@"; do
   case "$arg" in
-    --test) extras="[test]" ;;
+    --test) extras="${extras:+$extras,}test" taming=1 ;;
+    --onednn) extras="${extras:+$extras,}onednn" ;;
     -h | --help)
-      sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+      sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
       exit 0
       ;;
     *)
-      echo "setup.sh: unknown argument '$arg' (use --test for the test extras)" >&2
+      echo "setup.sh: unknown argument '$arg' (--test: the test extras; --onednn: oneDNN)" >&2
       exit 2
       ;;
   esac
@@ -64,8 +69,8 @@ if [ ! -x "$venv/bin/python" ]; then
     }
   fi
 fi
-"$venv/bin/python" -m pip install -q -e ".$extras"
-if [ -n "$extras" ]; then
+"$venv/bin/python" -m pip install -q -e ".${extras:+[$extras]}"
+if [ -n "$taming" ]; then
   # taming-transformers' own modules: the reference of the checkpoint-import parity tests.
   # --no-deps: its metadata pulls in pytorch-lightning, which neither we nor its modules need.
   "$venv/bin/python" -m pip install -q --no-deps taming-transformers-rom1504==0.0.6

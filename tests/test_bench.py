@@ -1,7 +1,8 @@
 """Benchmarks that must not be found broken when they are needed run end to end on the CPU:
 the GPU/TPU benchmark (--tiny models; what a session lent an accelerator runs first), the
-VQGAN step's (small images), the comparison with PyTorch and the per-layer convolution
-benchmark (tiny batches), the ArcLoss and search benchmark (a small case)."""
+VQGAN step's (small images), the comparison with PyTorch, the per-layer convolution and the
+oneDNN kernel-gradient benchmarks (tiny batches), the ArcLoss and search benchmark (a small
+case)."""
 
 import os
 import re
@@ -10,6 +11,8 @@ import sys
 
 import pytest
 from device_env import without_compilation_cache
+
+from arcvq_jax.models import onednn_kernel_grad
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -156,3 +159,24 @@ def test_arcloss_benchmark_checks_and_times_the_search_in_one_pass():
   assert len(_table_rows(out, 8)) == 2, out  # the search, both distances
   (together,) = _table_rows(out, 6)
   assert together[:3] == ["600", "8", "700"] and float(together[3]) > 0, out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+  not onednn_kernel_grad.available(), reason="no oneDNN handler here (the `onednn` extra)"
+)
+def test_onednn_kernel_grad_benchmark_checks_layers_and_the_step():
+  out = _run_bench("bench_onednn_kernel_grad.py", *("--batch", "2", "--rounds", "1"), cache=False)
+  rows = {cells[1]: cells for cells in _table_rows(out, 7)}
+  assert sorted(rows) == [
+    "decoder conv_1",
+    "encoder conv_2",
+    "encoder conv_3",
+    "residual conv3x3",
+    "train step",
+  ], out
+  assert rows["residual conv3x3"][2] == "gemm" and rows["encoder conv_2"][2] == "eigen"
+  for name in ("decoder conv_1", "encoder conv_2", "encoder conv_3", "residual conv3x3"):
+    assert float(rows[name][6]) < 1e-4, rows[name]  # the handler's gradient against the other
+  without, with_handler = re.findall(r"update ([0-9.]+) / ([0-9.]+)", rows["train step"][6])[0]
+  assert abs(float(without) - float(with_handler)) < 1e-4 * abs(float(without)), rows

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from arcvq_jax.models import onednn
+from arcvq_jax.models import onednn, onednn_kernel_grad
 
 Array = jax.Array
 Dtype = Any
@@ -333,7 +333,9 @@ def _conv_onednn_bwd(strides, pads, res, g):
     dx = conv_transpose_4x4s2_phase(g, kernel.transpose(0, 1, 3, 2), conv=_conv_onednn)
   if dx is None:
     dx = jax.vjp(lambda x_: xla(x_, kernel), x)[1](g)[0]
-  if symmetric and _narrowing_same_conv(kernel.shape, strides, padding):
+  if onednn_kernel_grad.available():
+    dk = onednn_kernel_grad.kernel_grad(x, g, kernel.shape, strides, pads)
+  elif symmetric and _narrowing_same_conv(kernel.shape, strides, padding):
     dk = conv_kernel_grad(x, g, kernel.shape, strides, padding)
   else:
     dk = jax.vjp(lambda k_: xla(x, k_), kernel)[1](g)[0]
@@ -352,7 +354,9 @@ def conv_onednn(
   The input gradient is oneDNN's too (`onednn.input_grad_stride1`; for a 4x4 kernel at
   stride 2 the phase-form transposed convolution on oneDNN); the kernel gradient is
   `conv_kernel_grad`'s GEMMs for stride-1 'same' convolutions to at most half the channels
-  (as 'hybrid': no layout transposes of the input), else XLA's (Eigen).
+  (as 'hybrid': no layout transposes of the input), else oneDNN's backward-weights
+  convolution where the `onednn` extra is installed (`onednn_kernel_grad.available`), else
+  XLA's (Eigen, behind transposes of both operands).
   """
   if not (x.dtype == kernel.dtype == jnp.float32 and onednn.available()):
     return conv_xla(x, kernel, strides, padding)

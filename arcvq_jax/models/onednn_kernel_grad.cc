@@ -1,5 +1,7 @@
-// oneDNN's convolution backward-weights primitive as an XLA FFI handler: an experiment
-// (bench/bench_onednn_kernel_grad.py builds and measures it; nothing in arcvq_jax uses it).
+// oneDNN's convolution backward-weights primitive as an XLA FFI handler: the kernel
+// gradients of `layers.conv_onednn` where the `onednn` extra is installed
+// (models/onednn_kernel_grad.py compiles this file on first use and registers it; see
+// docs/architecture.md, "oneDNN convolutions").
 //
 // x: (N, H, W, Cin) float32, g: (N, H', W', Cout) float32 -> dk: (kh, kw, Cin, Cout), the
 // kernel gradient of the cross-correlation with strides (sh, sw) and zero padding
@@ -7,6 +9,8 @@
 // gradient (Eigen) needs both transposed first. Primitives are made once per shape and kept
 // for the process (making one JIT-compiles its kernel).
 #include <cstdint>
+#include <exception>
+#include <string>
 #include <map>
 #include <mutex>
 #include <utility>
@@ -56,7 +60,7 @@ Primitive& Get(const std::vector<int64_t>& key) {
   return cache.emplace(key, std::move(p)).first->second;
 }
 
-ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
+ffi::Error KernelGradUnchecked(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
                       ffi::ResultBuffer<ffi::F32> dk, int64_t sh, int64_t sw, int64_t pt,
                       int64_t pb, int64_t pl, int64_t pr) {
   const auto xd = x.dimensions(), gd = g.dimensions(), kd = dk->dimensions();
@@ -85,9 +89,21 @@ ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
   return ffi::Error::Success();
 }
 
+// No C++ exception may cross into XLA: oneDNN's (dnnl::error: an unsupported shape, no
+// memory) become the call's error, which JAX raises in Python.
+ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
+                      ffi::ResultBuffer<ffi::F32> dk, int64_t sh, int64_t sw, int64_t pt,
+                      int64_t pb, int64_t pl, int64_t pr) {
+  try {
+    return KernelGradUnchecked(x, g, dk, sh, sw, pt, pb, pl, pr);
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("oneDNN kernel gradient: ") + e.what());
+  }
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnKernelGrad, KernelGrad,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ArcvqOnednnKernelGrad, KernelGrad,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
