@@ -19,8 +19,7 @@ transposes both operands. This bench measures, alternating in one process:
    without the extra) and on (as shipped with the extra).
 
 The process starts over with glibc's huge-page tunable as the commands do
-(`host_memory.reexec_with_huge_pages`); the module sets OMP_WAIT_POLICY=passive unless set
-(libgomp's spinning threads took the whole gain).
+(`host_memory.reexec_with_huge_pages`).
 """
 
 from __future__ import annotations
@@ -148,8 +147,7 @@ def main() -> None:
   if not onednn_kernel_grad.available():
     sys.exit(f"error: {onednn_kernel_grad.unavailable_reason()}")
   huge = host_memory.TUNABLE in os.environ.get("GLIBC_TUNABLES", "")
-  omp = os.environ.get("OMP_WAIT_POLICY")
-  print(f"jax {jax.__version__}, OMP_WAIT_POLICY={omp}, huge pages asked for: {huge}")
+  print(f"jax {jax.__version__}, huge pages asked for: {huge}")
   print("| batch | what | without the handler | ms | oneDNN backward-weights, ms | ratio | check |")
   print("|---|---|---|---|---|---|---|")
   for batch in args.batch:

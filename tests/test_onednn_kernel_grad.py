@@ -53,17 +53,21 @@ def test_available_where_the_extra_is_installed():
 
 
 @needs_handler
+@pytest.mark.parametrize("chunks_per_thread", [1, 3])  # batch 5 on 2 threads: 3 + 2, 5 x 1
 @pytest.mark.parametrize(
   "x_shape, kernel_shape, strides, pads",
   [
-    ((3, 14, 14, 16), (4, 4, 16, 24), (2, 2), ((1, 1), (1, 1))),  # encoder conv_2's form
+    ((5, 14, 14, 16), (4, 4, 16, 24), (2, 2), ((1, 1), (1, 1))),  # encoder conv_2's form
     ((2, 7, 7, 24), (3, 3, 24, 8), (1, 1), ((1, 1), (1, 1))),  # the residual 3x3's
     ((2, 6, 5, 4), (1, 1, 4, 6), (1, 1), ((0, 0), (0, 0))),
     ((2, 9, 8, 3), (3, 2, 3, 5), (2, 1), ((1, 0), (0, 2))),  # uneven, non-square
     ((1, 10, 11, 2), (5, 5, 2, 3), (3, 3), ((2, 1), (0, 2))),
   ],
 )
-def test_kernel_grad_is_xlas(x_shape, kernel_shape, strides, pads):
+def test_kernel_grad_is_xlas(monkeypatch, chunks_per_thread, x_shape, kernel_shape, strides, pads):
+  """Whatever the chunks of the batch: their partial gradients, in oneDNN's blocked layouts
+  (which may differ between chunk sizes), summed."""
+  monkeypatch.setattr(onednn_kernel_grad, "CHUNKS_PER_THREAD", chunks_per_thread)
   rng = np.random.default_rng(0)
   x = _rand(rng, *x_shape)
   out_hw = [

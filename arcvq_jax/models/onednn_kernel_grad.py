@@ -15,9 +15,10 @@ loaded and checked against XLA's own kernel gradient; later processes load the c
 `available()` says whether it runs here; where not (no extra, no compiler, another CPU), the
 layers keep Eigen's kernel gradients and `unavailable_reason()` says why.
 
-oneDNN runs on GNU OpenMP threads beside XLA's own. libgomp's idle threads spin by default,
-on the cores XLA's threads need next, which took the whole gain (bench/bench_onednn_kernel_grad.py);
-so OMP_WAIT_POLICY=passive is set before libgomp loads, unless the environment sets it.
+The handler runs on XLA's own intra-op threads (the FFI's thread pool): the batch in chunks,
+one single-threaded oneDNN call each, the partial gradients summed. With oneDNN's GNU OpenMP
+threads instead, beside XLA's busy ones on the same cores, the VQ-VAE's step gained 1.04x at
+batch 1024 where this gains 1.24x (bench/bench_onednn_kernel_grad.py).
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ Pads = tuple[tuple[int, int], tuple[int, int]]
 
 TARGET = "arcvq_onednn_kernel_grad"
 SYMBOL = "ArcvqOnednnKernelGrad"
+# Chunks of the batch per XLA intra-op thread (the caller and its tasks take them in turn):
+# one, and two, ran the VQ-VAE's step alike (batch 128); more make oneDNN's GEMMs smaller.
+CHUNKS_PER_THREAD = 1
 INSTALL = "pip install -e '.[onednn]' (onednn-cpu-gomp and onednn-devel-cpu-gomp 2023.2)"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "onednn_kernel_grad.cc")
 
@@ -67,6 +71,7 @@ def kernel_grad(x: Array, g: Array, kernel_shape, strides: tuple[int, int], pads
       f"at strides {strides}, pads {pads} (g should be {(x.shape[0], *out_hw, cout)})"
     )
   attrs = dict(zip(("sh", "sw", "pt", "pb", "pl", "pr"), (*strides, pt, pb, pl, pr), strict=True))
+  attrs["chunks_per_thread"] = CHUNKS_PER_THREAD
   call = jax.ffi.ffi_call(
     TARGET, jax.ShapeDtypeStruct((kh, kw, cin, cout), jnp.float32), vmap_method="sequential"
   )
@@ -92,8 +97,6 @@ def _load() -> str | None:
   prefix = _onednn_prefix()
   if prefix is None:
     return f"oneDNN's headers and library are not installed: {INSTALL}"
-  if "OMP_WAIT_POLICY" not in os.environ and not _libgomp_loaded():
-    os.environ["OMP_WAIT_POLICY"] = "passive"  # read by libgomp when libdnnl loads it
   try:
     handler = _open(prefix)
   except RuntimeError as e:
@@ -175,14 +178,6 @@ def _cached_build(prefix: str) -> str:
     raise RuntimeError(f"building the handler failed ({' '.join(cmd)}):\n{tail}")
   os.replace(tmp, library)
   return library
-
-
-def _libgomp_loaded() -> bool:
-  try:
-    with open("/proc/self/maps") as f:
-      return "libgomp.so" in f.read()
-  except OSError:
-    return False
 
 
 def _check() -> str | None:
