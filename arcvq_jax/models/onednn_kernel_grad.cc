@@ -42,7 +42,6 @@ dnnl::engine& Engine() {
 struct Primitive {
   dnnl::convolution_backward_weights conv;
   memory::desc conv_weights;  // the layout oneDNN chose for the gradient
-  memory::desc hwio;
   memory::desc scratchpad;
 };
 
@@ -61,7 +60,6 @@ Primitive& Get(const std::vector<int64_t>& key) {
   memory::desc src({n, ci, h, w}, f32, Tag::nhwc);
   memory::desc diff_dst({n, co, ho, wo}, f32, Tag::nhwc);
   memory::desc any_weights({co, ci, kh, kw}, f32, Tag::any);
-  memory::desc hwio({co, ci, kh, kw}, f32, Tag::hwio);
   // A scratchpad of the caller's per execution: calls may run on several threads at once.
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
@@ -71,7 +69,7 @@ Primitive& Get(const std::vector<int64_t>& key) {
   auto pd = dnnl::convolution_backward_weights::primitive_desc(
       Engine(), dnnl::algorithm::convolution_direct, src, any_weights, diff_dst, strides,
       pad_lo, pad_hi, hint, attr);
-  Primitive p{dnnl::convolution_backward_weights(pd), pd.diff_weights_desc(), hwio,
+  Primitive p{dnnl::convolution_backward_weights(pd), pd.diff_weights_desc(),
               pd.scratchpad_desc()};
   return cache.emplace(key, std::move(p)).first->second;
 }
@@ -115,14 +113,13 @@ void ToHwio(const memory::desc& layout, std::vector<float>& blocked, const Shape
 }
 
 Shapes Read(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& g, ffi::ResultBuffer<ffi::F32>& dk,
-             int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+            int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
   const auto xd = x.dimensions(), gd = g.dimensions(), kd = dk->dimensions();  // 4-D (Python)
   return {xd[0], xd[1], xd[2], xd[3], gd[1], gd[2], gd[3], kd[0], kd[1], sh, sw, pt, pb, pl, pr};
 }
 
-// The batch in chunks on XLA's own intra-op threads, one oneDNN thread each (no OpenMP team
-// beside XLA's threads): the caller and the tasks it schedules take chunks until none are
-// left; the partial gradients are summed.
+// One call's state, shared by the caller and the tasks it schedules on XLA's intra-op threads
+// (a task that starts after the last chunk was taken finds none and ends).
 struct Shared {
   Shapes s;
   const float* x;
@@ -138,7 +135,10 @@ struct Shared {
 };
 
 void Work(const std::shared_ptr<Shared>& st) {
-  omp_set_num_threads(1);  // this thread's OpenMP setting: oneDNN runs here, single-threaded
+  // This thread's OpenMP setting (oneDNN runs here single-threaded), restored after: the
+  // caller may be a thread of the program's own that uses OpenMP otherwise.
+  const int saved_threads = omp_get_max_threads();
+  omp_set_num_threads(1);
   for (int64_t i; (i = st->next.fetch_add(1)) < st->chunks;) {
     std::string error;
     try {
@@ -151,12 +151,14 @@ void Work(const std::shared_ptr<Shared>& st) {
     if (!error.empty()) st->error = error;
     if (++st->done == st->chunks) st->cv.notify_all();
   }
+  omp_set_num_threads(saved_threads);
 }
 
-ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                          ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dk, int64_t sh,
-                          int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
-                          int64_t chunks_per_thread) {
+// The batch in chunks that XLA's own intra-op threads take (one single-threaded oneDNN call
+// each; no OpenMP team beside XLA's threads), the partial gradients summed, then HWIO.
+ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
+                      ffi::ResultBuffer<ffi::F32> dk, int64_t sh, int64_t sw, int64_t pt,
+                      int64_t pb, int64_t pl, int64_t pr, int64_t chunks_per_thread) {
   auto st = std::make_shared<Shared>();
   st->s = Read(x, g, dk, sh, sw, pt, pb, pl, pr);
   st->x = x.typed_data();
@@ -206,8 +208,8 @@ ffi::Error Guarded(F&& f) {
 }
 
 ffi::Error Entry(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
-                     ffi::ResultBuffer<ffi::F32> dk, int64_t sh, int64_t sw, int64_t pt,
-                     int64_t pb, int64_t pl, int64_t pr, int64_t chunks_per_thread) {
+                 ffi::ResultBuffer<ffi::F32> dk, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
+                 int64_t pl, int64_t pr, int64_t chunks_per_thread) {
   return Guarded(
       [&] { return KernelGrad(pool, x, g, dk, sh, sw, pt, pb, pl, pr, chunks_per_thread); });
 }
