@@ -352,11 +352,12 @@ def conv_onednn(
   runs it (`onednn.available`), else `conv_xla`.
 
   The input gradient is oneDNN's too (`onednn.input_grad_stride1`; for a 4x4 kernel at
-  stride 2 the phase-form transposed convolution on oneDNN); the kernel gradient is
-  `conv_kernel_grad`'s GEMMs for stride-1 'same' convolutions to at most half the channels
-  (as 'hybrid': no layout transposes of the input), else oneDNN's backward-weights
-  convolution where the `onednn` extra is installed (`onednn_kernel_grad.available`), else
-  XLA's (Eigen, behind transposes of both operands).
+  stride 2 the phase-form transposed convolution on oneDNN); the kernel gradient is oneDNN's
+  backward-weights convolution where the `onednn` extra is installed
+  (`onednn_kernel_grad.available`; 1.3-2.6x faster than the forms below,
+  bench/bench_onednn_kernel_grad.py), else `conv_kernel_grad`'s GEMMs for stride-1 'same'
+  convolutions to at most half the channels (as 'hybrid': no layout transposes of the
+  input), else XLA's (Eigen, behind transposes of both operands).
   """
   if not (x.dtype == kernel.dtype == jnp.float32 and onednn.available()):
     return conv_xla(x, kernel, strides, padding)
