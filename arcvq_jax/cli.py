@@ -17,8 +17,9 @@ The entry points (main, evaluate, sample, evaluate_samples, the converters) end 
     shows their traceback too. Any other exception is a bug and keeps its traceback.
   - --help exits 0 (absl's exits 1).
   - run as the command itself (`python -m ...`), it first re-executes the command once with
-    glibc's malloc asked for transparent huge pages, where that helps (`host_memory`;
-    `huge_pages=False` for the converters, which gain nothing from it).
+    a malloc that keeps freed memory in transparent huge pages (jemalloc where installed,
+    else glibc's huge pages), where that helps (`host_memory`; `fast_malloc=False` for the
+    converters, which gain nothing from it).
 """
 
 from __future__ import annotations
@@ -344,13 +345,13 @@ def _guarded(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
 
 
 def run(
-  main: Callable[[list[str]], Any], argv: list[str] | None = None, huge_pages: bool = True
+  main: Callable[[list[str]], Any], argv: list[str] | None = None, fast_malloc: bool = True
 ) -> None:
   """absl's app.run(main) with the project's logging and error handling (module docstring).
 
-  huge_pages: run as the command itself, start over once with glibc's malloc asking for
-  transparent huge pages where that helps (`host_memory`; it costs the command's imports
-  again, ~1 s: the one-shot converters leave it out)."""
+  fast_malloc: run as the command itself, start over once with the malloc of `host_memory`
+  where that helps (jemalloc, else glibc's huge pages; it costs the command's imports again,
+  ~1 s: the one-shot converters leave it out)."""
   if "debug" not in flags.FLAGS:
     flags.DEFINE_bool(
       "debug",
@@ -360,9 +361,9 @@ def run(
   own_command_line = argv is None and getattr(main, "__module__", None) == "__main__"
   argv = list(sys.argv if argv is None else argv)
   wants_help = any(a in HELP_FLAGS for a in argv[1:])
-  if huge_pages and own_command_line and not wants_help:
+  if fast_malloc and own_command_line and not wants_help:
     # Before any flag is parsed or file written: the command may start over once, in place.
-    host_memory.reexec_with_huge_pages()
+    host_memory.reexec_with_fast_malloc()
   quiet_native_libraries(argv)
   try:
     app.run(_guarded(main), argv=argv, flags_parser=_parse_flags)

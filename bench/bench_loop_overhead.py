@@ -18,9 +18,9 @@ In one process, one after the other on the same machine:
 3. parts:  the input pipeline alone (the run's grain iterator, --steps batches, no training)
            and the host-to-device copy of a batch (sharding.global_batch), per step.
 
-The bench's process first starts over with glibc's malloc asking for transparent huge pages,
-as `python -m arcvq_jax.main` does (`host_memory.reexec_with_huge_pages`), so that both sides
-run with the same malloc (huge pages made the step 12-17 % faster).
+The bench's process first starts over with the malloc `python -m arcvq_jax.main` starts
+with (`host_memory.reexec_with_fast_malloc`: jemalloc where installed, else glibc's huge
+pages), so that both sides run with the same malloc.
 
 The loop's overhead is (run seconds per step) / (bench seconds per step) - 1. What it could
 be made of: the input pipeline and the copy (both run on the host while XLA's step runs on
@@ -129,10 +129,10 @@ def main() -> None:
   p.add_argument("--log-every", type=int, default=50, help="the run's log_every_steps")
   p.add_argument("--workdir", default=None, help="the run's workdir (default: a fresh temp dir)")
   args = p.parse_args()
-  host_memory.reexec_with_huge_pages()  # as the run's command does: the same malloc
+  host_memory.reexec_with_fast_malloc()  # as the run's command does: the same malloc
   print(
     f"jax {jax.__version__}, {jax.device_count()} {jax.default_backend()} device(s), "
-    f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}"
+    f"malloc: {host_memory.malloc_of(os.environ)}"
   )
 
   times = bench_steps(args.batch, args.bench_steps, args.warmup)

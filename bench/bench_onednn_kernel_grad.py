@@ -18,8 +18,7 @@ transposes both operands. This bench measures, alternating in one process:
    with the handler off (`onednn_kernel_grad.available` False: Eigen's kernel gradients, as
    without the extra) and on (as shipped with the extra).
 
-The process starts over with glibc's huge-page tunable as the commands do
-(`host_memory.reexec_with_huge_pages`).
+The process starts over with the commands' malloc (`host_memory.reexec_with_fast_malloc`).
 """
 
 from __future__ import annotations
@@ -146,8 +145,7 @@ def main() -> None:
     sys.exit("error: this bench is for the CPU (oneDNN's x86 kernels)")
   if not onednn_kernel_grad.available():
     sys.exit(f"error: {onednn_kernel_grad.unavailable_reason()}")
-  huge = host_memory.TUNABLE in os.environ.get("GLIBC_TUNABLES", "")
-  print(f"jax {jax.__version__}, huge pages asked for: {huge}")
+  print(f"jax {jax.__version__}, malloc: {host_memory.malloc_of(os.environ)}")
   print("| batch | what | without the handler | ms | oneDNN backward-weights, ms | ratio | check |")
   print("|---|---|---|---|---|---|---|")
   for batch in args.batch:
@@ -158,5 +156,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  host_memory.reexec_with_huge_pages()
+  host_memory.reexec_with_fast_malloc()
   main()

@@ -2,7 +2,7 @@
 
   python bench/bench_vs_pytorch.py                          # batch 128 and 1024, 15 rounds
   python bench/bench_vs_pytorch.py --batch 128 --steps 30 --forms default ynn before
-  python bench/bench_vs_pytorch.py --malloc hugepages plain --torch-malloc plain hugepages
+  python bench/bench_vs_pytorch.py --malloc jemalloc hugepages --torch-malloc plain jemalloc
 
 Every contender runs in a process of its own (glibc's malloc is set per process: --malloc,
 --torch-malloc), built one after the other; then each round asks every contender in turn
@@ -15,11 +15,14 @@ the median, the 10th and 90th percentiles over the rounds and the ratio PyTorch 
 median (> 1: faster than PyTorch with glibc's malloc as it comes). JAX steps are waited for
 with block_until_ready; warmup steps (compilation included) are not timed.
 
-glibc's malloc, per contender: 'plain' as it comes, as the official PyTorch script runs (a
-step's large buffers are mmap'd, unmapped, and page-faulted in again at the next step, 4 KiB
-at a time); 'hugepages' started with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, as arcvq_jax's
-commands run where the kernel gives transparent huge pages on request (`host_memory`; the
-JAX contender's default); 'kept' (`keep_freed_memory`) keeps freed memory in the process.
+The malloc, per contender: 'plain' glibc's as it comes, as the official PyTorch script runs
+(a step's large buffers are mmap'd, unmapped, and page-faulted in again at the next step, 4
+KiB at a time); 'hugepages' started with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, as arcvq_jax's
+commands run where the kernel gives transparent huge pages on request and jemalloc is not
+installed; 'jemalloc' preloaded with `host_memory.JEMALLOC_CONF` (freed memory kept, in
+huge pages), as arcvq_jax's commands run where it is installed (`host_memory`; the JAX
+contender's default is what the commands use on this machine); 'kept' (`keep_freed_memory`)
+keeps freed memory in glibc's malloc.
 'kept' made PyTorch's step 1.2x (batch 128) and 1.7x (1024) faster and ours 1.0x and 1.05x;
 in `arcvq_jax.main` it gave nothing (1.01 against 1.02 steps/s at 1024) for 1.3 GiB more
 memory, so the project does not set it. The last column is the contender's memory in huge
@@ -160,9 +163,10 @@ def torch_step(batch: int):
   return run
 
 
-MALLOCS = ("plain", "hugepages", "kept")
-# How each project's command runs (glibc's malloc): the suffix-free name in the table.
-DEFAULT_MALLOC = {"pytorch": "plain", "jax": "hugepages"}
+MALLOCS = ("plain", "hugepages", "kept", "jemalloc")
+JEMALLOC = host_memory.find_jemalloc()
+# How each project's command runs on this machine: the suffix-free name in the table.
+DEFAULT_MALLOC = {"pytorch": "plain", "jax": "hugepages" if JEMALLOC is None else "jemalloc"}
 HUGEPAGES_TUNABLE = f"{host_memory.TUNABLE}=1"
 
 
@@ -176,6 +180,12 @@ def keep_freed_memory() -> None:
   for param, value in ((-8, 1), (-4, 0), (-1, 2**31 - 1)):  # M_ARENA_MAX, M_MMAP_MAX, M_TRIM_
     if libc.mallopt(param, value) != 1:
       raise RuntimeError(f"mallopt({param}, {value}) refused")
+
+
+def _jemalloc_loaded() -> bool:
+  """Whether this process runs with jemalloc mapped (Linux)."""
+  with open("/proc/self/maps") as f:
+    return "libjemalloc" in f.read()
 
 
 def anon_huge_mib() -> float:
@@ -194,12 +204,14 @@ def _contender(conn, kind: str, batch: int, forms: str, malloc: str, warmup: int
   """One contender in its own process: builds its step, then times blocks of steps on demand.
 
   Each runs apart, so that glibc's malloc can be set per contender (a process-wide setting):
-  'plain', 'hugepages' (its environment) or 'kept' (`keep_freed_memory`).
+  'plain', 'hugepages', 'jemalloc' (its environment) or 'kept' (`keep_freed_memory`).
   """
   if malloc == "kept":
     keep_freed_memory()
   if malloc == "hugepages" and HUGEPAGES_TUNABLE not in os.environ.get("GLIBC_TUNABLES", ""):
     raise RuntimeError("glibc's hugetlb tunable did not reach the contender's process")
+  if malloc == "jemalloc" and not _jemalloc_loaded():
+    raise RuntimeError("jemalloc was not preloaded into the contender's process")
   if kind == "pytorch":
     import torch  # noqa: PLC0415
 
@@ -240,6 +252,11 @@ def bench(
       )
       # glibc reads its tunables once, when a process starts: the child's environment.
       tunables = os.environ.get("GLIBC_TUNABLES")
+      saved = {k: os.environ.get(k) for k in ("LD_PRELOAD", "MALLOC_CONF")}
+      os.environ.pop("LD_PRELOAD", None)
+      os.environ.pop("MALLOC_CONF", None)
+      if malloc == "jemalloc":
+        os.environ.update(LD_PRELOAD=JEMALLOC, MALLOC_CONF=host_memory.JEMALLOC_CONF)
       if malloc == "hugepages":
         os.environ["GLIBC_TUNABLES"] = HUGEPAGES_TUNABLE
       else:
@@ -247,6 +264,11 @@ def bench(
       try:
         procs[name].start()
       finally:
+        for k, v in saved.items():
+          if v is None:
+            os.environ.pop(k, None)
+          else:
+            os.environ[k] = v
         if tunables is None:
           os.environ.pop("GLIBC_TUNABLES", None)
         else:
@@ -294,15 +316,15 @@ def main() -> None:
     nargs="*",
     default=[DEFAULT_MALLOC["jax"]],
     choices=MALLOCS,
-    help="glibc malloc for the JAX steps (module docstring); 'hugepages' as arcvq_jax's "
-    "commands run",
+    help="malloc for the JAX steps (module docstring); default: the one arcvq_jax's "
+    "commands run with on this machine",
   )
   p.add_argument(
     "--torch-malloc",
     nargs="*",
     default=[DEFAULT_MALLOC["pytorch"]],
     choices=MALLOCS,
-    help="glibc malloc for the PyTorch step; 'plain' as the official script runs",
+    help="malloc for the PyTorch step; 'plain' as the official script runs",
   )
   p.add_argument("--no-torch", action="store_true")
   p.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
@@ -311,6 +333,8 @@ def main() -> None:
   import torch  # noqa: PLC0415
 
   contenders = {}
+  if "jemalloc" in args.malloc + args.torch_malloc and JEMALLOC is None:
+    sys.exit("error: --malloc jemalloc: no libjemalloc.so.2 here (apt-get install libjemalloc2)")
   for malloc in [] if args.no_torch else args.torch_malloc:
     suffix = "" if malloc == DEFAULT_MALLOC["pytorch"] else f", malloc {malloc}"
     contenders["pytorch" + suffix] = (

@@ -53,13 +53,13 @@ _UNOPTIMISED = "JAX_DISABLE_MOST_OPTIMIZATIONS"
 os.environ[_UNOPTIMISED] = "1"
 jax.config.update("jax_disable_most_optimizations", True)
 
-# The commands start over once with glibc's malloc asked for transparent huge pages, where that
-# helps (`host_memory`, from `cli.run`). The subprocesses of the suite start with it already, so
+# The commands start over once with the malloc of `host_memory` (jemalloc where installed, else
+# glibc's huge pages; from `cli.run`). The subprocesses of the suite start with it already, so
 # they run as users' commands do without starting over; pytest-xdist's workers, started after
 # this file is read, run with it too.
-_TUNABLES = host_memory.tunables_for_this_host(os.environ)
-if _TUNABLES is not None:
-  os.environ["GLIBC_TUNABLES"] = _TUNABLES
+_START = host_memory.start_environment_for_this_host(os.environ)
+if _START is not None:
+  os.environ.update(_START)
 
 
 @pytest.fixture(autouse=True)

@@ -12,6 +12,7 @@ import sys
 import pytest
 from device_env import without_compilation_cache
 
+from arcvq_jax import host_memory
 from arcvq_jax.models import onednn_kernel_grad
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,19 +69,22 @@ def _table_rows(stdout: str, columns: int) -> list[list[str]]:
 
 @pytest.mark.slow
 def test_pytorch_comparison_runs_every_contender_in_its_own_process():
+  # the malloc our commands start with here (host_memory); PyTorch's with jemalloc too where
+  # it is installed (each contender checks that its malloc reached its process)
+  jemalloc = host_memory.find_jemalloc() is not None
+  ours = "jemalloc" if jemalloc else "hugepages"
+  torch_mallocs = ("plain", "kept", *(("jemalloc",) if jemalloc else ()))
   out = _run_bench(
     "bench_vs_pytorch.py",
     *("--batch", "8", "--steps", "1", "--warmup", "0", "--block", "1", "--gap", "0"),
-    *("--malloc", "hugepages", "plain", "--torch-malloc", "plain", "kept"),
+    *("--malloc", ours, "plain", "--torch-malloc", *torch_mallocs),
   )
   rows = {cells[1]: cells for cells in _table_rows(out, 7)}
-  # unsuffixed: glibc's malloc as each project's command runs it (huge pages for ours)
-  assert sorted(rows) == [
-    "jax (default)",
-    "jax (default, malloc plain)",
-    "pytorch",
-    "pytorch, malloc kept",
-  ], out
+  # unsuffixed: the malloc each project's command runs with
+  assert sorted(rows) == sorted(
+    ["jax (default)", "jax (default, malloc plain)", "pytorch"]
+    + [f"pytorch, malloc {m}" for m in torch_mallocs[1:]]
+  ), out
   for name, cells in rows.items():
     assert float(cells[2]) > 0, (name, cells)
     assert float(cells[6]) >= 0, (name, cells)  # MiB in huge pages

@@ -108,4 +108,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  cli.run(main, huge_pages=False)  # one pass over a weights file: nothing to gain
+  cli.run(main, fast_malloc=False)  # one pass over a weights file: nothing to gain
