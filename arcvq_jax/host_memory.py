@@ -17,9 +17,9 @@ So the commands start with, in this order of preference:
 2. else glibc's malloc asking for transparent huge pages (glibc >= 2.35, the kernel's THP
    mode 'madvise', the default of most distributions): GLIBC_TUNABLES=glibc.malloc.hugetlb=1,
    a 2 MiB page per fault instead of 4 KiB ones.
-Measured on a 2-core CPU (README, Performance, "Host memory"): the VQ-VAE step at batch 128
-1.16x faster with jemalloc than with glibc's huge pages, which were 1.2x faster than glibc
-as it comes.
+Measured on 2-core CPUs (README, Performance, "jemalloc" and "Huge pages"): the VQ-VAE step
+at batch 128 1.16-1.17x faster with jemalloc than with glibc's huge pages (Intel host), which
+made `python -m arcvq_jax.main` 1.17x faster than glibc as it comes (AMD host).
 
 The C library reads these variables once, when the process starts, so `cli.run` re-executes
 the command with them (`reexec_with_fast_malloc`) before it parses a flag: the same
