@@ -23,8 +23,9 @@ JEMALLOC = host_memory.find_jemalloc()
 needs_jemalloc = pytest.mark.skipif(
   JEMALLOC is None, reason="needs libjemalloc.so.2 (libjemalloc2)"
 )
-GLIBC_HUGE_PAGES = host_memory.start_environment({}, host_memory.glibc_version(),
-                                                 host_memory.thp_mode(), None)  # fmt: skip
+GLIBC_HUGE_PAGES = host_memory.start_environment(
+  {}, host_memory.glibc_version(), host_memory.thp_mode(), jemalloc=None
+)
 needs_thp_on_request = pytest.mark.skipif(
   GLIBC_HUGE_PAGES is None, reason="needs glibc >= 2.35 and the kernel's THP mode 'madvise'"
 )
