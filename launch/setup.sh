@@ -55,7 +55,7 @@ fi
 # jemalloc: the commands preload it where installed (arcvq_jax/host_memory.py): memory a train
 # step frees is kept for the next one instead of being page-faulted in again (the VQ-VAE's CPU
 # step ~1.1-1.2x faster). Optional: without it they run on glibc's malloc with huge pages.
-if ! ldconfig -p 2>/dev/null | grep -q 'libjemalloc\.so\.2 '; then
+if ! compgen -G '/usr/lib/*-linux-gnu/libjemalloc.so.2' >/dev/null; then  # Debian's multiarch dir
   as_root_apt libjemalloc2 ||
     echo "setup.sh: optional: 'sudo apt-get install libjemalloc2' makes the CPU train step" \
       "~1.1-1.2x faster (arcvq_jax/host_memory.py)." >&2
