@@ -168,6 +168,17 @@ JEMALLOC = host_memory.find_jemalloc()
 # How each project's command runs on this machine: the suffix-free name in the table.
 DEFAULT_MALLOC = {"pytorch": "plain", "jax": "hugepages" if JEMALLOC is None else "jemalloc"}
 HUGEPAGES_TUNABLE = f"{host_memory.TUNABLE}=1"
+MALLOC_VARIABLES = ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF")
+
+
+def malloc_environment(malloc: str) -> dict[str, str]:
+  """The variables a contender with `malloc` starts with (none of MALLOC_VARIABLES besides):
+  'jemalloc' and 'hugepages' as arcvq_jax's commands set them (`host_memory`)."""
+  if malloc == "jemalloc":
+    return host_memory.start_environment({}, None, None, JEMALLOC)
+  if malloc == "hugepages":
+    return {"GLIBC_TUNABLES": HUGEPAGES_TUNABLE}
+  return {}
 
 
 def keep_freed_memory() -> None:
@@ -250,29 +261,16 @@ def bench(
       procs[name] = ctx.Process(
         target=_contender, args=(child, kind, batch, forms, malloc, warmup, torch_threads)
       )
-      # glibc reads its tunables once, when a process starts: the child's environment.
-      tunables = os.environ.get("GLIBC_TUNABLES")
-      saved = {k: os.environ.get(k) for k in ("LD_PRELOAD", "MALLOC_CONF")}
-      os.environ.pop("LD_PRELOAD", None)
-      os.environ.pop("MALLOC_CONF", None)
-      if malloc == "jemalloc":
-        os.environ.update(LD_PRELOAD=JEMALLOC, MALLOC_CONF=host_memory.JEMALLOC_CONF)
-      if malloc == "hugepages":
-        os.environ["GLIBC_TUNABLES"] = HUGEPAGES_TUNABLE
-      else:
-        os.environ.pop("GLIBC_TUNABLES", None)
+      # The C library reads these once, when a process starts: the child's environment.
+      saved = {k: os.environ.pop(k, None) for k in MALLOC_VARIABLES}
+      os.environ.update(malloc_environment(malloc))
       try:
         procs[name].start()
       finally:
         for k, v in saved.items():
-          if v is None:
-            os.environ.pop(k, None)
-          else:
+          os.environ.pop(k, None)
+          if v is not None:
             os.environ[k] = v
-        if tunables is None:
-          os.environ.pop("GLIBC_TUNABLES", None)
-        else:
-          os.environ["GLIBC_TUNABLES"] = tunables
       child.close()  # the child's end lives in the child: its exit must end recv() here
       conns[name] = parent
       try:

@@ -3,6 +3,7 @@ jemalloc where installed, else glibc's huge-page tunable): which one where, that
 keeps the process, its arguments and the user's own settings, that jemalloc reuses a freed
 buffer without a page fault, and that the tunable gives a large buffer huge pages."""
 
+import functools
 import os
 import platform
 import subprocess
@@ -226,20 +227,18 @@ HUGE_PAGES_OF_A_BUFFER = textwrap.dedent(
 
 @needs_thp_on_request
 def test_the_tunable_gives_a_large_buffer_huge_pages():
-  def huge_mib(tunables):
-    out = subprocess.run(
-      [sys.executable, "-c", HUGE_PAGES_OF_A_BUFFER],
-      env=_environ(tunables),
-      capture_output=True,
-      text=True,
-      check=True,
-      timeout=60,
-    )
-    return int(out.stdout)
-
-  assert huge_mib(None) == 0  # THP 'madvise': nothing asked, nothing given
+  huge_mib = functools.partial(_number_printed_by, HUGE_PAGES_OF_A_BUFFER)
+  assert huge_mib(_environ(None)) == 0  # THP 'madvise': nothing asked, nothing given
   # most of the buffer; the kernel may fall back to small pages where memory is fragmented
-  assert huge_mib("glibc.malloc.hugetlb=1") >= 128
+  assert huge_mib(_environ("glibc.malloc.hugetlb=1")) >= 128
+
+
+def _number_printed_by(script: str, env: dict[str, str]) -> int:
+  """Runs `python -c script` in `env`; the integer it prints."""
+  out = subprocess.run(
+    [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True, timeout=60
+  )
+  return int(out.stdout)
 
 
 # A step's temporaries, freed and allocated again: 256 MiB touched twice. The page faults of
@@ -264,17 +263,7 @@ FAULTS_OF_A_REUSED_BUFFER = textwrap.dedent(
 
 @needs_jemalloc
 def test_jemalloc_reuses_a_freed_buffer_without_faults():
-  def faults(env):
-    out = subprocess.run(
-      [sys.executable, "-c", FAULTS_OF_A_REUSED_BUFFER],
-      env=env,
-      capture_output=True,
-      text=True,
-      check=True,
-      timeout=60,
-    )
-    return int(out.stdout)
-
+  faults = functools.partial(_number_printed_by, FAULTS_OF_A_REUSED_BUFFER)
   assert faults(_environ("glibc.malloc.hugetlb=0")) >= 128  # unmapped, faulted in again
   start = host_memory.start_environment_for_this_host(_environ(None))
   assert start["LD_PRELOAD"] == JEMALLOC
