@@ -1,7 +1,15 @@
-"""A few-minute CPU demo: ArcVQ-VAE on Fashion-MNIST from the local IDX files.
+"""A CPU demo of about a minute: ArcVQ-VAE on Fashion-MNIST from Debian's IDX files.
 
-The paper's network, quantiser and schedules (Table 7, MNIST column), trained for 300
-steps at batch 128 (about 2/3 of an epoch) instead of 500 epochs at batch 1024.
+The paper's network, quantiser and schedules (Table 7, MNIST column), trained for 300 steps
+at batch 128 (about 2/3 of an epoch) instead of 500 epochs at batch 1024, then evaluated on
+the 10k test images.
+
+  python -m arcvq_jax.main --config=configs/demo.py --workdir=/tmp/arcvq_demo
+
+Expected (the whole command, after set-up): 43 s on 2 cores of an AMD EPYC, 85 s on 2 cores
+of an Intel Xeon (Emerald Rapids); peak RSS 1.0-1.3 GB. Test PSNR 16.78-16.89 dB, SSIM
+0.675-0.682, codebook usage 63-69 % (one machine repeats its run exactly; other CPUs add in
+another order). docs/results.md, "The demo".
 """
 
 from arcvq_jax import config as config_lib

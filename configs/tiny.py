@@ -1,4 +1,11 @@
-"""A tiny ArcVQ-VAE on Fashion-MNIST IDX files, for tests and smoke runs (seconds on CPU)."""
+"""A tiny ArcVQ-VAE on Fashion-MNIST IDX files, for tests and smoke runs: 6 steps at batch 32,
+then evaluation on the 10k test images.
+
+  python -m arcvq_jax.main --config=configs/tiny.py --workdir=/tmp/tok
+
+Expected: 15-16 s on 2 cores of an AMD EPYC (compilation included); test PSNR about 7 dB: it
+checks that everything runs, not quality.
+"""
 
 from arcvq_jax import config as config_lib
 

@@ -1,10 +1,13 @@
 """A tiny class-conditional PixelCNN over the tiny tokenizer's 7x7 Fashion-MNIST token grids
-(K 64), for tests and smoke runs on CPU.
+(K 64), for tests and smoke runs on CPU: 4 steps at batch 32, 16 samples.
 
   python -m arcvq_jax.main --config=configs/tiny.py --workdir=/tmp/tok
   python -m arcvq_jax.main --config=configs/tiny_pixelcnn.py --workdir=/tmp/pcnn \
       --config.tokenizer_workdir=/tmp/tok
   python -m arcvq_jax.sample --workdir=/tmp/pcnn --num_samples=16
+
+Expected for the second command: about 40 s on 2 cores of an AMD EPYC shared with other jobs
+(the precompute pass over the 60k training images included); no quality target.
 """
 
 from arcvq_jax import prior_config

@@ -1,10 +1,17 @@
-"""A tiny VQGAN on Fashion-MNIST IDX files that runs the whole GAN stage on CPU in seconds.
+"""A tiny VQGAN on Fashion-MNIST IDX files that runs the whole GAN stage on CPU: 4 steps at
+batch 8, then evaluation on the 10k test images.
 
 taming's blocks at width 32, f4 (28x28 -> 7x7 tokens), a 2-layer PatchGAN switched on from
 step 0 (disc_start = 0), the full ArcVQ quantiser. L1 only by default, so that it runs
-offline: the LPIPS weights cannot be downloaded at run time. With converted weights (README,
-"VQGAN on ImageNet"), --config.loss.perceptual_weight=1 --config.lpips_path=PATH adds LPIPS
-(grey images repeated to RGB), as taming.
+offline: the LPIPS weights cannot be downloaded at run time. With converted weights
+(docs/evaluation.md, "Weights"), --config.loss.perceptual_weight=1
+--config.lpips_path=PATH adds LPIPS (grey images repeated to RGB), as taming.
+
+  python -m arcvq_jax.main --config=configs/tiny_vqgan.py --workdir=/tmp/tiny_vqgan
+
+Expected: about 2 min on 2 cores of an AMD EPYC shared with other jobs: 20 s to train (the
+first step's compilation 13 s), the rest the evaluation; no quality target (PSNR about 9 dB
+after 4 steps).
 """
 
 from arcvq_jax import config as config_lib

@@ -53,9 +53,7 @@ def github_slug(heading: str) -> str:
   text = re.sub(r"`([^`]*)`", r"\1", heading)
   text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", text)  # a link keeps its text
   text = re.sub(r"<[^>]+>", "", text).strip().lower()
-  kept = "".join(
-    ch for ch in text if ch in " -_" or unicodedata.category(ch)[0] in ("L", "N")
-  )
+  kept = "".join(ch for ch in text if ch in " -_" or unicodedata.category(ch)[0] in ("L", "N"))
   return kept.replace(" ", "-")
 
 
@@ -81,7 +79,7 @@ def relative_links(path: str) -> list[str]:
 
 def test_the_slug_rule_by_hand():
   assert github_slug("VQGAN on ImageNet") == "vqgan-on-imagenet"
-  assert github_slug("8.4 SimVQ (`quantizer.name = \"simvq\"`, `quantizers/simvq.py`)") == (
+  assert github_slug('8.4 SimVQ (`quantizer.name = "simvq"`, `quantizers/simvq.py`)') == (
     "84-simvq-quantizername--simvq-quantizerssimvqpy"  # GitHub keeps both hyphens
   )
   assert github_slug("Errors and resuming") == "errors-and-resuming"
@@ -92,7 +90,9 @@ def test_every_relative_link_and_anchor_resolves(page):
   broken = []
   for target in relative_links(page):
     file_part, _, anchor = target.partition("#")
-    dest = page if not file_part else os.path.normpath(os.path.join(os.path.dirname(page), file_part))
+    dest = (
+      page if not file_part else os.path.normpath(os.path.join(os.path.dirname(page), file_part))
+    )
     if not os.path.exists(dest):
       broken.append(f"{target}: no such file")
     elif anchor and dest.endswith(".md") and anchor not in anchors(dest):
@@ -133,14 +133,18 @@ def test_readme_commands_name_real_configs_and_modules():
   modules = set(re.findall(r"python -m (arcvq_jax(?:\.\w+)*)", text))
   assert "arcvq_jax.main" in modules
   assert not [m for m in modules if importlib.util.find_spec(m) is None]
-  paths = set(re.findall(r"\b((?:bench|launch|colab|tests)/[\w/.-]+\.(?:py|sh|ipynb|sbatch))", text))
+  paths = set(
+    re.findall(r"\b((?:bench|launch|colab|tests)/[\w/.-]+\.(?:py|sh|ipynb|sbatch))", text)
+  )
   assert not [p for p in paths if not os.path.exists(os.path.join(ROOT, p))]
 
 
 def test_ci_runs_exactly_the_readme_test_command():
   readme = read(README)
   ci = read(os.path.join(ROOT, ".ci", "run"))
-  command = "bash launch/setup.sh --test && .venv/bin/python -m pytest -q -n 2 --dist loadfile tests"
+  command = (
+    "bash launch/setup.sh --test && .venv/bin/python -m pytest -q -n 2 --dist loadfile tests"
+  )
   assert command in readme and command in ci
 
 

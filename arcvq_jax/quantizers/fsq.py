@@ -12,10 +12,14 @@ len(levels), the encoder's output channels (the fsq variants set both). `num_cod
 used: the vocabulary is the product of the levels.
 
 The bound is vector-quantize-pytorch's (1 + eps, atanh), not the paper's appendix code
-(1 - eps, tan): the shift puts z = 0 exactly on the middle level; the codes are the same
-(docs/math.md, section 8.5). Levels are integers from 3 to 1000 (2 needs the library's other,
-symmetry-preserving bound; above 1000 the bound's eps reaches past the outer levels), and
-their product at most 2^24.
+(1 - eps, tan): atanh puts z = 0 exactly on the middle level. Both reach the same L_j levels,
+so the set of codes (the implicit codebook, eq. 50) is the same, but not every latent gets the
+same code: the two bounds differ by up to (L_j - 1) eps, and a latent that close to a rounding
+boundary lands on the neighbouring level (for N(0, 1) latents about 4 values in a thousand on
+a channel of 8 levels, 2 on one of 5; 10-11 tokens in a thousand with (8, 5, 5, 5); measured
+in docs/math.md, section 8.5). Levels are integers from 3 to 1000 (2 needs the library's
+other, symmetry-preserving bound; above 1000 the bound's eps reaches past the outer levels),
+and their product at most 2^24.
 """
 
 from __future__ import annotations

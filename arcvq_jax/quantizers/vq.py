@@ -90,6 +90,11 @@ def rotate_to(z: jax.Array, z_q: jax.Array) -> jax.Array:
 
   z, z_q: (N, D) float32. Householder form: with u = z/|z|, q = z_q/|z_q| and
   w = (u + q)/|u + q|, R z = z - 2 (z.w) w + 2 (z.u) q, and the result is R z |z_q|/|z|.
+
+  Every norm is guarded as v / max(|v|, 1e-6), vector-quantize-pytorch's form, which gives
+  z_q to float rounding; the rotation trick's authors' code divides by |v| + 1e-6, which puts
+  its value up to about 5e-6/|z| (relative) off z_q (5e-5 at |z| = |z_q| = 0.1; docs/math.md,
+  section 4, after eq. 6b).
   """
   eps = 1e-6  # as vector-quantize-pytorch's safe_div and l2norm
   unit = lambda v: v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), eps)

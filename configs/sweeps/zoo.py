@@ -3,8 +3,12 @@
   python -m arcvq_jax.ablate --config=configs/fashion_mnist.py --sweep=configs/sweeps/zoo.py \
       --workdir=/tmp/arcvq_zoo
 
-Budget: 200 steps at batch 64 per run; all 45 runs took 58 minutes on a 2-core machine with
-nothing else running (65-97 s per run, compilation and evaluation included).
+Budget: 200 steps at batch 64 per run (15 settings x 3 seeds), each evaluated on the 10k test
+images. Expected: all 45 runs took 58 minutes on 2 cores of an AMD EPYC with nothing else
+running (65-97 s per run, compilation and evaluation included). Result (docs/results.md,
+"The quantizer zoo"): e.g. `arcvq` PSNR 16.43 dB at 80 % test-split usage, `restart` 18.84 dB
+at 97 %, `fsq` 19.18 dB at 35 %; `vanilla`, `cosine`, `vq` and `ema` use 0.6-2 % of their
+codes.
 """
 
 import ml_collections
