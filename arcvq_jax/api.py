@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from typing import Any
 
 import jax
@@ -44,6 +45,45 @@ class TokenizerLoadError(RuntimeError):
   """A workdir, config or checkpoint that cannot give a tokenizer."""
 
 
+class TokenizerInputError(ValueError):
+  """Images, latents or tokens the tokenizer cannot take (wrong shape or dtype, an empty
+  batch, NaN or out-of-range values); the message says what was given and what is wanted."""
+
+
+def _host_min_max(x: Any) -> tuple[float, float] | None:
+  """(min, max) of a non-empty array in one transfer (numpy on the host, one jnp reduction
+  fetched for a device array; NaN if it holds any), or None for an array spread over
+  several processes (no host sees all of it)."""
+  if isinstance(x, jax.Array):
+    if not x.is_fully_addressable:
+      return None
+    lo, hi = jax.device_get((x.min(), x.max()))
+  else:
+    lo, hi = np.min(x), np.max(x)
+  return float(lo), float(hi)
+
+
+def _check_tokens(tokens: Any, num_codes: int, ndim: int | None) -> jax.Array:
+  """Tokens as int32, after checking them: integers, `ndim` axes (None: any), non-empty, in
+  [0, num_codes). A host array is checked before the int32 conversion, so int64 tokens
+  beyond int32 are refused instead of wrapped."""
+  if not isinstance(tokens, jax.Array):
+    tokens = np.asarray(tokens)
+  shape, dtype = tuple(tokens.shape), tokens.dtype
+  if not np.issubdtype(dtype, np.integer) or (ndim is not None and len(shape) != ndim):
+    want = "integers of shape (B, h, w)" if ndim == 3 else "integers"
+    raise TokenizerInputError(f"tokens must be {want}, got {dtype} {shape}.")
+  if not math.prod(shape):
+    raise TokenizerInputError(f"tokens of shape {shape} are empty: give at least one token.")
+  bounds = _host_min_max(tokens)
+  if bounds is not None and (bounds[0] < 0 or bounds[1] >= num_codes):
+    raise TokenizerInputError(
+      f"tokens must lie in [0, {num_codes}) (the vocabulary), got [{bounds[0]:.0f}, "
+      f"{bounds[1]:.0f}]."
+    )
+  return jnp.asarray(tokens, jnp.int32)
+
+
 def _tuples(value: Any) -> Any:
   """JSON turns the config's tuples into lists; the models want tuples back."""
   if isinstance(value, dict):
@@ -55,6 +95,11 @@ def _tuples(value: Any) -> Any:
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The ConfigDict a run saved as workdir/config.json."""
+  if not str(workdir).strip():
+    raise TokenizerLoadError(
+      "the workdir is an empty path: give the --workdir of a run (the directory "
+      "`python -m arcvq_jax.main --workdir=...` trained in)."
+    )
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
     raise TokenizerLoadError(
@@ -175,68 +220,100 @@ class Tokenizer:
     return model.apply({"params": params}, z_q, method="decode").astype(jnp.float32)
 
   def _check_images(self, images: Any) -> jax.Array:
-    x = jnp.asarray(images)
+    """Images as float32 after checking them (TokenizerInputError otherwise): (B, H, W, C)
+    with the model's channels, B >= 1, sides multiples of the downsampling, floats, finite
+    and about [-1, 1]. One reduction's (min, max) is fetched (numpy for a host array)."""
+    x = images if isinstance(images, jax.Array) else np.asarray(images)
     if x.ndim != 4 or x.shape[-1] != self.channels:
-      raise ValueError(f"images must be (B, H, W, {self.channels}), got {x.shape}.")
+      raise TokenizerInputError(f"images must be (B, H, W, {self.channels}), got {x.shape}.")
+    if not math.prod(x.shape):
+      raise TokenizerInputError(
+        f"images of shape {x.shape} are empty: give at least one image of at least one pixel."
+      )
     f = self.downsample_factor
     if x.shape[1] % f or x.shape[2] % f:
-      raise ValueError(
+      raise TokenizerInputError(
         f"image height and width must be multiples of {f} (the model's "
         f"downsampling), got {x.shape[1:3]}; resize or crop them first."
       )
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(
+    if not np.issubdtype(x.dtype, np.floating) and x.dtype != jnp.bfloat16:
+      raise TokenizerInputError(
         f"images must be floats in [-1, 1], got dtype {x.dtype}; convert uint8 with x / 127.5 - 1."
       )
     # Pixel values in [0, 255] would encode without complaint, to tokens of nothing the model
-    # has seen. A resize's overshoot (bicubic: a few per cent) stays well inside the margin;
-    # images in [0, 1] cannot be told apart from dark images in [-1, 1] and are not caught.
-    # (A batch spread over several processes is left unchecked: no host sees all of it.)
-    if not x.is_fully_addressable:
-      return x.astype(jnp.float32)
-    lo, hi = (float(v) for v in jax.device_get((x.min(), x.max())))
-    if lo < -1.5 or hi > 1.5:
-      raise ValueError(
-        f"images must be in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]; convert [0, 255] with "
-        "x / 127.5 - 1, [0, 1] with 2 * x - 1."
+    # has seen, and NaN to token 0. A resize's overshoot (bicubic: a few per cent) stays well
+    # inside the margin; images in [0, 1] cannot be told apart from dark images in [-1, 1]
+    # and are not caught.
+    bounds = _host_min_max(x)
+    if bounds is not None:
+      lo, hi = bounds
+      if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise TokenizerInputError(
+          f"images hold NaN or infinite values (min {lo}, max {hi}): check the data (a "
+          "division by zero in a normalisation?) before encoding."
+        )
+      if lo < -1.5 or hi > 1.5:
+        raise TokenizerInputError(
+          f"images must be in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]; convert [0, 255] "
+          "with x / 127.5 - 1, [0, 1] with 2 * x - 1."
+        )
+    return jnp.asarray(x, jnp.float32)
+
+  def _check_latents(self, z: Any) -> jax.Array:
+    """Latents as float32 after checking them: (B, h, w, D) with the quantizer's D, non-empty,
+    finite (one reduction fetched)."""
+    z = z if isinstance(z, jax.Array) else np.asarray(z)
+    if z.ndim != 4 or z.shape[-1] != self.embed_dim:
+      raise TokenizerInputError(
+        f"latents must be (B, h, w, {self.embed_dim}) (D = {self.embed_dim}, the quantizer's "
+        f"width), got {z.shape}."
       )
-    return x.astype(jnp.float32)
+    if not math.prod(z.shape):
+      raise TokenizerInputError(f"latents of shape {z.shape} are empty: give at least one.")
+    if not np.issubdtype(z.dtype, np.floating) and z.dtype != jnp.bfloat16:
+      raise TokenizerInputError(f"latents must be floats, got dtype {z.dtype}.")
+    bounds = _host_min_max(z)
+    if bounds is not None and not all(math.isfinite(v) for v in bounds):
+      raise TokenizerInputError(
+        f"latents hold NaN or infinite values (min {bounds[0]}, max {bounds[1]}): they would "
+        "all map to one token."
+      )
+    return jnp.asarray(z, jnp.float32)
 
-  def encode_latents(self, images: Any) -> jax.Array:
-    """(B, H, W, C) in [-1, 1] -> pre-quantisation latents z, float32 (B, h, w, D)."""
-    return self._encode(self.params, self._check_images(images))
-
-  def quantize(self, z: jax.Array) -> jax.Array:
-    """Latents (B, h, w, D) -> tokens int32 (B, h, w), as the run's quantizer picks them."""
-    z = jnp.asarray(z, jnp.float32)
+  def _tokens_of(self, z: jax.Array) -> jax.Array:
+    """Checked latents (B, h, w, D) -> tokens int32 (B, h, w)."""
     idx = self._tokens(self.params, z.reshape(-1, z.shape[-1]))
     return idx.reshape(z.shape[:-1]).astype(jnp.int32)
 
+  def encode_latents(self, images: Any) -> jax.Array:
+    """(B, H, W, C) in [-1, 1] -> pre-quantisation latents z, float32 (B, h, w, D).
+    TokenizerInputError for images of another shape or dtype, empty, NaN or out of range."""
+    return self._encode(self.params, self._check_images(images))
+
+  def quantize(self, z: Any) -> jax.Array:
+    """Latents (B, h, w, D) -> tokens int32 (B, h, w), as the run's quantizer picks them.
+    TokenizerInputError for latents of another width D, empty, or not finite."""
+    return self._tokens_of(self._check_latents(z))
+
   def encode(self, images: Any) -> jax.Array:
     """(B, H, W, C) in [-1, 1] -> tokens int32 (B, h, w)."""
-    return self.quantize(self.encode_latents(images))
+    return self._tokens_of(self.encode_latents(images))
 
   def decode(self, tokens: Any) -> jax.Array:
-    """Tokens (B, h, w) -> images float32 (B, H, W, C), about [-1, 1] (not clipped)."""
-    tokens = jnp.asarray(tokens)
-    if tokens.ndim != 3 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-      raise ValueError(
-        f"tokens must be integers of shape (B, h, w), got {tokens.dtype} {tokens.shape}."
-      )
-    if int(tokens.min()) < 0 or int(tokens.max()) >= self.num_codes:
-      raise ValueError(
-        f"tokens must lie in [0, {self.num_codes}), got [{int(tokens.min())}, {int(tokens.max())}]."
-      )
+    """Tokens (B, h, w) -> images float32 (B, H, W, C), about [-1, 1] (not clipped).
+    TokenizerInputError for tokens that are not integers (B, h, w) in [0, num_codes)."""
+    tokens = _check_tokens(tokens, self.num_codes, ndim=3)
     return self._decode_z(self.params, self._lookup(self.params, tokens))
 
   def decode_latents(self, z: Any) -> jax.Array:
     """Latents (B, h, w, D): quantise to the nearest codes, then decode."""
-    return self.decode(self.quantize(z))
+    tokens = self.quantize(z)
+    return self._decode_z(self.params, self._lookup(self.params, tokens))
 
   def reconstruct(self, images: Any) -> tuple[jax.Array, jax.Array]:
     """(B, H, W, C) in [-1, 1] -> (x_hat float32 (B, H, W, C), tokens int32 (B, h, w))."""
     tokens = self.encode(images)
-    return self.decode(tokens), tokens
+    return self._decode_z(self.params, self._lookup(self.params, tokens)), tokens
 
   @property
   def codebook(self) -> jax.Array | None:
@@ -246,8 +323,9 @@ class Tokenizer:
     return None if rows is None else jnp.asarray(rows, jnp.float32)
 
   def lookup(self, tokens: Any) -> jax.Array:
-    """Tokens (...) -> the vectors (..., D) float32 the decoder takes for them."""
-    return self._lookup(self.params, jnp.asarray(tokens))
+    """Tokens (...) -> the vectors (..., D) float32 the decoder takes for them.
+    TokenizerInputError for tokens that are not integers in [0, num_codes), or none."""
+    return self._lookup(self.params, _check_tokens(tokens, self.num_codes, ndim=None))
 
 
 def write_workdir(

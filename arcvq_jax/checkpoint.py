@@ -15,6 +15,7 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
@@ -96,9 +97,16 @@ class Checkpointer:
     A damaged step (files that cannot be read: a truncated array file, a garbled metadata
     file) is moved aside, never deleted (`checkpoint_files.set_aside`: a warning names it),
     and the step before it is tried. A readable step that does not fit `abstract_state`
-    (another config) raises CheckpointError and moves nothing.
+    (another config) raises CheckpointError and moves nothing. Where every step was damaged,
+    `data_iter` is put back where it started (a failed restore may have moved it to the
+    damaged step's position), so the run that starts afresh is a fresh run, data order
+    included; one warning says so.
     """
-    for step in sorted(self.all_steps(), reverse=True):
+    # The iterator's position before any restore: orbax may restore the 'data' item of a
+    # step whose 'state' then fails to read.
+    start = data_iter.get_state() if data_iter is not None else None
+    steps = sorted(self.all_steps(), reverse=True)
+    for step in steps:
       try:
         return self.restore(step, abstract_state, data_iter)
       except Exception as e:  # orbax raises a bare Exception for unreadable array files
@@ -115,6 +123,18 @@ class Checkpointer:
         multihost_utils.sync_global_devices(f"checkpoint_set_aside_{step}")
       self._manager.close()  # its step list still names the moved step
       self._manager = self._make_manager()
+    if steps:
+      if data_iter is not None:
+        data_iter.set_state(start)
+      which = "The only checkpoint" if len(steps) == 1 else f"All {len(steps)} checkpoints"
+      logging.warning(
+        "%s in %s %s damaged and set aside in %s; starting afresh from step 0 (a fresh "
+        "state, the data from its beginning).",
+        which,
+        self.directory,
+        "was" if len(steps) == 1 else "were",
+        self.directory / checkpoint_files.DAMAGED_DIR,
+      )
     return None
 
   def close(self) -> None:

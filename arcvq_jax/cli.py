@@ -12,9 +12,10 @@ The entry points (main, evaluate, sample, evaluate_samples, the converters) end 
     grain, TFDS, and TensorFlow's C++ start-up notices, unless --verbosity=1 or more asks for
     them; console lines are wrapped at MAX_WIDTH characters.
   - errors a user can fix (`is_user_error`: a missing or damaged data or weights file, an
-    unknown config key, a wrong config path, a workdir that cannot be written, ...) print one
-    message, "error: what, where, the fix", and exit with status 2; --debug (or ARCVQ_DEBUG=1)
-    shows their traceback too. Any other exception is a bug and keeps its traceback.
+    unknown config key, a wrong config path, a config file that fails to load, a flag out of
+    its range, a workdir that cannot be written, ...) print one message, "error: what, where,
+    the fix", and exit with status 2; --debug (or ARCVQ_DEBUG=1) shows their traceback too.
+    Any other exception is a bug and keeps its traceback.
   - --help exits 0 (absl's exits 1).
   - run as the command itself (`python -m ...`), it first re-executes the command once with
     a malloc that keeps freed memory in transparent huge pages (jemalloc where installed,
@@ -24,12 +25,14 @@ The entry points (main, evaluate, sample, evaluate_samples, the converters) end 
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
 import logging as logging_std
 import os
 import re
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -43,13 +46,14 @@ USER_ERROR_STATUS = 2
 HELP_FLAGS = ("--help", "-help", "-?", "--helpshort", "-helpshort", "--helpfull", "-helpfull")
 
 # The project's exceptions whose messages say what went wrong and how to fix it, by
-# "module.Class". Looked up in sys.modules only: an error of a module that was never imported
-# cannot have been raised, and this module imports none of them (no import cycles, no cost).
+# "module.Class", matched against the names of an error's class and its bases: this module
+# imports none of them (no import cycles, no cost).
 USER_ERRORS = (
   "arcvq_jax.data.idx.DataError",
   "arcvq_jax.checkpoint_files.CheckpointError",
   "arcvq_jax.checkpoint.CheckpointError",
   "arcvq_jax.api.TokenizerLoadError",
+  "arcvq_jax.api.TokenizerInputError",
   "arcvq_jax.losses.lpips.LPIPSWeightsError",
   "arcvq_jax.evaluation.inception.InceptionWeightsError",
   "arcvq_jax.evaluation.fid.StatisticsError",
@@ -62,6 +66,7 @@ USER_ERRORS = (
   "arcvq_jax.convert.torch_load.CheckpointReadError",
   "arcvq_jax.convert.torch_checkpoint.ConversionError",
   "arcvq_jax.convert.workdir.WorkdirError",
+  "arcvq_jax.workdir.WorkdirError",
 )
 
 
@@ -111,6 +116,14 @@ class _ProjectInfoOnly(logging_std.Filter):
       return True
     path = os.path.abspath(record.pathname)
     return path.startswith(_PACKAGE_DIR) or record.name == "__main__"
+
+
+class _NotReturnedNone(logging_std.Filter):
+  """Drops ml_collections' warning that get_config() returned None: `run` reports that as
+  the error it is (one line), and the warning would come before it."""
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    return "get_config() returned None" not in str(record.msg)
 
 
 def wrap(text: str, width: int = MAX_WIDTH, indent: str = "    ") -> str:
@@ -168,10 +181,14 @@ def is_user_error(error: BaseException) -> bool:
   config.validate's ValueErrors, which name the key ('config.arc.top_k: ...')."""
   if isinstance(error, UserError | app.UsageError):
     return True
-  for name in USER_ERRORS:
-    module_name, cls_name = name.rsplit(".", 1)
-    cls = getattr(sys.modules.get(module_name), cls_name, None)
-    if isinstance(cls, type) and isinstance(error, cls):
+  # By name, the error's class and its bases: a command run as `python -m arcvq_jax.X` is
+  # the module __main__, so its own errors are __main__.Class, not arcvq_jax.X.Class.
+  main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+  for cls in type(error).__mro__:
+    module = cls.__module__
+    if module == "__main__" and main_spec is not None:
+      module = main_spec.name
+    if f"{module}.{cls.__qualname__}" in USER_ERRORS:
       return True
   return isinstance(error, ValueError) and str(error).startswith("config.")
 
@@ -204,20 +221,19 @@ def _overrides(argv: Sequence[str], name: str) -> list[str]:
 
 
 def _config_error(error: BaseException, argv: Sequence[str], name: str) -> str | None:
-  """A one-line message for the errors ml_collections raises for --NAME=FILE and
-  --NAME.KEY=VALUE, or None for an error that is not about them."""
+  """A one-line message for the errors ml_collections raises for --NAME.KEY=VALUE overrides
+  of a loaded config, or None for an error that is not about them."""
   text = str(error)
-  given = [a.split("=", 1)[1] for a in argv[1:] if a.startswith((f"--{name}=", f"-{name}="))]
-  path = given[-1] if given else ""
-  if "Failed loading config file" in text:
-    file = path.split(":", 1)[0]
-    if file and not os.path.exists(file):
-      return (
-        f"--{name}={path}: no such config file (relative to {os.getcwd()}). Give a file "
-        "under configs/, e.g. --config=configs/demo.py (':variant' after it picks a variant)."
-      )
-    cause = [ln.strip() for ln in text.splitlines() if re.match(r"\s*\w*(Error|Exception):", ln)]
-    return f"--{name}={path}: the config file failed to load: {cause[-1] if cause else text}"
+  path = _given(argv, name) or ""
+  # "Attribute <class 'int'>.x does not exist ... Attempting to lookup: model.hidden.x"
+  into_value = re.search(r"<class '(\w+)'>\.(\w+) does not exist.*lookup: ([\w.]+)", text)
+  if isinstance(error, AttributeError | KeyError) and into_value:
+    kind, key, lookup = into_value.groups()
+    parent = lookup[: -len(key) - 1]
+    return (
+      f"--{name}.{lookup}: {parent} of the config {path} is a value ({kind}), not a group of "
+      f"keys, so it has no key {key!r}. Give the key path of a value, e.g. --{name}.{parent}=VALUE."
+    )
   suggestion = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
   missing = re.match(r"""\W*'?([\w.]+)'?""", text.splitlines()[0] if text else "")
   if isinstance(error, AttributeError | KeyError) and (suggestion or missing):
@@ -241,38 +257,222 @@ def _config_error(error: BaseException, argv: Sequence[str], name: str) -> str |
   return None
 
 
+def _config_flag_names() -> list[str]:
+  """The flags of ml_collections' DEFINE_config_file (--config, --sweep, ...) of the command."""
+  return sorted(
+    {flags.FLAGS[n].name for n in flags.FLAGS if type(flags.FLAGS[n]).__name__ == "_ConfigFlag"}
+  )
+
+
+def _given(argv: Sequence[str], name: str) -> str | None:
+  """The value of --NAME=VALUE on the command line (the last one), or None."""
+  given = [a.split("=", 1)[1] for a in argv[1:] if a.startswith((f"--{name}=", f"-{name}="))]
+  return given[-1] if given else None
+
+
+def _example(name: str) -> str:
+  return "configs/sweeps/zoo.py" if name == "sweep" else "configs/demo.py"
+
+
+def _model_file(name: str) -> str:
+  """A small config file of the kind --NAME takes, to copy from."""
+  return "configs/sweeps/tiny.py" if name == "sweep" else "configs/tiny.py"
+
+
+def _where_in(error: BaseException, path: str) -> str:
+  """' (FILE, line N)' of the deepest place inside the file `path` that `error` passed."""
+  real = os.path.realpath(path)
+  if isinstance(error, SyntaxError) and os.path.realpath(error.filename or "") == real:
+    return f" ({path}, line {error.lineno})"
+  frames = traceback.extract_tb(error.__traceback__)
+  lines = [f.lineno for f in frames if os.path.realpath(f.filename) == real]
+  return f" ({path}, line {lines[-1]})" if lines else ""
+
+
+def _loading_flag(error: BaseException) -> str | None:
+  """The name of the config flag whose file was being loaded when `error` was raised (a
+  frame of ml_collections' config file parser on its traceback), or None."""
+  for frame, _ in traceback.walk_tb(error.__traceback__):
+    parser = frame.f_locals.get("self")
+    if type(parser).__name__ == "ConfigFileFlagParser":
+      return getattr(parser, "name", None)
+  return None
+
+
+def _load_failure(name: str, spec: str, error: BaseException) -> str:
+  """The message for a config file (--NAME=spec) whose loading raised `error`."""
+  file = spec.split(":", 1)[0]
+  if isinstance(error, AttributeError) and "get_config" in str(error):
+    return (
+      f"--{name}={spec}: the file defines no get_config() function. A config file defines "
+      f"get_config() returning an ml_collections.ConfigDict (see {_model_file(name)})."
+    )
+  text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+  if isinstance(error, SyntaxError):
+    text = error.msg or text
+  cause = f"{type(error).__name__}: {text}" if text else type(error).__name__
+  return (
+    f"--{name}={spec}: the file failed to load: {cause}{_where_in(error, file)}. Fix the file "
+    f"(--debug shows the traceback), or give another one, e.g. --{name}={_example(name)}."
+  )
+
+
+_NO_CONFIG = object()
+
+
+def _config_in_traceback(error: BaseException, name: str) -> Any:
+  """The config that --NAME's file gave, where `error` was raised while the overrides were
+  applied to it (ml_collections' flag had not stored it yet), else _NO_CONFIG."""
+  for frame, _ in traceback.walk_tb(error.__traceback__):
+    flag = frame.f_locals.get("self")
+    if type(flag).__name__ == "_ConfigFlag" and flag.name == name and "config" in frame.f_locals:
+      return frame.f_locals["config"]
+  return _NO_CONFIG
+
+
+def _config_value_problem(name: str, argv: Sequence[str], value: Any) -> str | None:
+  """A message where --NAME=FILE was given but `value`, what loading it gave, is no config:
+  the file failed to load (ml_collections keeps a stand-in that raises later), or
+  get_config() returned None or something else than a ConfigDict."""
+  spec = _given(argv, name)
+  if spec is None:
+    return None
+  file = spec.split(":", 1)[0]
+  if not file:
+    return f"--{name}= is empty: give a config file, e.g. --{name}={_example(name)}."
+  if type(value).__name__ == "_ErrorConfig":
+    if not os.path.isfile(file):
+      what = "is a directory, not a config file" if os.path.isdir(file) else "no such config file"
+      return (
+        f"--{name}={spec}: {what} (relative to {os.getcwd()}). Give a file "
+        f"under configs/, e.g. --{name}={_example(name)} (':variant' after it picks a variant)."
+      )
+    return _load_failure(name, spec, object.__getattribute__(value, "_error"))
+  if value is None or not hasattr(value, "keys"):
+    got = "None (is its return statement missing?)" if value is None else type(value).__name__
+    return (
+      f"--{name}={spec}: get_config() returned {got}; it must return an "
+      f"ml_collections.ConfigDict (see {_model_file(name)})."
+    )
+  return None
+
+
+def _config_keys(config: Any, prefix: str = "") -> list[str]:
+  """Every key path of a ConfigDict ('batch_size', 'optimizer.lr', ...)."""
+  out = []
+  for key in getattr(config, "keys", list)():
+    path = f"{prefix}{key}"
+    out.append(path)
+    value = config[key]
+    if hasattr(value, "keys") and not isinstance(value, dict):
+      out += _config_keys(value, f"{path}.")
+  return out
+
+
+def _unknown_flag_message(error: flags.Error, names: Sequence[str]) -> str | None:
+  """Where an unknown flag (--batch_size) names a key of a loaded config: the message that
+  says so and gives the override (--config.batch_size=VALUE); None otherwise."""
+  unknown = getattr(error, "flagname", None)
+  if not isinstance(error, flags.UnrecognizedFlagError) or not unknown:
+    return None
+  for name in names:
+    value = flags.FLAGS[name].value
+    if value is None or type(value).__name__ == "_ErrorConfig" or not hasattr(value, "keys"):
+      continue
+    keys = _config_keys(value)
+    matches = [k for k in keys if k == unknown or k.endswith(f".{unknown}")]
+    if matches:
+      sets = " or ".join(f"--{name}.{k}=VALUE" for k in matches[:3])
+      return (
+        f"unknown flag --{unknown}: {unknown!r} is a key of the --{name} file; set it with "
+        f"{sets} (see --help for the flags)."
+      )
+    leaves = {k.rsplit(".", 1)[-1]: k for k in reversed(keys)}
+    close = difflib.get_close_matches(unknown, list(leaves), n=1, cutoff=0.8)
+    if close:
+      override = f"the config key --{name}.{leaves[close[0]]}=VALUE?"
+      if "Did you mean" in str(error):  # absl's own suggestions, of flags
+        return f"{error} Or {override}"
+      return f"unknown flag --{unknown}: did you mean {override} (see --help for the flags)"
+  return None
+
+
+def _override_type_message(text: str, names: Sequence[str]) -> str | None:
+  """For absl's "flag --config.KEY=VALUE: <parse error>": the message that names the key's
+  type and its value in the config; None for any other flag."""
+  for name in names:
+    match = re.match(rf"flag --{re.escape(name)}\.([\w.]+)=(.*?): (.*)", text, re.S)
+    value = flags.FLAGS[name].value
+    if not match or value is None or type(value).__name__ == "_ErrorConfig":
+      continue
+    key, given, detail = match.groups()
+    try:
+      current = value
+      for part in key.split("."):
+        current = current[part]
+    except (KeyError, TypeError, AttributeError):
+      return None
+    kind = type(current).__name__
+    kind = f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+    return (
+      f"--{name}.{key}={given}: config.{key} takes {kind} ({current!r} in the config), and "
+      f"{given!r} is not one ({detail.splitlines()[0]}). Give {kind}."
+    )
+  return None
+
+
+def _debug_requested(argv: Sequence[str]) -> bool:
+  """--debug on the command line or ARCVQ_DEBUG=1, before the flags are parsed."""
+  if os.environ.get("ARCVQ_DEBUG", "") not in ("", "0"):
+    return True
+  return any(re.fullmatch(r"--?debug(=(1|[tT]rue))?", a) for a in argv[1:])
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with config files loaded here (ml_collections loads them lazily),
-  so that a wrong path or key ends in one message."""
-  config_flags = [
-    name
-    for name in ("config", "reference_config", "base_config")
-    if name in flags.FLAGS and type(flags.FLAGS[name]).__name__ == "_ConfigFlag"
-  ]
+  so that a wrong path or key, or a config file that fails to load, ends in one message
+  (--debug: with the traceback of its cause)."""
+  names = _config_flag_names()
+
+  def stop(message: str) -> NoReturn:
+    if _debug_requested(argv):
+      raise UserError(message)  # chained to the error being handled, if any
+    fail(message)
+
   try:
     rest = flags.FLAGS(argv)
   except flags.Error as e:
     text = str(e)
+    for name in names:
+      value = flags.FLAGS[name].value
+      if value is not None or "must have a value other than None" in text:
+        message = _config_value_problem(name, argv, value)
+        if message:
+          stop(message)
     cause = [ln.strip() for ln in text.splitlines() if re.match(r"\s*\w*Error: ", ln)]
     if cause:  # an exception raised inside the config file, e.g. an unknown variant
       text = f"{text.splitlines()[0].split(':')[0]}: {cause[-1].split(': ', 1)[1]}"
-    fail(text)
-  except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
-    for name in config_flags:
-      message = _config_error(e, argv, name)
+    elif isinstance(e, flags.IllegalFlagValueError):
+      text = _override_type_message(text, names) or text
+      if not text.endswith("."):
+        text += " (see --help for its values)"  # e.g. "-5 is not a positive integer"
+    stop(_unknown_flag_message(e, names) or text)
+  except Exception as e:
+    loading = _loading_flag(e)
+    if loading is not None and _given(argv, loading) is not None:
+      stop(_load_failure(loading, _given(argv, loading), e))
+    for name in names:
+      config = _config_in_traceback(e, name)
+      value = flags.FLAGS[name].value if config is _NO_CONFIG else config
+      message = _config_value_problem(name, argv, value) or _config_error(e, argv, name)
       if message:
-        fail(message)
+        stop(message)
     raise
-  for name in config_flags:
+  for name in names:
     if flags.FLAGS[name].present:
-      try:
-        # A file that failed to load gives a stand-in that raises on any attribute.
-        getattr(flags.FLAGS[name].value, "keys", None)
-      except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
-        message = _config_error(e, argv, name)
-        if message is None:
-          raise
-        fail(message)
+      message = _config_value_problem(name, argv, flags.FLAGS[name].value)
+      if message:
+        stop(message)
   return rest
 
 
@@ -283,6 +483,8 @@ def check_workdir(workdir: str, flag: str = "--workdir") -> None:
   """Creates a local `workdir` if needed and checks that files can be written there; a
   UserError naming the directory and the fix otherwise. Remote paths (gs://) are left to the
   first write."""
+  if not workdir.strip():
+    raise UserError(f"{flag} is empty: give a directory, e.g. {flag}=/tmp/arcvq_run.")
   if "://" in workdir:
     return
   path = os.path.abspath(os.path.expanduser(workdir))
@@ -365,6 +567,9 @@ def run(
     # Before any flag is parsed or file written: the command may start over once, in place.
     host_memory.reexec_with_fast_malloc()
   quiet_native_libraries(argv)
+  absl_logger = logging.get_absl_logger()
+  if not any(isinstance(f, _NotReturnedNone) for f in absl_logger.filters):
+    absl_logger.addFilter(_NotReturnedNone())
   try:
     app.run(_guarded(main), argv=argv, flags_parser=_parse_flags)
   except SystemExit as e:

@@ -286,6 +286,82 @@ def vqgan_config() -> ml_collections.ConfigDict:
   return c
 
 
+# The groups and keys each stage, and each tokenizer model, reads besides the common ones
+# (seed, optimizer, batch_size, ...). A config file written for another stage lacks them, and
+# an override (--config.stage=ldm) cannot add them; config files that have them:
+# EXAMPLE_CONFIGS (a test keeps both true).
+STAGE_KEYS = {
+  "tokenizer": ("model.name", "quantizer", "arc", "data.source", "eval_batch_size"),
+  "ldm": ("tokenizer_workdir", "unet", "diffusion", "sampling", "ema"),
+  "pixelcnn": ("tokenizer_workdir", "pixelcnn", "sampling", "ema"),
+}
+MODEL_KEYS = {
+  "vqvae": ("model.hidden", "model.res_hidden", "model.num_res_layers"),
+  "vqgan": (
+    "model.ch",
+    "model.ch_mult",
+    "model.num_res_blocks",
+    "model.attn_resolutions",
+    "model.resolution",
+    "model.z_channels",
+    "model.dropout",
+    "model.dtype",
+    "loss.perceptual_weight",
+    "gan",
+  ),
+}
+EXAMPLE_CONFIGS = {
+  "tokenizer": ("configs/tiny.py", "configs/fashion_mnist.py"),
+  "ldm": ("configs/tiny_ldm.py", "configs/imagenet_ldm.py"),
+  "pixelcnn": ("configs/tiny_pixelcnn.py", "configs/cifar10_pixelcnn.py"),
+  "vqvae": ("configs/tiny.py", "configs/fashion_mnist.py"),
+  "vqgan": ("configs/tiny_vqgan.py", "configs/imagenet.py"),
+}
+
+
+def _has(c: ml_collections.ConfigDict, key: str) -> bool:
+  """Whether the dotted `key` leads through groups of `c` to a value or group."""
+  value = c
+  for part in key.split("."):
+    if not isinstance(value, ml_collections.ConfigDict) or part not in value:
+      return False
+    value = value[part]
+  return True
+
+
+def check_sections(c: ml_collections.ConfigDict, source: str = "the config") -> None:
+  """Raises ValueError ('config.stage: ...' or 'config.model.name: ...') where `c` lacks the
+  keys its stage (and a tokenizer's model) reads, e.g. --config.stage=ldm on a tokenizer's
+  config file; `source` names the file in the message. Call before anything reads them."""
+  stage = c.get("stage", "tokenizer")
+  if stage not in STAGE_KEYS:
+    _fail(
+      "stage",
+      f"{stage!r} is not one of {list(STAGE_KEYS)}",
+      "Give a config file of the stage you mean, e.g. "
+      + ", ".join(f"--config={EXAMPLE_CONFIGS[s][0]} ({s})" for s in STAGE_KEYS)
+      + ".",
+    )
+  checks = [("stage", stage, STAGE_KEYS[stage])]
+  model = c.model.get("name") if stage == "tokenizer" and _has(c, "model.name") else None
+  if model is not None and model not in MODEL_KEYS:
+    _fail("model.name", f"{model!r} is not supported", f"Use one of {list(MODEL_KEYS)}.")
+  if model is not None:
+    checks.append(("model.name", model, MODEL_KEYS[model]))
+  for key, value, needed in checks:
+    missing = [k for k in needed if not _has(c, k)]
+    if missing:
+      what = {"ldm": "an LDM", "pixelcnn": "a PixelCNN", "vqgan": "a VQGAN", "vqvae": "a VQ-VAE"}
+      _fail(
+        key,
+        f"is {value!r}, but {source} has no {', '.join(missing)} (what "
+        f"{what.get(value, 'a tokenizer')} run reads; "
+        "an override cannot add them)",
+        f"Give a config file written for it, e.g. --config={EXAMPLE_CONFIGS[value][0]} or "
+        f"--config={EXAMPLE_CONFIGS[value][1]}.",
+      )
+
+
 def downsample_factor(c: ml_collections.ConfigDict) -> int:
   """Image side / token grid side of the configured autoencoder."""
   if c.model.name == "vqgan":
@@ -314,6 +390,24 @@ def _check_positive_int(c: ml_collections.ConfigDict, key: str) -> None:
   value = _get(c, key)
   if not isinstance(value, int) or value < 1:
     _fail(key, f"must be a positive integer, got {value!r}", "Set it to 1 or more.")
+
+
+def _check_finite(c: ml_collections.ConfigDict, prefix: str = "") -> None:
+  """Every float of the config (nested groups and tuples included) is finite: NaN or Inf in
+  a rate, a weight or a schedule never trains, and would pass most range checks."""
+  for key, value in c.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, ml_collections.ConfigDict):
+      _check_finite(value, f"{name}.")
+      continue
+    items = value if isinstance(value, list | tuple) else (value,)
+    for item in items:
+      if isinstance(item, float) and not math.isfinite(item):
+        _fail(
+          name,
+          f"must be a finite number, got {value!r}",
+          f"Set --config.{name} to a finite value (see the config file for the default).",
+        )
 
 
 def _validate_vqgan(c: ml_collections.ConfigDict) -> None:
@@ -376,7 +470,9 @@ def _validate_vqgan(c: ml_collections.ConfigDict) -> None:
 
 def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int = 1) -> None:
   """Raises ValueError naming the key for any invalid value; call before compiling."""
+  check_sections(c)
   q, a, o = c.quantizer, c.arc, c.optimizer
+  _check_finite(c)
   registry.from_config(c)  # the quantizer's name and its own settings
   _check_choice(c, "stage", ("tokenizer",))
   _check_choice(c, "model.name", ("vqvae", "vqgan"))
@@ -473,6 +569,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
 
   if not o.lr > 0:
     _fail("optimizer.lr", f"must be > 0, got {o.lr}", "The paper uses 3e-4 for the VQ-VAE.")
+  for key in ("b1", "b2"):
+    if not 0.0 <= o[key] < 1.0:
+      _fail(f"optimizer.{key}", f"must be in [0, 1), got {o[key]}", "Adam's defaults: 0.9, 0.999.")
   if o.grad_clip_norm < 0:
     _fail(
       "optimizer.grad_clip_norm", f"must be >= 0, got {o.grad_clip_norm}", "0 turns clipping off."

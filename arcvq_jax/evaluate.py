@@ -42,6 +42,7 @@ from ml_collections import config_flags
 from tqdm.auto import tqdm
 
 from arcvq_jax import api, cli, metric_writer, sharding
+from arcvq_jax import config as config_lib
 from arcvq_jax.data import pipeline
 from arcvq_jax.evaluation import diagnostics
 from arcvq_jax.evaluation import fid as fid_lib
@@ -208,7 +209,7 @@ def define_flags() -> None:
     "config", None, "Config (default: the run's config.json).", lock_config=False
   )
   flags.DEFINE_string("workdir", None, "The run's --workdir (config.json, checkpoints/).")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", lower_bound=0)
   flags.DEFINE_string("split", None, "Split to evaluate (default: config.data.eval_split).")
   flags.DEFINE_string("inception_path", inception_lib.DEFAULT_PATH, "FID Inception weights.")
   flags.DEFINE_string(
@@ -221,9 +222,11 @@ def define_flags() -> None:
     "A missing LPIPS or Inception weights file is an error (default: the metric is skipped "
     "and listed with the command that provides the file).",
   )
-  flags.DEFINE_integer("batch_size", 0, "Global batch (default: config.eval_batch_size).")
-  flags.DEFINE_integer("inception_batch_size", 100, "Global batch of the Inception.")
-  flags.DEFINE_integer("num_images", 0, "Evaluate the first N images of the split (0: all).")
+  flags.DEFINE_integer("batch_size", 0, "Global batch (0: config.eval_batch_size).", lower_bound=0)
+  flags.DEFINE_integer("inception_batch_size", 100, "Global batch of the Inception.", lower_bound=1)
+  flags.DEFINE_integer(
+    "num_images", 0, "Evaluate the first N images of the split (0: all).", lower_bound=0
+  )
   flags.mark_flags_as_required(["workdir"])
 
 
@@ -244,7 +247,16 @@ def main(argv: list[str]) -> None:
       f"arcvq_jax.sample --workdir={workdir}, then python -m arcvq_jax.evaluate_samples "
       "--samples=.../samples.npz and a reference (see its --help)."
     )
+  source = config_flags.get_config_filename(FLAGS["config"]) if FLAGS.config else None
+  config_lib.check_sections(config, source or os.path.join(workdir, api.CONFIG_FILE))
   split = FLAGS.split or config.data.eval_split
+  if FLAGS.split:  # a split the data set lacks: refused before weights and checkpoint are read
+    data = config.data.copy_and_resolve_references()
+    data.eval_split = split
+    try:
+      pipeline.dataset_info(data)
+    except pipeline.DataError as e:
+      raise cli.UserError(f"--split={split}: {e}") from e
   # Weights first: a damaged file (or, with --strict, a missing one) stops here, before
   # anything is read or compiled.
   lpips_path = FLAGS.lpips_path or config.get("lpips_path") or DEFAULT_LPIPS_PATH

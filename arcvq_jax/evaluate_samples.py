@@ -133,6 +133,8 @@ class NpzSamples(Samples):
       raise ImageSetError(
         f"{path}: '{key}' has dtype {self._dtype}; expected uint8 in [0, 255] or float in [-1, 1]."
       )
+    if not self._shape[0] or not all(self._shape[1:]):
+      raise ImageSetError(f"{path}: '{key}' of shape {self._shape} holds no images.")
     self.num_images = self._shape[0] if not limit else min(limit, self._shape[0])
     self.image_shape = tuple(int(s) for s in self._shape[1:])
     self.description = f"{path} ({self._shape[0]} images)"
@@ -159,7 +161,14 @@ class NpzSamples(Samples):
     data = self._stream.read((stop - start) * row_bytes)
     self._pos = stop
     rows = np.frombuffer(data, self._dtype).reshape(stop - start, *self._shape[1:])
-    return rows if rows.dtype == np.uint8 else rows.astype(np.float32)
+    if rows.dtype == np.uint8:
+      return rows
+    if not np.isfinite(rows).all():  # NaN would pass through the Inception into every metric
+      raise ImageSetError(
+        f"{self.path}: images {start} to {stop - 1} hold NaN or infinite values; check the "
+        "sampler (a diverged model?) before scoring them."
+      )
+    return rows.astype(np.float32)
 
 
 def _walk(folder: epath.Path) -> Iterator[epath.Path]:
@@ -378,10 +387,18 @@ def define_flags() -> None:
   )
   flags.DEFINE_string("out", None, "Results JSON (a .md table is written beside it).")
   flags.DEFINE_string("inception_path", inception_lib.DEFAULT_PATH, "FID Inception weights.")
-  flags.DEFINE_integer("batch_size", 100, "Global Inception batch (a multiple of the devices).")
-  flags.DEFINE_integer("num_samples", 0, "Use the first N samples (0: all); fewer is an error.")
-  flags.DEFINE_integer("num_reference", 0, "Use the first N reference images (0: all).")
-  flags.DEFINE_integer("pr_features", 10000, "Random features per set for precision/recall.")
+  flags.DEFINE_integer(
+    "batch_size", 100, "Global Inception batch (a multiple of the devices).", lower_bound=1
+  )
+  flags.DEFINE_integer(
+    "num_samples", 0, "Use the first N samples (0: all); fewer is an error.", lower_bound=0
+  )
+  flags.DEFINE_integer(
+    "num_reference", 0, "Use the first N reference images (0: all).", lower_bound=0
+  )
+  flags.DEFINE_integer(
+    "pr_features", 10000, "Random features per set for precision/recall.", lower_bound=1
+  )
   flags.DEFINE_bool(
     "allow_size_mismatch", False, "Compare samples and a reference of different image sizes."
   )
@@ -401,15 +418,39 @@ def _reference_samples() -> Samples:
   )
 
 
+def load_stats(path: str, flag: str) -> fid_lib.FeatureStats:
+  """fid_lib.FeatureStats.load, a file that is no statistics file (damaged, another format)
+  raising StatisticsError naming the flag and the fix instead of numpy's error."""
+  try:
+    return fid_lib.FeatureStats.load(path)
+  except fid_lib.StatisticsError as e:
+    raise fid_lib.StatisticsError(f"{flag}={path}: {e}") from e
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    raise fid_lib.StatisticsError(
+      f"{flag}={path} is not a statistics file this command wrote ({type(e).__name__}: "
+      f"{str(e).splitlines()[0] if str(e) else ''}). Delete it to compute the statistics "
+      "again, or give another path."
+    ) from e
+
+
+def _is_stats_file(path: str) -> bool:
+  """Whether the .npz at `path` holds FID statistics ('mu') rather than images."""
+  if not epath.Path(path).expanduser().is_file():
+    raise ImageSetError(f"--reference={path}: no such file. Check the path.")
+  try:
+    with np.load(epath.Path(path).expanduser().open("rb")) as data:
+      return "mu" in data.files
+  except (OSError, ValueError, zipfile.BadZipFile) as e:
+    raise ImageSetError(f"--reference={path} is not an .npz file ({e}).") from e
+
+
 def _load_reference(extractor: inception_lib.InceptionFeatures) -> fid_lib.FeatureStats:
   cache = FLAGS.reference_stats
   if cache and epath.Path(cache).expanduser().exists():
     logging.info("Reference statistics from %s", cache)
-    return fid_lib.FeatureStats.load(cache)
-  if FLAGS.reference and FLAGS.reference.endswith(".npz"):
-    with np.load(epath.Path(FLAGS.reference).expanduser().open("rb")) as data:
-      if "mu" in data.files:  # a statistics file given as --reference
-        return fid_lib.FeatureStats.load(FLAGS.reference)
+    return load_stats(cache, "--reference_stats")
+  if FLAGS.reference and FLAGS.reference.endswith(".npz") and _is_stats_file(FLAGS.reference):
+    return load_stats(FLAGS.reference, "--reference")  # a statistics file given as --reference
   reference = _reference_samples()
   fid_lib.warn_if_few(reference.num_images, inception_lib.POOL_DIM, "reference")
   stats = compute_stats(
@@ -426,11 +467,8 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS.samples and not FLAGS.reference_stats:
     raise app.UsageError("give --samples (to evaluate) or --reference_stats (to precompute).")
-  extractor = inception_lib.InceptionFeatures(
-    inception_lib.load_params(FLAGS.inception_path), batch_size=FLAGS.batch_size
-  )
   samples = None
-  if FLAGS.samples:  # checked before the (long) reference pass
+  if FLAGS.samples:  # checked before the weights are read and the (long) reference pass
     samples = open_samples(FLAGS.samples)
     if FLAGS.num_samples:
       if samples.num_images < FLAGS.num_samples:
@@ -439,6 +477,15 @@ def main(argv: list[str]) -> None:
           f"has only {samples.num_images}."
         )
       samples.num_images = FLAGS.num_samples
+    if samples.num_images < fid_lib.IS_SPLITS:
+      raise ImageSetError(
+        f"{samples.description}: {samples.num_images} images are too few; the Inception "
+        f"Score needs at least {fid_lib.IS_SPLITS} (one per split), FID thousands (the "
+        "protocol uses 10k-50k). Give more samples."
+      )
+  extractor = inception_lib.InceptionFeatures(
+    inception_lib.load_params(FLAGS.inception_path), batch_size=FLAGS.batch_size
+  )
   reference = _load_reference(extractor)
   if samples is None:
     print(f"reference statistics of {reference.count} images: {FLAGS.reference_stats}")

@@ -2,7 +2,7 @@
 
 Flags only; the stage the config names does the work. Re-running the same command in the
 same workdir resumes from its latest checkpoint. On several hosts every host runs the same
-command (see launch/ and README "Running at scale").
+command (see launch/ and docs/scaling.md, "Several hosts").
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from arcvq_jax import cli, distributed, run_summary
+from arcvq_jax import config as config_lib
 from arcvq_jax.train import prior_ldm, prior_pixelcnn, tokenizer
 
 FLAGS = flags.FLAGS
@@ -51,6 +52,9 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   started = time.perf_counter()
   config = FLAGS.config
+  # Before the workdir is touched: a config without the keys of its stage (e.g.
+  # --config.stage=ldm on a tokenizer's file) is refused by name, with a file that has them.
+  config_lib.check_sections(config, config_flags.get_config_filename(FLAGS["config"]))
   cli.check_workdir(FLAGS.workdir)
   # Before anything touches a device: afterwards jax.devices() spans every process.
   try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import uuid
+import zipfile
 from typing import Any
 
 import jax
@@ -54,8 +55,17 @@ def save_npz(path: str, arrays: dict[str, Any]) -> None:
 
 def read_npz(path: str) -> dict[str, np.ndarray]:
   """All arrays of an .npz (local or gs://). Raises OSError / ValueError on a bad file."""
-  with np.load(io.BytesIO(epath.Path(path).expanduser().read_bytes()), allow_pickle=False) as d:
-    return {k: d[k] for k in d.files}
+  data = epath.Path(path).expanduser().read_bytes()
+  # numpy would call other bytes "pickled (object) data", and raise EOFError / BadZipFile
+  # (neither an OSError nor a ValueError) for an empty or cut-short file.
+  if not data.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+    what = f"is not an .npz file (it starts with {data[:8]!r})" if data else "is empty (0 bytes)"
+    raise ValueError(f"{path} {what}")
+  try:
+    with np.load(io.BytesIO(data), allow_pickle=False) as d:
+      return {k: d[k] for k in d.files}
+  except (EOFError, zipfile.BadZipFile) as e:
+    raise ValueError(f"{path} is damaged or cut short ({type(e).__name__}: {e})") from e
 
 
 def check_shapes(

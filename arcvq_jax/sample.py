@@ -18,6 +18,7 @@ class is i mod num_classes (--labels=balanced, default), drawn at random (random
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import zipfile
@@ -33,6 +34,7 @@ from PIL import Image
 
 from arcvq_jax import api, cli, prior_config, sharding
 from arcvq_jax import checkpoint as ckpt_lib
+from arcvq_jax import config as config_lib
 from arcvq_jax.evaluation import images as image_lib
 from arcvq_jax.models import pixelcnn, unet
 from arcvq_jax.train import prior_common as common
@@ -49,12 +51,13 @@ def define_flags() -> None:
   )
   flags.DEFINE_string("workdir", None, "The prior run's --workdir.")
   flags.DEFINE_integer(
-    "num_samples", None, "How many samples (default config.sampling.num_samples)."
+    "num_samples", None, "How many samples (default config.sampling.num_samples).", lower_bound=1
   )
   flags.DEFINE_integer(
     "batch_size",
     None,
     "Samples per call, split over the devices (default config.sampling.batch_size).",
+    lower_bound=1,
   )
   flags.DEFINE_integer("seed", 0, "Sample i depends only on (seed, i).")
   flags.DEFINE_string(
@@ -62,17 +65,31 @@ def define_flags() -> None:
     "balanced",
     "'balanced' (i mod num_classes), 'random', or class ids '3' / '1,5,7' (repeated).",
   )
-  flags.DEFINE_integer("step", None, "Checkpoint step of the prior (default: the latest).")
-  flags.DEFINE_float("guidance_scale", None, "LDM: classifier-free guidance scale (1 = none).")
-  flags.DEFINE_integer("ddim_steps", None, "LDM: DDIM steps.")
-  flags.DEFINE_float("eta", None, "LDM: DDIM eta (0 = deterministic).")
+  flags.DEFINE_integer(
+    "step", None, "Checkpoint step of the prior (default: the latest).", lower_bound=0
+  )
+  flags.DEFINE_float(
+    "guidance_scale", None, "LDM: classifier-free guidance scale (1 = none).", lower_bound=0.0
+  )
+  flags.DEFINE_integer("ddim_steps", None, "LDM: DDIM steps.", lower_bound=1)
+  flags.DEFINE_float("eta", None, "LDM: DDIM eta (0 = deterministic).", lower_bound=0.0)
   flags.DEFINE_float("temperature", None, "PixelCNN: softmax temperature.")
   flags.DEFINE_bool(
     "use_ema", None, "Sample with the EMA weights (default config.sampling.use_ema)."
   )
   flags.DEFINE_string("out", None, "Output folder (default DIR/samples/...).")
-  flags.DEFINE_integer("num_grids", 4, "PNG grids of 64 samples to write.")
+  flags.DEFINE_integer("num_grids", 4, "PNG grids of 64 samples to write.", lower_bound=0)
   flags.mark_flags_as_required(["workdir"])
+  for name, fix in (
+    ("guidance_scale", "a finite scale >= 0 (1 = no guidance)"),
+    ("eta", "a finite eta >= 0 (0 = deterministic)"),
+    ("temperature", "a finite temperature > 0 (1 samples the model's distribution)"),
+  ):
+    flags.register_validator(
+      name,
+      lambda v, name=name: v is None or (math.isfinite(v) and (v > 0 or name != "temperature")),
+      message=f"give --{name} {fix}",
+    )
 
 
 class SampleError(RuntimeError):
@@ -338,29 +355,39 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = FLAGS.config if FLAGS.config is not None else api.load_config(FLAGS.workdir)
+  source = config_flags.get_config_filename(FLAGS["config"]) if FLAGS.config else None
   if config.get("stage") not in prior_config.STAGES:
-    raise app.UsageError(
-      f"{FLAGS.workdir} is a {config.get('stage', 'tokenizer')!r} run; "
-      f"sampling needs a prior ({prior_config.STAGES})."
+    stage = config.get("stage", "tokenizer")
+    what = (
+      f"--config={source} is a {stage!r} config"
+      if source
+      else f"{FLAGS.workdir} is a {stage!r} run"
     )
+    raise cli.UserError(
+      f"{what}; sampling needs a prior's --workdir "
+      f"(stage {' or '.join(map(repr, prior_config.STAGES))}, trained on a tokenizer: "
+      "docs/priors.md)"
+      + (", and the prior's config file, e.g. configs/tiny_pixelcnn.py." if source else ".")
+    )
+  config_lib.check_sections(config, source or os.path.join(FLAGS.workdir, api.CONFIG_FILE))
+  if FLAGS.out:  # before the sampling: a folder that cannot be written fails now
+    cli.check_workdir(FLAGS.out, "--out")
   settings = dict(batch_size=FLAGS.batch_size, step=FLAGS.step, use_ema=FLAGS.use_ema)
   if config.stage == "ldm":
     settings.update(guidance_scale=FLAGS.guidance_scale, ddim_steps=FLAGS.ddim_steps, eta=FLAGS.eta)
   elif FLAGS.temperature is not None:
     settings.update(temperature=FLAGS.temperature)
-  try:
-    run(
-      config,
-      FLAGS.workdir,
-      num_samples=FLAGS.num_samples,
-      seed=FLAGS.seed,
-      labels=FLAGS.labels,
-      out=FLAGS.out,
-      num_grids=FLAGS.num_grids,
-      **settings,
-    )
-  except (SampleError, common.PriorSetupError) as e:
-    raise app.UsageError(str(e)) from e
+  # SampleError and PriorSetupError are in cli.USER_ERRORS: one "error:" line each.
+  run(
+    config,
+    FLAGS.workdir,
+    num_samples=FLAGS.num_samples,
+    seed=FLAGS.seed,
+    labels=FLAGS.labels,
+    out=FLAGS.out,
+    num_grids=FLAGS.num_grids,
+    **settings,
+  )
 
 
 if __name__ == "__main__":

@@ -129,10 +129,10 @@ def main() -> None:
   p.add_argument("--log-every", type=int, default=50, help="the run's log_every_steps")
   p.add_argument("--workdir", default=None, help="the run's workdir (default: a fresh temp dir)")
   args = p.parse_args()
-  host_memory.reexec_with_fast_malloc()  # as the run's command does: the same malloc
+  malloc = host_memory.reexec_with_fast_malloc()  # as the run's command does: the same malloc
   print(
     f"jax {jax.__version__}, {jax.device_count()} {jax.default_backend()} device(s), "
-    f"malloc: {host_memory.malloc_of(os.environ)}"
+    f"malloc: {malloc}"
   )
 
   times = bench_steps(args.batch, args.bench_steps, args.warmup)

@@ -135,7 +135,7 @@ def alternate(fns: dict, rounds: int) -> dict:
   return {f: 1e3 * float(np.median(t)) for f, t in times.items()}
 
 
-def main() -> None:
+def main(malloc: str) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--batch", type=int, nargs="+", default=[128, 1024])
   parser.add_argument("--rounds", type=int, default=10)
@@ -145,7 +145,7 @@ def main() -> None:
     sys.exit("error: this bench is for the CPU (oneDNN's x86 kernels)")
   if not onednn_kernel_grad.available():
     sys.exit(f"error: {onednn_kernel_grad.unavailable_reason()}")
-  print(f"jax {jax.__version__}, malloc: {host_memory.malloc_of(os.environ)}")
+  print(f"jax {jax.__version__}, malloc: {malloc}")
   print("| batch | what | without the handler | ms | oneDNN backward-weights, ms | ratio | check |")
   print("|---|---|---|---|---|---|---|")
   for batch in args.batch:
@@ -156,5 +156,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  host_memory.reexec_with_fast_malloc()
-  main()
+  main(host_memory.reexec_with_fast_malloc())

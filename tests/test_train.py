@@ -10,6 +10,7 @@ from run_helpers import override, read_scalars
 
 from arcvq_jax import checkpoint as ckpt_lib
 from arcvq_jax import config as config_lib
+from arcvq_jax import workdir as workdir_lib
 from arcvq_jax.train import loop, tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,6 +91,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_changed_model_refuses_to_resume(uninterrupted, tmp_path):
   workdir = str(tmp_path)
   tokenizer.train_and_evaluate(tiny_config(num_train_steps=3), workdir)
+  # Refused by the config check, before the checkpoint is read or anything is written.
+  with pytest.raises(workdir_lib.ConfigConflictError, match=r"quantizer\.num_codes 64 -> 32"):
+    tokenizer.train_and_evaluate(tiny_config(**{"quantizer.num_codes": 32}), workdir)
+  # Without config.json to compare with, the checkpoint's shapes refuse it.
+  os.remove(os.path.join(workdir, "config.json"))
   with pytest.raises(ckpt_lib.CheckpointError, match="does not match this run's config"):
     tokenizer.train_and_evaluate(tiny_config(**{"quantizer.num_codes": 32}), workdir)
 

@@ -1,4 +1,4 @@
-"""The ablation lab's command line (see the package docstring and README, "Ablation lab").
+"""The ablation lab's command line (see the package docstring and docs/ablation.md).
 
   python -m arcvq_jax.ablate --config=configs/fashion_mnist.py --sweep=configs/sweeps/zoo.py \
       --workdir=DIR [--shard=i/n] [--config.KEY=VALUE ...] [--sweep.KEY=VALUE ...]

@@ -311,8 +311,14 @@ def execute(workdir: str, p: Planned, weights: Weights) -> dict[str, Any]:
       return status
     record = final_evaluation(p.config, run_dir, trained, weights)
   except Exception as e:  # recorded; the sweep goes on
-    logging.exception("%s failed", p.run.relpath)
     status = _failed(status, e, directory)
+    # One line: the traceback is in error.txt (and status.json has the error).
+    logging.error(
+      "%s failed: %s (traceback: %s)",
+      p.run.relpath,
+      status["error"].strip().splitlines()[0] if status["error"].strip() else type(e).__name__,
+      os.path.join(directory, "error.txt"),
+    )
   else:
     status.update(
       state=DONE,

@@ -74,7 +74,7 @@ def default_lin_path() -> str:
   try:
     import lpips  # noqa: PLC0415
   except ImportError as e:
-    raise SystemExit(
+    raise cli.UserError(
       "the lpips package is not installed: `pip install lpips`, or pass "
       "--lin=PATH/vgg.pth (lpips' weights/v0.1/vgg.pth)."
     ) from e

@@ -76,8 +76,8 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from arcvq_jax import api, cli, quantization
 from arcvq_jax import checkpoint as ckpt_lib
+from arcvq_jax import cli, quantization
 from arcvq_jax import config as config_lib
 from arcvq_jax.convert import torch_load
 from arcvq_jax.convert import workdir as workdir_lib
@@ -727,19 +727,17 @@ def main(argv: list[str]) -> None:
   for name in ("ckpt", "kind", "config", "workdir"):
     if FLAGS[name].value is None:
       raise app.UsageError(f"--{name} is required")
+  for name in ("ckpt", "workdir"):
+    if not FLAGS[name].value.strip():
+      raise app.UsageError(f"--{name} is empty: give a path")
+  if os.path.isfile(FLAGS.workdir):
+    raise cli.UserError(f"--workdir={FLAGS.workdir} is a file: give a new directory.")
   spec = config_flags.get_config_filename(FLAGS["config"])  # path[:variant] as given
-  try:
-    report = run(
-      os.path.expanduser(FLAGS.ckpt), FLAGS.kind, FLAGS.config, spec, FLAGS.workdir, FLAGS.step
-    )
-  except (
-    torch_load.UnsafeCheckpointError,
-    torch_load.CheckpointReadError,
-    ConversionError,
-    workdir_lib.WorkdirError,
-    api.TokenizerLoadError,
-  ) as e:
-    raise SystemExit(f"error: {e}") from None
+  # Its errors (torch_load's, ConversionError, WorkdirError, api.TokenizerLoadError) are in
+  # cli.USER_ERRORS: one "error:" line, exit status 2.
+  report = run(
+    os.path.expanduser(FLAGS.ckpt), FLAGS.kind, FLAGS.config, spec, FLAGS.workdir, FLAGS.step
+  )
   logging.info("conversion report: %s", report)
   print(
     f"converted {report['tensors_converted']} tensors ({report['parameters']:,} autoencoder "

@@ -21,7 +21,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import pickletools
 import re
+import tarfile
+import warnings
 from typing import Any
 
 import numpy as np
@@ -116,17 +119,48 @@ def _unsafe_globals(path: str, error: Exception) -> list[str]:
 
 
 def _unpickler_message(error: Exception) -> str:
-  """The weights-only unpickler's own reason, without torch's advice to load unsafely."""
-  for line in str(error).splitlines():
-    if "WeightsUnpickler error:" in line:
-      return line.split("WeightsUnpickler error:", 1)[1].strip()
-  return str(error).splitlines()[0]
+  """The weights-only unpickler's own reason, without torch's advice to load unsafely (the
+  reason may follow "WeightsUnpickler error:" on the lines after it)."""
+  text = str(error)
+  if "WeightsUnpickler error:" in text:
+    reason = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
+    return " ".join(reason.split())
+  return text.strip().splitlines()[0] if text.strip() else ""
+
+
+def _imported_names(path: str, max_pickles: int = 8) -> list[str]:
+  """The names the pickles at the start of `path` import (GLOBAL, INST, STACK_GLOBAL), by a
+  static scan (pickletools; nothing is built or run). A legacy torch file is several pickles
+  in a row, then raw tensor bytes, where the scan stops."""
+  names: list[str] = []
+  with open(path, "rb") as f:
+    for _ in range(max_pickles):
+      strings: list[str] = []
+      try:
+        for op, arg, _ in pickletools.genops(f):
+          if op.name in ("GLOBAL", "INST"):
+            names.append(str(arg).replace(" ", "."))
+          elif op.name == "STACK_GLOBAL":
+            names.append(".".join(strings[-2:]) if len(strings) >= 2 else "?")
+          elif isinstance(arg, str):
+            strings.append(arg)
+      except Exception:  # the end of the pickles (or damage): what was read is enough
+        break
+  return names
+
+
+def _is_tensor_machinery(name: str) -> bool:
+  """Names a torch.save file imports for its tensors and containers (the weights-only
+  unpickler admits these)."""
+  return name.startswith("torch.") or name in ("collections.OrderedDict", "_codecs.encode")
 
 
 def _torch_load(path: str, stand_ins: list[tuple[type, str]]) -> Any:
   import torch  # noqa: PLC0415
 
-  with torch.serialization.safe_globals(stand_ins):
+  with torch.serialization.safe_globals(stand_ins), warnings.catch_warnings():
+    # A pickle of another protocol than torch's is read or refused here either way.
+    warnings.filterwarnings("ignore", message="Detected pickle protocol")
     try:
       # mmap: tensors are read from the page cache on demand, so optimizer states that the
       # conversion never touches cost no memory.
@@ -137,21 +171,88 @@ def _torch_load(path: str, stand_ins: list[tuple[type, str]]) -> Any:
       return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) file
 
 
+# What torch.save writes starts with one of these: a zip archive (since PyTorch 1.6), or a
+# pickle of protocol 2 or more (the legacy format; PROTO opcode).
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+_PICKLE_PROTO = b"\x80"
+# Pickle opcodes that import a Python object by name (GLOBAL is read and checked by name).
+_IMPORTING_OPCODES = {"INST", "OBJ", "STACK_GLOBAL", "EXT1", "EXT2", "EXT4"}
+# The weights-only unpickler's refusals to call or build an object it was not given.
+_REFUSED_CALL = ("Trying to call reduce", "Can only create new object", "Can only build")
+FIX_DAMAGED = "Download or save the file again (a cut-short copy reads like this)."
+
+
+def check_file(path: str) -> None:
+  """Raises CheckpointReadError for a path that cannot be a checkpoint file: missing, a
+  directory, empty, or starting as neither a zip archive nor a pickle (a text file, an image,
+  random bytes). Reads the first bytes only."""
+  if os.path.isdir(path):
+    raise CheckpointReadError(
+      f"{path} is a directory, not a checkpoint file: give the .pt / .pth / .ckpt file in it."
+    )
+  if not os.path.exists(path):
+    raise CheckpointReadError(f"no such file: {path} (relative to {os.getcwd()}). Check the path.")
+  try:
+    with open(path, "rb") as f:
+      head = f.read(8)
+  except OSError as e:
+    raise CheckpointReadError(f"cannot read {path} ({e.strerror or e}).") from e
+  if not head:
+    raise CheckpointReadError(f"{path} is empty (0 bytes): not a PyTorch checkpoint. {FIX_DAMAGED}")
+  if not head.startswith((*_ZIP_MAGIC, _PICKLE_PROTO)) and not tarfile.is_tarfile(path):
+    raise CheckpointReadError(
+      f"{path} is not a PyTorch checkpoint: it is neither a zip archive (what torch.save "
+      f"writes) nor a pickle (it starts with {head!r}). Give the file torch.save wrote. "
+      f"{FIX_DAMAGED}"
+    )
+
+
+def _unsupported_opcode(error: Exception) -> str | None:
+  """The name of the pickle opcode in the unpickler's "Unsupported operand N", or None."""
+  match = re.search(r"Unsupported operand (\d+)", str(error))
+  if not match:
+    return None
+  op = pickletools.code2op.get(chr(int(match.group(1))))
+  return op.name if op else f"byte {match.group(1)}"
+
+
+def _refusal(path: str, detail: str) -> UnsafeCheckpointError:
+  return UnsafeCheckpointError(
+    f"refusing to load {path}: unpickling it would import and call Python objects "
+    f"that are not tensors or checkpoint metadata ({detail}). This converter reads "
+    "tensors only and never runs code from a checkpoint. A whole pickled model "
+    "(torch.save(model)) is refused too: save model.state_dict() instead. If you "
+    "trust the file, extract its state_dict in a trusted environment and convert "
+    f"that:\n  {TRUSTED_EXTRACT.replace('IN', path)}"
+  )
+
+
+def _damaged(path: str, error: BaseException, reason: str = "") -> CheckpointReadError:
+  # The first sentence of the reader's message (torch's go on with advice).
+  detail = reason or (str(error).strip().splitlines()[0] if str(error).strip() else "")
+  detail = detail.split(". ")[0]
+  detail = f"{type(error).__name__}: {detail}" if detail else type(error).__name__
+  return CheckpointReadError(
+    f"cannot read {path} as a PyTorch checkpoint ({detail}): it is "
+    f"damaged or not a checkpoint. {FIX_DAMAGED}"
+  )
+
+
 def load_torch_file(path: str) -> Any:
   """torch.load(path, weights_only=True), admitting METADATA_GLOBALS as inert stand-ins.
 
-  Raises UnsafeCheckpointError, naming the globals, when the file needs anything else;
-  nothing from the file is executed either way. CheckpointReadError for an unreadable file.
+  Raises UnsafeCheckpointError, naming the globals (or the pickle opcode), when the file needs
+  anything else; nothing from the file is executed either way. CheckpointReadError for a
+  missing, empty, damaged or foreign file (check_file), the reason in its message.
   """
   try:
     import torch  # noqa: PLC0415, F401
   except ImportError as e:
-    raise SystemExit(
+    raise CheckpointReadError(
       "reading PyTorch checkpoints needs PyTorch (CPU is enough): "
       "`pip install torch`. Training and evaluation do not."
     ) from e
-  if not os.path.isfile(path):
-    raise CheckpointReadError(f"no such file: {path}")
+  check_file(path)
   stand_ins: list[tuple[type, str]] = []
   admitted: set[str] = set()
   for _ in range(64):  # one retry per newly admitted name (legacy files reveal one at a time)
@@ -160,20 +261,24 @@ def load_torch_file(path: str) -> Any:
     except pickle.UnpicklingError as e:
       names = [n for n in _unsafe_globals(path, e) if n not in admitted]
       refused = [n for n in names if not is_metadata_global(n)]
-      if refused or not names:
-        detail = ", ".join(refused) if refused else _unpickler_message(e)
-        raise UnsafeCheckpointError(
-          f"refusing to load {path}: unpickling it would import and call Python objects "
-          f"that are not tensors or checkpoint metadata ({detail}). This converter reads "
-          "tensors only and never runs code from a checkpoint. A whole pickled model "
-          "(torch.save(model)) is refused too: save model.state_dict() instead. If you "
-          "trust the file, extract its state_dict in a trusted environment and convert "
-          f"that:\n  {TRUSTED_EXTRACT.replace('IN', path)}"
-        ) from None
+      if refused:
+        raise _refusal(path, ", ".join(refused)) from None
+      if not names:
+        # The unpickler stopped before naming a global: at a pickle opcode it lacks (a newer
+        # protocol's, or one that imports by name) or at bytes that are no pickle.
+        imported = [n for n in _imported_names(path) if not _is_tensor_machinery(n)]
+        imported = [n for n in imported if not is_metadata_global(n)]
+        opcode = _unsupported_opcode(e)
+        reason = _unpickler_message(e)
+        if imported or opcode in _IMPORTING_OPCODES or reason.startswith(_REFUSED_CALL):
+          detail = ", ".join(sorted(set(imported)))
+          detail = detail or (f"pickle opcode {opcode}" if opcode in _IMPORTING_OPCODES else reason)
+          raise _refusal(path, detail) from None
+        raise _damaged(path, e, reason) from None
       admitted.update(names)
       stand_ins += _stand_ins(names)
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-      raise CheckpointReadError(f"cannot read {path} as a PyTorch checkpoint: {e}") from e
+    except Exception as e:  # what the unpickler makes of foreign bytes: KeyError, EOFError, ...
+      raise _damaged(path, e) from e
   raise CheckpointReadError(f"cannot read {path}: too many non-tensor globals")
 
 
@@ -239,5 +344,6 @@ def read_checkpoint(path: str) -> TorchCheckpoint:
     )
   raise CheckpointReadError(
     f"{path} holds a {type(obj).__name__} that is neither a state_dict (a dict of tensors) "
-    "nor a Lightning checkpoint (a dict with 'state_dict')"
+    "nor a Lightning checkpoint (a dict with 'state_dict'): give the file of "
+    "torch.save(model.state_dict()) or a Lightning .ckpt."
   )

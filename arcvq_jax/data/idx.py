@@ -131,6 +131,50 @@ def read_idx_header(path: str) -> tuple[np.dtype, tuple[int, ...]]:
   return dtype, shape
 
 
+def _size_error(path: str, got: int, expected: int, shape: tuple[int, ...], dtype) -> DataError:
+  """The error of a file whose data bytes (`got`) differ from what its header needs."""
+  return DataError(
+    f"IDX file {path!r} holds {got} data bytes but its "
+    f"header {shape} of {dtype} needs {expected}: the file is "
+    f"{'truncated' if got < expected else 'corrupt'}. "
+    f"Download it again. {INSTALL_HINT}"
+  )
+
+
+def check_idx_file(path: str, chunk_bytes: int = 1 << 20) -> tuple[np.dtype, tuple[int, ...]]:
+  """Checks a whole IDX file without keeping it in memory: a gzip file is decompressed to
+  its end (the stream complete, its CRC and length as gzip's trailer says), and the data
+  bytes must be exactly what the header's shape and dtype need. A plain file's size is
+  compared with the header, nothing more read. ~0.2 s for Fashion-MNIST's 30 MB of gzip.
+
+  Returns:
+    (dtype, shape) of the stored array.
+
+  Raises:
+    DataError: the file is missing, truncated, too long, not gzip or not IDX.
+  """
+  dtype, shape = read_idx_header(path)
+  offset = 4 + 4 * len(shape)
+  expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  if not path.endswith(".gz"):
+    got = os.path.getsize(path) - offset
+  else:
+    got = -offset
+    try:
+      with gzip.open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+          got += len(chunk)
+    except (OSError, EOFError, zlib.error) as e:
+      raise DataError(
+        f"IDX file {path!r} could not be read ({type(e).__name__}: {e}); it is "
+        "probably truncated or not gzip despite its name. Download it again. "
+        f"{INSTALL_HINT}"
+      ) from e
+  if got != expected:
+    raise _size_error(path, got, expected, shape, dtype)
+  return dtype, shape
+
+
 def read_idx(path: str) -> np.ndarray:
   """Reads a whole IDX file.
 
@@ -148,12 +192,7 @@ def read_idx(path: str) -> np.ndarray:
   dtype, shape, offset = _parse_header(data, path)
   expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
   if len(data) - offset != expected:
-    raise DataError(
-      f"IDX file {path!r} holds {len(data) - offset} data bytes but its "
-      f"header {shape} of {dtype} needs {expected}: the file is "
-      f"{'truncated' if len(data) - offset < expected else 'corrupt'}. "
-      f"Download it again. {INSTALL_HINT}"
-    )
+    raise _size_error(path, len(data) - offset, expected, shape, dtype)
   array = np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape)
   return array.astype(dtype.newbyteorder("="), copy=False)
 
@@ -223,11 +262,15 @@ def load_idx_split(directory: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   return images[..., None], labels.astype(np.int64)
 
 
-def idx_split_info(directory: str, split: str) -> tuple[int, tuple[int, int, int]]:
-  """Returns (number of images, (H, W, 1)) of a split from the headers only."""
+def idx_split_info(
+  directory: str, split: str, whole: bool = False
+) -> tuple[int, tuple[int, int, int]]:
+  """Returns (number of images, (H, W, 1)) of a split from the headers only, or with
+  `whole` after checking both files to their end (`check_idx_file`)."""
   images_path, labels_path = idx_split_files(directory, split)
-  _, shape = read_idx_header(images_path)
-  _, label_shape = read_idx_header(labels_path)
+  check = check_idx_file if whole else read_idx_header
+  _, shape = check(images_path)
+  _, label_shape = check(labels_path)
   if len(shape) != 3 or label_shape != shape[:1]:
     raise DataError(
       f"IDX files {images_path!r} {shape} and {labels_path!r} {label_shape} "

@@ -14,6 +14,7 @@ never idle, and every progress figure counts finished steps.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -66,22 +67,21 @@ class Outcome:
   first_step_sec: float | None
 
 
-def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """workdir/config.json (process 0): what the tokenizer API, sampling and evaluation read."""
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = os.path.join(workdir, "config.json.tmp")
-    with open(tmp, "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-    os.replace(tmp, os.path.join(workdir, "config.json"))
-
-
 def create_writer(workdir: str) -> metric_writer.MetricWriter:
   """TensorBoard events in workdir and log lines (process 0); log lines only elsewhere."""
   return metric_writer.create_writer(workdir, just_logging=jax.process_index() != 0)
 
 
 def open_checkpointer(config: ml_collections.ConfigDict, workdir: str) -> ckpt_lib.Checkpointer:
+  """The stage's checkpointer on workdir/checkpoints; CheckpointError where that path is a
+  file (orbax would fail in its background thread at the first save and wait out a 300 s
+  timeout)."""
+  directory = ckpt_lib.checkpoint_dir(workdir)
+  if "://" not in directory and os.path.exists(directory) and not os.path.isdir(directory):
+    raise ckpt_lib.CheckpointError(
+      f"{directory} is a file, but checkpoints are written into a directory of that name. "
+      "Move or delete the file, or give another --workdir."
+    )
   return ckpt_lib.Checkpointer(
     ckpt_lib.checkpoint_dir(workdir),
     config.keep_checkpoints,
@@ -122,11 +122,37 @@ def check_finite(
   if bad.size:
     checkpointer.wait()  # an asynchronous save of an earlier, good step finishes first
     raise NonFiniteLossError(
-      f"the {name} loss became {losses[bad[0]]} by step {first_step + int(bad[0])}; the last "
-      f"good checkpoint is step {checkpointer.latest_step()} (in {checkpointer.directory}) and "
-      "nothing after it was saved. Lower config.optimizer.lr or set "
-      "config.optimizer.grad_clip_norm, then run the same command again to resume from it."
+      nonfinite_message(
+        name,
+        float(losses[bad[0]]),
+        first_step + int(bad[0]),
+        checkpointer.latest_step(),
+        str(checkpointer.directory),
+      )
     )
+
+
+def nonfinite_message(
+  name: str, loss: float, step: int, last_good: int | None, directory: str
+) -> str:
+  """What the non-finite-loss stop says: where the run can go on from (the last good
+  checkpoint in `directory`, or none yet), and what to change."""
+  fix = "Lower config.optimizer.lr or set config.optimizer.grad_clip_norm"
+  if last_good is None:
+    return (
+      f"the {name} loss became {loss} by step {step}, before the first checkpoint was "
+      f"written: {directory} holds none, so there is nothing to resume from. {fix}, then run "
+      "the same command again: it starts from step 0."
+    )
+  # A resumed run may change the learning rate and an active clipping threshold, not switch
+  # clipping on: that changes the optimizer state's structure (workdir.RESUMABLE).
+  return (
+    f"the {name} loss became {loss} by step {step}; the last good checkpoint is step "
+    f"{last_good} (in {directory}) and nothing after it was saved. Lower config.optimizer.lr "
+    "(or config.optimizer.grad_clip_norm where clipping is on), then run the same command "
+    "again to resume from it; to switch clipping on, start a new --workdir with "
+    "config.optimizer.grad_clip_norm set."
+  )
 
 
 def _format_duration(seconds: float) -> str:
@@ -274,6 +300,9 @@ def run(
           checkpointer.directory,
         )
         return Outcome(state, last, step, progress.overall(step), _first(progress))
+  except BaseException:
+    wait_quietly(checkpointer)  # the last save committed before the error leaves
+    raise
   finally:
     preemption.restore()
   writer.flush()
@@ -290,3 +319,34 @@ def finish(checkpointer: ckpt_lib.Checkpointer, writer: metric_writer.MetricWrit
   checkpointer.wait()
   checkpointer.close()
   writer.close()
+
+
+def wait_quietly(checkpointer: ckpt_lib.Checkpointer) -> None:
+  """Waits for a checkpoint still being written (orbax's background save), on the way out of
+  an error: the save commits (no `*.orbax-checkpoint-tmp` left behind) and orbax's threads
+  are done before the interpreter closes their event loop. A failing save is logged, never
+  raised over the error that is leaving."""
+  try:
+    checkpointer.wait()
+  except Exception as e:  # the error on its way out matters more
+    logging.warning("The last checkpoint could not be written: %s", e)
+
+
+@contextlib.contextmanager
+def committing(
+  checkpointer: ckpt_lib.Checkpointer, writer: metric_writer.MetricWriter
+) -> Iterator[None]:
+  """Wraps a stage from its loop to its end (the final evaluation included): where anything
+  raises, the pending checkpoint save is waited for and the checkpointer and writer closed
+  before the error leaves, so the last checkpoint is committed. The stage calls `finish`
+  itself on success."""
+  try:
+    yield
+  except BaseException:
+    wait_quietly(checkpointer)
+    for close in (checkpointer.close, writer.close):
+      try:
+        close()
+      except Exception as e:  # as in wait_quietly
+        logging.warning("Closing after the error failed: %s", e)
+    raise

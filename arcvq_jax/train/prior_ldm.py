@@ -24,6 +24,7 @@ import optax
 from absl import logging
 
 from arcvq_jax import diffusion, prior_config, sharding
+from arcvq_jax import workdir as workdir_lib
 from arcvq_jax.evaluation import images as image_lib
 from arcvq_jax.models import unet
 from arcvq_jax.train import loop
@@ -278,9 +279,18 @@ def training_latents(
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) the LDM in `workdir`; returns the last logged train metrics."""
+  """Trains (or resumes) the LDM in `workdir`; returns the last logged train metrics.
+
+  Holds the workdir's lock throughout, and writes nothing into it before the config, the
+  pinned tokenizer and the newest checkpoint have been checked against what it holds
+  (arcvq_jax/workdir.py; train/prior_common.load_tokenizer)."""
+  with workdir_lib.hold(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   prior_config.validate_ldm(config, jax.device_count(), jax.process_count())
-  loop.write_config(config, workdir)
+  changes = workdir_lib.check_config(config, workdir)
   tok, record = common.load_tokenizer(config, workdir)
   latent_shape = tuple(record["latent_shape"])
   arrays, scale_factor = training_latents(config, workdir, tok, record)
@@ -294,6 +304,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   )
   checkpointer = loop.open_checkpointer(config, workdir)
   state = loop.restore(checkpointer, state, train_iter)
+  workdir_lib.commit(config, workdir, changes, int(jax.device_get(state.step)))
   logging.info(
     "LDM: %d params, %d training latents, steps %d -> %d",
     sum(x.size for x in jax.tree.leaves(state.params)),

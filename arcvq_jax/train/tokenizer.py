@@ -22,7 +22,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from arcvq_jax import config as config_lib
-from arcvq_jax import metric_writer, sharding
+from arcvq_jax import metric_writer, resources, sharding
+from arcvq_jax import workdir as workdir_lib
 from arcvq_jax.data import pipeline
 from arcvq_jax.evaluation import diagnostics
 from arcvq_jax.evaluation import images as image_lib
@@ -167,6 +168,23 @@ def periodic_actions(
   return actions
 
 
+def log_evaluation_plan(config: ml_collections.ConfigDict, lpips_params: Any) -> None:
+  """Says at start-up what the final evaluation will report, LPIPS included or skipped (and
+  how to get it), so that nothing is found missing only after training."""
+  path = config.get("lpips_path") or ""
+  if lpips_params is not None:
+    lpips = f" and LPIPS (weights {path})"
+  elif not path:
+    lpips = "; LPIPS skipped: config.lpips_path is empty (see docs/evaluation.md for its weights)"
+  else:
+    lpips = f"; LPIPS skipped: no weights at config.lpips_path={path}"
+  logging.info(
+    "Final evaluation on the %r split: MSE, PSNR, SSIM, codebook usage, perplexity%s",
+    config.data.eval_split,
+    lpips,
+  )
+
+
 def write_codebook_diagnostics(
   workdir: str, quantizer: Any, state: Any, step: int, writer: metric_writer.MetricWriter
 ) -> None:
@@ -193,21 +211,32 @@ def write_codebook_diagnostics(
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) in `workdir`, then evaluates; returns the final eval metrics.
 
-  On SIGTERM (any process of a multi-process run) every process saves the current step,
-  waits for the write and returns {'preempted_at_step': step} without evaluating.
+  Holds the workdir's lock throughout, and writes nothing into it before the config, the
+  data's image shape and the newest checkpoint have been checked against what it holds
+  (arcvq_jax/workdir.py). On SIGTERM (any process of a multi-process run) every process
+  saves the current step, waits for the write and returns {'preempted_at_step': step}
+  without evaluating.
   """
+  with workdir_lib.hold(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   config_lib.validate(config, jax.device_count(), jax.process_count())
   info = pipeline.dataset_info(config.data)
   image_shape = tuple(info["image_shape"])
   config_lib.validate_against_data(config, image_shape)
+  pipeline.check_splits(config.data)  # a damaged file fails now, not after training
+  changes = workdir_lib.check_config(config, workdir, image_shape)
   lpips_params = lpips_lib.params_for_training(config)
+  log_evaluation_plan(config, lpips_params)
   total_steps = num_train_steps(config, info["num_train"])
-  loop.write_config(config, workdir)
 
   mesh = sharding.make_mesh(config.sharding.mesh_shape, config.sharding.mesh_axes)
   if lpips_params is not None:
     lpips_params = jax.device_put(lpips_params, sharding.replicated(mesh))
   model = state_lib.build_model(config, channels=image_shape[-1])
+  resources.check_tokenizer_fits(config, model, image_shape)  # before anything is allocated
   state, state_sharding, step_fn = make_state_and_step(
     config, model, mesh, image_shape, lpips_params
   )
@@ -226,26 +255,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   )
   checkpointer = loop.open_checkpointer(config, workdir)
   state = loop.restore(checkpointer, state, train_iter)
+  workdir_lib.commit(config, workdir, changes, int(jax.device_get(state.step)), image_shape)
 
   writer = loop.create_writer(workdir)
   evaluation = Evaluation(config, workdir, model, mesh, state_sharding.params, lpips_params, writer)
-  outcome = loop.run(
-    state,
-    step_fn,
-    config=config,
-    train_iter=train_iter,
-    batch_sharding=sharding.batch_sharding(mesh),
-    total_steps=total_steps,
-    checkpointer=checkpointer,
-    writer=writer,
-    actions=periodic_actions(config, model, evaluation, writer),
-    name="tokenizer",
-  )
-  if outcome.preempted_at is not None:
-    loop.finish(checkpointer, writer)
-    return dict(preempted_at_step=outcome.preempted_at)
+  # Whatever fails from here on (the final evaluation included), the last checkpoint is
+  # committed before the error leaves.
+  with loop.committing(checkpointer, writer):
+    outcome = loop.run(
+      state,
+      step_fn,
+      config=config,
+      train_iter=train_iter,
+      batch_sharding=sharding.batch_sharding(mesh),
+      total_steps=total_steps,
+      checkpointer=checkpointer,
+      writer=writer,
+      actions=periodic_actions(config, model, evaluation, writer),
+      name="tokenizer",
+    )
+    if outcome.preempted_at is not None:
+      loop.finish(checkpointer, writer)
+      return dict(preempted_at_step=outcome.preempted_at)
 
-  results = evaluation(total_steps, outcome.state.params)
-  write_codebook_diagnostics(workdir, model.quantizer, outcome.state, total_steps, writer)
-  loop.finish(checkpointer, writer)
+    results = evaluation(total_steps, outcome.state.params)
+    write_codebook_diagnostics(workdir, model.quantizer, outcome.state, total_steps, writer)
+    loop.finish(checkpointer, writer)
   return results
