@@ -13,7 +13,7 @@ from __future__ import annotations
 import ml_collections
 
 from arcvq_jax import diffusion
-from arcvq_jax.config import _check_choice, _check_positive_int, _fail
+from arcvq_jax.config import _check_choice, _check_finite, _check_positive_int, _fail
 from arcvq_jax.models.layers import XLA_CONV_LIBRARIES
 
 STAGES = ("ldm", "pixelcnn")
@@ -142,6 +142,10 @@ def pixelcnn_config() -> ml_collections.ConfigDict:
   c.tokenizer_expect.num_codes = 512
   c.tokenizer_expect.latent_shape = (8, 8, 64)
   c.num_classes = 10
+  # A directory of token shards (`python -m arcvq_jax.tokenize --out=DIR`): the prior trains
+  # on them instead of encoding the training split itself (no precompute pass; the other
+  # config.data keys are then not read). They must be config.tokenizer_workdir's tokens.
+  c.data.token_shards = ml_collections.FieldReference(None, field_type=str)
   c.pixelcnn = ml_collections.ConfigDict(
     dict(
       dim=64,
@@ -169,6 +173,7 @@ def pixelcnn_config() -> ml_collections.ConfigDict:
 
 
 def _validate_common(c: ml_collections.ConfigDict, num_devices: int, process_count: int) -> None:
+  _check_finite(c)
   _check_choice(c, "stage", STAGES)
   if not c.tokenizer_workdir:
     _fail(

@@ -102,6 +102,14 @@ def summary_lines(
   if stage == "tokenizer":
     nxt.append(("evaluate (+LPIPS, rFID)", f"python -m arcvq_jax.evaluate --workdir={q(workdir)}"))
     nxt.append(("tokens in Python", f"arcvq_jax.api.Tokenizer.from_workdir({workdir!r})"))
+    shards = f"{workdir.rstrip('/')}_tokens"
+    nxt.append(
+      (
+        "its training split as token shards, once (the prior below reads them with "
+        "--config.data.token_shards=DIR: no encoding pass of its own)",
+        f"python -m arcvq_jax.tokenize --workdir={q(workdir)} --out={q(shards)}",
+      )
+    )
     nxt.append(
       (
         "a prior on its tokens",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import grain
@@ -51,15 +52,27 @@ def data_config(config: ml_collections.ConfigDict, tok: api.Tokenizer) -> ml_col
 
 
 def load_tokenizer(
-  config: ml_collections.ConfigDict, workdir: str
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  image_shape: tuple[int, int, int] | None = None,
+  default_step: int | None = None,
+  check: Callable[[api.Tokenizer, int], None] | None = None,
 ) -> tuple[api.Tokenizer, dict[str, Any]]:
   """The frozen tokenizer of config.tokenizer_workdir, checked against the config, and its
   record {workdir, step, num_codes, latent_shape, image_shape}.
 
-  The first run of a prior pins the tokenizer's checkpoint step in workdir/tokenizer.json;
-  resumed runs and `arcvq_jax.sample` load that step again and refuse a tokenizer that no
-  longer matches. Raises PriorSetupError (missing or incompatible tokenizer) or ValueError
-  (config.tokenizer_expect / the UNet against the latent shape).
+  The first run of a prior pins the tokenizer (its resolved path and checkpoint step) in
+  workdir/tokenizer.json; resumed runs and `arcvq_jax.sample` load that step again and refuse
+  another tokenizer, or one that no longer matches, before writing anything. Raises
+  PriorSetupError (missing or incompatible tokenizer) or ValueError (config.tokenizer_expect
+  / the UNet against the latent shape).
+
+  image_shape: the images' (H, W, C) where the caller knows it (token shards record it), so
+  the data need not be reached; default_step: the checkpoint step to load when neither
+  config.tokenizer_step nor a pinned record names one (token shards: the step they were
+  made with), else the latest; check: called with the tokenizer and its step before
+  anything is pinned (token shards: are they this tokenizer's?).
   """
   record_path = os.path.join(workdir, TOKENIZER_RECORD)
   pinned = None
@@ -69,6 +82,8 @@ def load_tokenizer(
   step = config.tokenizer_step if config.tokenizer_step >= 0 else None
   if pinned is not None and step is None:
     step = pinned["step"]
+  elif step is None:
+    step = default_step
   try:
     tok_config = api.load_config(config.tokenizer_workdir)
     if tok_config.get("stage", "tokenizer") != "tokenizer":
@@ -81,6 +96,8 @@ def load_tokenizer(
     ) from e
   if pinned is not None:  # no need to reach the data (sampling may run without it)
     h, w, c = pinned["image_shape"]
+  elif image_shape is not None:
+    h, w, c = image_shape
   else:
     h, w, c = pipeline.dataset_info(data_config(config, tok))["image_shape"]
   f = tok.downsample_factor
@@ -101,8 +118,10 @@ def load_tokenizer(
   prior_config.validate_against_tokenizer(
     config, tok.num_codes, tuple(record["latent_shape"]), where
   )
+  if check is not None:
+    check(tok, int(tok_step))
   if pinned is not None:
-    for key in ("num_codes", "latent_shape", "step"):
+    for key in ("workdir", "num_codes", "latent_shape", "step"):
       if pinned[key] != record[key]:
         raise PriorSetupError(
           f"this prior ({workdir}) was trained on the tokenizer {pinned['workdir']} at step "
