@@ -107,6 +107,13 @@ CONDITIONAL = {
   ),
 }
 
+# Keys that a run may also change where the workdir's newest checkpoint is a starting point
+# rather than a run in progress: weights written by a converter or `api.write_workdir`, with
+# no data position saved. Nothing of the data stream is resumed from it, so the data, its
+# order and the batch are the new run's to choose (the weights' shapes are still checked by
+# the restore, before anything is written).
+STARTING_POINT = ("seed", "batch_size", "data.*")
+
 # Keys compared as paths (the same directory written another way is no change).
 PATH_KEYS = ("tokenizer_workdir",)
 
@@ -238,12 +245,14 @@ def compare(
   new: dict[str, Any],
   resuming: bool = True,
   pinned: frozenset[str] = frozenset(),
+  starting_point: bool = False,
 ) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
   """(allowed, refused) changes {dotted key: (old, new)} between two configs as JSON.
 
   'stage' is always compared (a workdir belongs to one stage); the other keys only when
   `resuming` (the workdir holds a checkpoint), by RESUMABLE and CONDITIONAL; `pinned` keys
-  are left to the record that pins them (PINNED_BY). A key that only one side has is allowed
+  are left to the record that pins them (PINNED_BY); with `starting_point` (the newest
+  checkpoint holds no data position) the STARTING_POINT keys may change too. A key that only one side has is allowed
   (older versions wrote fewer keys; a real change of kind also changes a key both have, such
   as model.name or quantizer.name); None stands for absent.
   """
@@ -261,6 +270,7 @@ def compare(
       or not both
       or key in pinned
       or any(fnmatch.fnmatchcase(key, p) for p in RESUMABLE)
+      or (starting_point and any(fnmatch.fnmatchcase(key, p) for p in STARTING_POINT))
       or (key in CONDITIONAL and _numbers(before, after) and CONDITIONAL[key][0](before, after))
     )
     (allowed if ok else refused)[key] = (before, after)
@@ -328,12 +338,15 @@ def _check(
 ) -> dict[str, tuple[Any, Any]]:
   path = epath.Path(workdir) / CONFIG_FILE
   checkpoints = epath.Path(workdir) / "checkpoints"
-  resuming = checkpoints.is_dir() and bool(checkpoint_files.checkpoint_steps(str(checkpoints)))
+  steps = checkpoint_files.checkpoint_steps(str(checkpoints)) if checkpoints.is_dir() else []
+  resuming = bool(steps)
+  # A converter's or write_workdir's checkpoint: weights without a data position.
+  starting_point = resuming and not (checkpoints / str(max(steps)) / "data").exists()
   changes: dict[str, tuple[Any, Any]] = {}
   if path.exists():
     old = _read_json(path)
     pinned = frozenset(k for k, f in PINNED_BY.items() if (epath.Path(workdir) / f).exists())
-    changes, refused = compare(old, as_json(config), resuming, pinned)
+    changes, refused = compare(old, as_json(config), resuming, pinned, starting_point)
     if refused:
       raise _refusal(workdir, refused)
   shape_path = epath.Path(workdir) / IMAGE_SHAPE_FILE

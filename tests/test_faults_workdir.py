@@ -116,6 +116,12 @@ def test_compare_allows_resumable_keys_and_refuses_the_rest():
   clipped = workdir_lib.as_json(tiny_config(**{"optimizer.grad_clip_norm": 1.0}))
   more = workdir_lib.as_json(tiny_config(**{"optimizer.grad_clip_norm": 2.0}))
   assert workdir_lib.compare(clipped, more)[1] == {}
+  # A converter's checkpoint (weights, no data position) is a starting point: the data, its
+  # order and the batch are the new run's; the model, quantizer and optimizer are not.
+  allowed, refused = workdir_lib.compare(old, new, resuming=True, starting_point=True)
+  stream = {"seed", "batch_size", "data.train_split", "data.num_workers"}
+  assert sorted(allowed) == sorted(set(safe) | stream)
+  assert sorted(refused) == sorted(set(unsafe) - stream)
   # Without a checkpoint there is nothing to resume: any change but the stage is allowed.
   assert workdir_lib.compare(old, new, resuming=False)[1] == {}
   prior = workdir_lib.as_json(tiny_pixelcnn.get_config())
