@@ -252,9 +252,9 @@ def compare(
   'stage' is always compared (a workdir belongs to one stage); the other keys only when
   `resuming` (the workdir holds a checkpoint), by RESUMABLE and CONDITIONAL; `pinned` keys
   are left to the record that pins them (PINNED_BY); with `starting_point` (the newest
-  checkpoint holds no data position) the STARTING_POINT keys may change too. A key that only one side has is allowed
-  (older versions wrote fewer keys; a real change of kind also changes a key both have, such
-  as model.name or quantizer.name); None stands for absent.
+  checkpoint holds no data position) the STARTING_POINT keys may change too. A key that only
+  one side has is allowed (older versions wrote fewer keys; a real change of kind also changes
+  a key both have, such as model.name or quantizer.name); None stands for absent.
   """
   old_flat, new_flat = flatten(old), flatten(new)
   old_flat.setdefault("stage", "tokenizer")  # written before configs had a stage
