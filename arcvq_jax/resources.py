@@ -280,3 +280,35 @@ def check_tokenizer_fits(
     raise ResourceError(fit_message(config, e, needed, free, what))
   logging.info("Memory estimate: %s of the %s %s", _gib(needed), _gib(free), what)
   return e
+
+
+def check_state_fits(
+  init_fn: Any,
+  config: ml_collections.ConfigDict,
+  narrower: str,
+  devices: list[Any] | None = None,
+) -> int:
+  """Raises ResourceError where a prior's train state, `init_fn(key)`'s pytree (parameters,
+  optimizer moments, EMA), with the gradients of its `params` cannot fit in the memory of
+  `devices` (default: this process's local devices); returns the bytes per device. The
+  activations are not counted, so this errs low: a refused run cannot fit. `narrower` names
+  the key that shrinks the model (e.g. 'config.unet.model_channels')."""
+  devices = jax.local_devices() if devices is None else devices
+  abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+  params = getattr(abstract, "params", None)
+  split = model_parallel_size(config, jax.device_count())
+  per_device = (tree_bytes(abstract) + tree_bytes(params)) // split
+  memory = device_memory(devices[0])
+  if memory is None:
+    return per_device
+  free, what = memory
+  needed = per_device * len(devices) if devices[0].platform == "cpu" else per_device
+  if needed > free:
+    raise ResourceError(
+      f"this prior's train state alone (parameters, optimizer moments, EMA and gradients, "
+      f"split over the mesh's non-'data' axes) needs about {_gib(needed)} of memory, more than "
+      f"the {_gib(free)} {what}, before any activation. Make the model narrower ({narrower}), "
+      "or shard the state over more devices (an 'fsdp' axis in config.sharding.mesh_axes)."
+    )
+  logging.info("Memory of the train state: %s of the %s %s", _gib(needed), _gib(free), what)
+  return per_device

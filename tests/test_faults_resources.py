@@ -5,6 +5,7 @@ before anything is allocated, the NaN stop says when there is no checkpoint yet,
 malloc stays off accelerator hosts and out of child processes (docs/training.md, "Errors and
 resuming")."""
 
+import functools
 import gzip
 import math
 import os
@@ -24,7 +25,8 @@ from arcvq_jax import config as config_lib
 from arcvq_jax import host_memory, prior_config, resources
 from arcvq_jax.data import pipeline
 from arcvq_jax.data.idx import DataError
-from arcvq_jax.train import loop, tokenizer_steps
+from arcvq_jax.models import pixelcnn
+from arcvq_jax.train import loop, prior_common, prior_pixelcnn, tokenizer_steps
 from arcvq_jax.train import state as state_lib
 from configs import tiny, tiny_pixelcnn
 
@@ -254,6 +256,34 @@ def test_a_run_that_fits_is_admitted_and_one_that_does_not_is_refused():
   e = resources.check_tokenizer_fits(c, model, (28, 28, 1), devices=[Device(2**40)])
   with pytest.raises(resources.ResourceError, match="free on Test GPU 0"):
     resources.check_tokenizer_fits(c, model, (28, 28, 1), devices=[Device(e.total - 1)])
+
+
+def test_a_priors_state_that_cannot_fit_is_refused_before_it_is_allocated():
+  c = tiny_pixelcnn.get_config()
+  model = pixelcnn.from_config(c, num_codes=64)
+  init_fn = functools.partial(
+    prior_pixelcnn.init_state, model=model, tx=prior_common.make_optimizer(c), config=c, grid=(7, 7)
+  )
+  params = jax.eval_shape(init_fn, jax.random.PRNGKey(0)).params
+  n = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+  # float32 params, gradients, Adam's two moments and the EMA: five copies (a scalar count
+  # and step besides).
+  assert c.ema.decay > 0
+  expected = 5 * 4 * n
+
+  class Device:
+    platform, device_kind, id = "gpu", "Test GPU", 0
+
+    def __init__(self, free):
+      self.free = free
+
+    def memory_stats(self):
+      return {"bytes_limit": self.free, "bytes_in_use": 0}
+
+  got = resources.check_state_fits(init_fn, c, "config.pixelcnn.dim", devices=[Device(2**40)])
+  assert expected <= got < expected + 64
+  with pytest.raises(resources.ResourceError, match=r"config\.pixelcnn\.dim"):
+    resources.check_state_fits(init_fn, c, "config.pixelcnn.dim", devices=[Device(got - 1)])
 
 
 @pytest.mark.slow

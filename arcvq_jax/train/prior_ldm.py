@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from arcvq_jax import diffusion, prior_config, sharding
+from arcvq_jax import diffusion, prior_config, resources, sharding
 from arcvq_jax import workdir as workdir_lib
 from arcvq_jax.evaluation import images as image_lib
 from arcvq_jax.models import unet
@@ -148,6 +148,7 @@ def create_state_and_step(
     latent_shape=latent_shape,
     scale_factor=scale_factor,
   )
+  resources.check_state_fits(init_fn, config, "config.unet.model_channels")
   state, state_sharding = sharding.fresh_state(init_fn, config.seed, mesh, config.sharding)
   step_fn = jax.jit(
     functools.partial(

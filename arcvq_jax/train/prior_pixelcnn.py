@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from arcvq_jax import prior_config, sharding
+from arcvq_jax import prior_config, resources, sharding
 from arcvq_jax import workdir as workdir_lib
 from arcvq_jax.data import token_shards as shards_lib
 from arcvq_jax.evaluation import images as image_lib
@@ -108,6 +108,7 @@ def create_state_and_step(
 ) -> tuple[PixelCNNTrainState, Any, Callable]:
   """A fresh state laid out by its shardings, the shardings, and the jitted step."""
   init_fn = functools.partial(init_state, model=model, tx=tx, config=config, grid=grid)
+  resources.check_state_fits(init_fn, config, "config.pixelcnn.dim")
   state, state_sharding = sharding.fresh_state(init_fn, config.seed, mesh, config.sharding)
   step_fn = jax.jit(
     functools.partial(
