@@ -8,6 +8,7 @@ slow tests reuse it and its compilation cache."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -21,8 +22,9 @@ import pytest
 from data_fixtures import write_small_idx_dir
 
 from arcvq_jax import config as config_lib
-from arcvq_jax.ablate import events, report, runner
+from arcvq_jax.ablate import events, plots, report, runner
 from arcvq_jax.ablate import sweep as sweep_lib
+from arcvq_jax.quantizers import fsq, registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION = "/usr/share/datasets/fashion-mnist"
@@ -170,6 +172,81 @@ def test_resolved_config_is_the_config_files_variant_with_the_sweeps_values():
     config_lib.validate(got, 1)
   with pytest.raises(sweep_lib.SweepError, match=r"--config\.arc\.s is also a grid key"):
     sweep_lib.check_cli_overrides(s, {"arc.s": 1.0})
+
+
+@pytest.mark.parametrize("k", [512, 1000, 4096, 32768, 100, 70000])
+def test_fsq_levels_for_a_vocabulary_by_brute_force(k):
+  # Every ordered tuple of levels 5..8 on 1..6 channels: the closest product on a log scale,
+  # then the most channels; levels_for must pick one of exactly these.
+  best = min(
+    (abs(np.log(np.prod(t) / k)), -len(t))
+    for n in range(1, 7)
+    for t in itertools.product(range(5, 9), repeat=n)
+  )
+  levels = fsq.levels_for(k, max_channels=6)
+  assert (abs(np.log(np.prod(levels) / k)), -len(levels)) == pytest.approx(best)
+  assert list(levels) == sorted(levels, reverse=True)
+
+
+def test_codebook_size_gives_every_quantizer_its_vocabulary_its_own_way():
+  from configs.sweeps import codebook_size  # noqa: PLC0415 (configs/ is not a package)
+
+  s = sweep_lib.from_config(codebook_size.get_config(), "codebook_size.py")
+  source = sweep_lib.ConfigSource("configs/fashion_mnist.py", None, {})
+  settings = s.settings()
+  assert len(settings) == 8 * 3 and len(s.runs()) == 8 * 3 * 3
+  for setting in settings:
+    k = dict(setting.values)["codebook_size"]
+    assert setting.id == f"{setting.variant}__codebook_size={k}"
+    config = sweep_lib.resolve(source, s, setting, 0, "test")
+    config_lib.validate(config, 1)
+    q = registry.from_config(config)
+    assert q.vocab_size == k  # 512, 4096 and 32768 are exact for every quantizer
+    name = config.quantizer.name
+    if name == "fsq":
+      assert config.quantizer.levels == (8,) * round(np.log(k) / np.log(8))
+    elif name == "lfq":
+      assert config.quantizer.embed_dim == int(np.log2(k)) == q.dim
+    else:
+      assert config.quantizer.num_codes == k and q.dim == config.quantizer.embed_dim == 64
+  with pytest.raises(sweep_lib.SweepError, match="a codebook_size is a whole number"):
+    tiny_sweep(grid={"codebook_size": (512, 1.5)})
+
+
+def test_the_codebook_size_plot_and_ms_per_step(tmp_path):
+  runs = []
+  for variant, shift in (("arcvq", 0.0), ("vq", 1.0)):
+    for k in (512, 4096):
+      for seed in (0, 1):
+        runs.append(
+          dict(
+            setting=dict(
+              id=f"{variant}__codebook_size={k}",
+              variant=variant,
+              values={"codebook_size": k},
+              baseline=False,
+            ),
+            seed=seed,
+            index=len(runs),
+            dir="",
+            state="done",
+            error=None,
+            attempts=1,
+            eval=dict(codebook_usage=0.5 + 0.1 * seed, psnr=16.0 + shift + seed),
+            status=dict(steps_per_sec=4.0 + seed),
+          )
+        )
+  out = tmp_path / "plot.png"
+  groups = plots._by_setting(runs)
+  assert plots.by_codebook_size(groups, str(out))
+  assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  plain = {
+    sid: [dict(r, setting=dict(r["setting"], values={})) for r in rs] for sid, rs in groups.items()
+  }
+  assert not plots.by_codebook_size(plain, str(tmp_path / "none.png"))
+  settings = report.summarize(runs, [])
+  ms = settings[0]["metrics"]["ms_per_step"]
+  assert ms["values"] == pytest.approx([1000 / 4.0, 1000 / 5.0])
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ training_curves.png   train/batch_usage, train/ema_usage and train/batch_perplex
 psnr_vs_usage.png     final PSNR against test-split codebook usage, one point per run
 usage_histograms.png  per setting, the test-split selection frequency of every code, sorted
                       (averaged over seeds rank by rank), log scale
+by_codebook_size.png  usage and PSNR against a `codebook_size` grid, one line per variant
 reconstructions.png   the same test images (top row) and each setting's reconstructions
                       (its lowest finished seed), one row per setting
 """
@@ -121,6 +122,57 @@ def psnr_vs_usage(groups: Mapping[str, Sequence[Mapping]], path: str) -> bool:
   return True
 
 
+def by_codebook_size(groups: Mapping[str, Sequence[Mapping]], path: str) -> bool:
+  """Usage and PSNR against the sweep's `codebook_size` (log scale), one line per variant,
+  mean and sample std over the seeds as error bars. Only for sweeps with that grid key."""
+  lines: dict[str, dict[int, list[Mapping]]] = {}
+  for rs in groups.values():
+    values = rs[0]["setting"].get("values") or {}
+    if "codebook_size" not in values:
+      continue
+    others = [f"{k}={v}" for k, v in values.items() if k != "codebook_size"]
+    name = "__".join([rs[0]["setting"].get("variant") or "base", *others])
+    lines.setdefault(name, {})[int(values["codebook_size"])] = list(rs)
+  if not lines:
+    return False
+  fig = _figure(12, 4.2)
+  panels = (
+    ("codebook_usage", 100.0, "codebook usage on the test split (%)"),
+    ("psnr", 1.0, "PSNR (dB)"),
+  )
+  axes = [fig.add_subplot(1, 2, i + 1) for i in range(2)]
+  for i, (name, by_k) in enumerate(lines.items()):
+    style = _style(i, len(lines))
+    ks = sorted(by_k)
+    for ax, (key, scale, _) in zip(axes, panels, strict=True):
+      values = [[scale * r["eval"][key] for r in by_k[k]] for k in ks]
+      mean = [float(np.mean(v)) for v in values]
+      std = [float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for v in values]
+      ax.errorbar(
+        ks,
+        mean,
+        yerr=std,
+        color=style["color"],
+        marker=style["marker"],
+        ls=style["ls"],
+        label=name,
+        capsize=3,
+        linewidth=1.2,
+        markersize=5,
+      )
+  for ax, (_, _, label) in zip(axes, panels, strict=True):
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("codebook size K (vocabulary)")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+  axes[0].set_title("usage against K (mean ± std over seeds)", fontsize=10)
+  axes[1].set_title("PSNR against K (mean ± std over seeds)", fontsize=10)
+  _legend(axes[1], len(lines))
+  fig.tight_layout()
+  _save(fig, path)
+  return True
+
+
 def usage_histograms(workdir: str, groups: Mapping[str, Sequence[Mapping]], path: str) -> bool:
   panels = []
   for sid, rs in groups.items():
@@ -197,6 +249,7 @@ def write_plots(workdir: str, runs: Sequence[Mapping[str, Any]], out_dir: str) -
   for name, draw in (
     ("training_curves.png", lambda p: training_curves(workdir, groups, p)),
     ("psnr_vs_usage.png", lambda p: psnr_vs_usage(groups, p)),
+    ("by_codebook_size.png", lambda p: by_codebook_size(groups, p)),
     ("usage_histograms.png", lambda p: usage_histograms(workdir, groups, p)),
     ("reconstructions.png", lambda p: reconstructions(workdir, groups, p)),
   ):

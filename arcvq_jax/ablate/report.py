@@ -33,6 +33,7 @@ METRICS = (
   ("mse", "MSE", ".5f", "eval"),
   ("train_time_s", "train time (s)", ".0f", "status"),
   ("steps_per_sec", "steps/s", ".2f", "status"),
+  ("ms_per_step", "ms/step", ".1f", "status"),  # 1000 / steps_per_sec, per run
   ("wall_time_s", "wall time (s)", ".0f", "status"),
 )
 TABLE = ("psnr", "ssim", "lpips", "rfid", "codebook_usage", "perplexity", "train_time_s")
@@ -75,6 +76,14 @@ def _stats(values: Sequence[float]) -> dict[str, Any]:
   )
 
 
+def _value(run: Mapping[str, Any], key: str, source: str) -> float | None:
+  """A run's metric: from its eval.json or its status.json (ms/step from its steps/s)."""
+  if key == "ms_per_step":
+    rate = run["status"].get("steps_per_sec")
+    return 1000.0 / rate if rate else None
+  return (run["eval"] if source == "eval" else run["status"]).get(key)
+
+
 def summarize(runs: Sequence[Mapping[str, Any]], planned: Sequence[Mapping[str, Any]]):
   """Per setting: seeds by state, errors, and each metric's statistics over finished seeds."""
   order: dict[str, dict[str, Any]] = {}
@@ -97,7 +106,7 @@ def summarize(runs: Sequence[Mapping[str, Any]], planned: Sequence[Mapping[str, 
     }
     metrics: dict[str, Any] = {}
     for key, _, _, source in METRICS:
-      values = [(r["eval"] if source == "eval" else r["status"]).get(key) for r in done]
+      values = [_value(r, key, source) for r in done]
       values = [v for v in values if v is not None]
       if values:
         metrics[key] = _stats(values)
@@ -161,7 +170,7 @@ def markdown(result: Mapping[str, Any]) -> str:
   head = ["setting", "codes", "seeds done/failed/pending"] + [
     h for k, h, _, _ in METRICS if k in TABLE
   ]
-  head.append("steps/s")
+  head += ["steps/s", "ms/step"]
   lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   fmts = {k: f for k, _, f, _ in METRICS}
   for s in settings:
@@ -170,6 +179,7 @@ def markdown(result: Mapping[str, Any]) -> str:
     cells.append(f"{len(n['done'])}/{len(n['failed'])}/{len(n['pending'])}")
     cells += [_cell(s["metrics"].get(k), fmts[k]) for k in TABLE]
     cells.append(_cell(s["metrics"].get("steps_per_sec"), ".2f"))
+    cells.append(_cell(s["metrics"].get("ms_per_step"), ".1f"))
     lines.append("| " + " | ".join(cells) + " |")
   reasons = sorted(
     {

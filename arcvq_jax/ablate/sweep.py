@@ -16,6 +16,11 @@ is a list of values; a list of dicts sets several keys together, e.g.
 {"quantizer": [dict(levels=(8, 5, 5, 5), embed_dim=4), dict(levels=(8, 8, 8, 5, 5, 5),
 embed_dim=6)]}.
 
+One grid key is not a config key: `codebook_size` gives every quantizer a vocabulary of about
+that many tokens, each its own way (quantizers/registry.vocabulary_keys: a codebook of K rows,
+FSQ's levels whose product is closest to K, LFQ's log2 K bits), e.g.
+c.grid = {"codebook_size": [512, 4096, 32768]}.
+
 A run's config is what `python -m arcvq_jax.main --config=FILE:VARIANT` would train (the
 config file's get_config(VARIANT); config.apply_variant on top where get_config takes no
 argument), then the sweep's overrides, the setting's grid values, the seed, and last the
@@ -41,6 +46,7 @@ import ml_collections
 
 from arcvq_jax import cli
 from arcvq_jax import config as config_lib
+from arcvq_jax.quantizers import registry
 
 FIELDS = ("name", "note", "variants", "baselines", "grid", "seeds", "overrides", "skip_metrics")
 SKIPPABLE = ("lpips", "rfid")
@@ -53,6 +59,10 @@ BOOKKEEPING_KEYS = (
   "image_every_steps",
   "data.num_workers",
 )
+
+
+# Grid keys that are no config key: each sets config keys per run, by the run's quantizer.
+VIRTUAL_KEYS = {"codebook_size": registry.vocabulary_keys}
 
 
 class SweepError(cli.UserError):
@@ -272,6 +282,16 @@ def from_config(sweep: ml_collections.ConfigDict | Mapping[str, Any], where: str
       f"{where}: a grid applies to the variants, and there are only baselines; name the "
       "variants to vary (the same name may be a baseline too)."
     )
+  for axis in result.grid:
+    for entry in axis:
+      for key, value in entry.items():
+        if key in VIRTUAL_KEYS and (
+          not isinstance(value, int) or isinstance(value, bool) or value < 2
+        ):
+          raise SweepError(
+            f"{where}: grid.{key} = {value!r}: a {key} is a whole number of codes >= 2, e.g. "
+            f"grid.{key} = [512, 4096]."
+          )
   both = set(result.grid_keys()) & {k for k, _ in result.overrides}
   if both:
     raise SweepError(f"{where}: {sorted(both)} are in both grid and overrides; keep one.")
@@ -357,6 +377,11 @@ def resolve(
     _check_key(config, key, f"{where}: overrides", name)
     set_key(config, key, value, f"{where}: overrides")
   for key, value in setting.values:
+    if key in VIRTUAL_KEYS:
+      for real_key, real_value in VIRTUAL_KEYS[key](config, value).items():
+        _check_key(config, real_key, f"{where}: grid {key}={value}", name)
+        set_key(config, real_key, real_value, f"{where}: grid {key}={value}")
+      continue
     _check_key(config, key, f"{where}: grid", name)
     set_key(config, key, value, f"{where}: grid")
   config.seed = seed

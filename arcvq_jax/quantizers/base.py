@@ -65,6 +65,13 @@ class Quantizer(abc.ABC):
     """The quantizer config.quantizer (and config.arc, for ArcVQ) describe. Raises
     QuantizerConfigError naming the key of a setting that cannot work."""
 
+  @classmethod
+  def vocabulary_keys(cls, vocab_size: int) -> dict[str, Any]:
+    """The config.quantizer keys (without the prefix) that give this quantizer a vocabulary
+    of `vocab_size` tokens, or the nearest it can make, set its own way: a codebook of that
+    many rows unless a subclass says otherwise (what a sweep's `codebook_size` sets)."""
+    return {"num_codes": int(vocab_size)}
+
   @property
   @abc.abstractmethod
   def vocab_size(self) -> int:

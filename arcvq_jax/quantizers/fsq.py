@@ -25,6 +25,7 @@ and their product at most 2^24.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Any
 
@@ -45,6 +46,30 @@ MAX_VOCAB = 2**24
 # beyond the outer levels, and round(b) a level outside 0..L-1 (as in the library).
 MAX_LEVEL = 1000
 LEVELS_EXAMPLE = "(8, 5, 5, 5) (1000 codes) or (8, 8, 8, 5, 5, 5) (64000 codes)"
+
+
+# Levels per channel that `levels_for` chooses from: the FSQ paper recommends L >= 5 (its
+# Table 1 uses 5 to 8), and 8 is the largest level its configurations use.
+CHOSEN_LEVELS = (5, 6, 7, 8)
+
+
+def levels_for(vocab_size: int, max_channels: int = 8) -> tuple[int, ...]:
+  """The levels (descending, each in CHOSEN_LEVELS) whose product is closest to `vocab_size`
+  on a log scale; among equally close ones, more channels (FSQ trades levels for channels),
+  then the larger levels first. E.g. 1000 -> (8, 5, 5, 5), 512 -> (8, 8, 8),
+  4096 -> (8, 8, 8, 8), 32768 -> (8, 8, 8, 8, 8)."""
+  if vocab_size < 2:
+    raise ValueError(f"an FSQ vocabulary needs at least 2 codes, got {vocab_size}")
+  candidates = (
+    combo
+    for channels in range(1, max_channels + 1)
+    for combo in itertools.combinations_with_replacement(CHOSEN_LEVELS[::-1], channels)
+  )
+
+  def rank(levels: tuple[int, ...]) -> tuple[float, int, tuple[int, ...]]:
+    return (abs(math.log(math.prod(levels) / vocab_size)), -len(levels), tuple(-v for v in levels))
+
+  return min(candidates, key=rank)
 
 
 def check_levels(levels: Any) -> tuple[int, ...]:
@@ -165,6 +190,12 @@ class FSQ(Quantizer):
         f"Set --config.quantizer.embed_dim={len(levels)} (the fsq variants set both).",
       )
     return cls(levels=levels)
+
+  @classmethod
+  def vocabulary_keys(cls, vocab_size: int) -> dict[str, Any]:
+    """Levels whose product is closest to `vocab_size` (`levels_for`), one channel each."""
+    levels = levels_for(vocab_size)
+    return {"levels": levels, "embed_dim": len(levels)}
 
   @property
   def vocab_size(self) -> int:

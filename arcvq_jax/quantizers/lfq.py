@@ -172,6 +172,13 @@ class LFQ(Quantizer):
       out[field] = float(value)
     return cls(**out)
 
+  @classmethod
+  def vocabulary_keys(cls, vocab_size: int) -> dict[str, Any]:
+    """The bits whose 2^bits is closest to `vocab_size` on a log scale (log2 K for a power of
+    two); num_codes is kept equal to the vocabulary, as the 'lfq' variant does."""
+    bits = min(max(1, round(math.log2(vocab_size))), MAX_BITS)
+    return {"embed_dim": bits, "num_codes": 2**bits}
+
   @property
   def vocab_size(self) -> int:
     return 2**self.bits

@@ -3,6 +3,8 @@ here, its tests (docs/contributing.md, "Adding a quantizer")."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import ml_collections
 
 from arcvq_jax.quantizers.arcvq import ArcVQ
@@ -35,3 +37,16 @@ def from_config(config: ml_collections.ConfigDict) -> Quantizer:
       f"Use one of {sorted(QUANTIZERS)} (e.g. --config.quantizer.name=fsq).",
     )
   return QUANTIZERS[name].from_config(config)
+
+
+def vocabulary_keys(config: ml_collections.ConfigDict, vocab_size: int) -> dict[str, Any]:
+  """{dotted config key: value} that give the quantizer config.quantizer.name names a
+  vocabulary of about `vocab_size` tokens, its own way (a codebook's rows, FSQ's levels,
+  LFQ's bits): what an ablation sweep's `codebook_size` grid sets."""
+  name = config.quantizer.get("name", DEFAULT)
+  if name not in QUANTIZERS:
+    raise config_error(
+      "quantizer.name", f"{name!r} is not a quantizer", f"Use one of {sorted(QUANTIZERS)}."
+    )
+  keys = QUANTIZERS[name].vocabulary_keys(vocab_size)
+  return {f"quantizer.{k}": v for k, v in keys.items()}
