@@ -125,6 +125,11 @@ def test_readme_is_short_and_has_no_history():
   assert not re.search(r"\b20\d\d-\d\d-\d\d\b", text), "dated measurements in README.md"
 
 
+def test_the_performance_page_stays_short():
+  lines = read(os.path.join(ROOT, "docs", "performance.md")).splitlines()
+  assert len(lines) <= 150, f"docs/performance.md has {len(lines)} lines (at most 150)"
+
+
 def test_readme_commands_name_real_configs_and_modules():
   text = read(README)
   configs = set(re.findall(r"\bconfigs/[\w/]+\.py", text))
