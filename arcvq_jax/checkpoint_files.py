@@ -189,7 +189,9 @@ def read_state(
     raise CheckpointError(f"{path} does not exist: step {step} has no train state.")
   tree = state_metadata(checkpoint_dir, step)
   if abstract_state is None:
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # This process's own first device: in a multi-process run the global first device
+    # belongs to process 0, and the others could not read onto it.
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract_state = jax.tree.map(
       lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree
     )

@@ -92,6 +92,35 @@ def test_two_processes_agree_with_one(tmp_path):
   # Each process saved its own position of the data iterator.
   names = sorted(os.listdir(tmp_path / "two" / "checkpoints" / "3" / "data"))
   assert any("process_1" in n for n in names), names
+  # Every process of a multi-process job can load the tokenizer (onto its own device: the
+  # global first device is process 0's), as the priors and tokenize do.
+  port = free_port()
+  script = (
+    "import sys, jax, numpy as np\n"
+    f"jax.distributed.initialize('localhost:{port}', num_processes=2,"
+    " process_id=int(sys.argv[1]))\n"
+    "from arcvq_jax import api\n"
+    f"tok = api.Tokenizer.from_workdir({str(tmp_path / 'two')!r})\n"
+    "x = np.linspace(-1, 1, 2 * 28 * 28, dtype=np.float32).reshape(2, 28, 28, 1)\n"
+    "print('tokens', np.asarray(tok.encode(x)).ravel().tolist())\n"
+  )
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", script, str(i)],
+      cwd=ROOT,
+      env=ENV,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  outs = [p.communicate(timeout=300) for p in procs]
+  x = np.linspace(-1, 1, 2 * 28 * 28, dtype=np.float32).reshape(2, 28, 28, 1)
+  want = np.asarray(api.Tokenizer.from_workdir(str(tmp_path / "two")).encode(x)).ravel().tolist()
+  for p, (out, err) in zip(procs, outs, strict=True):
+    assert p.returncode == 0, err[-3000:]
+    assert f"tokens {want}" in out
 
 
 @pytest.mark.slow
