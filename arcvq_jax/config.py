@@ -294,6 +294,8 @@ STAGE_KEYS = {
   "tokenizer": ("model.name", "quantizer", "arc", "data.source", "eval_batch_size"),
   "ldm": ("tokenizer_workdir", "unet", "diffusion", "sampling", "ema"),
   "pixelcnn": ("tokenizer_workdir", "pixelcnn", "sampling", "ema"),
+  "maskgit": ("tokenizer_workdir", "maskgit", "guidance", "sampling", "ema"),
+  "ar": ("tokenizer_workdir", "ar", "guidance", "sampling", "ema"),
 }
 MODEL_KEYS = {
   "vqvae": ("model.hidden", "model.res_hidden", "model.num_res_layers"),
@@ -314,6 +316,8 @@ EXAMPLE_CONFIGS = {
   "tokenizer": ("configs/tiny.py", "configs/fashion_mnist.py"),
   "ldm": ("configs/tiny_ldm.py", "configs/imagenet_ldm.py"),
   "pixelcnn": ("configs/tiny_pixelcnn.py", "configs/cifar10_pixelcnn.py"),
+  "maskgit": ("configs/tiny_maskgit.py", "configs/imagenet_maskgit.py"),
+  "ar": ("configs/tiny_ar.py", "configs/imagenet_ar.py"),
   "vqvae": ("configs/tiny.py", "configs/fashion_mnist.py"),
   "vqgan": ("configs/tiny_vqgan.py", "configs/imagenet.py"),
 }
@@ -351,7 +355,14 @@ def check_sections(c: ml_collections.ConfigDict, source: str = "the config") -> 
   for key, value, needed in checks:
     missing = [k for k in needed if not _has(c, k)]
     if missing:
-      what = {"ldm": "an LDM", "pixelcnn": "a PixelCNN", "vqgan": "a VQGAN", "vqvae": "a VQ-VAE"}
+      what = {
+        "ldm": "an LDM",
+        "pixelcnn": "a PixelCNN",
+        "maskgit": "a MaskGIT",
+        "ar": "an autoregressive transformer",
+        "vqgan": "a VQGAN",
+        "vqvae": "a VQ-VAE",
+      }
       _fail(
         key,
         f"is {value!r}, but {source} has no {', '.join(missing)} (what "

@@ -16,7 +16,12 @@ Samples (`--samples`):
     of one size, read as RGB as pytorch-fid reads them.
 Reference (one of):
   - `--reference_stats=PATH` where PATH exists: statistics written by this command (or a
-    pytorch-fid statistics file with mu/sigma, which gives FID but no precision/recall);
+    pytorch-fid statistics file with mu/sigma, which gives FID but no precision/recall), or
+    an ADM evaluator reference batch (guided-diffusion's `VIRTUAL_imagenet256_labeled.npz`:
+    mu and sigma of the whole training set, 10k images in arr_0): FID against its mu/sigma,
+    the numbers LlamaGen and MaskGIT-style papers report; `--reference_batch_images` also
+    passes its images through our Inception, for precision/recall and a second FID against
+    our own statistics of them (docs/evaluation.md, "The protocol");
   - `--reference=X.npz|DIR`: images as above;
   - `--reference_config=configs/...py --reference_split=train`: a data set through the
     project's pipeline (TFDS, IDX or folder, resized and centre-cropped as in evaluation).
@@ -248,6 +253,55 @@ def open_samples(path: str, limit: int = 0) -> Samples:
   return FolderSamples(path, limit)
 
 
+# ------------------------------------------------------------------------------ ADM batches
+
+ADM_KEYS = ("arr_0", "mu", "sigma")
+
+
+def _npz_members(path: str) -> list[str]:
+  """The array names of an .npz, from its zip directory (no array is read)."""
+  try:
+    with epath.Path(path).expanduser().open("rb") as f, zipfile.ZipFile(f) as zf:
+      return [n[: -len(".npy")] for n in zf.namelist() if n.endswith(".npy")]
+  except (OSError, zipfile.BadZipFile):
+    return []
+
+
+def is_adm_batch(path: str) -> bool:
+  """Whether `path` is an ADM evaluator reference batch (guided-diffusion's evaluations/:
+  arr_0 images, mu / sigma of the 2048-d pool features, usually mu_s / sigma_s), not
+  statistics this command wrote (those hold num_images)."""
+  names = set(_npz_members(path))
+  return set(ADM_KEYS) <= names and "num_images" not in names
+
+
+def load_adm_batch(
+  path: str,
+  extractor: inception_lib.InceptionFeatures | None = None,
+  *,
+  keep: int = 10000,
+  seed: int = 0,
+) -> tuple[fid_lib.FeatureStats, fid_lib.FeatureStats | None]:
+  """An ADM reference batch as (reference, images): reference holds the file's mu / sigma
+  (computed by ADM with TensorFlow's FID Inception, the network pytorch-fid's weights port)
+  for FID; images is None, or with an `extractor` the statistics of its arr_0 images through
+  our Inception, whose `keep` features the reference then carries for precision/recall.
+  Only mu and sigma are read unless the images are asked for (arr_0 is ~2 GB at 256)."""
+  with epath.Path(path).expanduser().open("rb") as f, np.load(f) as data:
+    mu, sigma = np.asarray(data["mu"]), np.asarray(data["sigma"])
+  batch = NpzSamples(path)  # arr_0's header only, until its rows are read
+  info = dict(
+    image_shape=list(batch.image_shape),
+    source=f"ADM reference batch {path} (its mu / sigma; {batch.num_images} images in arr_0)",
+  )
+  images = None
+  if extractor is not None:
+    images = compute_stats(batch, extractor, keep=keep, seed=seed, desc="reference batch")
+  features = None if images is None else images.features
+  reference = fid_lib.FeatureStats.from_mean_cov(mu, sigma, features=features, info=info)
+  return reference, images
+
+
 # ------------------------------------------------------------------------------ statistics
 
 
@@ -310,8 +364,11 @@ def evaluate_samples(
   pr_features: int = 10000,
   allow_size_mismatch: bool = False,
   seed: int = 0,
+  reference_images: fid_lib.FeatureStats | None = None,
 ) -> dict[str, Any]:
-  """FID, Inception Score, precision and recall of `samples` against `reference` stats."""
+  """FID, Inception Score, precision and recall of `samples` against `reference` stats;
+  with `reference_images` (an ADM batch's images through our Inception, `load_adm_batch`)
+  also 'fid_reference_images', the FID against those."""
   check_comparable(
     dict(image_shape=samples.image_shape, network=extractor.fingerprint),
     reference.info,
@@ -333,6 +390,8 @@ def evaluate_samples(
     samples=samples.description,
     reference=reference.info.get("source", "unknown"),
   )
+  if reference_images is not None:
+    results["fid_reference_images"] = fid_lib.fid_from_stats(stats, reference_images)
   if len(reference.features) > fid_lib.PR_NEIGHBOURS:
     feats = reference.features[:pr_features]
     results["precision"], results["recall"] = fid_lib.precision_recall(feats, stats.features)
@@ -384,6 +443,12 @@ def define_flags() -> None:
     None,
     "Reference statistics file: read if it exists, "
     "else computed from --reference / --reference_config and written here.",
+  )
+  flags.DEFINE_bool(
+    "reference_batch_images",
+    False,
+    "With an ADM reference batch as --reference_stats: also pass its images (arr_0) through "
+    "the Inception, for precision/recall and an FID against our statistics of them.",
   )
   flags.DEFINE_string("out", None, "Results JSON (a .md table is written beside it).")
   flags.DEFINE_string("inception_path", inception_lib.DEFAULT_PATH, "FID Inception weights.")
@@ -444,14 +509,36 @@ def _is_stats_file(path: str) -> bool:
     raise ImageSetError(f"--reference={path} is not an .npz file ({e}).") from e
 
 
-def _load_reference(extractor: inception_lib.InceptionFeatures) -> fid_lib.FeatureStats:
+def _load_reference(
+  extractor: inception_lib.InceptionFeatures,
+) -> tuple[fid_lib.FeatureStats, fid_lib.FeatureStats | None]:
+  """The reference statistics and, for an ADM batch with --reference_batch_images, those of
+  its images (else None)."""
   cache = FLAGS.reference_stats
+  given = None  # a file of statistics: --reference_stats that exists, or --reference=X.npz
   if cache and epath.Path(cache).expanduser().exists():
-    logging.info("Reference statistics from %s", cache)
-    return load_stats(cache, "--reference_stats")
-  if FLAGS.reference and FLAGS.reference.endswith(".npz") and _is_stats_file(FLAGS.reference):
-    return load_stats(FLAGS.reference, "--reference")  # a statistics file given as --reference
-  reference = _reference_samples()
+    given = (cache, "--reference_stats")
+  elif FLAGS.reference and FLAGS.reference.endswith(".npz") and _is_stats_file(FLAGS.reference):
+    given = (FLAGS.reference, "--reference")
+  if given is not None and is_adm_batch(given[0]):
+    logging.info("ADM reference batch %s: FID against its mu / sigma", given[0])
+    images = extractor if FLAGS.reference_batch_images else None
+    return load_adm_batch(given[0], images, keep=FLAGS.pr_features, seed=FLAGS.seed + 1)
+  if FLAGS.reference_batch_images:
+    raise app.UsageError(
+      "--reference_batch_images needs an ADM reference batch (an .npz of arr_0, mu and sigma, "
+      "e.g. VIRTUAL_imagenet256_labeled.npz) as --reference_stats."
+    )
+  if given is not None:
+    logging.info("Reference statistics from %s", given[0])
+    return load_stats(*given), None
+  return _computed_reference(_reference_samples(), cache, extractor), None
+
+
+def _computed_reference(
+  reference: Samples, cache: str | None, extractor: inception_lib.InceptionFeatures
+) -> fid_lib.FeatureStats:
+  """The statistics of the reference images, written to `cache` if given."""
   fid_lib.warn_if_few(reference.num_images, inception_lib.POOL_DIM, "reference")
   stats = compute_stats(
     reference, extractor, keep=FLAGS.pr_features, seed=FLAGS.seed + 1, desc="reference"
@@ -486,7 +573,7 @@ def main(argv: list[str]) -> None:
   extractor = inception_lib.InceptionFeatures(
     inception_lib.load_params(FLAGS.inception_path), batch_size=FLAGS.batch_size
   )
-  reference = _load_reference(extractor)
+  reference, reference_images = _load_reference(extractor)
   if samples is None:
     print(f"reference statistics of {reference.count} images: {FLAGS.reference_stats}")
     return
@@ -497,6 +584,7 @@ def main(argv: list[str]) -> None:
     pr_features=FLAGS.pr_features,
     allow_size_mismatch=FLAGS.allow_size_mismatch,
     seed=FLAGS.seed,
+    reference_images=reference_images,
   )
   print(json.dumps(results, indent=2))
   print(markdown_table(results))

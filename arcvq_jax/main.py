@@ -16,7 +16,7 @@ from ml_collections import config_flags
 
 from arcvq_jax import cli, distributed, run_summary
 from arcvq_jax import config as config_lib
-from arcvq_jax.train import prior_ldm, prior_pixelcnn, tokenizer
+from arcvq_jax.train import prior_ldm, prior_pixelcnn, prior_transformer, tokenizer
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -44,6 +44,8 @@ STAGES = {
   "tokenizer": tokenizer.train_and_evaluate,
   "ldm": prior_ldm.train_and_evaluate,
   "pixelcnn": prior_pixelcnn.train_and_evaluate,
+  "maskgit": prior_transformer.train_and_evaluate,
+  "ar": prior_transformer.train_and_evaluate,
 }
 
 

@@ -1,5 +1,6 @@
-"""Config pieces of the generative priors (docs/math.md, section 11): the latent-diffusion and the
-PixelCNN defaults, and their validation.
+"""Config pieces of the generative priors (docs/math.md, section 11): the defaults of the
+latent-diffusion model, the PixelCNN and the two transformer token priors (MaskGIT and the
+autoregressive transformer), and their validation.
 
 A prior trains on a frozen tokenizer: `config.tokenizer_workdir` is the --workdir of a
 tokenizer run (python -m arcvq_jax.main with a tokenizer config). Its images come from the
@@ -10,13 +11,24 @@ a tokenizer that differs is refused before anything is compiled (0 / () skips a 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import ml_collections
 
 from arcvq_jax import diffusion
 from arcvq_jax.config import _check_choice, _check_finite, _check_positive_int, _fail
+from arcvq_jax.models import ar as ar_model
+from arcvq_jax.models import transformer
 from arcvq_jax.models.layers import XLA_CONV_LIBRARIES
 
-STAGES = ("ldm", "pixelcnn")
+STAGES = ("ldm", "pixelcnn", "maskgit", "ar")
+# The transformer priors over token grids (train/prior_transformer.py).
+TRANSFORMER_STAGES = ("maskgit", "ar")
+# The sampling settings each transformer prior reads (config.sampling keys, sample.py's flags).
+SAMPLING_KEYS = {
+  "maskgit": ("decode_steps", "temperature", "choice_temperature", "guidance_scale"),
+  "ar": ("temperature", "top_k", "top_p", "guidance_scale"),
+}
 
 
 def _data_overrides() -> ml_collections.ConfigDict:
@@ -166,6 +178,83 @@ def pixelcnn_config() -> ml_collections.ConfigDict:
   c.optimizer.lr = 3e-4
   c.batch_size = 128
   c.num_train_steps = 100_000
+  return c
+
+
+def _transformer_prior(stage: str) -> ml_collections.ConfigDict:
+  """What the MaskGIT and the autoregressive transformer share: ImageNet 256 on 16x16 token
+  grids of an f16 tokenizer (K 1024), class-conditional with label dropout, bf16 compute."""
+  c = _common(stage)
+  c.tokenizer_expect.num_codes = 1024
+  c.tokenizer_expect.latent_shape = (16, 16, 16)  # configs/imagenet_f16.py's latents
+  c.num_classes = 1000
+  # As the PixelCNN's: token shards made by `python -m arcvq_jax.tokenize` (else a pass of
+  # the prior's own over the training split).
+  c.data.token_shards = ml_collections.FieldReference(None, field_type=str)
+  # Classifier-free guidance: the label is replaced by the null class (num_classes) with this
+  # probability during training; 0 trains no unconditional model (then guidance_scale 1).
+  c.guidance = ml_collections.ConfigDict(dict(cond_drop_prob=0.1))
+  # Linear warm-up of the learning rate over optimizer.warmup_steps (0: none); weight decay
+  # (adamw) on matrices and embeddings only (decay_vectors False: no decay of biases and norm
+  # scales, as LlamaGen's and nanoGPT's optimizer groups).
+  c.optimizer.update(
+    dict(name="adamw", lr=1e-4, b1=0.9, b2=0.95, weight_decay=0.05, grad_clip_norm=1.0)
+  )
+  c.optimizer.warmup_steps = 0
+  c.optimizer.decay_vectors = False
+  c.ema.decay = 0.9999
+  c.batch_size = 256
+  # 300 epochs of ImageNet's 1,281,167 training images at batch 256 (5004 steps an epoch).
+  c.num_train_steps = 300 * 5004
+  c.checkpoint_every_steps = 5000
+  c.sampling = ml_collections.ConfigDict(
+    dict(
+      temperature=1.0,
+      guidance_scale=1.0,  # 1: the conditional model alone
+      use_ema=True,
+      batch_size=64,
+      num_samples=50000,
+    )
+  )
+  return c
+
+
+def _network(dim: int, depth: int, num_heads: int, **extra) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(
+    dict(
+      dim=dim,
+      depth=depth,
+      num_heads=num_heads,
+      mlp_ratio=4.0,  # SwiGLU width: 2/3 of mlp_ratio * dim, rounded up to multiple_of
+      multiple_of=256,
+      dropout=0.1,  # token / embedding, residual and feed-forward dropout
+      dtype="float32",  # 'bfloat16': matmuls in bf16; params, logits and loss float32
+      **extra,
+    )
+  )
+
+
+def maskgit_config() -> ml_collections.ConfigDict:
+  """MaskGIT's class-conditional transformer (google-research/maskgit,
+  maskgit_class_cond_config): 24 layers, 768 wide, 16 heads, dropout 0.1, label smoothing
+  0.1; AdamW lr 1e-4 (5000 warm-up steps), betas (0.9, 0.96), weight decay 0.045, batch
+  256; decoding in 8 steps with choice temperature 4.5 (docs/math.md, section 11.3)."""
+  c = _transformer_prior("maskgit")
+  c.maskgit = _network(768, 24, 16, label_smoothing=0.1)
+  c.optimizer.update(dict(b2=0.96, weight_decay=0.045, grad_clip_norm=0.0, warmup_steps=5000))
+  c.ema.decay = 0.999  # maskgit's base_config polyak_decay
+  c.sampling.update(dict(decode_steps=8, choice_temperature=4.5))
+  return c
+
+
+def ar_config() -> ml_collections.ConfigDict:
+  """LlamaGen-B's class-conditional GPT (FoundationVision/LlamaGen, train_c2i.py): 12 layers,
+  768 wide, 12 heads, 2D RoPE, RMSNorm, SwiGLU, dropout 0.1, class dropout 0.1; AdamW lr 1e-4,
+  betas (0.9, 0.95), weight decay 0.05, gradient clipping 1.0, batch 256; sampling with
+  top-k 0, top-p 1 (docs/math.md, section 11.4)."""
+  c = _transformer_prior("ar")
+  c.ar = _network(768, 12, 12, positions="rope2d", rope_base=10000.0)
+  c.sampling.update(dict(top_k=0, top_p=1.0, guidance_scale=2.0))
   return c
 
 
@@ -354,10 +443,124 @@ def validate_pixelcnn(
     )
 
 
+def validate_transformer(
+  c: ml_collections.ConfigDict, num_devices: int = 1, process_count: int = 1
+) -> None:
+  """Raises ValueError naming the key for any invalid MaskGIT or AR value (c.stage picks
+  which); the vocabulary bound (2^16) where config.tokenizer_expect.num_codes states it."""
+  _validate_common(c, num_devices, process_count)
+  stage = c.stage
+  n = c[stage]
+  for key in ("dim", "depth", "num_heads", "multiple_of"):
+    _check_positive_int(c, f"{stage}.{key}")
+  if not n.mlp_ratio > 0:
+    _fail(f"{stage}.mlp_ratio", f"must be > 0, got {n.mlp_ratio}", "LlamaGen and MaskGIT use 4.")
+  if n.dim % n.num_heads:
+    _fail(
+      f"{stage}.dim",
+      f"{n.dim} is not divisible by {stage}.num_heads ({n.num_heads})",
+      "Use a width that is a multiple of the number of heads.",
+    )
+  if stage == "ar":
+    _check_choice(c, "ar.positions", ar_model.POSITIONS)
+    quarter = {"rope2d": 4, "rope1d": 2}.get(n.positions, 1)
+    if (n.dim // n.num_heads) % quarter:
+      _fail(
+        "ar.num_heads",
+        f"gives heads of {n.dim // n.num_heads} channels, but {n.positions} rotates pairs of "
+        f"channels{' per grid axis' if quarter == 4 else ''}: the head width must divide by "
+        f"{quarter}",
+        "Choose dim / num_heads divisible by 4 (LlamaGen-B: 768 / 12 = 64).",
+      )
+  else:
+    if not 0.0 <= n.label_smoothing < 1.0:
+      _fail(
+        "maskgit.label_smoothing",
+        f"must be in [0, 1), got {n.label_smoothing}",
+        "MaskGIT uses 0.1.",
+      )
+  if not 0.0 <= n.dropout < 1.0:
+    _fail(f"{stage}.dropout", f"must be in [0, 1), got {n.dropout}", "LlamaGen uses 0.1.")
+  _check_choice(c, f"{stage}.dtype", ("float32", "bfloat16"))
+  if not 0.0 <= c.guidance.cond_drop_prob < 1.0:
+    _fail(
+      "guidance.cond_drop_prob",
+      f"must be in [0, 1), got {c.guidance.cond_drop_prob}",
+      "0.1 is usual; 0 trains no unconditional model (guidance then needs scale 1).",
+    )
+  warmup = c.optimizer.get("warmup_steps", 0)
+  if not isinstance(warmup, int) or warmup < 0:
+    _fail("optimizer.warmup_steps", f"must be an integer >= 0, got {warmup!r}", "0: no warm-up.")
+  if c.tokenizer_expect.num_codes:
+    check_vocabulary(c.tokenizer_expect.num_codes, "tokenizer_expect.num_codes", "")
+  check_sampling(
+    c, {k: c.sampling[k] for k in SAMPLING_KEYS[stage]}, lambda k: f"config.sampling.{k}"
+  )
+
+
+def check_vocabulary(num_codes: int, key: str, where: str) -> None:
+  """A transformer prior's one output head takes up to 2^16 codes (docs/math.md, section 11.5):
+  raises ValueError naming `key` (and `where` the codes come from, if given) otherwise."""
+  try:
+    transformer.check_vocab(num_codes)
+  except ValueError as e:
+    raise ValueError(f"config.{key}: {where + ': ' if where else ''}{e}") from None
+
+
+def check_sampling(
+  c: ml_collections.ConfigDict, settings: dict, name: Callable[[str], str]
+) -> None:
+  """The sampling settings of a transformer prior (config.sampling's, or sample.py's flags):
+  raises ValueError naming each bad one by `name(key)` (e.g. 'config.sampling.top_p', or
+  '--top_p'). Guidance needs a class-conditional model that was trained with label dropout."""
+
+  def fail(key: str, problem: str, fix: str) -> None:
+    raise ValueError(f"{name(key)}: {problem}. {fix}")
+
+  s = settings
+  if "temperature" in s and not s["temperature"] > 0:
+    fail(
+      "temperature", f"must be > 0, got {s['temperature']}", "1.0 samples the model's distribution."
+    )
+  if "top_k" in s and (not isinstance(s["top_k"], int) or s["top_k"] < 0):
+    fail(
+      "top_k",
+      f"must be an integer >= 0, got {s['top_k']!r}",
+      "0 keeps every code (LlamaGen's FID runs).",
+    )
+  if "top_p" in s and not 0.0 < s["top_p"] <= 1.0:
+    fail("top_p", f"must be in (0, 1], got {s['top_p']}", "1.0 keeps every code.")
+  if "decode_steps" in s and (not isinstance(s["decode_steps"], int) or s["decode_steps"] < 1):
+    fail("decode_steps", f"must be an integer >= 1, got {s['decode_steps']!r}", "MaskGIT uses 8.")
+  if "choice_temperature" in s and not s["choice_temperature"] >= 0:
+    fail("choice_temperature", f"must be >= 0, got {s['choice_temperature']}", "MaskGIT uses 4.5.")
+  scale = s.get("guidance_scale", 1.0)
+  if not scale >= 0:
+    fail("guidance_scale", f"must be >= 0, got {scale}", "1.0 is no guidance.")
+  if scale != 1.0 and c.num_classes == 0:
+    fail(
+      "guidance_scale",
+      f"is {scale} but the model is unconditional (num_classes = 0)",
+      "Set it to 1.0.",
+    )
+  if scale != 1.0 and c.guidance.cond_drop_prob == 0:
+    fail(
+      "guidance_scale",
+      f"is {scale} but the model was trained without label dropout "
+      "(guidance.cond_drop_prob = 0): its null class means nothing",
+      "Set it to 1.0, or train with --config.guidance.cond_drop_prob=0.1.",
+    )
+
+
 def validate(c: ml_collections.ConfigDict, num_devices: int = 1, process_count: int = 1) -> None:
-  """validate_ldm or validate_pixelcnn by config.stage."""
+  """validate_ldm, validate_pixelcnn or validate_transformer by config.stage."""
   _check_choice(c, "stage", STAGES)
-  (validate_ldm if c.stage == "ldm" else validate_pixelcnn)(c, num_devices, process_count)
+  if c.stage == "ldm":
+    validate_ldm(c, num_devices, process_count)
+  elif c.stage == "pixelcnn":
+    validate_pixelcnn(c, num_devices, process_count)
+  else:
+    validate_transformer(c, num_devices, process_count)
 
 
 def unet_levels(c: ml_collections.ConfigDict, latent_side: int) -> list[int]:
@@ -368,8 +571,11 @@ def unet_levels(c: ml_collections.ConfigDict, latent_side: int) -> list[int]:
 def validate_against_tokenizer(
   c: ml_collections.ConfigDict, num_codes: int, latent_shape: tuple[int, int, int], where: str
 ) -> None:
-  """Checks that need the tokenizer: config.tokenizer_expect, and the UNet against the latent
-  shape. `where` names the tokenizer (its workdir and step) in the message."""
+  """Checks that need the tokenizer: a transformer prior's vocabulary bound,
+  config.tokenizer_expect, and the UNet against the latent shape. `where` names the tokenizer
+  (its workdir and step) in the message."""
+  if c.stage in TRANSFORMER_STAGES:  # before the expectations: no setting makes it fit
+    check_vocabulary(num_codes, "tokenizer_workdir", f"the tokenizer at {where}")
   e = c.tokenizer_expect
   if e.num_codes and e.num_codes != num_codes:
     _fail(

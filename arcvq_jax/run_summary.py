@@ -110,13 +110,18 @@ def summary_lines(
         f"python -m arcvq_jax.tokenize --workdir={q(workdir)} --out={q(shards)}",
       )
     )
-    nxt.append(
-      (
-        "a prior on its tokens",
-        "python -m arcvq_jax.main --config=configs/demo_pixelcnn.py --workdir=PRIOR_DIR "
-        f"--config.tokenizer_workdir={q(workdir)}",
+    for label, prior in (
+      ("a prior on its tokens (a PixelCNN)", "demo_pixelcnn"),
+      ("or MaskGIT's transformer", "demo_maskgit"),
+      ("or an autoregressive transformer (LlamaGen's)", "demo_ar"),
+    ):
+      nxt.append(
+        (
+          label,
+          f"python -m arcvq_jax.main --config=configs/{prior}.py --workdir=PRIOR_DIR "
+          f"--config.tokenizer_workdir={q(workdir)}",
+        )
       )
-    )
   else:
     nxt.append(("sample", f"python -m arcvq_jax.sample --workdir={q(workdir)} --num_samples=64"))
   if logs:

@@ -1,8 +1,11 @@
 """Samples from a trained prior: `python -m arcvq_jax.sample --workdir=DIR --num_samples=N`.
 
-Works for both priors (the run's config.stage): the latent diffusion model (DDIM with
-classifier-free guidance, then the frozen tokenizer quantises and decodes the latents) and
-the PixelCNN (ancestral sampling of the token grid, then the tokenizer decodes it).
+Works for every prior (the run's config.stage): the latent diffusion model (DDIM with
+classifier-free guidance, then the frozen tokenizer quantises and decodes the latents), the
+PixelCNN (ancestral sampling of the token grid), MaskGIT (parallel decoding in
+--decode_steps steps) and the AR transformer (raster order with a KV cache, top-k / top-p);
+the tokenizer decodes the token grids. Each prior takes its own flags (STAGE_FLAGS); a flag
+of another prior is refused.
 
 Writes to --out (default DIR/samples/step<S>_seed<seed>[_settings]):
   samples.npz   'images' uint8 (N, H, W, C), 'labels' int32 (N,) (the classes sampled; -1 for
@@ -32,13 +35,13 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from PIL import Image
 
-from arcvq_jax import api, cli, prior_config, sharding
+from arcvq_jax import api, cli, prior_config, sharding, token_sampling
 from arcvq_jax import checkpoint as ckpt_lib
 from arcvq_jax import config as config_lib
 from arcvq_jax.evaluation import images as image_lib
 from arcvq_jax.models import pixelcnn, unet
 from arcvq_jax.train import prior_common as common
-from arcvq_jax.train import prior_ldm, prior_pixelcnn
+from arcvq_jax.train import prior_ldm, prior_pixelcnn, prior_transformer
 
 FLAGS = flags.FLAGS
 
@@ -69,11 +72,25 @@ def define_flags() -> None:
     "step", None, "Checkpoint step of the prior (default: the latest).", lower_bound=0
   )
   flags.DEFINE_float(
-    "guidance_scale", None, "LDM: classifier-free guidance scale (1 = none).", lower_bound=0.0
+    "guidance_scale",
+    None,
+    "LDM, MaskGIT, AR: classifier-free guidance scale (1 = none).",
+    lower_bound=0.0,
   )
   flags.DEFINE_integer("ddim_steps", None, "LDM: DDIM steps.", lower_bound=1)
   flags.DEFINE_float("eta", None, "LDM: DDIM eta (0 = deterministic).", lower_bound=0.0)
-  flags.DEFINE_float("temperature", None, "PixelCNN: softmax temperature.")
+  flags.DEFINE_float("temperature", None, "PixelCNN, MaskGIT, AR: softmax temperature.")
+  flags.DEFINE_integer("top_k", None, "AR: keep the k likeliest codes (0 = all).", lower_bound=0)
+  flags.DEFINE_float(
+    "top_p", None, "AR: keep the likeliest codes up to this probability mass (1 = all)."
+  )
+  flags.DEFINE_integer("decode_steps", None, "MaskGIT: parallel decoding steps.", lower_bound=1)
+  flags.DEFINE_float(
+    "choice_temperature",
+    None,
+    "MaskGIT: temperature of the Gumbel noise on the confidences (annealed to 0).",
+    lower_bound=0.0,
+  )
   flags.DEFINE_bool(
     "use_ema", None, "Sample with the EMA weights (default config.sampling.use_ema)."
   )
@@ -84,12 +101,25 @@ def define_flags() -> None:
     ("guidance_scale", "a finite scale >= 0 (1 = no guidance)"),
     ("eta", "a finite eta >= 0 (0 = deterministic)"),
     ("temperature", "a finite temperature > 0 (1 samples the model's distribution)"),
+    ("choice_temperature", "a finite temperature >= 0 (MaskGIT uses 4.5)"),
   ):
     flags.register_validator(
       name,
       lambda v, name=name: v is None or (math.isfinite(v) and (v > 0 or name != "temperature")),
       message=f"give --{name} {fix}",
     )
+  flags.register_validator(
+    "top_p", lambda v: v is None or 0.0 < v <= 1.0, message="give --top_p in (0, 1] (1: all)"
+  )
+
+
+# The sampling flags each prior takes (besides --num_samples, --batch_size, --seed, --labels,
+# --step, --use_ema, --out, --num_grids).
+STAGE_FLAGS = {
+  "ldm": ("guidance_scale", "ddim_steps", "eta"),
+  "pixelcnn": ("temperature",),
+  **prior_config.SAMPLING_KEYS,
+}
 
 
 class SampleError(RuntimeError):
@@ -315,6 +345,66 @@ def sample_pixelcnn(
   return images, info
 
 
+def sample_transformer(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  num_samples: int,
+  labels: np.ndarray,
+  *,
+  seed: int = 0,
+  batch_size: int | None = None,
+  step: int | None = None,
+  use_ema: bool | None = None,
+  **overrides: Any,
+) -> tuple[np.ndarray, dict[str, Any]]:
+  """Images uint8 (N, H, W, C) from the MaskGIT or AR prior in `workdir`, and the settings
+  used; `overrides` replace config.sampling's settings (prior_config.SAMPLING_KEYS)."""
+  tok, record = common.load_tokenizer(config, workdir)
+  model = prior_transformer.model_from_config(
+    config, record["num_codes"], tuple(record["latent_shape"][:2])
+  )
+  tx = common.make_optimizer(config)
+  abstract = jax.eval_shape(
+    lambda k: prior_transformer.init_state(k, model=model, tx=tx, config=config),
+    jax.random.PRNGKey(0),
+  )
+  state = restore_state(config, workdir, abstract, step)
+  s = config.sampling
+  use_ema = s.use_ema if use_ema is None else use_ema
+  settings = prior_transformer.sampling_settings(config, **overrides)
+  try:  # the flags' values against this model (e.g. guidance needs label dropout)
+    prior_config.check_sampling(config, settings, lambda key: f"--{key}")
+  except ValueError as e:
+    raise SampleError(str(e)) from e
+  mesh = sharding.make_mesh((-1,), ("data",))
+  batch_size = batch_size or s.batch_size
+  if batch_size % mesh.size:
+    raise SampleError(f"--batch_size={batch_size} is not divisible by the {mesh.size} devices.")
+  sample_fn = prior_transformer.make_sample_fn(model, config, settings, mesh=mesh)
+  params = jax.device_put(
+    prior_transformer.sample_params(state, use_ema), sharding.replicated(mesh)
+  )
+  key = jax.random.PRNGKey(seed)
+  h, w, c = record["image_shape"]
+  images = np.zeros((num_samples, h, w, c), np.uint8)
+  name = prior_transformer.NAMES[config.stage]
+  t0 = time.time()
+  for start, idx in _batches(num_samples, batch_size):
+    tokens = sample_fn(
+      params,
+      jnp.asarray(np.maximum(labels[idx], 0)),
+      token_sampling.sample_keys(key, jnp.asarray(idx)),
+    )
+    decoded = tok.decode(np.asarray(tokens))
+    n = min(batch_size, num_samples - start)
+    images[start : start + n] = common.to_uint8(decoded)[:n]
+    logging.info("%s samples %d / %d (%.1f s)", name, start + n, num_samples, time.time() - t0)
+  info = dict(
+    stage=config.stage, step=int(state.step), use_ema=bool(use_ema), tokenizer=record, **settings
+  )
+  return images, info
+
+
 def run(
   config: ml_collections.ConfigDict,
   workdir: str,
@@ -337,10 +427,9 @@ def run(
   y = sample_labels(labels, num_samples, config.num_classes, seed)
   settings = {k: v for k, v in settings.items() if v is not None}
   t0 = time.time()
-  if config.stage == "ldm":
-    images, info = sample_ldm(config, workdir, num_samples, y, seed=seed, **settings)
-  else:
-    images, info = sample_pixelcnn(config, workdir, num_samples, y, seed=seed, **settings)
+  samplers = dict(ldm=sample_ldm, pixelcnn=sample_pixelcnn)
+  sampler = samplers.get(config.stage, sample_transformer)
+  images, info = sampler(config, workdir, num_samples, y, seed=seed, **settings)
   info.update(num_samples=num_samples, seed=seed, labels=labels, seconds=round(time.time() - t0, 2))
   if out is None:
     tag = "_".join(f"{k}{v}" for k, v in sorted(settings.items()) if k != "batch_size")
@@ -373,10 +462,17 @@ def main(argv: list[str]) -> None:
   if FLAGS.out:  # before the sampling: a folder that cannot be written fails now
     cli.check_workdir(FLAGS.out, "--out")
   settings = dict(batch_size=FLAGS.batch_size, step=FLAGS.step, use_ema=FLAGS.use_ema)
-  if config.stage == "ldm":
-    settings.update(guidance_scale=FLAGS.guidance_scale, ddim_steps=FLAGS.ddim_steps, eta=FLAGS.eta)
-  elif FLAGS.temperature is not None:
-    settings.update(temperature=FLAGS.temperature)
+  own = STAGE_FLAGS[config.stage]
+  for name in sorted({n for names in STAGE_FLAGS.values() for n in names}):
+    if FLAGS[name].value is None:
+      continue
+    if name not in own:
+      takes = [s for s, names in STAGE_FLAGS.items() if name in names]
+      raise cli.UserError(
+        f"--{name} is a flag of the {' and '.join(takes)} prior(s); this {config.stage!r} "
+        f"prior takes {', '.join('--' + n for n in own)}"
+      )
+    settings[name] = FLAGS[name].value
   # SampleError and PriorSetupError are in cli.USER_ERRORS: one "error:" line each.
   run(
     config,

@@ -80,8 +80,9 @@ def test_prior_summary_points_at_sampling_and_preemption_at_resume(tmp_path, mon
 def test_the_prior_a_tokenizer_summary_suggests_takes_that_tokenizer(
   tmp_path, monkeypatch, tokenizer_config
 ):
-  """The suggested prior command must run on the tokenizer just trained: its config exists,
-  validates, and accepts that tokenizer's vocabulary and latent grid (Fashion-MNIST, 28x28)."""
+  """The suggested prior commands (PixelCNN, MaskGIT, AR) must run on the tokenizer just
+  trained: each config exists, validates, and accepts that tokenizer's vocabulary and latent
+  grid (Fashion-MNIST, 28x28)."""
   workdir = _workdir(tmp_path, monkeypatch)
   lines = run_summary.summary_lines(
     stage="tokenizer",
@@ -89,15 +90,18 @@ def test_the_prior_a_tokenizer_summary_suggests_takes_that_tokenizer(
     results={},
     config_arg=f"configs/{tokenizer_config}.py",
   )
-  (prior_arg,) = re.findall(r"--config=(\S+) --workdir=PRIOR_DIR", "\n".join(lines))
-  assert os.path.isfile(os.path.join(ROOT, prior_arg))
-  prior = importlib.import_module(prior_arg.removesuffix(".py").replace("/", ".")).get_config()
-  prior.tokenizer_workdir = workdir
-  prior_config.validate(prior)
-
+  assert max(len(line) for line in lines) <= 150
+  prior_args = re.findall(r"--config=(\S+) --workdir=PRIOR_DIR", "\n".join(lines))
+  assert prior_args == [f"configs/demo_{p}.py" for p in ("pixelcnn", "maskgit", "ar")]
   tokenizer = importlib.import_module(f"configs.{tokenizer_config}").get_config()
   quantizer = state_lib.build_model(tokenizer, channels=1).quantizer
   side = 28 // config_lib.downsample_factor(tokenizer)
-  prior_config.validate_against_tokenizer(
-    prior, quantizer.vocab_size, (side, side, quantizer.dim), where=workdir
-  )
+  for prior_arg in prior_args:
+    assert os.path.isfile(os.path.join(ROOT, prior_arg))
+    module = importlib.import_module(prior_arg.removesuffix(".py").replace("/", "."))
+    prior = module.get_config()
+    prior.tokenizer_workdir = workdir
+    prior_config.validate(prior)
+    prior_config.validate_against_tokenizer(
+      prior, quantizer.vocab_size, (side, side, quantizer.dim), where=workdir
+    )

@@ -250,7 +250,7 @@ class FeatureStats:
     self._num_kept = 0
     self._is = _ISSums(total, splits) if total is not None else None
     self.info: dict[str, Any] = {}  # what the images were, e.g. image_shape, source, network
-    self._mu: np.ndarray | None = None  # set by `load`
+    self._mu: np.ndarray | None = None  # set by `load` / `from_mean_cov`
     self._sigma: np.ndarray | None = None
 
   def update(self, pool: np.ndarray, logits: np.ndarray | None = None) -> None:
@@ -328,14 +328,34 @@ class FeatureStats:
       raise StatisticsError(
         f"{path} has no 'mu' and 'sigma': not a statistics file (it holds {sorted(data)})."
       )
-    mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
+    return cls.from_mean_cov(
+      data["mu"],
+      data["sigma"],
+      count=int(data["num_images"]) if "num_images" in data else 0,
+      features=data.get("features"),
+      info={k[len("info_") :]: v.tolist() for k, v in data.items() if k.startswith("info_")},
+    )
+
+  @classmethod
+  def from_mean_cov(
+    cls,
+    mu: np.ndarray,
+    sigma: np.ndarray,
+    *,
+    count: int = 0,
+    features: np.ndarray | None = None,
+    info: dict[str, Any] | None = None,
+  ) -> FeatureStats:
+    """Statistics given as their mean (dim,) and covariance (dim, dim) (a file's), with
+    optional features (n, dim) for precision/recall; `count` images (0: unknown)."""
+    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
     stats = cls(dim=mu.shape[0], keep=0)
     stats._mu, stats._sigma = mu, sigma
-    stats.count = int(data["num_images"]) if "num_images" in data else 0
-    if "features" in data:
-      stats._kept = np.asarray(data["features"], np.float32)
+    stats.count = count
+    if features is not None:
+      stats._kept = np.asarray(features, np.float32)
       stats._num_kept = len(stats._kept)
-    stats.info = {k[len("info_") :]: v.tolist() for k, v in data.items() if k.startswith("info_")}
+    stats.info = dict(info or {})
     return stats
 
 

@@ -1,6 +1,7 @@
-"""What both prior stages (train/prior_ldm.py, train/prior_pixelcnn.py) share: the frozen
-tokenizer and its compatibility checks, the precompute pass over the training images, the
-batches of stored latents, the optimizer and the EMA of the weights.
+"""What the prior stages (train/prior_ldm.py, train/prior_pixelcnn.py,
+train/prior_transformer.py) share: the frozen tokenizer and its compatibility checks, the
+precompute pass over the training images, the token shards, the batches of stored latents or
+tokens, the optimizer and the EMA of the weights.
 
 Why a precompute pass (not the encoder inside the train step): the tokenizer is frozen, so
 its output for an image never changes. Measured (bench/bench_ldm.py, 2-core CPU): the VQGAN
@@ -31,6 +32,7 @@ from etils import epath
 
 from arcvq_jax import api, prior_config
 from arcvq_jax.data import pipeline
+from arcvq_jax.data import token_shards as shards_lib
 
 TOKENIZER_RECORD = "tokenizer.json"
 
@@ -247,6 +249,75 @@ def latent_stats(out_dir: str) -> dict[str, float]:
   return dict(mean=meta["mean"], std=meta["std"])
 
 
+# --------------------------------------------------------------------------- token grids
+
+
+def open_token_shards(
+  config: ml_collections.ConfigDict, workdir: str
+) -> tuple[Any, dict[str, Any], shards_lib.TokenShards]:
+  """The frozen tokenizer, its record and the token shards of config.data.token_shards
+  (made by `python -m arcvq_jax.tokenize`), checked together before anything is written:
+  shards of another tokenizer (step or fingerprint) are refused by name, with the command
+  that makes the right ones. Without config.tokenizer_step (or a pinned one) the tokenizer
+  is loaded at the shards' step. The prior's other config.data keys are not read."""
+  shards = shards_lib.open(config.data.token_shards)
+
+  def same_tokenizer(tok: Any, step: int) -> None:
+    identity = shards_lib.identity_of(tok, config.tokenizer_workdir, step)
+    shards.check_tokenizer(identity, who="this prior's config.tokenizer_workdir")
+
+  tok, record = load_tokenizer(
+    config,
+    workdir,
+    image_shape=shards.image_shape,
+    default_step=shards.tokenizer.step,
+    check=same_tokenizer,
+  )
+  if config.num_classes:
+    low, high = shards.label_range or (-1, -1)
+    if low < 0 or high >= config.num_classes:
+      raise ValueError(
+        f"config.num_classes: is {config.num_classes}, but the labels of the token shards in "
+        f"{shards.directory} span [{low}, {high}] (-1: the split has none). Set it to "
+        f"{high + 1 if low >= 0 else 0} (0 for an unconditional prior)."
+      )
+  logging.info(
+    "Training on the token shards in %s: %d images of split %r, %d view(s)",
+    shards.directory,
+    shards.num_images,
+    shards.index["split"],
+    shards.views,
+  )
+  return tok, record, shards
+
+
+def token_grids(
+  config: ml_collections.ConfigDict, workdir: str
+) -> tuple[api.Tokenizer, dict[str, Any], grain.DatasetIterator, int]:
+  """What a prior over token grids trains on: the frozen tokenizer, its record, an endless
+  iterator of this process's rows of the shuffled global batches {'tokens': (B, h, w)
+  int32, 'label': (B,) int32}, and the number of training grids. From the token shards of
+  config.data.token_shards where set (no pass over the images), else from this run's own
+  precompute pass (`precompute`, kind 'tokens'): the same batches for the same seed."""
+  if config.data.get("token_shards"):
+    tok, record, shards = open_token_shards(config, workdir)
+    return tok, record, shards.train_iterator(config.batch_size, config.seed), shards.num_images
+  tok, record = load_tokenizer(config, workdir)
+  arrays = precompute(
+    tok,
+    data_config(config, tok),
+    latents_dir(config, workdir),
+    "tokens",
+    record,
+    config.latents.encode_batch_size,
+    config.num_classes,
+  )
+  batches = create_array_iterator(
+    {"tokens": arrays["x"], "label": arrays["label"]}, config.batch_size, config.seed
+  )
+  return tok, record, batches, len(arrays["x"])
+
+
 # --------------------------------------------------------------------------- batches
 
 
@@ -312,13 +383,34 @@ def create_array_iterator(
 # --------------------------------------------------------------------------- optimisation
 
 
+def learning_rate(o: ml_collections.ConfigDict) -> float | optax.Schedule:
+  """config.optimizer.lr, ramped up linearly from 0 over optimizer.warmup_steps where that
+  key is set above 0 (the transformer priors; a config without it: the constant rate)."""
+  warmup = o.get("warmup_steps", 0)
+  if not warmup:
+    return o.lr
+  return optax.join_schedules(
+    [optax.linear_schedule(0.0, o.lr, warmup), optax.constant_schedule(o.lr)], [warmup]
+  )
+
+
+def matrices(params: Any) -> Any:
+  """True for the parameters of two or more dimensions (kernels, embeddings): the ones
+  LlamaGen's AdamW decays; biases and norm scales are not."""
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Adam (or AdamW) at config.optimizer.lr, with optional global-norm clipping."""
+  """Adam (or AdamW) at config.optimizer.lr (with its warm-up, `learning_rate`), with
+  optional global-norm clipping. AdamW decays every parameter unless
+  optimizer.decay_vectors is False (then only `matrices`)."""
   o = config.optimizer
+  lr = learning_rate(o)
   if o.name == "adam":
-    tx = optax.adam(o.lr, b1=o.b1, b2=o.b2)
+    tx = optax.adam(lr, b1=o.b1, b2=o.b2)
   else:
-    tx = optax.adamw(o.lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
+    mask = None if o.get("decay_vectors", True) else matrices
+    tx = optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=mask)
   if o.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
   return tx

@@ -27,7 +27,6 @@ from absl import logging
 
 from arcvq_jax import prior_config, resources, sharding
 from arcvq_jax import workdir as workdir_lib
-from arcvq_jax.data import token_shards as shards_lib
 from arcvq_jax.evaluation import images as image_lib
 from arcvq_jax.models import layers, pixelcnn
 from arcvq_jax.train import loop
@@ -222,45 +221,6 @@ def sample_grid(
   return write
 
 
-def open_token_shards(
-  config: ml_collections.ConfigDict, workdir: str
-) -> tuple[Any, dict[str, Any], shards_lib.TokenShards]:
-  """The frozen tokenizer, its record and the token shards of config.data.token_shards
-  (made by `python -m arcvq_jax.tokenize`), checked together before anything is written:
-  shards of another tokenizer (step or fingerprint) are refused by name, with the command
-  that makes the right ones. Without config.tokenizer_step (or a pinned one) the tokenizer
-  is loaded at the shards' step. The prior's other config.data keys are not read."""
-  shards = shards_lib.open(config.data.token_shards)
-
-  def same_tokenizer(tok: Any, step: int) -> None:
-    identity = shards_lib.identity_of(tok, config.tokenizer_workdir, step)
-    shards.check_tokenizer(identity, who="this prior's config.tokenizer_workdir")
-
-  tok, record = common.load_tokenizer(
-    config,
-    workdir,
-    image_shape=shards.image_shape,
-    default_step=shards.tokenizer.step,
-    check=same_tokenizer,
-  )
-  if config.num_classes:
-    low, high = shards.label_range or (-1, -1)
-    if low < 0 or high >= config.num_classes:
-      raise ValueError(
-        f"config.num_classes: is {config.num_classes}, but the labels of the token shards in "
-        f"{shards.directory} span [{low}, {high}] (-1: the split has none). Set it to "
-        f"{high + 1 if low >= 0 else 0} (0 for an unconditional prior)."
-      )
-  logging.info(
-    "Training on the token shards in %s: %d images of split %r, %d view(s)",
-    shards.directory,
-    shards.num_images,
-    shards.index["split"],
-    shards.views,
-  )
-  return tok, record, shards
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) the PixelCNN in `workdir`; returns the last logged train metrics.
 
@@ -274,33 +234,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   prior_config.validate_pixelcnn(config, jax.device_count(), jax.process_count())
   changes = workdir_lib.check_config(config, workdir)
-  if config.data.get("token_shards"):  # pre-tokenized: no pass over the images
-    tok, record, shards = open_token_shards(config, workdir)
-    num_examples = shards.num_images
-  else:
-    tok, record = common.load_tokenizer(config, workdir)
-    arrays = common.precompute(
-      tok,
-      common.data_config(config, tok),
-      common.latents_dir(config, workdir),
-      "tokens",
-      record,
-      config.latents.encode_batch_size,
-      config.num_classes,
-    )
-    num_examples = len(arrays["x"])
+  # Token shards (config.data.token_shards) or this run's own pass over the training split.
+  tok, record, train_iter, num_examples = common.token_grids(config, workdir)
   grid = tuple(record["latent_shape"][:2])
 
   mesh = sharding.make_mesh(config.sharding.mesh_shape, config.sharding.mesh_axes)
   model = pixelcnn.from_config(config, num_codes=record["num_codes"])
   tx = common.make_optimizer(config)
   state, _, step = create_state_and_step(config, model, tx, mesh, grid)
-  if config.data.get("token_shards"):
-    train_iter = shards.train_iterator(config.batch_size, config.seed)
-  else:
-    train_iter = common.create_array_iterator(
-      {"tokens": arrays["x"], "label": arrays["label"]}, config.batch_size, config.seed
-    )
   checkpointer = loop.open_checkpointer(config, workdir)
   state = loop.restore(checkpointer, state, train_iter)
   workdir_lib.commit(config, workdir, changes, int(jax.device_get(state.step)))
