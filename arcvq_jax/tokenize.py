@@ -564,7 +564,7 @@ def summary_lines(result: dict[str, Any], out: str, workdir: str, process_index:
     f"{out}: {index['num_images']} images of split {index['split']!r} in {index['num_shards']} "
     f"shards, {size / 2**20:.1f} MiB ({size / index['num_images']:.0f} bytes per image), "
     f"tokens {index['dtype']} {index['views']} x {index['grid'][0]} x {index['grid'][1]}.",
-    "Train a PixelCNN on them:",
+    "Train a prior on them (configs/demo_ar.py or demo_maskgit.py for the transformers):",
     "  "
     + shlex.join(
       [
