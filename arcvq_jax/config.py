@@ -13,6 +13,7 @@ import ml_collections
 
 from arcvq_jax import quantization
 from arcvq_jax.models.layers import CONV_LIBRARIES, CONV_TRANSPOSE_4X4S2_IMPLS
+from arcvq_jax.models.vqvae import RESIDUAL_SKIPS
 from arcvq_jax.quantizers import registry
 
 CONV_TRANSPOSE_IMPLS = ("auto", *sorted(CONV_TRANSPOSE_4X4S2_IMPLS))
@@ -98,6 +99,10 @@ def vqvae_config() -> ml_collections.ConfigDict:
       hidden=128,
       res_hidden=32,
       num_res_layers=2,
+      # The residual layers' skip path: 'relu' as the official code computes it (its first
+      # ReLU is in place, so the skip adds relu(x)); 'identity' adds x, the form of
+      # arcvq-jax's earlier runs (workdirs without this key). models/vqvae.py.
+      residual_skip="relu",
       # Transposed convs as forward convs / GEMM + col2im ('auto' picks per layer):
       # XLA's CPU kernel gradient of lax.conv_transpose is several times slower
       # (bench/bench_conv_transpose.py).
@@ -508,6 +513,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
     _check_positive_int(c, key)
   if c.model.name == "vqvae":
     _check_choice(c, "model.deconv_impl", tuple(CONV_TRANSPOSE_IMPLS))
+    if "residual_skip" in c.model:
+      _check_choice(c, "model.residual_skip", RESIDUAL_SKIPS)
     if c.model.get("cpu_conv_library"):
       _check_choice(c, "model.cpu_conv_library", CONV_LIBRARIES)
     for key in ("model.hidden", "model.res_hidden"):

@@ -114,6 +114,11 @@ CONDITIONAL = {
 # the restore, before anything is written).
 STARTING_POINT = ("seed", "batch_size", "data.*")
 
+# Keys whose absence from a config.json written before they existed means a value other than
+# today's default: such a workdir's run computed that value, and resuming it with the default
+# would change its network under it.
+ABSENT_MEANS = {"model.residual_skip": "identity"}
+
 # Keys compared as paths (the same directory written another way is no change).
 PATH_KEYS = ("tokenizer_workdir",)
 
@@ -258,6 +263,9 @@ def compare(
   """
   old_flat, new_flat = flatten(old), flatten(new)
   old_flat.setdefault("stage", "tokenizer")  # written before configs had a stage
+  for key, value in ABSENT_MEANS.items():
+    if key in new_flat and key not in old_flat:
+      old_flat[key] = value
   new_flat.setdefault("stage", "tokenizer")
   allowed, refused = {}, {}
   for key in sorted(old_flat.keys() | new_flat.keys()):

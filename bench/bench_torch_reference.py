@@ -28,7 +28,8 @@ class Residual(nn.Module):
     self.conv1 = nn.Conv2d(res_hidden, hidden, 1)
 
   def forward(self, x):
-    return x + self.conv1(F.relu(self.conv3(F.relu(x))))
+    # The official layer's value: its in-place first ReLU makes the skip relu(x).
+    return F.relu(x) + self.conv1(F.relu(self.conv3(F.relu(x))))
 
 
 class VQVAE(nn.Module):

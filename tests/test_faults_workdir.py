@@ -126,6 +126,14 @@ def test_compare_allows_resumable_keys_and_refuses_the_rest():
   assert workdir_lib.compare(old, new, resuming=False)[1] == {}
   prior = workdir_lib.as_json(tiny_pixelcnn.get_config())
   assert list(workdir_lib.compare(old, prior, resuming=False)[1]) == ["stage"]
+  # A workdir written before model.residual_skip existed trained the identity skip: resuming it
+  # with today's default ('relu') would change its network, so that is refused by name.
+  before = workdir_lib.as_json(tiny_config())
+  del before["model"]["residual_skip"]
+  refused = workdir_lib.compare(before, workdir_lib.as_json(tiny_config()))[1]
+  assert refused == {"model.residual_skip": ("identity", "relu")}
+  kept = workdir_lib.as_json(tiny_config(**{"model.residual_skip": "identity"}))
+  assert workdir_lib.compare(before, kept) == ({}, {})
   # A key that older versions did not write is no refusal.
   del old["quantizer"]["search_impl"]
   assert workdir_lib.compare(old, workdir_lib.as_json(tiny_config()))[1] == {}

@@ -1,4 +1,4 @@
-"""PyTorch reference networks for the checkpoint-import parity tests.
+"""PyTorch reference networks for the checkpoint-import and training parity tests.
 
 * `ArcVQVAEModel`: the VQ-VAE of the official ArcVQ-VAE code (goals4292/ArcVQ-VAE,
   ArcVQ-VAE/modules.py + quantise.py), written here from docs/architecture.md (Networks) with
@@ -8,6 +8,13 @@
   cosine quantiser (argmin of the distance between unit vectors) -> decoder; losses as the
   official `Model.forward` / `main.train`: vq = mse(zq, sg z) + beta mse(sg zq, z), ArcLoss
   on the pre-quantisation latents, reconstruction mse / data variance.
+  `relu_skip=True` (the default) gives the official residual layer's value relu(x) + block(x):
+  its block starts with an in-place `nn.ReLU(True)` that rewrites x before the sum reads it, as
+  our VQ-VAE's `model.residual_skip='relu'` (models/vqvae.py); False gives x + block(x),
+  `model.residual_skip='identity'`.
+* `official_train_step`: one step of the official `main.train` on that model (BBNR inside the
+  forward pass at step t, the loss, backward, `torch.optim.Adam`), with its logged values.
+  bench/trajectory_parity.py checks the model and this step against the official code itself.
 * `taming_vqmodel`: taming-transformers' `VQModel` parameter layout (encoder, decoder,
   quantize, quant_conv, post_quant_conv, loss.discriminator, loss.perceptual_loss) built from
   the real `taming` package's modules (pip install --no-deps taming-transformers-rom1504),
@@ -29,10 +36,12 @@ from torch import nn
 
 
 class _Residual(nn.Module):
-  """x + conv1x1(relu(conv3x3(relu(x)))), the convs at `_block.1` and `_block.3`."""
+  """x + conv1x1(relu(conv3x3(relu(x)))), the convs at `_block.1` and `_block.3`;
+  relu_skip: relu(x) + ..., the value of the official layer (its in-place first ReLU)."""
 
-  def __init__(self, hidden: int, res_hidden: int):
+  def __init__(self, hidden: int, res_hidden: int, relu_skip: bool = True):
     super().__init__()
+    self.relu_skip = relu_skip
     self._block = nn.Sequential(
       nn.ReLU(),
       nn.Conv2d(hidden, res_hidden, 3, padding=1),
@@ -41,13 +50,15 @@ class _Residual(nn.Module):
     )
 
   def forward(self, x):
-    return x + self._block(x)
+    return (F.relu(x) if self.relu_skip else x) + self._block(x)
 
 
 class _ResidualStack(nn.Module):
-  def __init__(self, hidden: int, res_hidden: int, num_layers: int):
+  def __init__(self, hidden: int, res_hidden: int, num_layers: int, relu_skip: bool = True):
     super().__init__()
-    self._layers = nn.ModuleList([_Residual(hidden, res_hidden) for _ in range(num_layers)])
+    self._layers = nn.ModuleList(
+      [_Residual(hidden, res_hidden, relu_skip) for _ in range(num_layers)]
+    )
 
   def forward(self, x):
     for layer in self._layers:
@@ -56,12 +67,14 @@ class _ResidualStack(nn.Module):
 
 
 class _Encoder(nn.Module):
-  def __init__(self, channels: int, hidden: int, num_layers: int, res_hidden: int):
+  def __init__(
+    self, channels: int, hidden: int, num_layers: int, res_hidden: int, relu_skip: bool = True
+  ):
     super().__init__()
     self._conv_1 = nn.Conv2d(channels, hidden // 2, 4, stride=2, padding=1)
     self._conv_2 = nn.Conv2d(hidden // 2, hidden, 4, stride=2, padding=1)
     self._conv_3 = nn.Conv2d(hidden, hidden, 3, padding=1)
-    self._residual_stack = _ResidualStack(hidden, res_hidden, num_layers)
+    self._residual_stack = _ResidualStack(hidden, res_hidden, num_layers, relu_skip)
 
   def forward(self, x):
     x = F.relu(self._conv_1(x))
@@ -70,10 +83,18 @@ class _Encoder(nn.Module):
 
 
 class _Decoder(nn.Module):
-  def __init__(self, embed_dim: int, hidden: int, num_layers: int, res_hidden: int, channels: int):
+  def __init__(
+    self,
+    embed_dim: int,
+    hidden: int,
+    num_layers: int,
+    res_hidden: int,
+    channels: int,
+    relu_skip: bool = True,
+  ):
     super().__init__()
     self._conv_1 = nn.Conv2d(embed_dim, hidden, 3, padding=1)
-    self._residual_stack = _ResidualStack(hidden, res_hidden, num_layers)
+    self._residual_stack = _ResidualStack(hidden, res_hidden, num_layers, relu_skip)
     self._conv_trans_1 = nn.ConvTranspose2d(hidden, hidden // 2, 4, stride=2, padding=1)
     self._conv_trans_2 = nn.ConvTranspose2d(hidden // 2, channels, 4, stride=2, padding=1)
 
@@ -136,21 +157,25 @@ class ArcVQVAEModel(nn.Module):
     arc_m=0.1,
     top_k=3,
     bbnr_alpha=3e-4,
+    relu_skip=True,
   ):
     super().__init__()
-    self._encoder = _Encoder(channels, hidden, num_res_layers, res_hidden)
+    self._encoder = _Encoder(channels, hidden, num_res_layers, res_hidden, relu_skip)
     self._pre_vq_conv = nn.Conv2d(hidden, embed_dim, 1)
     self._vq_vae = _CosineQuantiser(num_codes, embed_dim, beta)
-    self._decoder = _Decoder(embed_dim, hidden, num_res_layers, res_hidden, channels)
+    self._decoder = _Decoder(embed_dim, hidden, num_res_layers, res_hidden, channels, relu_skip)
     self.arc = dict(s=arc_s, m=arc_m, top_k=top_k)
     self.bbnr_alpha = bbnr_alpha
 
   def clip_codebook_norms(self, step: int) -> None:
-    """BBNR (docs/math.md, eq. 3-4): rows outside the ball of radius exp(alpha t) scaled onto it."""
+    """BBNR (docs/math.md, eq. 3-4): rows outside the ball of radius exp(alpha t) scaled onto
+    it, in the official arithmetic (the radius a float32 exp; rows inside kept bit for bit)."""
     with torch.no_grad():
       w = self._vq_vae.embedding.weight
-      radius = math.exp(self.bbnr_alpha * step)
-      w.mul_(torch.clamp(radius / w.norm(dim=1, keepdim=True), max=1.0))
+      norms = w.norm(p=2, dim=1, keepdim=True)
+      radius = torch.exp(torch.tensor(self.bbnr_alpha * step))
+      outside = (norms > radius).float()
+      w.copy_(outside * (w * (radius / norms)) + (1 - outside) * w)
 
   def forward(self, x, step=None, gamma0=1.0, decay=5e-4):
     """x (B, C, H, W) -> (x_hat, vq loss, arc loss, arc weight, indices (B*h*w,))."""
@@ -161,6 +186,49 @@ class ArcVQVAEModel(nn.Module):
     arc = arc_loss(z, self._vq_vae.embedding.weight, **self.arc)
     weight = gamma0 * math.exp(-decay * step) if step is not None else 0.0
     return self._decoder(z_ste), vq, arc, weight, indices
+
+
+def official_optimizer(model: nn.Module, lr: float = 3e-4) -> torch.optim.Optimizer:
+  """The official `main.py`'s optimizer: Adam at `lr`, PyTorch's defaults otherwise
+  (betas (0.9, 0.999), eps 1e-8, no weight decay)."""
+  return torch.optim.Adam(model.parameters(), lr=lr)
+
+
+def official_train_step(
+  model: ArcVQVAEModel,
+  optimizer: torch.optim.Optimizer,
+  x: torch.Tensor,
+  step: int,
+  data_variance: float,
+  gamma0: float = 1.0,
+  decay: float = 5e-4,
+) -> dict[str, float | torch.Tensor]:
+  """One iteration of the official `main.train` at step t = `step`.
+
+  x: (B, C, H, W) float32 in [-1, 1]. The forward pass projects the codebook into the ball
+  of radius exp(alpha t) after the encoder and before the search (BBNR), so Adam then updates
+  the projected rows and keeps its moments; the loss is mse(x_hat, x) / data_variance + vq +
+  gamma0 exp(-decay t) ArcLoss. Returns the loss terms, the gradient norm (global, before the
+  optimizer) and the tokens (B*h*w,).
+  """
+  model.train()
+  optimizer.zero_grad(set_to_none=True)
+  x_hat, vq, arc, weight, indices = model(x, step=step, gamma0=gamma0, decay=decay)
+  rec = F.mse_loss(x_hat, x) / data_variance
+  loss = rec + (vq + weight * arc)
+  loss.backward()
+  grads = [p.grad.detach().double().pow(2).sum() for p in model.parameters() if p.grad is not None]
+  grad_norm = float(torch.stack(grads).sum().sqrt())
+  optimizer.step()
+  return dict(
+    loss=loss.item(),
+    loss_rec=rec.item(),
+    loss_vq=vq.item(),
+    loss_arc=arc.item(),
+    arc_weight=weight,
+    grad_norm=grad_norm,
+    indices=indices.detach(),
+  )
 
 
 # --------------------------------------------------------------------------- taming

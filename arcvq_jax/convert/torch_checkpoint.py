@@ -295,6 +295,8 @@ def vqvae_architecture(state: dict[str, np.ndarray], kind: str) -> dict[str, Any
     "model.num_res_layers": layers,
     "quantizer.num_codes": int(codebook.shape[0]),
     "quantizer.embed_dim": int(codebook.shape[1]),
+    # The official residual layer adds relu(x), not x (its first ReLU is in place).
+    "model.residual_skip": "relu",
   }
   if res_hidden is not None:
     out["model.res_hidden"] = res_hidden

@@ -15,18 +15,26 @@ import jax
 
 from arcvq_jax.models.layers import Conv, ConvTranspose4x4S2
 
+# The skip path of a residual layer (config.model.residual_skip): 'relu' is the official
+# code's value, whose first ReLU is in place (nn.ReLU(True)) and so rewrites x before
+# `x + block(x)` reads it; 'identity' is the textbook x + block(x), what arcvq-jax computed
+# before it was held against the official training (docs/math.md, section 14).
+RESIDUAL_SKIPS = ("relu", "identity")
+
 
 class ResidualLayer(nn.Module):
-  """x + conv1x1(relu(conv3x3(relu(x))))."""
+  """skip(x) + conv1x1(relu(conv3x3(relu(x)))), skip = relu ('relu') or the identity."""
 
   hidden: int
   res_hidden: int
   library: str | None = None  # the XLA:CPU convolution library (models/layers.Conv)
+  skip: str = "relu"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     h = Conv(self.res_hidden, 3, padding=1, library=self.library, name="conv3x3")(nn.relu(x))
-    return x + Conv(self.hidden, 1, library=self.library, name="conv1x1")(nn.relu(h))
+    skip = nn.relu(x) if self.skip == "relu" else x
+    return skip + Conv(self.hidden, 1, library=self.library, name="conv1x1")(nn.relu(h))
 
 
 class ResidualStack(nn.Module):
@@ -36,11 +44,12 @@ class ResidualStack(nn.Module):
   res_hidden: int
   num_layers: int
   library: str | None = None
+  skip: str = "relu"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     for i in range(self.num_layers):
-      x = ResidualLayer(self.hidden, self.res_hidden, self.library, name=f"layer_{i}")(x)
+      x = ResidualLayer(self.hidden, self.res_hidden, self.library, self.skip, name=f"layer_{i}")(x)
     return nn.relu(x)
 
 
@@ -51,6 +60,7 @@ class Encoder(nn.Module):
   res_hidden: int
   num_res_layers: int
   library: str | None = None
+  skip: str = "relu"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -59,7 +69,7 @@ class Encoder(nn.Module):
     x = nn.relu(conv(self.hidden, 4, strides=2, padding=1, name="conv_2")(x))
     x = conv(self.hidden, 3, padding=1, name="conv_3")(x)
     return ResidualStack(
-      self.hidden, self.res_hidden, self.num_res_layers, self.library, name="res_stack"
+      self.hidden, self.res_hidden, self.num_res_layers, self.library, self.skip, name="res_stack"
     )(x)
 
 
@@ -72,13 +82,14 @@ class Decoder(nn.Module):
   channels: int
   deconv_impl: str = "auto"
   library: str | None = None
+  skip: str = "relu"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     deconv = functools.partial(ConvTranspose4x4S2, impl=self.deconv_impl, library=self.library)
     x = Conv(self.hidden, 3, padding=1, library=self.library, name="conv_1")(x)
     x = ResidualStack(
-      self.hidden, self.res_hidden, self.num_res_layers, self.library, name="res_stack"
+      self.hidden, self.res_hidden, self.num_res_layers, self.library, self.skip, name="res_stack"
     )(x)
     x = nn.relu(deconv(self.hidden // 2, name="conv_trans_1")(x))
     return deconv(self.channels, name="conv_trans_2")(x)
@@ -102,13 +113,14 @@ class VQVAE(nn.Module):
   # Which CPU library the convolutions are chosen for ('ynn', 'eigen', 'onednn'; None: the
   # process's default); compile with layers.compiler_options(conv_library) to match.
   conv_library: str | None = None
+  residual_skip: str = "relu"  # RESIDUAL_SKIPS
 
   def setup(self):
-    lib = self.conv_library
-    self.encoder = Encoder(self.hidden, self.res_hidden, self.num_res_layers, lib)
+    lib, skip = self.conv_library, self.residual_skip
+    self.encoder = Encoder(self.hidden, self.res_hidden, self.num_res_layers, lib, skip)
     self.quant_conv = Conv(self.embed_dim, 1, library=lib)
     self.decoder = Decoder(
-      self.hidden, self.res_hidden, self.num_res_layers, self.channels, self.deconv_impl, lib
+      self.hidden, self.res_hidden, self.num_res_layers, self.channels, self.deconv_impl, lib, skip
     )
     inits = self.quantizer.param_inits() if self.quantizer is not None else {}
     self.quantizer_params = {name: self.param(name, init) for name, init in inits.items()}
@@ -136,4 +148,6 @@ def from_config(config, channels: int, quantizer: Any) -> VQVAE:
     quantizer=quantizer,
     deconv_impl=config.model.deconv_impl,
     conv_library=config.model.get("cpu_conv_library") or None,
+    # A config written without the key (before it existed) trained the identity form.
+    residual_skip=config.model.get("residual_skip", "identity"),
   )
