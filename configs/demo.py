@@ -6,10 +6,9 @@ the 10k test images.
 
   python -m arcvq_jax.main --config=configs/demo.py --workdir=/tmp/arcvq_demo
 
-Expected (the whole command, after set-up): 43 s on 2 cores of an AMD EPYC, 85 s on 2 cores
-of an Intel Xeon (Emerald Rapids); peak RSS 1.0-1.3 GB. Test PSNR 16.78-16.89 dB, SSIM
-0.675-0.682, codebook usage 63-69 % (one machine repeats its run exactly; other CPUs add in
-another order). docs/results.md, "The demo".
+Expected (the whole command, after set-up): 64.5-70.3 s on 2 cores of an AMD EPYC (Zen 4);
+peak RSS 1.2-1.3 GB. Test PSNR 16.39 dB, SSIM 0.650, codebook usage 55.1 % (one machine repeats
+its run exactly; other CPUs add in another order). docs/results.md, "The demo".
 """
 
 from arcvq_jax import config as config_lib
